@@ -1,0 +1,81 @@
+"""Calibration: one streaming pass of the calibration data through onnxruntime.
+
+Collects, for every activation the Q/DQ rewrite may quantize (``qinject.quant_points``), running
+min/max and a fixed-size histogram (``qinject.stats.TensorStats``), stored in the value's ``meta``.
+Memory is one batch of activations plus the histograms, whatever the number of samples. The range
+itself is chosen later, by the rewrite, because the best clipping depends on the bit width.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import onnx
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from qinject import ir as qir
+from qinject.backends import onnx_backend
+from qinject.calib_data import QinjectWarning, input_specs, open_source
+from qinject.errors import CalibrationDataError
+from qinject.pass_manager import Pass, PassResult
+from qinject.quant_points import activation_points
+from qinject.stats import METHODS, TensorStats
+
+
+class Calibrate(Pass):
+    """Collect activation statistics on calibration data.
+
+    Options:
+        data: a path (.npz, folder), dict of arrays, iterable of feed dicts, a data reader, or None
+            for random inputs (with a warning).
+        method: minmax | percentile | mse | entropy (histograms are skipped for minmax).
+        batch_size: samples per onnxruntime run when the model's batch axis is symbolic.
+        progress: show a progress bar.
+    """
+
+    name = "calibrate"
+    analysis = True
+
+    def __init__(self, data: object = None, method: str = "minmax", batch_size: int = 16,
+                 progress: bool = True) -> None:
+        if method not in METHODS:
+            raise CalibrationDataError(f"unknown calibration method {method!r} (expected one of {', '.join(METHODS)})")
+        self.data, self.method, self.batch_size, self.progress = data, method, batch_size, progress
+
+    def call(self, model: ir.Model) -> PassResult:
+        points = activation_points(model)
+        if not points:
+            return PassResult(model, False)
+        specs = input_specs(model)
+        source = open_source(self.data, specs, self.batch_size)
+        inputs = {s.name for s in specs}
+        fetched = [p.name for p in points if p.name not in inputs]
+        sess = onnx_backend.session(_with_outputs(model, [p for p in points if p.name not in inputs]))
+        stats = {p.name: TensorStats(with_histogram=self.method != "minmax") for p in points}
+        for feeds in tqdm(source, total=source.total, desc="calibrating", unit="batch",
+                          disable=not self.progress, leave=False):
+            for name, array in zip(fetched, sess.run(fetched, feeds)):
+                stats[name].update(array)
+            for name in inputs & stats.keys():
+                stats[name].update(feeds[name])
+        for p in points:
+            s = stats[p.name]
+            if s.nonfinite:
+                warnings.warn(f"activation {p.name!r} had {s.nonfinite} NaN/Inf values during calibration; "
+                              "they were ignored", QinjectWarning, stacklevel=2)
+            p.meta[qir.ACT_STATS] = s
+        model.graph.meta["qinject.calibration.method"] = self.method
+        return PassResult(model, False)
+
+
+def _with_outputs(model: ir.Model, values: list[ir.Value]) -> onnx.ModelProto:
+    """A proto of ``model`` whose graph also outputs ``values`` (so onnxruntime returns them)."""
+    proto = onnx_backend.to_proto(model)
+    present = {o.name for o in proto.graph.output}
+    for v in values:
+        if v.name in present:
+            continue
+        elem = v.dtype.value if v.dtype is not None else onnx.TensorProto.FLOAT
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(v.name, elem, None))
+    return proto

@@ -1,0 +1,85 @@
+"""Fold constant subgraphs that compute a weight or bias into initializers, so they can be quantized.
+
+Old exporters and the light model zoo produce weights as ``ConstantOfShape``, ``Constant``,
+``Identity`` of an initializer, a ``Cast`` or ``Reshape`` of one, and so on. Only the chains that
+feed a quantizable node's weight or bias are folded: folding every constant in the graph could
+materialise large tensors nobody quantizes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
+
+from qinject import ir as qir
+from qinject import op_facts
+from qinject.pass_manager import Pass, PassResult
+
+FOLDABLE = frozenset({
+    "Constant", "ConstantOfShape", "Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+    "Flatten", "Concat", "Slice", "Gather", "Mul", "Add", "Sub", "Div", "Neg", "Sqrt", "Reciprocal",
+})
+
+
+class FoldConstantWeights(Pass):
+    """Replace constant chains feeding quantizable weights/biases by initializers."""
+
+    name = "fold-constants"
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        opset = model.opset_imports.get("", 1)
+        folded = 0
+        for node in list(graph):
+            f = op_facts.fact(node)
+            if not f.quantizable:
+                continue
+            for idx in (f.weight_input, f.bias_input):
+                if idx is not None and idx < len(node.inputs) and node.inputs[idx] is not None:
+                    folded += _fold(graph, node.inputs[idx], opset)
+        return PassResult(model, folded > 0)
+
+
+def _fold(graph: ir.Graph, value: ir.Value, opset: int) -> int:
+    """Fold ``value``'s producer chain into initializers; returns how many nodes were folded.
+
+    A chain that is not entirely constant is left alone."""
+    if value.const_value is not None:
+        return 0
+    producer = value.producer()
+    if producer is None or producer.domain not in ("", "ai.onnx") or producer.op_type not in FOLDABLE:
+        return 0
+    if producer.graph is not graph:
+        return 0
+    count = 0
+    for inp in producer.inputs:
+        if inp is not None:
+            count += _fold(graph, inp, opset)
+    if not all(inp is None or (inp.const_value is not None and not inp.is_graph_input())
+               for inp in producer.inputs):
+        return count
+    outputs = _evaluate(producer, opset)
+    for old, array in zip(producer.outputs, outputs):
+        if not old.uses() and not old.is_graph_output():
+            continue
+        name = old.name
+        old.name = f"{name}__before_fold"
+        new = qir.add_initializer(graph, name, np.ascontiguousarray(array))
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+    graph.remove(producer, safe=True)
+    return count + 1
+
+
+def _evaluate(node: ir.Node, opset: int) -> list[np.ndarray]:
+    inputs = [None if v is None else v.const_value.numpy() for v in node.inputs]
+    if node.op_type == "ConstantOfShape":
+        # The reference evaluator is slow on the 100M-element weights of the light model zoo.
+        attr = node.attributes.get("value")
+        fill = attr.value.numpy().reshape(-1) if attr is not None else np.zeros(1, np.float32)
+        return [np.full(tuple(int(d) for d in inputs[0]), fill[0], dtype=fill.dtype)]
+    proto = ir.serde.serialize_node(node)
+    names = list(proto.input)
+    evaluator = ReferenceEvaluator(proto, opsets={"": opset})
+    feeds = {n: a for n, a in zip(names, inputs) if n}
+    return [np.asarray(a) for a in evaluator.run(None, feeds)]

@@ -1,0 +1,228 @@
+"""The Q/DQ rewrite: insert QuantizeLinear/DequantizeLinear as a plan says.
+
+For each quantized node (see ``qinject.plan``):
+- the weight becomes an integer initializer followed by DequantizeLinear (per channel along the
+  op's channel axis, or per tensor), so the file shrinks about 4x at int8;
+- each activation input, and the node's output point (``qinject.quant_points``), gets a
+  QuantizeLinear -> DequantizeLinear pair with calibrated scales;
+- the bias of Conv/Gemm, at 8 bits or fewer, becomes int32 with scale s_x * s_w, the layout
+  onnxruntime needs to fuse DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv; a bias that
+  would overflow int32 stays float and the node records why.
+A tensor quantized through range-preserving ops (MaxPool, Reshape, ...) reuses the upstream scale, so
+onnxruntime keeps those ops on integers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qinject import ir as qir
+from qinject import numerics, op_facts
+from qinject.errors import PlanError, QinjectError, UnsupportedModelError
+from qinject.pass_manager import Pass, PassResult
+from qinject.plan import NodeQuant, Plan
+from qinject.quant_points import output_point, range_source
+from qinject.stats import select_range
+
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ActKey:
+    """How an activation is quantized: its integer type and symmetry."""
+
+    qtype: numerics.QType
+    symmetric: bool
+
+
+@dataclass
+class _QParams:
+    scale: np.ndarray
+    zero_point: np.ndarray
+    dequantized: ir.Value | None = None
+
+
+class InsertQDQ(Pass):
+    """Quantize weights and activations of every node the plan selects.
+
+    Options:
+        plan: per-node choices (``qinject.plan.Plan``).
+        method: how activation ranges are chosen from calibration statistics.
+        percentile: the percentile for ``method='percentile'``.
+    """
+
+    name = "insert-qdq"
+
+    def __init__(self, plan: Plan, method: str = "minmax", percentile: float = 99.99) -> None:
+        self.plan, self.method, self.percentile = plan, method, percentile
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        opset = model.opset_imports.get("", 1)
+        nodes = qir.quantizable_nodes(model)
+        unknown = sorted(set(self.plan.nodes) - {n.name for n in nodes})
+        if unknown:
+            raise PlanError(f"plan names node(s) {unknown} that are not quantizable nodes of the model")
+        chosen = [(n, self.plan.choice(n.name)) for n in nodes if self.plan.choice(n.name) is not None]
+        if not chosen:
+            return PassResult(model, False)
+        need = max(c.min_opset for _, c in chosen)
+        if opset < need:
+            raise QinjectError(f"the plan needs opset {need} but the model has {opset} (run upgrade-opset first)")
+        rewrite = _Rewrite(graph, self.method, self.percentile)
+        for node, choice in chosen:
+            rewrite.quantize_node(node, choice)
+        qir.drop_unused_initializers(graph)
+        graph.sort()
+        return PassResult(model, True)
+
+
+class _Rewrite:
+    def __init__(self, graph: ir.Graph, method: str, percentile: float) -> None:
+        self.graph, self.method, self.percentile = graph, method, percentile
+        self.acts: dict[tuple[str, ActKey], _QParams] = {}
+        self.origin: dict[str, ir.Value] = {}  # dequantized value name -> the float value it stands for
+        self.weights: dict[tuple[str, numerics.QType, bool, int | None], tuple[ir.Value, np.ndarray]] = {}
+
+    # -- per node ----------------------------------------------------------------------------------
+    def quantize_node(self, node: ir.Node, choice: NodeQuant) -> None:
+        key = ActKey(choice.activation_qtype, choice.activation_symmetric)
+        notes: list[str] = []
+        act_scales = []
+        for i in op_facts.activation_inputs(node):
+            params = self.activation(node.inputs[i], key, node)
+            node.replace_input_with(i, params.dequantized)
+            act_scales.append(params.scale)
+        weight_scale = None
+        w = op_facts.weight_of(node)
+        if w is not None:
+            widx = op_facts.fact(node).weight_input
+            dq, weight_scale = self.weight(node, w, choice)
+            node.replace_input_with(widx, dq)
+        self.bias(node, choice, act_scales, weight_scale, notes)
+        out = output_point(node)
+        if not out.is_graph_output():
+            self.output(out, key, node)
+        node.meta[qir.QUANT_APPLIED] = choice
+        if notes:
+            node.meta[qir.QUANT_NOTES] = notes
+
+    # -- activations -------------------------------------------------------------------------------
+    def activation(self, value: ir.Value, key: ActKey, node: ir.Node) -> _QParams:
+        """The Q/DQ pair for ``value`` at ``key``, created once and shared by every consumer."""
+        value = self.origin.get(value.name, value)  # already routed through a pair: quantize the float
+        cached = self.acts.get((value.name, key))
+        if cached is not None:
+            return cached
+        params = self._params(value, key, node)
+        suffix = "" if key.qtype.bits == 8 else f"_{key.qtype}"
+        scale = self._const(f"{value.name}_scale{suffix}", params.scale)
+        zp = self._const(f"{value.name}_zero_point{suffix}", params.zero_point)
+        q = ir.node("QuantizeLinear", [value, scale, zp], name=f"{value.name}_QuantizeLinear{suffix}")
+        q.outputs[0].name = f"{value.name}_quantized{suffix}"
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{value.name}_DequantizeLinear{suffix}")
+        dq.outputs[0].name = f"{value.name}_dequantized{suffix}"
+        dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
+        self.graph.extend([q, dq])
+        params.dequantized = dq.outputs[0]
+        self.origin[dq.outputs[0].name] = value
+        self.acts[(value.name, key)] = params
+        return params
+
+    def output(self, value: ir.Value, key: ActKey, node: ir.Node) -> None:
+        """Quantize a node's output point and route its float consumers through the Q/DQ pair,
+        so the next integer kernel reads integers (consumers with their own pair keep theirs)."""
+        params = self.activation(value, key, node)
+        q_node = params.dequantized.producer().inputs[0].producer()
+        for use in list(value.uses()):
+            if use.node is q_node or use.node.op_type == "QuantizeLinear":
+                continue
+            use.node.replace_input_with(use.idx, params.dequantized)
+
+    def _params(self, value: ir.Value, key: ActKey, node: ir.Node) -> _QParams:
+        source = range_source(value)
+        while source is not None:
+            shared = self.acts.get((source.name, key))
+            if shared is not None:
+                return _QParams(shared.scale, shared.zero_point)
+            source = range_source(source)
+        stats = value.meta.get(qir.ACT_STATS)
+        if stats is None:
+            raise QinjectError(f"node {node.name!r}: no calibration statistics for activation {value.name!r} "
+                               "(run the calibrate pass first)")
+        lo, hi = select_range(stats, self.method, key.qtype, key.symmetric, self.percentile)
+        scale, zp = numerics.scale_zero_point(lo, hi, key.qtype, key.symmetric)
+        return _QParams(scale.reshape(()), zp.reshape(()))
+
+    # -- weights and bias ----------------------------------------------------------------------------
+    def weight(self, node: ir.Node, w: ir.Value, choice: NodeQuant) -> tuple[ir.Value, np.ndarray]:
+        qtype = choice.weight_qtype
+        array = w.const_value.numpy()
+        axis = op_facts.channel_axis(node) if choice.per_channel and array.ndim > 1 else None
+        cache_key = (w.name, qtype, choice.weight_symmetric, axis)
+        if cache_key in self.weights:
+            return self.weights[cache_key]
+        if array.dtype.kind != "f":
+            raise UnsupportedModelError(f"node {node.name!r}: weight {w.name!r} is {array.dtype}, not float")
+        if not np.all(np.isfinite(array)):
+            raise UnsupportedModelError(f"node {node.name!r}: weight {w.name!r} contains NaN or Inf")
+        lo, hi = numerics.weight_range(array, axis)
+        scale, zp = numerics.scale_zero_point(lo, hi, qtype, choice.weight_symmetric)
+        q = numerics.quantize(array, scale, zp, qtype, axis)
+        suffix = "" if qtype.bits == 8 else f"_{qtype}"
+        qv = self._const(f"{w.name}_quantized{suffix}", q)
+        sv = self._const(f"{w.name}_scale{suffix}", scale)
+        zv = self._const(f"{w.name}_zero_point{suffix}", zp)
+        attrs = {} if axis is None else {"axis": axis}
+        dq = ir.node("DequantizeLinear", [qv, sv, zv], attrs, name=f"{w.name}_DequantizeLinear{suffix}")
+        dq.outputs[0].name = f"{w.name}_dequantized{suffix}"
+        dq.outputs[0].shape, dq.outputs[0].type = w.shape, w.type
+        self.graph.extend([dq])
+        self.weights[cache_key] = (dq.outputs[0], scale)
+        return dq.outputs[0], scale
+
+    def bias(self, node: ir.Node, choice: NodeQuant, act_scales: list[np.ndarray],
+             weight_scale: np.ndarray | None, notes: list[str]) -> None:
+        idx = op_facts.fact(node).bias_input
+        if idx is None or idx >= len(node.inputs) or node.inputs[idx] is None or weight_scale is None:
+            return
+        b = node.inputs[idx]
+        if b.const_value is None or len(act_scales) != 1:
+            return
+        if choice.weights > 8 or choice.activations > 8:
+            return  # no integer kernel to feed at 16 bits: a float bias is exact and expected
+        bias = b.const_value.numpy().astype(np.float64)
+        if node.op_type == "Gemm" and (bias.ndim != 1 or _attr(node, "alpha", 1.0) != 1.0
+                                       or _attr(node, "beta", 1.0) != 1.0):
+            notes.append("bias kept float: Gemm bias is not a plain 1-D vector with alpha = beta = 1")
+            return
+        scale = (np.float64(act_scales[0]) * weight_scale.astype(np.float64)).astype(np.float32)
+        if scale.size not in (1, bias.size):
+            return
+        q = np.rint(bias / scale.astype(np.float64))
+        if np.any(np.abs(q) > INT32_MAX):
+            notes.append("bias kept float: bias / (activation scale x weight scale) overflows int32")
+            return
+        per_channel = scale.size > 1
+        scale = scale.reshape(-1) if per_channel else scale.reshape(())
+        qv = self._const(f"{b.name}_quantized_{node.name}", q.astype(np.int32))
+        sv = self._const(f"{b.name}_scale_{node.name}", scale)
+        zv = self._const(f"{b.name}_zero_point_{node.name}", np.zeros(scale.shape, np.int32))
+        attrs = {"axis": 0} if per_channel else {}
+        dq = ir.node("DequantizeLinear", [qv, sv, zv], attrs, name=f"{b.name}_DequantizeLinear_{node.name}")
+        dq.outputs[0].name = f"{b.name}_dequantized_{node.name}"
+        dq.outputs[0].shape, dq.outputs[0].type = b.shape, b.type
+        self.graph.extend([dq])
+        node.replace_input_with(idx, dq.outputs[0])
+
+    def _const(self, name: str, array: np.ndarray) -> ir.Value:
+        return qir.add_initializer(self.graph, name, array)
+
+
+def _attr(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else float(attr.value)
+

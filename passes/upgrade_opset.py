@@ -1,0 +1,40 @@
+"""Upgrade the default-domain opset when the requested quantization needs a newer one.
+
+Per-axis QuantizeLinear/DequantizeLinear needs opset 13; int4 and int16 need opset 21. The upgrade
+goes through onnx's version converter, so it runs before any analysis that stores results in
+``meta`` (a round trip through protobuf does not keep them).
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+from onnx import version_converter
+
+from qinject.errors import UnsupportedModelError
+from qinject.pass_manager import Pass, PassResult
+
+
+class UpgradeOpset(Pass):
+    """Raise the default-domain opset to at least ``min_opset``; a no-op if it is already there."""
+
+    name = "upgrade-opset"
+    in_place = False
+
+    def __init__(self, min_opset: int) -> None:
+        self.min_opset = min_opset
+
+    def call(self, model: ir.Model) -> PassResult:
+        current = model.opset_imports.get("", 1)
+        if current >= self.min_opset:
+            return PassResult(model, False)
+        proto = ir.serde.serialize_model(model)
+        try:
+            upgraded = version_converter.convert_version(proto, self.min_opset)
+            upgraded = onnx.shape_inference.infer_shapes(upgraded, data_prop=True)
+        except Exception as exc:  # the converter raises bare RuntimeError/ValueError/C++ errors
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UnsupportedModelError(
+                f"cannot upgrade the model from opset {current} to {self.min_opset}, which the requested "
+                f"quantization needs: {first}") from None
+        return PassResult(ir.serde.deserialize_model(upgraded), True)

@@ -1,0 +1,22 @@
+"""qinject: a compiler-pass quantization injector.
+
+Lower a model to one graph IR, annotate it with analysis passes, choose bit widths, insert
+QuantizeLinear/DequantizeLinear, and emit an executable. See docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+from qinject.api import QuantizeResult, load_onnx, quantize_onnx, save_onnx
+from qinject.errors import QinjectError
+from qinject.plan import NodeQuant, Plan
+
+__all__ = [
+    "NodeQuant",
+    "Plan",
+    "QinjectError",
+    "QuantizeResult",
+    "load_onnx",
+    "quantize_onnx",
+    "save_onnx",
+]
+__version__ = "0.1.0"

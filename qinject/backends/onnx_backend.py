@@ -1,0 +1,112 @@
+"""The ONNX backend: serialise the IR, check it, write it atomically, and run it with onnxruntime."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from qinject.errors import QinjectError
+
+# Protobuf cannot hold more than 2 GiB; above this size weights go to an external data file.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    return ir.serde.serialize_model(model)
+
+
+def check(proto_or_path: onnx.ModelProto | str | os.PathLike) -> None:
+    """onnx.checker's full check (types and shapes included); one-line QinjectError on failure."""
+    try:
+        target = str(proto_or_path) if isinstance(proto_or_path, (str, os.PathLike)) else proto_or_path
+        onnx.checker.check_model(target, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QinjectError(f"the quantized model fails onnx.checker: {first}") from None
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, input_path: str | os.PathLike | None = None,
+         external_data: bool | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically and check it; never overwrite ``input_path``.
+
+    The file is written next to its destination under a temporary name, checked, then renamed, so
+    a failure leaves no half-written output and an existing file at ``path`` is untouched.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise QinjectError(f"output folder {str(path.parent)!r} does not exist")
+    if input_path is not None and path.resolve() == Path(input_path).resolve():
+        raise QinjectError(f"output path {str(path)!r} is the input model; choose another name")
+    proto = to_proto(model)
+    if external_data is None:
+        external_data = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD if _fits(proto) else True
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    data_name = f"{path.name}.data"
+    tmp_data = path.parent / f".{data_name}.tmp"
+    try:
+        if external_data:
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=tmp_data.name, size_threshold=1024)
+            _relocate_external_data(tmp, data_name)
+        else:
+            onnx.save_model(proto, str(tmp))
+        check(tmp)
+        if external_data:
+            os.replace(tmp_data, path.parent / data_name)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp_data):
+            if leftover.exists():
+                leftover.unlink()
+    return path
+
+
+def _fits(proto: onnx.ModelProto) -> bool:
+    try:
+        proto.ByteSize()
+        return True
+    except ValueError:
+        return False
+
+
+def _relocate_external_data(model_path: Path, final_location: str) -> None:
+    """Point the external-data references at the final file name before the rename."""
+    proto = onnx.load(str(model_path), load_external_data=False)
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = final_location
+    onnx.save_model(proto, str(model_path))
+
+
+def session_options(threads: int | None = None, optimized_path: str | None = None,
+                    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                    ) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = level
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    return opts
+
+
+def session(model: ir.Model | onnx.ModelProto | str | os.PathLike,
+            options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session for an IR model, a proto or a file."""
+    if isinstance(model, ir.Model):
+        model = to_proto(model)
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        return ort.InferenceSession(source, options or session_options(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for unsupported models
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QinjectError(f"onnxruntime cannot run the model: {first}") from None

@@ -1,0 +1,206 @@
+"""Calibration data: every accepted source turned into a stream of onnxruntime feed dicts.
+
+Sources: an ``.npz`` keyed by model input names (first axis = samples), a folder of ``.npy``/``.npz``
+files, a dict of arrays, any iterable of feed dicts, an object with onnxruntime's
+``CalibrationDataReader`` interface (``get_next()`` returning a dict, then None), or nothing (random
+inputs of the right shapes, with a warning). Arrays are read lazily (``np.load(mmap_mode='r')`` for
+``.npy``) and yielded a batch at a time, so memory is one batch whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qinject.errors import CalibrationDataError
+
+
+class QinjectWarning(UserWarning):
+    """A warning the CLI prints as one line."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+    @property
+    def batch_fixed(self) -> int | None:
+        return self.shape[0] if self.shape and isinstance(self.shape[0], int) else None
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    specs = []
+    for v in model.graph.inputs:
+        if v.dtype is None or v.shape is None:
+            raise CalibrationDataError(f"model input {v.name!r} has no tensor type and shape")
+        shape = tuple(d if isinstance(d, int) else (str(d) if d is not None else None) for d in v.shape)
+        specs.append(InputSpec(v.name, np.dtype(v.dtype.numpy()), shape))
+    return specs
+
+
+@dataclass
+class CalibrationSource:
+    """An iterable of feed dicts with an optional known length (for progress bars)."""
+
+    batches: Iterable[dict[str, np.ndarray]]
+    total: int | None
+    description: str
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.batches)
+
+
+def open_source(source: object, specs: list[InputSpec], batch_size: int = 16,
+                random_samples: int = 16, seed: int = 0) -> CalibrationSource:
+    """Turn any accepted calibration source into a stream of validated feed dicts."""
+    if source is None:
+        warnings.warn(f"no calibration data given: calibrating on {random_samples} random inputs; "
+                      "the scales will not fit real data", QinjectWarning, stacklevel=2)
+        return _from_arrays(_random_arrays(specs, random_samples, seed), specs, batch_size, "random inputs")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            return _from_folder(path, specs, batch_size)
+        if not path.is_file():
+            raise CalibrationDataError(f"calibration data {str(path)!r} does not exist")
+        return _from_arrays(_read_npz(path), specs, batch_size, str(path))
+    if isinstance(source, Mapping):
+        return _from_arrays(dict(source), specs, batch_size, "arrays")
+    if hasattr(source, "get_next"):
+        return CalibrationSource(_validated(_reader_iter(source), specs, "data reader"), None, "data reader")
+    if isinstance(source, Iterable):
+        total = len(source) if hasattr(source, "__len__") else None
+        return CalibrationSource(_validated(iter(source), specs, "feeds"), total, "feeds")
+    raise CalibrationDataError(f"cannot use a {type(source).__name__} as calibration data "
+                               "(expected a path, a dict of arrays, an iterable of feed dicts or a data reader)")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        if path.suffix == ".npy":
+            return {"": np.load(path, mmap_mode="r", allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise CalibrationDataError(f"cannot read calibration file {str(path)!r}: {exc}") from None
+
+
+def _from_folder(path: Path, specs: list[InputSpec], batch_size: int) -> CalibrationSource:
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))
+    if not files:
+        raise CalibrationDataError(f"calibration folder {str(path)!r} has no .npy or .npz files")
+    sources = [_from_arrays(_read_npz(f), specs, batch_size, str(f)) for f in files]
+    total = sum(s.total or 0 for s in sources)
+
+    def chain() -> Iterator[dict[str, np.ndarray]]:
+        for s in sources:
+            yield from s
+
+    return CalibrationSource(chain(), total, str(path))
+
+
+def _from_arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec], batch_size: int,
+                 label: str) -> CalibrationSource:
+    if "" in arrays:  # a bare .npy: only meaningful for a single-input model
+        if len(specs) != 1:
+            raise CalibrationDataError(f"{label}: a .npy file holds one array but the model has "
+                                       f"{len(specs)} inputs; use an .npz keyed by input name")
+        arrays = {specs[0].name: arrays.pop("")}
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise CalibrationDataError(f"{label} lacks model input(s) {missing} (it has {sorted(arrays)})")
+    samples = {s.name: _as_samples(arrays[s.name], s, label) for s in specs}
+    counts = {len(a) for a in samples.values()}
+    if len(counts) != 1:
+        raise CalibrationDataError(f"{label}: inputs have different sample counts {sorted(counts)}")
+    n = counts.pop()
+    if n == 0:
+        raise CalibrationDataError(f"{label} is empty (0 samples)")
+    step = specs[0].batch_fixed or batch_size
+    if any(s.batch_fixed is not None for s in specs):
+        step = min(s.batch_fixed for s in specs if s.batch_fixed is not None)
+    usable = n - n % step if specs[0].batch_fixed else n  # a fixed batch cannot take a short last batch
+    if usable == 0:
+        raise CalibrationDataError(f"{label} has {n} samples, fewer than the model's fixed batch of {step}")
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, usable, step):
+            yield {s.name: np.ascontiguousarray(samples[s.name][start:start + step], dtype=s.dtype)
+                   for s in specs}
+
+    return CalibrationSource(batches(), math.ceil(usable / step), label)
+
+
+def _as_samples(array: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
+    """Present ``array`` as [samples, *model input shape] flattened into the batch axis."""
+    rank = len(spec.shape)
+    if array.ndim == rank + 1 and spec.batch_fixed is not None:
+        array = array.reshape(-1, *array.shape[2:])  # [samples, batch, ...] -> [samples*batch, ...]
+    if array.ndim != rank:
+        raise CalibrationDataError(f"{label}: input {spec.name!r} has shape {list(array.shape)} but the model "
+                                   f"expects rank {rank} {list(spec.shape)} (first axis = samples)")
+    _check_compatible(array, spec, label)
+    return array
+
+
+def _check_compatible(array: np.ndarray, spec: InputSpec, label: str) -> None:
+    for axis, (got, want) in enumerate(zip(array.shape[1:], spec.shape[1:]), start=1):
+        if isinstance(want, int) and got != want:
+            raise CalibrationDataError(f"{label}: input {spec.name!r} has shape {list(array.shape)} but the "
+                                       f"model expects {list(spec.shape)} (axis {axis}: {got} != {want})")
+    if array.dtype.kind != spec.dtype.kind and not (array.dtype.kind in "iu" and spec.dtype.kind in "iu"):
+        raise CalibrationDataError(f"{label}: input {spec.name!r} has dtype {array.dtype} but the model "
+                                   f"expects {spec.dtype}")
+    if array.dtype.kind == "f" and array.size and not np.all(np.isfinite(np.asarray(array[:4096]))):
+        raise CalibrationDataError(f"{label}: input {spec.name!r} contains NaN or Inf")
+
+
+def _validated(feeds: Iterator[object], specs: list[InputSpec], label: str) -> Iterator[dict[str, np.ndarray]]:
+    seen = False
+    for i, feed in enumerate(feeds):
+        if not isinstance(feed, Mapping):
+            raise CalibrationDataError(f"{label}: item {i} is a {type(feed).__name__}, expected a dict of arrays")
+        out = {}
+        for s in specs:
+            if s.name not in feed:
+                raise CalibrationDataError(f"{label}: item {i} lacks model input {s.name!r}")
+            array = np.asarray(feed[s.name])
+            if array.ndim != len(s.shape):
+                raise CalibrationDataError(f"{label}: item {i} input {s.name!r} has shape {list(array.shape)}, "
+                                           f"expected {list(s.shape)}")
+            _check_compatible(array, s, f"{label}: item {i}")
+            out[s.name] = np.ascontiguousarray(array, dtype=s.dtype)
+        seen = True
+        yield out
+    if not seen:
+        raise CalibrationDataError(f"{label} yielded no calibration batches")
+
+
+def _reader_iter(reader: object) -> Iterator[object]:
+    while (item := reader.get_next()) is not None:
+        yield item
+
+
+def _random_arrays(specs: list[InputSpec], n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in specs:
+        shape = (n, *[d if isinstance(d, int) else 1 for d in s.shape[1:]])
+        if s.batch_fixed:
+            shape = (n * s.batch_fixed, *shape[1:])
+        if s.dtype.kind == "f":
+            out[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        elif s.dtype.kind == "b":
+            out[s.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            out[s.name] = rng.integers(0, 256, shape).astype(s.dtype)
+    return out

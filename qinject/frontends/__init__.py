@@ -1,0 +1,1 @@
+"""Frontends: lower a source model (ONNX file, JAX function) into the graph IR."""

@@ -1,0 +1,90 @@
+"""The ONNX frontend: a file or ModelProto in, a shape-annotated IR model out.
+
+It knows ONNX and nothing downstream. It validates the file, treats initializers that are also
+listed as graph inputs (the IR-version-3 habit of old exporters) as constants, as onnxruntime's own
+quantizer does, and runs shape inference so passes can count MACs and build Q/DQ of the right type.
+External data is not read here: onnx-ir maps it lazily when a pass touches a tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+from onnx_ir.passes.common import NameFixPass
+
+from qinject.errors import ModelLoadError, UnsupportedModelError
+
+MIN_OPSET = 1  # older opsets are upgraded by onnx's version converter, which refuses clearly
+MAX_OPSET = onnx.defs.onnx_opset_version()
+
+
+def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> ir.Model:
+    """Load an ONNX model into the IR.
+
+    Args:
+        source: a path to a ``.onnx`` file (external data next to it is found), or a ModelProto.
+
+    Raises:
+        ModelLoadError: the file is missing, truncated, not ONNX, or fails onnx.checker.
+        UnsupportedModelError: the opset is outside the supported range.
+    """
+    base_dir = None
+    if isinstance(source, onnx.ModelProto):
+        proto, label = source, "model"
+    else:
+        path = Path(source)
+        label = f"model file {str(path)!r}"
+        if not path.is_file():
+            raise ModelLoadError(f"{label} does not exist")
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
+            raise ModelLoadError(f"{label} is not a valid ONNX file (truncated or corrupt): "
+                                 f"{type(exc).__name__}") from None
+        base_dir = str(path.parent)
+    if not proto.graph.node:
+        raise ModelLoadError(f"{label} has an empty graph (is it really an ONNX model?)")
+    _check_opset(proto, label)
+    _drop_initializers_from_inputs(proto)
+    try:
+        onnx.checker.check_model(proto)
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{label} is not a valid ONNX model: {first}") from None
+    model = ir.serde.deserialize_model(proto)
+    # Plans and reports address nodes by name: exporters that leave names empty get unique ones.
+    NameFixPass()(model)
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, base_dir)
+    return model
+
+
+def _check_opset(proto: onnx.ModelProto, label: str) -> None:
+    opset = default_opset_of(proto)
+    if opset is None:
+        raise UnsupportedModelError(f"{label} imports no default ('ai.onnx') opset")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UnsupportedModelError(
+            f"{label} uses default-domain opset {opset}; supported are {MIN_OPSET} to {MAX_OPSET}")
+
+
+def default_opset_of(proto: onnx.ModelProto) -> int | None:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return None
+
+
+def _drop_initializers_from_inputs(proto: onnx.ModelProto) -> None:
+    names = {init.name for init in proto.graph.initializer}
+    if any(i.name in names for i in proto.graph.input):
+        # IR version 4 is the first that lets an initializer stand outside the graph inputs.
+        proto.ir_version = max(proto.ir_version, 4)
+        kept = [i for i in proto.graph.input if i.name not in names]
+        del proto.graph.input[:]
+        proto.graph.input.extend(kept)

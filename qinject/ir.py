@@ -1,0 +1,111 @@
+"""The graph IR: onnx-ir's mutable model, plus what qinject adds on top.
+
+onnx-ir supplies use-def chains (``Value.uses()``, ``replace_all_uses_with``), a non-serialised
+``meta`` store on every node and value for analysis results, and (de)serialisation. This module adds
+the quantization view (which nodes are quantizable), a networkx view for graph algorithms, and the
+verifier. Analysis keys are namespaced strings, defined here so every pass uses the same ones.
+"""
+
+from __future__ import annotations
+
+import os
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qinject import op_facts
+from qinject.errors import VerificationError
+
+Model = ir.Model
+
+# Analysis keys in node/value ``meta``.
+ACT_STATS = "qinject.calibration.stats"  # on values: qinject.stats.TensorStats
+QUANT_APPLIED = "qinject.quant.applied"  # on nodes: the NodeQuant the rewrite applied
+QUANT_NOTES = "qinject.quant.notes"  # on nodes: list of strings explaining refusals
+
+# The full verifier (onnx.checker after every pass) is behind this switch; the test suite sets it.
+FULL_VERIFY_ENV = "QINJECT_VERIFY"
+
+
+def quantizable_nodes(model: ir.Model) -> list[ir.Node]:
+    """Quantizable nodes of the main graph, in graph order."""
+    return [n for n in model.graph if op_facts.is_quantizable(n)]
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer under ``name`` (made unique) and return its value."""
+    base, i = name, 1
+    while name in graph.initializers:
+        name, i = f"{base}_{i}", i + 1
+    array = np.asarray(array)
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
+    graph.register_initializer(value)
+    return value
+
+
+def drop_unused_initializers(graph: ir.Graph) -> None:
+    """Remove initializers nothing reads (e.g. float weights replaced by quantized ones)."""
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output():
+            del graph.initializers[name]
+
+
+def to_networkx(graph: ir.Graph) -> nx.DiGraph:
+    """A DiGraph with one vertex per node (keyed by the node object) and an edge per use."""
+    g = nx.DiGraph()
+    for node in graph:
+        g.add_node(node, name=node.name, op_type=node.op_type)
+    for node in graph:
+        for value in node.outputs:
+            for use in value.uses():
+                if use.node.graph is graph:
+                    g.add_edge(node, use.node, value=value.name)
+    return g
+
+
+def verify(model: ir.Model, full: bool | None = None) -> None:
+    """Check the IR's invariants; with ``full`` (default: the QINJECT_VERIFY switch) run onnx.checker.
+
+    Raises:
+        VerificationError: naming the node and value that break an invariant.
+    """
+    graph = model.graph
+    defined = {v.name for v in graph.inputs} | set(graph.initializers)
+    for node in graph:
+        for i, value in enumerate(node.inputs):
+            if value is None or value.name in defined or value.const_value is not None:
+                continue
+            if value.producer() is None:
+                raise VerificationError(
+                    f"node {node.name!r} input {i} reads {value.name!r}, which no node, graph input "
+                    "or initializer defines")
+            cycle = _find_cycle(graph)
+            if cycle:
+                raise VerificationError(f"the graph has a cycle through nodes {cycle}")
+            raise VerificationError(
+                f"node {node.name!r} reads {value.name!r} before it is defined "
+                f"(expected a graph input or an earlier node; it is produced by {value.producer().name!r})")
+        defined.update(v.name for v in node.outputs)
+    for out in graph.outputs:
+        if out.name not in defined:
+            raise VerificationError(f"graph output {out.name!r} is not produced by any node")
+    if full if full is not None else os.environ.get(FULL_VERIFY_ENV) == "1":
+        try:
+            onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise VerificationError(f"onnx.checker rejects the model: {_first_line(exc)}") from None
+
+
+def _find_cycle(graph: ir.Graph) -> list[str]:
+    try:
+        return [u.name for u, _ in nx.find_cycle(to_networkx(graph))]
+    except nx.NetworkXNoCycle:
+        return []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

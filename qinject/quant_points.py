@@ -1,0 +1,53 @@
+"""Where activations are quantized: the tensors that get a QuantizeLinear/DequantizeLinear pair.
+
+Shared by calibration (which collects statistics for exactly these tensors) and by the Q/DQ
+rewrite (which quantizes them), so the two never disagree.
+
+For each quantizable node: its activation inputs, and its *output point*: the output itself, or the
+output of the ReLU that is its only consumer. Quantizing after the ReLU with zero point at the
+bottom of the code range lets onnxruntime drop the ReLU (ReluQuantFusion) and fuse
+DequantizeLinear -> Conv -> QuantizeLinear into one integer kernel (QLinearConv).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from qinject import op_facts
+from qinject.ir import quantizable_nodes
+
+_FUSIBLE_ACTIVATIONS = frozenset({"Relu"})
+
+
+def output_point(node: ir.Node) -> ir.Value:
+    out = node.outputs[0]
+    uses = out.uses()
+    if len(uses) == 1 and not out.is_graph_output():
+        consumer = uses[0].node
+        if consumer.op_type in _FUSIBLE_ACTIVATIONS and consumer.domain in ("", "ai.onnx"):
+            return consumer.outputs[0]
+    return out
+
+
+def activation_points(model: ir.Model) -> list[ir.Value]:
+    """Every tensor the Q/DQ rewrite may quantize as an activation, in a stable order."""
+    seen: dict[str, ir.Value] = {}
+    for node in quantizable_nodes(model):
+        for i in op_facts.activation_inputs(node):
+            seen.setdefault(node.inputs[i].name, node.inputs[i])
+        out = output_point(node)
+        if not out.is_graph_output():
+            seen.setdefault(out.name, out)
+    return list(seen.values())
+
+
+def range_source(value: ir.Value) -> ir.Value | None:
+    """The tensor upstream of ``value`` through range-preserving ops (MaxPool, Reshape, ...), if any.
+
+    A Q/DQ on ``value`` may reuse that tensor's scale and zero point: onnxruntime then runs the ops
+    in between on integers (or drops them) instead of dequantizing and requantizing.
+    """
+    producer = value.producer()
+    if producer is None or not op_facts.fact(producer).range_preserving or value is not producer.outputs[0]:
+        return None
+    return producer.inputs[0]

@@ -1,0 +1,148 @@
+"""Streaming activation statistics and the choice of a clipping range from them.
+
+Pure numpy, no IR. A ``TensorStats`` sees one batch at a time and keeps a fixed-size state (min,
+max, and optionally a histogram of ``BINS`` bins), so calibration memory does not grow with the
+number of samples. The histogram covers [-R, R] with R a power of two that doubles as data
+arrives; doubling merges neighbouring bins exactly, so no sample is ever re-binned approximately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qinject.numerics import QType, fake_quantize, scale_zero_point
+
+BINS = 4096  # per tensor: 32 KiB of int64 counts, whatever the number of samples
+METHODS = ("minmax", "percentile", "mse", "entropy")
+
+
+@dataclass
+class TensorStats:
+    """Running statistics of one activation tensor."""
+
+    with_histogram: bool = True
+    count: int = 0
+    minimum: float = float("inf")
+    maximum: float = float("-inf")
+    nonfinite: int = 0
+    half_range: float = 0.0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.int64))
+
+    def update(self, batch: np.ndarray) -> None:
+        """Fold one batch of values into the statistics."""
+        x = np.asarray(batch, dtype=np.float32).ravel()
+        finite = np.isfinite(x)
+        if not finite.all():
+            self.nonfinite += int((~finite).sum())
+            x = x[finite]
+        if x.size == 0:
+            return
+        self.count += x.size
+        lo, hi = float(x.min()), float(x.max())
+        self.minimum, self.maximum = min(self.minimum, lo), max(self.maximum, hi)
+        if self.with_histogram:
+            self._grow_to(max(abs(lo), abs(hi)))
+            width = 2 * self.half_range / BINS
+            idx = np.clip(((x + self.half_range) / width).astype(np.int64), 0, BINS - 1)
+            self.counts += np.bincount(idx, minlength=BINS)
+
+    def _grow_to(self, absmax: float) -> None:
+        if absmax <= self.half_range:
+            return
+        if self.half_range == 0.0:
+            # Start at the smallest power of two covering the data (2**-30 at least).
+            self.half_range = float(2.0 ** max(np.ceil(np.log2(absmax)) if absmax > 0 else -30, -30))
+            return
+        while self.half_range < absmax:
+            # Doubling R: bins (2k, 2k+1) of the old grid become bin k of its centre half.
+            merged = self.counts.reshape(-1, 2).sum(axis=1)
+            self.counts = np.zeros(BINS, dtype=np.int64)
+            self.counts[BINS // 4: 3 * BINS // 4] = merged
+            self.half_range *= 2
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(-self.half_range, self.half_range, BINS + 1)
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "min": self.minimum, "max": self.maximum, "nonfinite": self.nonfinite}
+
+
+def select_range(stats: TensorStats, method: str, qtype: QType, symmetric: bool,
+                 percentile: float = 99.99) -> tuple[float, float]:
+    """The clipping range [lo, hi] to quantize a tensor with, by calibration method."""
+    if stats.count == 0:
+        return 0.0, 0.0
+    if method == "minmax" or not stats.with_histogram or stats.half_range == 0.0:
+        return stats.minimum, stats.maximum
+    if method == "percentile":
+        return _percentile_range(stats, percentile)
+    if method == "mse":
+        return _mse_range(stats, qtype, symmetric)
+    if method == "entropy":
+        return _entropy_range(stats, qtype)
+    raise ValueError(f"unknown calibration method {method!r} (expected one of {', '.join(METHODS)})")
+
+
+def _percentile_range(stats: TensorStats, p: float) -> tuple[float, float]:
+    cdf = np.cumsum(stats.counts) / stats.counts.sum()
+    edges = stats.edges
+    lo = edges[np.searchsorted(cdf, (100.0 - p) / 100.0)]
+    hi = edges[min(np.searchsorted(cdf, p / 100.0) + 1, BINS)]
+    return max(float(lo), stats.minimum), min(float(hi), stats.maximum)
+
+
+def _mse_range(stats: TensorStats, qtype: QType, symmetric: bool) -> tuple[float, float]:
+    """Shrink [min, max] by the factor that minimises the expected squared quantization error."""
+    edges = stats.edges
+    centres = (edges[:-1] + edges[1:]) / 2
+    used = stats.counts > 0
+    centres, weights = centres[used], stats.counts[used].astype(np.float64)
+    best, best_err = (stats.minimum, stats.maximum), np.inf
+    for alpha in np.linspace(1.0, 0.05, 96):
+        lo, hi = stats.minimum * alpha, stats.maximum * alpha
+        scale, zp = scale_zero_point(lo, hi, qtype, symmetric)
+        err = (fake_quantize(centres, scale, zp, qtype) - centres) ** 2
+        # Values inside the range carry the uniform rounding noise scale^2/12 beyond the bin centre.
+        err = np.where((centres >= lo) & (centres <= hi), float(scale) ** 2 / 12, err)
+        total = float(np.dot(weights, err))
+        if total < best_err:
+            best, best_err = (lo, hi), total
+    return best
+
+
+def _entropy_range(stats: TensorStats, qtype: QType) -> tuple[float, float]:
+    """TensorRT-style KL calibration on the magnitude histogram: the threshold T minimising
+    KL(P || Q), P the clipped reference distribution and Q its quantization to the code levels."""
+    half = BINS // 2
+    nonneg = stats.minimum >= 0
+    magnitude = stats.counts[half:] + (0 if nonneg else stats.counts[:half][::-1])
+    levels = 2**qtype.bits if (nonneg or not qtype.signed) else 2 ** (qtype.bits - 1)
+    top = int(np.nonzero(magnitude)[0].max()) + 1
+    if levels >= top:
+        return stats.minimum, stats.maximum
+    best_i, best_kl = top, np.inf
+    for i in range(levels, top + 1, max(1, (top - levels) // 256)):
+        p = magnitude[:i].astype(np.float64).copy()
+        p[i - 1] += magnitude[i:].sum()
+        q = _requantize(magnitude[:i].astype(np.float64), levels)
+        mask = p > 0
+        pn, qn = p / p.sum(), q / max(q.sum(), 1e-12)
+        kl = float(np.sum(pn[mask] * np.log(pn[mask] / np.maximum(qn[mask], 1e-12))))
+        if kl < best_kl:
+            best_i, best_kl = i, kl
+    threshold = best_i * (stats.half_range / half)
+    lo = 0.0 if nonneg else max(-threshold, stats.minimum)
+    return lo, min(threshold, stats.maximum)
+
+
+def _requantize(p: np.ndarray, levels: int) -> np.ndarray:
+    """Merge ``p`` into ``levels`` groups and spread each group's mass over its non-empty bins."""
+    q = np.zeros_like(p)
+    for chunk in np.array_split(np.arange(p.size), levels):
+        nz = p[chunk] > 0
+        if nz.any():
+            q[chunk[nz]] = p[chunk].sum() / nz.sum()
+    return q
