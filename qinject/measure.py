@@ -1,0 +1,61 @@
+"""Measurements on real executions: latency, accuracy, fidelity, and which integer kernels ran."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from qinject.backends import onnx_backend
+from qinject.numerics import sqnr_db
+
+# onnxruntime's CPU integer kernels that a fused Q/DQ group becomes.
+INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm",
+                             "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearAdd",
+                             "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool"})
+
+
+def fused_kernels(model_path: str | Path) -> Counter:
+    """Op types of onnxruntime's optimised graph for a model file (what actually runs on the CPU)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        onnx_backend.session(model_path, onnx_backend.session_options(optimized_path=str(optimized)))
+        proto = onnx.load(str(optimized), load_external_data=False)
+    return Counter(n.op_type for n in proto.graph.node)
+
+
+def latency_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], warmup: int = 5,
+               repeats: int = 30) -> float:
+    """Median wall time of one run, in milliseconds."""
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def predict(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], batch: int = 256) -> np.ndarray:
+    """First output of the model over all samples, batched."""
+    n = len(next(iter(inputs.values())))
+    outs = [sess.run(None, {k: v[i:i + batch] for k, v in inputs.items()})[0] for i in range(0, n, batch)]
+    return np.concatenate(outs)
+
+
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
+
+
+__all__ = ["INTEGER_KERNELS", "fused_kernels", "latency_ms", "predict", "sqnr_db", "top1_accuracy",
+           "top1_agreement"]
