@@ -118,8 +118,11 @@ def _entropy_range(stats: TensorStats, qtype: QType) -> tuple[float, float]:
     KL(P || Q), P the clipped reference distribution and Q its quantization to the code levels."""
     half = BINS // 2
     nonneg = stats.minimum >= 0
-    magnitude = stats.counts[half:] + (0 if nonneg else stats.counts[:half][::-1])
-    levels = 2**qtype.bits if (nonneg or not qtype.signed) else 2 ** (qtype.bits - 1)
+    magnitude = (stats.counts[half:] + (0 if nonneg else stats.counts[:half][::-1])).copy()
+    # The bin at zero holds exact zeros (ReLU, padding) that every zero-point-aligned grid represents
+    # exactly; left in, its spike is smeared over its merge group and drives the threshold far too low.
+    magnitude[0] = 0    # Signed data spends half the codes on each side, whatever the storage type's signedness.
+    levels = 2**qtype.bits if nonneg else 2 ** (qtype.bits - 1)
     top = int(np.nonzero(magnitude)[0].max()) + 1
     if levels >= top:
         return stats.minimum, stats.maximum

@@ -51,7 +51,11 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> ir.Model:
     _check_opset(proto, label)
     _drop_initializers_from_inputs(proto)
     try:
-        onnx.checker.check_model(proto)
+        # A proto with external data is checked from its file, where the checker can find the data.
+        if base_dir is not None and _uses_external_data(proto):
+            onnx.checker.check_model(str(source))
+        else:
+            onnx.checker.check_model(proto)
         proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -78,6 +82,10 @@ def default_opset_of(proto: onnx.ModelProto) -> int | None:
         if imp.domain in ("", "ai.onnx"):
             return imp.version
     return None
+
+
+def _uses_external_data(proto: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
 
 
 def _drop_initializers_from_inputs(proto: onnx.ModelProto) -> None:

@@ -1,0 +1,74 @@
+"""Small ONNX models built inline for tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def conv_net(seed: int = 0, opset: int = 13, batch: int | str = "N") -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv(8) -> Relu -> MaxPool -> Conv(16) -> Relu -> Flatten -> Gemm(10) -> y."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((16, 8, 3, 3)) * 0.15).astype(np.float32), "w2"),
+        numpy_helper.from_array((rng.standard_normal(16) * 0.1).astype(np.float32), "b2"),
+        numpy_helper.from_array((rng.standard_normal((10, 256)) * 0.1).astype(np.float32), "w3"),
+        numpy_helper.from_array((rng.standard_normal(10) * 0.1).astype(np.float32), "b3"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Flatten", ["r2"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def matmul_net(seed: int = 0, opset: int = 13) -> onnx.ModelProto:
+    """x[N,16] -> MatMul(w[16,32]) -> Add(b) -> Relu -> MatMul(w2[32,4]) -> y, with the first
+    weight produced by a Constant node and the second by Identity of an initializer."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((16, 32)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((32, 4)) * 0.3).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["w1"], name="const_w1", value=numpy_helper.from_array(w1)),
+        helper.make_node("Identity", ["w2_init"], ["w2"], name="id_w2"),
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+        helper.make_node("Relu", ["m1"], ["r1"], name="relu1"),
+        helper.make_node("MatMul", ["r1", "w2"], ["y"], name="mm2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "matmul_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(w2, "w2_init")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def dq_fed(model: onnx.ModelProto, ops: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")) -> list[str]:
+    """Names of nodes of ``ops`` whose weight (input 1) is not produced by DequantizeLinear."""
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type in ops and producers.get(n.input[1]) != "DequantizeLinear"]

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from qinject import measure
+from qinject import quantize_onnx
+from qinject.errors import PlanError
+from qinject.numerics import sqnr_db
+from qinject.plan import NodeQuant, Plan
+from tests.builders import conv_net, dq_fed, matmul_net, run
+
+
+@pytest.fixture
+def data(rng):
+    return {"x": rng.standard_normal((64, 3, 8, 8)).astype(np.float32)}
+
+
+def _quantize(tmp_path, data, plan=None, model=None, **kw):
+    out = tmp_path / "q.onnx"
+    result = quantize_onnx(model or conv_net(), out, plan=plan or Plan(), calib=data, progress=False, **kw)
+    return result, onnx.load(str(out)), out
+
+
+def test_w8a8_layout(tmp_path, data) -> None:
+    result, q, out = _quantize(tmp_path, data)
+    assert result.quantized == ["conv1", "conv2", "fc"]
+    assert dq_fed(q) == []
+    inits = {i.name: i for i in q.graph.initializer}
+    assert inits["w1_quantized"].data_type == onnx.TensorProto.INT8
+    assert inits["b1_quantized_conv1"].data_type == onnx.TensorProto.INT32
+    assert not {"w1", "w2", "w3"} & set(inits)  # float weights are gone
+    ops = [n.op_type for n in q.graph.node]
+    # x, r1 (relu1 output), p1 (conv2 input), r2, f (fc input); the final Gemm output stays float.
+    assert ops.count("QuantizeLinear") == 5
+    # Through MaxPool and Flatten the scale is shared, so onnxruntime keeps those ops on integers.
+    scale = {k: onnx.numpy_helper.to_array(v) for k, v in inits.items() if k.endswith("_scale")}
+    assert scale["p1_scale"] == scale["r1_scale"] and scale["f_scale"] == scale["r2_scale"]
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_w8a8_close_to_float_and_fused(tmp_path, data) -> None:
+    _, q, out = _quantize(tmp_path, data)
+    ref, got = run(conv_net(), data)[0], run(q, data)[0]
+    assert sqnr_db(ref, got) > 25  # int8 through 3 layers: ~0.4% relative noise per layer
+    kernels = measure.fused_kernels(out)
+    assert kernels["QLinearConv"] == 2, kernels
+    assert kernels["QGemm"] + kernels["QLinearMatMul"] + kernels["MatMulIntegerToFloat"] >= 1
+
+
+def test_w16a16_matches_float_tightly(tmp_path, data) -> None:
+    _, q, _ = _quantize(tmp_path, data, plan=Plan.uniform(16, 16))
+    assert q.opset_import[0].version >= 21
+    ref, got = run(conv_net(), data)[0], run(q, data)[0]
+    assert sqnr_db(ref, got) > 70
+    assert np.abs(ref - got).max() < 1e-3 * np.abs(ref).max()
+
+
+def test_int4_weights_and_per_tensor(tmp_path, data) -> None:
+    plan = Plan(NodeQuant(per_channel=False), {"conv2": NodeQuant(weights=4, per_channel=False)})
+    _, q, _ = _quantize(tmp_path, data, plan=plan)
+    inits = {i.name: i for i in q.graph.initializer}
+    assert inits["w2_quantized_int4"].data_type == onnx.TensorProto.INT4
+    assert list(inits["w1_scale"].dims) == []  # per tensor
+    ref, got = run(conv_net(), data)[0], run(q, data)[0]
+    assert sqnr_db(ref, got) > 10
+
+
+def test_float_nodes_are_left_alone(tmp_path, data) -> None:
+    result, q, _ = _quantize(tmp_path, data, plan=Plan(NodeQuant(), {"conv1": None}))
+    assert result.quantized == ["conv2", "fc"]
+    assert dq_fed(q) == ["conv1"]
+
+
+def test_unknown_node_in_plan(tmp_path, data) -> None:
+    with pytest.raises(PlanError, match="not quantizable nodes"):
+        _quantize(tmp_path, data, plan=Plan(NodeQuant(), {"conv9": None}))
+
+
+def test_file_shrinks_about_4x(tmp_path, rng) -> None:
+    x = {"x": rng.standard_normal((8, 16)).astype(np.float32)}
+    big = matmul_net()
+    w = rng.standard_normal((16, 32)).astype(np.float32)
+    big.graph.node[0].attribute[0].t.CopyFrom(onnx.numpy_helper.from_array(w))
+    _, _, out = _quantize(tmp_path, x, model=big)
+    src = tmp_path / "f.onnx"
+    onnx.save(big, src)
+    assert out.stat().st_size < src.stat().st_size
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "entropy"])
+def test_every_calibration_method_runs(tmp_path, data, method) -> None:
+    _, q, _ = _quantize(tmp_path, data, method=method)
+    assert sqnr_db(run(conv_net(), data)[0], run(q, data)[0]) > 15
+
+
+def test_matmul_activation_x_activation(tmp_path, rng) -> None:
+    x = {"x": rng.standard_normal((32, 16)).astype(np.float32)}
+    result, q, _ = _quantize(tmp_path, x, model=matmul_net())
+    assert result.quantized == ["mm1", "mm2"]
+    assert sqnr_db(run(matmul_net(), x)[0], run(q, x)[0]) > 25
+
+
+def test_bias_overflow_stays_float(tmp_path, rng) -> None:
+    model = conv_net()
+    b1 = next(i for i in model.graph.initializer if i.name == "b1")
+    b1.CopyFrom(onnx.numpy_helper.from_array(np.full(8, 3e9, np.float32), "b1"))
+    x = {"x": (rng.standard_normal((8, 3, 8, 8)) * 1e-3).astype(np.float32)}
+    result, q, _ = _quantize(tmp_path, x, model=model)
+    assert any("overflows int32" in n for n in result.notes["conv1"])
+    assert all(np.isfinite(onnx.numpy_helper.to_array(i)).all() for i in q.graph.initializer
+               if i.data_type == onnx.TensorProto.FLOAT)
