@@ -1,0 +1,1 @@
+"""The model zoo used by tests, the demo and benchmarks."""
