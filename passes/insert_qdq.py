@@ -186,29 +186,39 @@ class _Rewrite:
 
     def bias(self, node: ir.Node, choice: NodeQuant, act_scales: list[np.ndarray],
              weight_scale: np.ndarray | None, notes: list[str]) -> None:
+        """Store the bias as int32 behind a DequantizeLinear.
+
+        At 8 bits and fewer its scale is s_x * s_w, the layout of onnxruntime's integer kernels.
+        Otherwise (16 bits, an int32 overflow, an unusual Gemm) it gets its own scale, max|b| / (2^31 - 1),
+        which is exact to ~1e-9 relative. A float bias is never left beside quantized inputs:
+        onnxruntime's WeightBiasQuantization would quantize it with s_x * s_w itself and, at 16 bits,
+        overflow int32 silently.
+        """
         idx = op_facts.fact(node).bias_input
         if idx is None or idx >= len(node.inputs) or node.inputs[idx] is None or weight_scale is None:
             return
         b = node.inputs[idx]
         if b.const_value is None or len(act_scales) != 1:
             return
-        if choice.weights > 8 or choice.activations > 8:
-            return  # no integer kernel to feed at 16 bits: a float bias is exact and expected
         bias = b.const_value.numpy().astype(np.float64)
+        if not np.all(np.isfinite(bias)):
+            raise UnsupportedModelError(f"node {node.name!r}: bias {b.name!r} contains NaN or Inf")
+        scale = (np.float64(act_scales[0]) * weight_scale.astype(np.float64)).astype(np.float32)
+        kernel_layout = choice.weights <= 8 and choice.activations <= 8 and scale.size in (1, bias.size)
         if node.op_type == "Gemm" and (bias.ndim != 1 or _attr(node, "alpha", 1.0) != 1.0
                                        or _attr(node, "beta", 1.0) != 1.0):
-            notes.append("bias kept float: Gemm bias is not a plain 1-D vector with alpha = beta = 1")
-            return
-        scale = (np.float64(act_scales[0]) * weight_scale.astype(np.float64)).astype(np.float32)
-        if scale.size not in (1, bias.size):
-            return
-        q = np.rint(bias / scale.astype(np.float64))
-        if np.any(np.abs(q) > INT32_MAX):
-            notes.append("bias kept float: bias / (activation scale x weight scale) overflows int32")
-            return
+            kernel_layout = False
+            notes.append("bias not fused: Gemm bias is not a plain 1-D vector with alpha = beta = 1")
+        if kernel_layout and np.any(np.abs(np.rint(bias / scale.reshape(-1).astype(np.float64))) > INT32_MAX):
+            kernel_layout = False
+            notes.append("bias not fused: bias / (activation scale x weight scale) overflows int32; "
+                         "stored with its own int32 scale")
+        if not kernel_layout:
+            scale = np.asarray(max(float(np.abs(bias).max()), 1e-30) / INT32_MAX, dtype=np.float32)
         per_channel = scale.size > 1
         scale = scale.reshape(-1) if per_channel else scale.reshape(())
-        qv = self._const(f"{b.name}_quantized_{node.name}", q.astype(np.int32))
+        q = np.clip(np.rint(bias / scale.astype(np.float64)), -INT32_MAX, INT32_MAX).astype(np.int32)
+        qv = self._const(f"{b.name}_quantized_{node.name}", q)
         sv = self._const(f"{b.name}_scale_{node.name}", scale)
         zv = self._const(f"{b.name}_zero_point_{node.name}", np.zeros(scale.shape, np.int32))
         attrs = {"axis": 0} if per_channel else {}

@@ -1,0 +1,105 @@
+"""The command line, run as users run it: a subprocess, one-line errors, no output on failure."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.builders import conv_net
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def qinject(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qinject.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_net(), str(path))
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32))
+    return path
+
+
+def test_quantize_writes_model_and_plan(model, tmp_path) -> None:
+    out = tmp_path / "q.onnx"
+    r = qinject("quantize", model, "-o", out, "--calib", tmp_path / "calib.npz", "--calib-method", "percentile",
+                "--save-plan", tmp_path / "plan.json")
+    assert r.returncode == 0, r.stderr
+    assert "quantized 3 node(s)" in r.stdout
+    onnx.checker.check_model(str(out), full_check=True)
+    r2 = qinject("quantize", model, "-o", tmp_path / "q2.onnx", "--plan", tmp_path / "plan.json",
+                 "--calib", tmp_path / "calib.npz", "--calib-method", "percentile")
+    assert r2.returncode == 0, r2.stderr
+    assert (tmp_path / "q2.onnx").read_bytes() == out.read_bytes()  # same plan, same data: same bytes
+
+
+def test_quantize_without_calibration_warns(model, tmp_path) -> None:
+    r = qinject("quantize", model, "-o", tmp_path / "q.onnx", "--per-tensor", "--weights", "4")
+    assert r.returncode == 0, r.stderr
+    assert "warning: no calibration data given" in r.stderr
+
+
+def test_inspect(model) -> None:
+    r = qinject("inspect", model)
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["node", "op", "weight", "shape", "MACs", "params"]
+    assert lines[2].split()[:2] == ["conv1", "Conv"] and "3 quantizable node(s)" in r.stdout
+
+
+def _bad_cases(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
+    (tmp_path / "trunc.onnx").write_bytes(model.read_bytes()[:300])
+    (tmp_path / "random.onnx").write_bytes(np.random.default_rng(0).bytes(2000))
+    (tmp_path / "bad_plan.json").write_text('{"default": {"weights": 3}}')
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 3, 5, 5), np.float32))
+    np.savez(tmp_path / "empty.npz")
+    out = ["-o", str(tmp_path / "out.onnx")]
+    return [
+        (["quantize", str(tmp_path / "missing.onnx"), *out], "does not exist"),
+        (["quantize", str(tmp_path / "trunc.onnx"), *out], "not a valid ONNX"),
+        (["quantize", str(tmp_path / "random.onnx"), *out], "not a valid ONNX"),
+        (["quantize", str(model), *out, "--plan", str(tmp_path / "bad_plan.json")], "must be 4, 8 or 16"),
+        (["quantize", str(model), *out, "--calib", str(tmp_path / "nothere.npz")], "does not exist"),
+        (["quantize", str(model), *out, "--calib", str(tmp_path / "wrong.npz")], "axis 2: 5 != 8"),
+        (["quantize", str(model), *out, "--calib", str(tmp_path / "empty.npz")], "lacks model input"),
+        (["quantize", str(model), "-o", str(tmp_path / "nofolder" / "q.onnx")], "does not exist"),
+        (["quantize", str(model), "-o", str(model)], "is the input model"),
+    ]
+
+
+def test_bad_input_one_line_no_output(model, tmp_path) -> None:
+    before = model.read_bytes()
+    for args, message in _bad_cases(tmp_path, model):
+        r = qinject(*args)
+        assert r.returncode != 0, args
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert not (tmp_path / "out.onnx").exists()
+        assert not list(tmp_path.glob(".*.tmp"))
+    assert model.read_bytes() == before
+
+
+def test_failed_run_keeps_existing_output(model, tmp_path) -> None:
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous result")
+    (tmp_path / "bad_plan.json").write_text('{"nodes": {"conv9": "float"}}')
+    r = qinject("quantize", model, "-o", out, "--plan", tmp_path / "bad_plan.json")
+    assert r.returncode == 1 and "not quantizable nodes" in r.stderr
+    assert out.read_bytes() == b"previous result"
+
+
+@pytest.mark.slow
+def test_demo(tmp_path) -> None:
+    r = qinject("demo", "--out", tmp_path / "demo")
+    assert r.returncode == 0, r.stderr
+    assert "top-1 accuracy" in r.stdout and "QLinearConv x3" in r.stdout
+    assert (tmp_path / "demo" / "digits_cnn.w8a8.onnx").exists()

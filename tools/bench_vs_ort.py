@@ -1,0 +1,425 @@
+"""Benchmark qinject against onnxruntime's own static quantizer on the same models and calibration data.
+
+Both tools quantize W8A8 (per-channel int8 weights, uint8 activations, QDQ format, MinMax ranges)
+from the same float file and the same calibration arrays. Each tool runs in its own subprocess, so
+the peak RSS reported is that tool's alone. The results go to stdout and to the section of
+``BENCHMARKS.md`` between the ``bench_vs_ort`` markers (other sections of that file are untouched).
+
+Usage:
+    python tools/bench_vs_ort.py                      # every model
+    python tools/bench_vs_ort.py --quick              # digits + squeezenet
+    python tools/bench_vs_ort.py --models digits,resnet50 --workdir /tmp/bench   # keep the files
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper, version_converter
+
+# qinject is imported inside the functions that use it, so the ORT child never loads it: its import
+# alone is ~50 MiB of RSS (networkx, and sympy through onnx_ir) that would be charged to ORT.
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits_cnn"
+LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+LIGHT = ["squeezenet", "resnet50", "inception_v1", "shufflenet", "inception_v2", "densenet121",
+         "bvlc_alexnet", "zfnet512", "vgg19"]
+QUICK = ["digits", "squeezenet"]
+START, END = "<!-- bench_vs_ort:start -->", "<!-- bench_vs_ort:end -->"
+THREADS, SEED, LIGHT_SAMPLES, ROUNDS, RUNS_PER_ROUND = 2, 0, 16, 8, 5
+# Which parameter of which op gets which deterministic value. Mul/Add are the per-channel affine
+# that DenseNet and Inception-v2 apply after BatchNormalization (through an Unsqueeze).
+INIT_RULES = {"Conv": {1: "he", 2: "zeros"}, "Gemm": {1: "he", 2: "zeros"},
+              "BatchNormalization": {1: "ones", 2: "zeros", 3: "zeros", 4: "ones"},
+              "Mul": {1: "ones"}, "Add": {1: "zeros"}}
+# The issue's targets as (ratio, label, limit); the speedup is a floor, the others are ceilings.
+TARGETS = [("time", "tool time qinject/ORT", 0.8), ("memory", "peak RSS qinject/ORT", 0.5),
+           ("latency", "latency qinject/ORT", 1.0), ("speedup", "speedup fp32/qinject", 1.5)]
+
+
+@dataclass
+class Case:
+    """One model to benchmark: its float file, calibration file and evaluation set."""
+
+    name: str
+    model: Path
+    calib: Path  # .npz keyed by input name, first axis = samples
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    run_batch: int  # samples per onnxruntime run (the light models' batch is fixed at 1)
+    latency_batch: int
+
+
+# --- the tools, each run in a child process ---------------------------------------------------------
+
+def qinject_quantizer() -> Callable[[Path, Path, dict, int], dict]:
+    import qinject
+    from qinject.plan import Plan
+
+    def quantize(model: Path, out: Path, arrays: dict, batch: int) -> dict:
+        result = qinject.quantize_onnx(model, out, plan=Plan.uniform(8, 8), calib=arrays, batch_size=batch,
+                                       progress=False)
+        return {"passes": {name: s for name, s in result.timings}}
+    return quantize
+
+
+def ort_quantizer() -> Callable[[Path, Path, dict, int], dict]:
+    from onnxruntime import quantization as oq
+
+    class Reader(oq.CalibrationDataReader):
+        def __init__(self, arrays: dict, batch: int) -> None:
+            n = len(next(iter(arrays.values())))
+            self._feeds = iter([{k: v[i:i + batch] for k, v in arrays.items()} for i in range(0, n, batch)])
+
+        def get_next(self) -> dict | None:
+            return next(self._feeds, None)
+
+    def quantize(model: Path, out: Path, arrays: dict, batch: int) -> dict:
+        # ORT's docs recommend quant_pre_process (symbolic shape inference + basic graph optimisation,
+        # which folds BatchNormalization); it is part of ORT's pipeline, so it is on the clock.
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            oq.quant_pre_process(str(model), f"{tmp}/pre.onnx")
+            pre_process = time.perf_counter() - start
+            oq.quantize_static(f"{tmp}/pre.onnx", str(out), Reader(arrays, batch), quant_format=oq.QuantFormat.QDQ,
+                               per_channel=True, calibrate_method=oq.CalibrationMethod.MinMax,
+                               activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8)
+        return {"passes": {"pre-process": pre_process}}
+    return quantize
+
+
+def child_main(tool: str, model: str, calib: str, out: str, batch: str) -> None:
+    """Hidden sub-command: quantize once, print seconds, peak RSS and pass times as one JSON line."""
+    quantize = {"qinject": qinject_quantizer, "ort": ort_quantizer}[tool]()  # imports stay off the clock
+    with np.load(calib) as data:
+        arrays = {k: data[k] for k in data.files}
+    start_mib, start = peak_rss_mib(), time.perf_counter()
+    notes = quantize(Path(model), Path(out), arrays, int(batch))
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_rss_mib(), "start_mib": start_mib, **notes}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS since its exec.
+
+    Not ``ru_maxrss``: Linux carries the parent's RSS at fork over into the child's ``ru_maxrss``
+    (and ``RUSAGE_CHILDREN`` is a maximum over all children), so a small tool would be charged with
+    the benchmark's own memory. ``VmHWM`` belongs to the address space that exec created.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS reports bytes
+
+
+def run_tool(tool: str, case: Case, out: Path) -> dict:
+    """Quantize ``case`` with ``tool`` in a fresh interpreter; a failure is recorded, not raised."""
+    cmd = [sys.executable, __file__, "_quantize", tool, str(case.model), str(case.calib), str(out),
+           str(case.run_batch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def best_of(runs: list[dict]) -> dict:
+    """The fastest run, charged with the highest peak RSS seen (time is noisy, memory barely)."""
+    if any("error" in r for r in runs):
+        return next(r for r in runs if "error" in r)
+    return {**min(runs, key=lambda r: r["seconds"]), "peak_mib": max(r["peak_mib"] for r in runs)}
+
+
+# --- the models -------------------------------------------------------------------------------------
+
+def digits_case() -> Case:
+    with np.load(DIGITS / "eval.npz") as data:
+        inputs, labels = {"input": data["input"]}, data["labels"]
+    return Case("digits", DIGITS / "model.onnx", DIGITS / "calib.npz", inputs, labels, 256, 64)
+
+
+def light_case(name: str, work: Path) -> Case:
+    model = materialize_light(LIGHT_DIR / f"light_{name}.onnx", work / f"{name}.fp32.onnx")
+    (inp,) = onnx.load(str(model), load_external_data=False).graph.input
+    images = np.random.default_rng(SEED).standard_normal((2 * LIGHT_SAMPLES, 3, 224, 224), dtype=np.float32)
+    calib = work / f"{name}.calib.npz"
+    np.savez(calib, **{inp.name: images[:LIGHT_SAMPLES]})
+    return Case(name, model, calib, {inp.name: images[LIGHT_SAMPLES:]}, None, 1, 1)
+
+
+def materialize_light(src: Path, dst: Path) -> Path:
+    """Give a light-zoo model deterministic weights and save it as a plain opset-13 float model.
+
+    The light models hold their weights as ``ConstantOfShape`` (one value repeated) and their
+    BatchNormalization statistics as graph inputs with initializers. Weights become He-normal,
+    biases zeros, BN an identity (scale 1, bias 0, mean 0, var 1). A trailing Softmax is dropped:
+    on random-weight logits it saturates to one-hot, so an SQNR on probabilities would say little.
+    """
+    model = onnx.load(str(src))
+    graph, rng = model.graph, np.random.default_rng(SEED)
+    fills = {n.output[0]: n for n in graph.node if n.op_type == "ConstantOfShape"}
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    new: dict[str, np.ndarray] = {}
+    for node in graph.node:
+        for idx, kind in INIT_RULES.get(node.op_type, {}).items():
+            name = _parameter(node.input[idx] if idx < len(node.input) else "", fills, inits, producers)
+            if name and name not in new:
+                new[name] = _init_value(kind, _param_shape(name, fills, inits), node, rng)
+    for name in set(new) & set(fills):
+        graph.node.remove(fills[name])
+    kept = [t for t in graph.initializer if t.name not in new] + [numpy_helper.from_array(a, n) for n, a in new.items()]
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    inputs = [i for i in graph.input if i.name not in {t.name for t in kept}]  # constants, not inputs
+    graph.ClearField("initializer")
+    graph.initializer.extend(t for t in kept if t.name in used)
+    graph.ClearField("input")
+    graph.input.extend(inputs)
+    model.ir_version = max(model.ir_version, 4)  # IR 3 requires every initializer to be a graph input
+    _drop_final_softmax(graph)
+    # ORT's quantize_static keeps opset 11 and then writes per-channel DequantizeLinear with an axis,
+    # which needs opset 13: its model would not load. So both tools get the same opset-13 file.
+    model = version_converter.convert_version(model, 13)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _parameter(name: str, fills: dict, inits: dict, producers: dict) -> str | None:
+    """The constant behind an input (directly or through Unsqueeze/Reshape), or None for an activation."""
+    if name in fills or name in inits:
+        return name
+    node = producers.get(name)
+    if node is not None and node.op_type in ("Unsqueeze", "Reshape"):
+        return _parameter(node.input[0], fills, inits, producers)
+    return None
+
+
+def _param_shape(name: str, fills: dict, inits: dict) -> tuple[int, ...]:
+    if name in fills:
+        return tuple(int(d) for d in numpy_helper.to_array(inits[fills[name].input[0]]))
+    return tuple(inits[name].dims)
+
+
+def _init_value(kind: str, shape: tuple[int, ...], node: onnx.NodeProto, rng: np.random.Generator) -> np.ndarray:
+    if kind != "he":
+        return np.full(shape, 1.0 if kind == "ones" else 0.0, np.float32)
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        fan_in = shape[1] if trans_b else shape[0]
+    else:
+        fan_in = int(np.prod(shape[1:]))
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+
+
+def _drop_final_softmax(graph: onnx.GraphProto) -> None:
+    for out in graph.output:
+        node = next((n for n in graph.node if out.name in n.output), None)
+        if node is None or node.op_type != "Softmax":
+            continue
+        logits = node.input[0]
+        graph.node.remove(node)
+        for n in graph.node:  # the logits take the output's name, so the graph output keeps its name
+            n.output[:] = [out.name if o == logits else o for o in n.output]
+            n.input[:] = [out.name if i == logits else i for i in n.input]
+
+
+# --- measurement ------------------------------------------------------------------------------------
+
+def bench_case(case: Case, work: Path, tool_runs: int) -> dict[str, dict]:
+    """Every measurement for one model: fp32, ORT and qinject."""
+    from qinject import measure
+
+    runs: dict[str, list[dict]] = {"ort": [], "qinject": []}
+    for _ in range(tool_runs):  # alternated, so a burst of load on the machine hits both tools
+        for tool in runs:
+            runs[tool].append(run_tool(tool, case, work / f"{case.name}.{tool}.onnx"))
+    rows = {"fp32": {"path": case.model}, **{tool: best_of(r) for tool, r in runs.items()}}
+    ok = {v: r for v, r in rows.items() if "error" not in r}
+    for variant, row in ok.items():
+        row.setdefault("path", work / f"{case.name}.{variant}.onnx")
+        row.update(static_facts(row["path"], case))
+    for variant, ms in latencies({v: r["path"] for v, r in ok.items()}, case).items():
+        rows[variant]["latency_ms"] = ms
+    for row in ok.values():
+        out, ref = row["outputs"], rows["fp32"]["outputs"]
+        fid = [f"acc {measure.top1_accuracy(out, case.labels):.2%}"] if case.labels is not None else []
+        if row is not rows["fp32"]:
+            fid += [f"SQNR {measure.sqnr_db(ref, out):.1f} dB", f"top-1 agree {measure.top1_agreement(ref, out):.1%}"]
+        row["fidelity"] = ", ".join(fid) or "reference"
+    return rows
+
+
+def static_facts(path: Path, case: Case) -> dict:
+    """Outputs on the evaluation set, file size and integer kernels of one model file."""
+    from qinject import measure
+    from qinject.backends import onnx_backend
+
+    outputs = measure.predict(onnx_backend.session(path), case.inputs, batch=case.run_batch)
+    kernels = measure.fused_kernels(path)
+    return {"outputs": outputs.reshape(len(outputs), -1),
+            "size_mb": sum(p.stat().st_size for p in (path, Path(f"{path}.data")) if p.exists()) / 1e6,
+            "int_kernels": sum(n for op, n in kernels.items() if op in measure.INTEGER_KERNELS)}
+
+
+def latencies(paths: dict[str, Path], case: Case) -> dict[str, float]:
+    """Median ms per run of each model, with the same options, measured in interleaved rounds.
+
+    Interleaving spreads any drift in the machine's load over all variants instead of one.
+    """
+    from qinject.backends import onnx_backend
+
+    feeds = {k: v[:case.latency_batch] for k, v in case.inputs.items()}
+    sessions = {v: onnx_backend.session(p, onnx_backend.session_options(threads=THREADS)) for v, p in paths.items()}
+    times: dict[str, list[float]] = {v: [] for v in sessions}
+    for sess in sessions.values():
+        for _ in range(5):  # warm-up: allocations, kernel selection
+            sess.run(None, feeds)
+    for _ in range(ROUNDS):
+        for variant, sess in sessions.items():
+            for _ in range(RUNS_PER_ROUND):
+                start = time.perf_counter()
+                sess.run(None, feeds)
+                times[variant].append(time.perf_counter() - start)
+    return {v: float(np.median(t)) * 1e3 for v, t in times.items()}
+
+
+def ratios(rows: dict) -> dict[str, float | None]:
+    q, o, f = rows["qinject"], rows["ort"], rows["fp32"]
+    if "error" in q or "error" in o:
+        return {key: None for key in ("time", "memory", "latency", "speedup", "ort_speedup")}
+    return {"time": q["seconds"] / o["seconds"], "memory": q["peak_mib"] / o["peak_mib"],
+            "latency": q["latency_ms"] / o["latency_ms"], "speedup": f["latency_ms"] / q["latency_ms"],
+            "ort_speedup": f["latency_ms"] / o["latency_ms"]}
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+def verdict(key: str, value: float | None, limit: float, applies: bool) -> str:
+    if value is None:
+        return "n/a"
+    if not applies:
+        return f"{value:.2f}x (no target)"
+    shown = round(value, 2)  # judged at the printed precision: 1.004x is noise, not a miss
+    met = shown >= limit if key == "speedup" else shown <= limit
+    return f"{value:.2f}x {'met' if met else '**not met**'}"
+
+
+def render(results: dict[str, dict], head: list[str]) -> str:
+    lines = [*head, "", "| model | variant | tool time s | peak RSS MiB (before) | latency ms | size MB "
+             "| int8 kernels | fidelity vs fp32 |", "|---|---|---|---|---|---|---|---|"]
+    for model, rows in results.items():
+        for variant, r in rows.items():
+            if "error" in r:
+                lines.append(f"| {model} | {variant} | failed: {r['error']} | | | | | |")
+                continue
+            tool = f"{r['seconds']:.2f} | {r['peak_mib']:.0f} ({r['start_mib']:.0f})" if "seconds" in r else "— | —"
+            lines.append(f"| {model} | {variant} | {tool} | {r['latency_ms']:.2f} | {r['size_mb']:.2f} "
+                         f"| {r['int_kernels']} | {r['fidelity']} |")
+    lines += ["", "| model | " + " | ".join(f"{label} (target {'≥' if key == 'speedup' else '≤'} {limit}x)"
+                                            for key, label, limit in TARGETS) + " | speedup fp32/ORT |",
+              "|---|" + "---|" * (len(TARGETS) + 1)]
+    for model, rows in results.items():
+        r = ratios(rows)
+        cells = [verdict(key, r[key], limit, key != "speedup" or model != "digits") for key, _, limit in TARGETS]
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {verdict('', r['ort_speedup'], 0, False)} |")
+    lines += ["", "Where the tool time goes (s, best run):", ""]
+    for model, rows in results.items():
+        steps = {tool: ", ".join(f"{p} {s:.2f}" for p, s in rows[tool].get("passes", {}).items() if s >= 0.01)
+                 for tool in ("ort", "qinject")}
+        lines.append(f"- {model}: qinject: {steps['qinject'] or '-'}; ORT: {steps['ort'] or '-'}")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    vnni = "avx512_vnni" in cpuinfo or "avx_vnni" in cpuinfo
+    return f"{os.cpu_count()} cores, {model} ({'with' if vnni else 'without'} VNNI), {platform.platform()}"
+
+
+def header(argv: list[str], load: tuple[tuple[float, ...], tuple[float, ...]], tool_runs: int) -> list[str]:
+    import qinject
+
+    return [
+        "## qinject vs onnxruntime's static quantizer (`tools/bench_vs_ort.py`)", "",
+        f"- date: {datetime.date.today().isoformat()}; machine: {machine()}; 1-min load average at start / "
+        f"end: {load[0][0]:.1f} / {load[1][0]:.1f} (other work on the machine makes timings noisier)",
+        f"- versions: onnxruntime {ort.__version__}, qinject {qinject.__version__}, onnx {onnx.__version__}, "
+        f"numpy {np.__version__}, Python {platform.python_version()}",
+        f"- reproduce: `{shlex.join(['python', 'tools/bench_vs_ort.py', *argv])}`",
+        "- both tools: W8A8, per-channel int8 weights, uint8 activations, QDQ, MinMax, from the same float file "
+        "and calibration arrays. ORT: `quant_pre_process` (recommended by its docs; it ran on every model) then "
+        "`quantize_static(quant_format=QDQ, per_channel=True, calibrate_method=MinMax, activation_type=QUInt8, "
+        "weight_type=QInt8)` with a `CalibrationDataReader`. qinject: `quantize_onnx(plan=Plan.uniform(8, 8))`.",
+        f"- tool time: float file to written file (ORT's includes its pre-process), best of {tool_runs} "
+        "alternated runs, each in a fresh subprocess with imports and calibration arrays loaded before the "
+        "clock. Peak RSS: the child's `VmHWM` (not `ru_maxrss`, which on Linux inherits the parent's RSS at "
+        "fork); in brackets, its RSS before quantizing (interpreter + imports + calibration arrays).",
+        f"- latency: onnxruntime CPU, ORT_ENABLE_ALL, intra_op_num_threads={THREADS}, median of "
+        f"{ROUNDS * RUNS_PER_ROUND} runs after 5 warm-up, fp32/ORT/qinject interleaved; digits at batch 64, "
+        "light models at batch 1. int8 kernels: QLinear*/QGemm/integer ops in onnxruntime's optimised graph.",
+        "- digits: `calib.npz` (256 images), `eval.npz` (450, labelled). Light zoo: weights He-normal, biases 0, "
+        f"BN identity, trailing Softmax dropped, converted to opset 13 (seed {SEED}); {LIGHT_SAMPLES} "
+        f"random-normal calibration images and {LIGHT_SAMPLES} others for evaluation; fidelity: output SQNR "
+        "and top-1 agreement vs fp32. The 1.5x speedup target applies to the light-zoo conv nets.",
+    ]
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace the marked section of ``path`` (creating the file or the section if missing)."""
+    section = f"{START}\n{body}\n{END}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section is written by the script it names.\n"
+    if START in text and END in text:
+        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["_quantize"]:
+        return child_main(*argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help=f"comma-separated subset of: digits,{','.join(LIGHT)}")
+    parser.add_argument("--quick", action="store_true", help=f"only {' + '.join(QUICK)}")
+    parser.add_argument("--tool-runs", type=int, default=2, help="runs of each tool per model (best time kept)")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--workdir", type=Path, help="keep the float, calibration and quantized files here")
+    args = parser.parse_args(argv)
+    names = QUICK if args.quick else args.models.split(",") if args.models else ["digits", *LIGHT]
+    unknown = [n for n in names if n != "digits" and n not in LIGHT]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from digits,{','.join(LIGHT)}")
+    load_start, results = os.getloadavg(), {}
+    with tempfile.TemporaryDirectory(prefix="bench_vs_ort.") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+            case = digits_case() if name == "digits" else light_case(name, work)
+            results[name] = bench_case(case, work, args.tool_runs)
+    report = render(results, header(argv, (load_start, os.getloadavg()), args.tool_runs))
+    print(report)
+    write_section(args.output, report)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
