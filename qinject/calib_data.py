@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,14 +85,78 @@ def open_source(source: object, specs: list[InputSpec], batch_size: int = 16,
                                "(expected a path, a dict of arrays, an iterable of feed dicts or a data reader)")
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _read_npz(path: Path) -> dict[str, np.ndarray | _LazyNpzArray]:
+    """Arrays of a calibration file, without reading their data yet (.npy: memory-mapped;
+    .npz: streamed from the archive member a batch at a time)."""
     try:
         if path.suffix == ".npy":
             return {"": np.load(path, mmap_mode="r", allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as exc:
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.namelist() if m.endswith(".npy")]
+        return {m[:-4]: _LazyNpzArray(path, m) for m in members}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise CalibrationDataError(f"cannot read calibration file {str(path)!r}: {exc}") from None
+
+
+class _LazyNpzArray:
+    """One array of an .npz, read sequentially in slices of its first axis.
+
+    ``np.load`` on an .npz decompresses a whole array at once; this reads only the rows asked for,
+    so calibration memory is one batch however large the file.
+    """
+
+    def __init__(self, path: Path, member: str, shape: tuple[int, ...] | None = None) -> None:
+        self.path, self.member = path, member
+        with zipfile.ZipFile(path) as archive, archive.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                file_shape, fortran, self.dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                file_shape, fortran, self.dtype = np.lib.format.read_array_header_2_0(f)
+            self.offset = f.tell()
+        if fortran and len(file_shape) > 1:
+            raise CalibrationDataError(f"{path}: array {member[:-4]!r} is Fortran-ordered; save it C-ordered")
+        if self.dtype.hasobject:
+            raise CalibrationDataError(f"{path}: array {member[:-4]!r} holds Python objects")
+        self.shape = tuple(shape or file_shape)
+        self._stream = None
+        self._row = 0
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def reshape(self, *shape: int) -> _LazyNpzArray:
+        rows = int(np.prod(self.shape)) // int(np.prod(shape[1:]))
+        return _LazyNpzArray(self.path, self.member, (rows, *shape[1:]))
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(len(self))
+        if self._stream is None or start != self._row:
+            self._open_at(start)
+        row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        data = self._stream.read((stop - start) * row_bytes)
+        self._row = stop
+        if stop >= len(self):
+            self._close()
+        return np.frombuffer(data, dtype=self.dtype).reshape(stop - start, *self.shape[1:])
+
+    def _open_at(self, row: int) -> None:
+        self._close()
+        self._archive = zipfile.ZipFile(self.path)
+        self._stream = self._archive.open(self.member)
+        row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self._stream.seek(self.offset + row * row_bytes)
+        self._row = row
+
+    def _close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._archive.close()
+            self._stream = None
 
 
 def _from_folder(path: Path, specs: list[InputSpec], batch_size: int) -> CalibrationSource:
@@ -108,7 +173,7 @@ def _from_folder(path: Path, specs: list[InputSpec], batch_size: int) -> Calibra
     return CalibrationSource(chain(), total, str(path))
 
 
-def _from_arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec], batch_size: int,
+def _from_arrays(arrays: dict[str, np.ndarray | _LazyNpzArray], specs: list[InputSpec], batch_size: int,
                  label: str) -> CalibrationSource:
     if "" in arrays:  # a bare .npy: only meaningful for a single-input model
         if len(specs) != 1:
@@ -134,8 +199,10 @@ def _from_arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec], batch_si
 
     def batches() -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, usable, step):
-            yield {s.name: np.ascontiguousarray(samples[s.name][start:start + step], dtype=s.dtype)
-                   for s in specs}
+            feed = {s.name: np.ascontiguousarray(samples[s.name][start:start + step], dtype=s.dtype)
+                    for s in specs}
+            _check_finite(feed, label)
+            yield feed
 
     return CalibrationSource(batches(), math.ceil(usable / step), label)
 
@@ -160,8 +227,12 @@ def _check_compatible(array: np.ndarray, spec: InputSpec, label: str) -> None:
     if array.dtype.kind != spec.dtype.kind and not (array.dtype.kind in "iu" and spec.dtype.kind in "iu"):
         raise CalibrationDataError(f"{label}: input {spec.name!r} has dtype {array.dtype} but the model "
                                    f"expects {spec.dtype}")
-    if array.dtype.kind == "f" and array.size and not np.all(np.isfinite(np.asarray(array[:4096]))):
-        raise CalibrationDataError(f"{label}: input {spec.name!r} contains NaN or Inf")
+
+
+def _check_finite(feed: dict[str, np.ndarray], label: str) -> None:
+    for name, array in feed.items():
+        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            raise CalibrationDataError(f"{label}: input {name!r} contains NaN or Inf")
 
 
 def _validated(feeds: Iterator[object], specs: list[InputSpec], label: str) -> Iterator[dict[str, np.ndarray]]:
@@ -179,6 +250,7 @@ def _validated(feeds: Iterator[object], specs: list[InputSpec], label: str) -> I
                                            f"expected {list(s.shape)}")
             _check_compatible(array, s, f"{label}: item {i}")
             out[s.name] = np.ascontiguousarray(array, dtype=s.dtype)
+        _check_finite(out, f"{label}: item {i}")
         seen = True
         yield out
     if not seen:

@@ -91,3 +91,19 @@ def test_analysis_does_not_change_the_model(rng) -> None:
     from qinject.backends.onnx_backend import to_proto
 
     assert np.array_equal(run(to_proto(model), {"x": x})[0], run(conv_net(), {"x": x})[0])
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_is_streamed_not_loaded(tmp_path, rng, save) -> None:
+    import tracemalloc
+
+    x = rng.standard_normal((20_000, 3, 8, 8)).astype(np.float32)  # 15 MB; a batch of 16 is 12 KB
+    save(tmp_path / "big.npz", x=x)
+    expected_max = float(x.max())
+    del x
+    tracemalloc.start()
+    _, stats = _calibrated(tmp_path / "big.npz", batch_size=16)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert stats["x"].count == 20_000 * 3 * 8 * 8 and stats["x"].maximum == expected_max
+    assert peak < 4e6, f"peak traced memory {peak / 1e6:.1f} MB: the file was not streamed"
