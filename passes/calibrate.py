@@ -51,7 +51,9 @@ class Calibrate(Pass):
         source = open_source(self.data, specs, self.batch_size)
         inputs = {s.name for s in specs}
         fetched = [p.name for p in points if p.name not in inputs]
-        sess = onnx_backend.session(_with_outputs(model, [p for p in points if p.name not in inputs]))
+        with qir.weightless(model) as weights:
+            proto = _with_outputs(model, [p for p in points if p.name not in inputs])
+        sess = onnx_backend.session(proto, weights=weights)
         stats = {p.name: TensorStats(with_histogram=self.method != "minmax") for p in points}
         for feeds in tqdm(source, total=source.total, desc="calibrating", unit="batch",
                           disable=not self.progress, leave=False):

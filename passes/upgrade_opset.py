@@ -11,6 +11,7 @@ import onnx
 import onnx_ir as ir
 from onnx import version_converter
 
+from qinject import ir as qir
 from qinject.errors import UnsupportedModelError
 from qinject.pass_manager import Pass, PassResult
 
@@ -28,13 +29,15 @@ class UpgradeOpset(Pass):
         current = model.opset_imports.get("", 1)
         if current >= self.min_opset:
             return PassResult(model, False)
-        proto = ir.serde.serialize_model(model)
-        try:
+        def upgrade(proto: onnx.ModelProto) -> onnx.ModelProto:
             upgraded = version_converter.convert_version(proto, self.min_opset)
-            upgraded = onnx.shape_inference.infer_shapes(upgraded, data_prop=True)
+            return onnx.shape_inference.infer_shapes(upgraded, data_prop=True)
+
+        try:
+            new_model = qir.round_trip(model, upgrade)
         except Exception as exc:  # the converter raises bare RuntimeError/ValueError/C++ errors
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UnsupportedModelError(
                 f"cannot upgrade the model from opset {current} to {self.min_opset}, which the requested "
                 f"quantization needs: {first}") from None
-        return PassResult(ir.serde.deserialize_model(upgraded), True)
+        return PassResult(new_model, True)

@@ -9,6 +9,8 @@ verifier. Analysis keys are namespaced strings, defined here so every pass uses 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import networkx as nx
 import numpy as np
@@ -27,6 +29,52 @@ QUANT_NOTES = "qinject.quant.notes"  # on nodes: list of strings explaining refu
 
 # The full verifier (onnx.checker after every pass) is behind this switch; the test suite sets it.
 FULL_VERIFY_ENV = "QINJECT_VERIFY"
+
+
+# Where weightless protos say their large tensors live; nothing is ever written there.
+PLACEHOLDER_LOCATION = "__qinject_weights_in_memory__"
+
+
+@contextmanager
+def weightless(model: ir.Model, threshold: int = 1024) -> Iterator[dict[str, np.ndarray]]:
+    """Within the block, large initializers serialise as external-data stubs instead of bytes.
+
+    Serialising hundreds of MB of weights only to hand them to the version converter, shape
+    inference or a calibration session costs seconds and doubles memory; the stubs keep the proto
+    small. Yields ``name -> array`` of the stubbed tensors (no copies), e.g. for
+    ``SessionOptions.add_external_initializers``; the real tensors are back in place after the block.
+    """
+    swapped: dict[str, ir.TensorProtocol] = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is not None and tensor.nbytes > threshold:
+            swapped[name] = tensor
+            value.const_value = ir.ExternalTensor(PLACEHOLDER_LOCATION, 0, tensor.nbytes, tensor.dtype,
+                                                  shape=tensor.shape, name=name)
+    try:
+        yield {name: tensor.numpy() for name, tensor in swapped.items()}
+    finally:
+        for name, tensor in swapped.items():
+            model.graph.initializers[name].const_value = tensor
+
+
+def round_trip(model: ir.Model, transform: Callable[[onnx.ModelProto], onnx.ModelProto]) -> ir.Model:
+    """Apply a protobuf-level transform (version conversion, shape inference) without serialising
+    the weights; ``meta`` does not survive, so run it before analyses. Initializers come back as the
+    very tensors they were (external data keeps its base folder)."""
+    originals = {name: v.const_value for name, v in model.graph.initializers.items()}
+    with weightless(model):
+        proto = ir.serde.serialize_model(model)
+    new_model = ir.serde.deserialize_model(transform(proto))
+    for name, value in new_model.graph.initializers.items():
+        if originals.get(name) is not None:
+            value.const_value = originals[name]
+    return new_model
+
+
+def infer_shapes(model: ir.Model) -> ir.Model:
+    """onnx shape inference (with data propagation) over the IR; raises onnx's InferenceError."""
+    return round_trip(model, lambda p: onnx.shape_inference.infer_shapes(p, data_prop=True))
 
 
 def quantizable_nodes(model: ir.Model) -> list[ir.Node]:

@@ -6,10 +6,13 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from qinject import ir as qir
 from qinject.errors import QinjectError
 
 # Protobuf cannot hold more than 2 GiB; above this size weights go to an external data file.
@@ -100,13 +103,24 @@ def session_options(threads: int | None = None, optimized_path: str | None = Non
 
 
 def session(model: ir.Model | onnx.ModelProto | str | os.PathLike,
-            options: ort.SessionOptions | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session for an IR model, a proto or a file."""
+            options: ort.SessionOptions | None = None,
+            weights: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session for an IR model, a proto or a file.
+
+    ``weights`` supplies the tensors of a weightless proto (see ``weightless``) without copying them.
+    """
     if isinstance(model, ir.Model):
-        model = to_proto(model)
+        with qir.weightless(model) as stubbed:
+            return session(to_proto(model), options, stubbed)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    options = options or session_options()
+    if weights:
+        arrays = [np.ascontiguousarray(a) for a in weights.values()]
+        options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
     try:
-        return ort.InferenceSession(source, options or session_options(), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        sess._qinject_weights = weights  # onnxruntime reads the weights in place: keep them alive
     except Exception as exc:  # onnxruntime raises its own exception types for unsupported models
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise QinjectError(f"onnxruntime cannot run the model: {first}") from None
+    return sess

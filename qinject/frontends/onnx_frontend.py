@@ -16,6 +16,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import NameFixPass
 
+from qinject import ir as qir
 from qinject.errors import ModelLoadError, UnsupportedModelError
 
 MIN_OPSET = 1  # older opsets are upgraded by onnx's version converter, which refuses clearly
@@ -49,22 +50,20 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> ir.Model:
     if not proto.graph.node:
         raise ModelLoadError(f"{label} has an empty graph (is it really an ONNX model?)")
     _check_opset(proto, label)
-    _drop_initializers_from_inputs(proto)
     try:
-        # A proto with external data is checked from its file, where the checker can find the data.
-        if base_dir is not None and _uses_external_data(proto):
-            onnx.checker.check_model(str(source))
-        else:
-            onnx.checker.check_model(proto)
-        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        # A file is checked from disk: the checker finds external data there and Python never
+        # re-serialises the weights.
+        onnx.checker.check_model(str(source) if base_dir is not None else proto)
+        _drop_initializers_from_inputs(proto)
+        model = ir.serde.deserialize_model(proto)
+        if base_dir is not None:
+            ir.external_data.set_base_dir(model.graph, base_dir)
+        model = qir.infer_shapes(model)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{label} is not a valid ONNX model: {first}") from None
-    model = ir.serde.deserialize_model(proto)
     # Plans and reports address nodes by name: exporters that leave names empty get unique ones.
     NameFixPass()(model)
-    if base_dir is not None:
-        ir.external_data.set_base_dir(model.graph, base_dir)
     return model
 
 
@@ -82,10 +81,6 @@ def default_opset_of(proto: onnx.ModelProto) -> int | None:
         if imp.domain in ("", "ai.onnx"):
             return imp.version
     return None
-
-
-def _uses_external_data(proto: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
 
 
 def _drop_initializers_from_inputs(proto: onnx.ModelProto) -> None:

@@ -36,8 +36,9 @@ def magika_model_path() -> Path:
     found = sorted(models.glob("*/model.onnx"))
     if not found:
         raise FileNotFoundError(f"no models/*/model.onnx in the magika package at {str(models)!r}")
-    default = models / _magika_class()._get_default_model_name() / "model.onnx"
     # Several model folders can ship; the one magika uses by default is the one worth testing.
+    default_name = getattr(_magika_class(), "_get_default_model_name", lambda: None)()
+    default = models / str(default_name) / "model.onnx"
     return default if default in found else found[-1]
 
 

@@ -20,6 +20,12 @@ from tests.zoo.magika_data import magika_features, magika_model_path, real_files
 
 MIN_AGREEMENT = 0.97
 WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")
+# The Conv reads a LayerNorm output with tails ~50x its std (and writes ±290 at std 6): minmax
+# spends the 8-bit codes on those tails (94.0% agreement). Clipping at onnxruntime's default
+# percentile keeps the tails that GlobalMaxPool needs and resolves the bulk. Not lower: the
+# embedding MatMul reads a one-hot (1 value in 257), which any percentile below ~99.6 clips to 0.
+METHOD = "percentile"
+PERCENTILE = 99.999
 
 
 def test_magika_w8a8_agrees_with_float_on_real_files(tmp_path):
@@ -29,19 +35,29 @@ def test_magika_w8a8_agrees_with_float_on_real_files(tmp_path):
     (input_name,) = [i.name for i in onnx.load(str(model_path), load_external_data=False).graph.input]
     out = tmp_path / "magika_w8a8.onnx"
 
-    qinject.quantize_onnx(model_path, out, plan=Plan.uniform(8, 8),
-                          calib={input_name: magika_features(calib_files)}, progress=False)
+    calib = {input_name: magika_features(calib_files)}
+    qinject.quantize_onnx(model_path, out, plan=Plan.uniform(8, 8), calib=calib, method=METHOD,
+                          percentile=PERCENTILE, progress=False)
 
     onnx.checker.check_model(str(out), full_check=True)
     _assert_weights_dequantized(onnx.load(str(out)))
     held_out = {input_name: magika_features(held_out_files)}
-    float_logits = predict(onnx_backend.session(model_path), held_out)
-    quant_logits = predict(onnx_backend.session(out), held_out)
-    agreement = top1_agreement(float_logits, quant_logits)
-    labels = len(np.unique(np.argmax(float_logits, axis=-1)))
-    print(f"magika W8A8 top-1 agreement {agreement:.4f} on {len(held_out_files)} held-out files "
-          f"({labels} distinct float labels, {len(np.unique(np.argmax(quant_logits, axis=-1)))} quantized)")
+    float_probs = predict(onnx_backend.session(model_path), held_out)
+    quant_probs = predict(onnx_backend.session(out), held_out)
+    agreement = top1_agreement(float_probs, quant_probs)
+    # Most disagreements are files the float model itself is unsure of (magika reports those as
+    # generic text/unknown); shown to tell real damage from coin flips, not used by the assert.
+    confident = float_probs.max(axis=-1) >= 0.5
+    confident_agreement = top1_agreement(float_probs[confident], quant_probs[confident])
+    print(f"\nmagika W8A8 ({METHOD} {PERCENTILE}) top-1 agreement {agreement:.4f} on {len(held_out_files)} "
+          f"held-out files ({len(calib_files)} calibration); {_distinct(float_probs)} distinct float labels, "
+          f"{_distinct(quant_probs)} quantized; agreement {confident_agreement:.4f} on the "
+          f"{int(confident.sum())} files the float model gives >= 0.5")
     assert agreement >= MIN_AGREEMENT
+
+
+def _distinct(probs: np.ndarray) -> int:
+    return len(np.unique(np.argmax(probs, axis=-1)))
 
 
 def _assert_weights_dequantized(proto: onnx.ModelProto) -> None:
