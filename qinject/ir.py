@@ -36,12 +36,12 @@ PLACEHOLDER_LOCATION = "__qinject_weights_in_memory__"
 
 
 @contextmanager
-def weightless(model: ir.Model, threshold: int = 1024) -> Iterator[dict[str, np.ndarray]]:
+def weightless(model: ir.Model, threshold: int = 1024) -> Iterator[dict[str, ir.TensorProtocol]]:
     """Within the block, large initializers serialise as external-data stubs instead of bytes.
 
     Serialising hundreds of MB of weights only to hand them to the version converter, shape
     inference or a calibration session costs seconds and doubles memory; the stubs keep the proto
-    small. Yields ``name -> array`` of the stubbed tensors (no copies), e.g. for
+    small. Yields ``name -> tensor`` of the stubbed tensors (no copies), e.g. for
     ``SessionOptions.add_external_initializers``; the real tensors are back in place after the block.
     """
     swapped: dict[str, ir.TensorProtocol] = {}
@@ -52,7 +52,7 @@ def weightless(model: ir.Model, threshold: int = 1024) -> Iterator[dict[str, np.
             value.const_value = ir.ExternalTensor(PLACEHOLDER_LOCATION, 0, tensor.nbytes, tensor.dtype,
                                                   shape=tensor.shape, name=name)
     try:
-        yield {name: tensor.numpy() for name, tensor in swapped.items()}
+        yield dict(swapped)
     finally:
         for name, tensor in swapped.items():
             model.graph.initializers[name].const_value = tensor

@@ -95,8 +95,12 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qtype: QT
              axis: int | None = None) -> np.ndarray:
     """ONNX QuantizeLinear: ``saturate(round_half_even(x / scale) + zero_point)``."""
     scale, zero_point = _broadcastable(scale, x.ndim, axis), _broadcastable(zero_point, x.ndim, axis)
-    q = np.rint(x.astype(np.float32) / scale) + zero_point.astype(np.float32)
-    return np.clip(q, qtype.qmin, qtype.qmax).astype(qtype.numpy_dtype)
+    # In place after the one division: weights of the large nets are hundreds of MB.
+    q = np.divide(np.asarray(x, dtype=np.float32), scale, dtype=np.float32)
+    np.rint(q, out=q)
+    q += zero_point.astype(np.float32)
+    np.clip(q, qtype.qmin, qtype.qmax, out=q)
+    return q.astype(qtype.numpy_dtype)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,

@@ -104,7 +104,7 @@ def session_options(threads: int | None = None, optimized_path: str | None = Non
 
 def session(model: ir.Model | onnx.ModelProto | str | os.PathLike,
             options: ort.SessionOptions | None = None,
-            weights: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+            weights: dict[str, ir.TensorProtocol] | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session for an IR model, a proto or a file.
 
     ``weights`` supplies the tensors of a weightless proto (see ``weightless``) without copying them.
@@ -115,11 +115,11 @@ def session(model: ir.Model | onnx.ModelProto | str | os.PathLike,
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     options = options or session_options()
     if weights:
-        arrays = [np.ascontiguousarray(a) for a in weights.values()]
+        arrays = [np.ascontiguousarray(t.numpy()) for t in weights.values()]
         options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
     try:
         sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        sess._qinject_weights = weights  # onnxruntime reads the weights in place: keep them alive
+        sess._qinject_weights = arrays if weights else None  # read in place by onnxruntime: keep alive
     except Exception as exc:  # onnxruntime raises its own exception types for unsupported models
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise QinjectError(f"onnxruntime cannot run the model: {first}") from None
