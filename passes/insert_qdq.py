@@ -25,9 +25,11 @@ from qinject.errors import PlanError, QinjectError, UnsupportedModelError
 from qinject.pass_manager import Pass, PassResult
 from qinject.plan import NodeQuant, Plan
 from qinject.quant_points import output_point, range_source
-from qinject.stats import select_range
+from qinject.stats import expected_sqnr_db, select_range
 
 INT32_MAX = 2**31 - 1
+# Below this predicted SQNR an optional output quantization is skipped (see quantize_output).
+OUTPUT_MIN_SQNR_DB = 30.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class InsertQDQ(Pass):
         rewrite = _Rewrite(graph, self.method, self.percentile)
         for node, choice in chosen:
             rewrite.quantize_node(node, choice)
+        # Outputs last: whether an output point is free depends on which inputs got quantized.
+        for node, choice in chosen:
+            rewrite.quantize_output(node, choice)
         qir.drop_unused_initializers(graph)
         graph.sort()
         return PassResult(model, True)
@@ -103,12 +108,45 @@ class _Rewrite:
             dq, weight_scale = self.weight(node, w, choice)
             node.replace_input_with(widx, dq)
         self.bias(node, choice, act_scales, weight_scale, notes)
-        out = output_point(node)
-        if not out.is_graph_output():
-            self.output(out, key, node)
         node.meta[qir.QUANT_APPLIED] = choice
-        if notes:
-            node.meta[qir.QUANT_NOTES] = notes
+        node.meta[qir.QUANT_NOTES] = notes
+
+    def quantize_output(self, node: ir.Node, choice: NodeQuant) -> None:
+        """Quantize the node's output point when it costs no accuracy or buys an integer kernel.
+
+        Free: a quantized node downstream reads this tensor (directly or through range-preserving
+        ops), so it is quantized anyway. Otherwise only ops whose integer kernel needs a quantized
+        output (Conv) get one, and only if the predicted SQNR of that extra rounding is at least
+        ``OUTPUT_MIN_SQNR_DB``: a heavy-tailed output would cost more accuracy than the kernel saves.
+        """
+        out = output_point(node)
+        if out.is_graph_output():
+            return
+        key = ActKey(choice.activation_qtype, choice.activation_symmetric)
+        if not self._read_quantized(out, key):
+            if not op_facts.fact(node).needs_quantized_output:
+                return
+            stats = out.meta.get(qir.ACT_STATS)
+            if stats is not None:
+                lo, hi = select_range(stats, self.method, key.qtype, key.symmetric, self.percentile)
+                sqnr = expected_sqnr_db(stats, lo, hi, key.qtype, key.symmetric)
+                if sqnr < OUTPUT_MIN_SQNR_DB:
+                    node.meta[qir.QUANT_NOTES].append(
+                        f"output kept float: {key.qtype} would give it only {sqnr:.1f} dB SQNR (heavy tails); "
+                        "onnxruntime runs the op in float on dequantized inputs")
+                    return
+        self.output(out, key, node)
+
+    def _read_quantized(self, value: ir.Value, key: ActKey) -> bool:
+        """Whether a quantized node reads ``value`` at ``key``, directly or through range-preserving ops."""
+        if (value.name, key) in self.acts:
+            return True
+        for use in value.uses():
+            consumer = use.node
+            if op_facts.fact(consumer).range_preserving and use.idx == 0:
+                if self._read_quantized(consumer.outputs[0], key):
+                    return True
+        return False
 
     # -- activations -------------------------------------------------------------------------------
     def activation(self, value: ir.Value, key: ActKey, node: ir.Node) -> _QParams:

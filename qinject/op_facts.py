@@ -27,6 +27,9 @@ class OpFact:
         bias_input: index of the optional bias (quantized to int32 with scale s_x * s_w).
         channel_axis: the weight's output-channel axis, as a function of the node (attributes).
         macs: multiply-accumulates of one execution, from shapes; None if shapes are unknown.
+        needs_quantized_output: onnxruntime fuses the op into an integer kernel only when its output
+            is quantized too (QLinearConv); Gemm and MatMul fuse with a float output (QGemm,
+            MatMulIntegerToFloat).
         range_preserving: moves or selects values without changing their range (MaxPool, Reshape):
             a Q/DQ after it may share the scale of the Q/DQ before it, letting onnxruntime run the
             op on integers or drop it from the integer chain.
@@ -38,6 +41,7 @@ class OpFact:
     bias_input: int | None = None
     channel_axis: Callable[[ir.Node], int] | None = None
     macs: Callable[[ir.Node], int | None] | None = None
+    needs_quantized_output: bool = False
     range_preserving: bool = False
 
 
@@ -85,9 +89,10 @@ def _attr_int(node: ir.Node, name: str, default: int) -> int:
 
 
 OP_FACTS: dict[tuple[str, str], OpFact] = {
-    (ONNX, "Conv"): OpFact(True, (0,), 1, 2, lambda n: 0, _conv_macs),
+    (ONNX, "Conv"): OpFact(True, (0,), 1, 2, lambda n: 0, _conv_macs, needs_quantized_output=True),
     # ConvTranspose weights are [C_in, C_out/group, k...]: output channels live on axis 1.
-    (ONNX, "ConvTranspose"): OpFact(True, (0,), 1, 2, lambda n: 1, _conv_transpose_macs),
+    (ONNX, "ConvTranspose"): OpFact(True, (0,), 1, 2, lambda n: 1, _conv_transpose_macs,
+                                    needs_quantized_output=True),
     # Gemm computes A' @ B' + C; B is [K, N] or, with transB, [N, K].
     (ONNX, "Gemm"): OpFact(True, (0,), 1, 2, lambda n: 0 if _attr_int(n, "transB", 0) else 1, _gemm_macs),
     # MatMul's weight (when input 1 is constant) is [..., K, N]: output channels on the last axis.

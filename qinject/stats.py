@@ -16,6 +16,7 @@ from qinject.numerics import QType, fake_quantize, scale_zero_point
 
 BINS = 4096  # per tensor: 32 KiB of int64 counts, whatever the number of samples
 METHODS = ("minmax", "percentile", "mse", "entropy")
+MAX_DISTINCT = 256
 
 
 @dataclass
@@ -24,10 +25,13 @@ class TensorStats:
 
     with_histogram: bool = True
     count: int = 0
+    sum_squares: float = 0.0
     minimum: float = float("inf")
     maximum: float = float("-inf")
     nonfinite: int = 0
     half_range: float = 0.0
+    # The distinct values seen, while there are at most MAX_DISTINCT of them (then None).
+    distinct: np.ndarray | None = field(default_factory=lambda: np.empty(0, np.float32))
     counts: np.ndarray = field(default_factory=lambda: np.zeros(BINS, dtype=np.int64))
 
     def update(self, batch: np.ndarray) -> None:
@@ -40,6 +44,12 @@ class TensorStats:
         if x.size == 0:
             return
         self.count += x.size
+        if self.distinct is not None:
+            # Only the first batch of continuous data pays for np.unique; then tracking stops.
+            self.distinct = np.union1d(self.distinct, np.unique(x))
+            if self.distinct.size > MAX_DISTINCT:
+                self.distinct = None
+        self.sum_squares += float(np.dot(x, x))
         lo, hi = float(x.min()), float(x.max())
         self.minimum, self.maximum = min(self.minimum, lo), max(self.maximum, hi)
         if self.with_histogram:
@@ -73,17 +83,21 @@ class TensorStats:
 def select_range(stats: TensorStats, method: str, qtype: QType, symmetric: bool,
                  percentile: float = 99.99) -> tuple[float, float]:
     """The clipping range [lo, hi] to quantize a tensor with, by calibration method."""
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r} (expected one of {', '.join(METHODS)})")
     if stats.count == 0:
         return 0.0, 0.0
     if method == "minmax" or not stats.with_histogram or stats.half_range == 0.0:
+        return stats.minimum, stats.maximum
+    if stats.distinct is not None:
+        # A few discrete values (a one-hot, a mask): every clipping method would cut the rare ones,
+        # e.g. a percentile below 99.6 maps every 1 of a 1-in-257 one-hot to 0.
         return stats.minimum, stats.maximum
     if method == "percentile":
         return _percentile_range(stats, percentile)
     if method == "mse":
         return _mse_range(stats, qtype, symmetric)
-    if method == "entropy":
-        return _entropy_range(stats, qtype)
-    raise ValueError(f"unknown calibration method {method!r} (expected one of {', '.join(METHODS)})")
+    return _entropy_range(stats, qtype)
 
 
 def _percentile_range(stats: TensorStats, p: float) -> tuple[float, float]:
@@ -96,21 +110,37 @@ def _percentile_range(stats: TensorStats, p: float) -> tuple[float, float]:
 
 def _mse_range(stats: TensorStats, qtype: QType, symmetric: bool) -> tuple[float, float]:
     """Shrink [min, max] by the factor that minimises the expected squared quantization error."""
+    candidates = [(stats.minimum * a, stats.maximum * a) for a in np.linspace(1.0, 0.05, 96)]
+    return min(candidates, key=lambda r: expected_mse(stats, r[0], r[1], qtype, symmetric))
+
+
+def expected_mse(stats: TensorStats, lo: float, hi: float, qtype: QType, symmetric: bool) -> float:
+    """Mean squared error of quantizing the observed values with range [lo, hi].
+
+    Values inside the range carry uniform rounding noise scale^2/12; values outside it are clipped
+    (their error taken at their bin centre). Without a histogram, only the rounding noise is known.
+    """
+    scale, zp = scale_zero_point(lo, hi, qtype, symmetric)
+    rounding = float(scale) ** 2 / 12
+    if not stats.with_histogram or stats.half_range == 0.0 or stats.count == 0:
+        return rounding
     edges = stats.edges
-    centres = (edges[:-1] + edges[1:]) / 2
     used = stats.counts > 0
-    centres, weights = centres[used], stats.counts[used].astype(np.float64)
-    best, best_err = (stats.minimum, stats.maximum), np.inf
-    for alpha in np.linspace(1.0, 0.05, 96):
-        lo, hi = stats.minimum * alpha, stats.maximum * alpha
-        scale, zp = scale_zero_point(lo, hi, qtype, symmetric)
-        err = (fake_quantize(centres, scale, zp, qtype) - centres) ** 2
-        # Values inside the range carry the uniform rounding noise scale^2/12 beyond the bin centre.
-        err = np.where((centres >= lo) & (centres <= hi), float(scale) ** 2 / 12, err)
-        total = float(np.dot(weights, err))
-        if total < best_err:
-            best, best_err = (lo, hi), total
-    return best
+    centres, weights = ((edges[:-1] + edges[1:]) / 2)[used], stats.counts[used].astype(np.float64)
+    err = (fake_quantize(centres, scale, zp, qtype) - centres) ** 2
+    err = np.where((centres >= lo) & (centres <= hi), rounding, err)
+    return float(np.dot(weights, err)) / float(weights.sum())
+
+
+def expected_sqnr_db(stats: TensorStats, lo: float, hi: float, qtype: QType, symmetric: bool) -> float:
+    """Predicted SQNR (dB) of quantizing this tensor with range [lo, hi]."""
+    if stats.count == 0:
+        return float("inf")
+    signal = stats.sum_squares / stats.count
+    noise = expected_mse(stats, lo, hi, qtype, symmetric)
+    if noise == 0.0:
+        return float("inf")
+    return float(10 * np.log10(max(signal, 1e-300) / noise))
 
 
 def _entropy_range(stats: TensorStats, qtype: QType) -> tuple[float, float]:

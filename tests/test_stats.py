@@ -74,3 +74,11 @@ def test_unknown_method() -> None:
     s.update(np.ones(3))
     with pytest.raises(ValueError, match="unknown calibration method"):
         select_range(s, "magic", QType(8, True), True)
+
+
+def test_discrete_values_are_never_clipped(rng) -> None:
+    one_hot = np.eye(257, dtype=np.float32)[rng.integers(0, 257, 512)]
+    s = TensorStats()
+    s.update(one_hot)
+    for method in ("percentile", "mse", "entropy"):
+        assert select_range(s, method, QType(8, False), False, percentile=99.0) == (0.0, 1.0)

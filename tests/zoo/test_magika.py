@@ -20,12 +20,11 @@ from tests.zoo.magika_data import magika_features, magika_model_path, real_files
 
 MIN_AGREEMENT = 0.97
 WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")
-# The Conv reads a LayerNorm output with tails ~50x its std (and writes ±290 at std 6): minmax
-# spends the 8-bit codes on those tails (94.0% agreement). Clipping at onnxruntime's default
-# percentile keeps the tails that GlobalMaxPool needs and resolves the bulk. Not lower: the
-# embedding MatMul reads a one-hot (1 value in 257), which any percentile below ~99.6 clips to 0.
-METHOD = "percentile"
-PERCENTILE = 99.999
+# The Conv reads a LayerNorm output with tails ~50x its std: minmax spends the 8-bit codes on the
+# tails. MSE clipping (bit-width aware, no tuning knob) resolves the bulk: 97.5-98.2% agreement on
+# the seeds measured, against 96.9-97.1% for minmax. The Conv's own output (+-290 at std 6) is left
+# float by the rewrite (predicted 27 dB SQNR), since no quantized node reads it.
+METHOD = "mse"
 
 
 def test_magika_w8a8_agrees_with_float_on_real_files(tmp_path):
@@ -36,8 +35,7 @@ def test_magika_w8a8_agrees_with_float_on_real_files(tmp_path):
     out = tmp_path / "magika_w8a8.onnx"
 
     calib = {input_name: magika_features(calib_files)}
-    qinject.quantize_onnx(model_path, out, plan=Plan.uniform(8, 8), calib=calib, method=METHOD,
-                          percentile=PERCENTILE, progress=False)
+    qinject.quantize_onnx(model_path, out, plan=Plan.uniform(8, 8), calib=calib, method=METHOD, progress=False)
 
     onnx.checker.check_model(str(out), full_check=True)
     _assert_weights_dequantized(onnx.load(str(out)))
@@ -49,7 +47,7 @@ def test_magika_w8a8_agrees_with_float_on_real_files(tmp_path):
     # generic text/unknown); shown to tell real damage from coin flips, not used by the assert.
     confident = float_probs.max(axis=-1) >= 0.5
     confident_agreement = top1_agreement(float_probs[confident], quant_probs[confident])
-    print(f"\nmagika W8A8 ({METHOD} {PERCENTILE}) top-1 agreement {agreement:.4f} on {len(held_out_files)} "
+    print(f"\nmagika W8A8 ({METHOD}) top-1 agreement {agreement:.4f} on {len(held_out_files)} "
           f"held-out files ({len(calib_files)} calibration); {_distinct(float_probs)} distinct float labels, "
           f"{_distinct(quant_probs)} quantized; agreement {confident_agreement:.4f} on the "
           f"{int(confident.sum())} files the float model gives >= 0.5")
