@@ -4,9 +4,9 @@ and search. One pass per module, named for what it does."""
 from __future__ import annotations
 
 from qinject.passes.calibrate import Calibrate
-from qinject.passes.fold_batchnorm import FoldBatchNorm
+from qinject.passes.fold_conv_affine import FoldConvAffine
 from qinject.passes.fold_constants import FoldConstantWeights
 from qinject.passes.insert_qdq import InsertQDQ
 from qinject.passes.upgrade_opset import UpgradeOpset
 
-__all__ = ["Calibrate", "FoldBatchNorm", "FoldConstantWeights", "InsertQDQ", "UpgradeOpset"]
+__all__ = ["Calibrate", "FoldConstantWeights", "FoldConvAffine", "InsertQDQ", "UpgradeOpset"]

@@ -9,6 +9,7 @@ materialise large tensors nobody quantizes.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
@@ -37,11 +38,11 @@ class FoldConstantWeights(Pass):
                 continue
             for idx in (f.weight_input, f.bias_input):
                 if idx is not None and idx < len(node.inputs) and node.inputs[idx] is not None:
-                    folded += _fold(graph, node.inputs[idx], opset)
+                    folded += fold_value(graph, node.inputs[idx], opset)
         return PassResult(model, folded > 0)
 
 
-def _fold(graph: ir.Graph, value: ir.Value, opset: int) -> int:
+def fold_value(graph: ir.Graph, value: ir.Value, opset: int) -> int:
     """Fold ``value``'s producer chain into initializers; returns how many nodes were folded.
 
     A chain that is not entirely constant is left alone."""
@@ -55,7 +56,7 @@ def _fold(graph: ir.Graph, value: ir.Value, opset: int) -> int:
     count = 0
     for inp in producer.inputs:
         if inp is not None:
-            count += _fold(graph, inp, opset)
+            count += fold_value(graph, inp, opset)
     if not all(inp is None or (inp.const_value is not None and not inp.is_graph_input())
                for inp in producer.inputs):
         return count
@@ -79,7 +80,11 @@ def _evaluate(node: ir.Node, opset: int) -> list[np.ndarray]:
         fill = attr.value.numpy().reshape(-1) if attr is not None else np.zeros(1, np.float32)
         return [np.full(tuple(int(d) for d in inputs[0]), fill[0], dtype=fill.dtype)]
     proto = ir.serde.serialize_node(node)
-    names = list(proto.input)
-    evaluator = ReferenceEvaluator(proto, opsets={"": opset})
-    feeds = {n: a for n, a in zip(names, inputs) if n}
+    # Wrapped in a one-node model so the evaluator picks the op version of the model's opset.
+    graph = onnx.helper.make_graph(
+        [proto], "fold", [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None)
+                          for n in proto.input if n],
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in proto.output])
+    evaluator = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)]))
+    feeds = {n: a for n, a in zip(proto.input, inputs) if n}
     return [np.asarray(a) for a in evaluator.run(None, feeds)]

@@ -80,6 +80,7 @@ class InsertQDQ(Pass):
         # Outputs last: whether an output point is free depends on which inputs got quantized.
         for node, choice in chosen:
             rewrite.quantize_output(node, choice)
+        rewrite.route_range_preserving_consumers()
         qir.drop_unused_initializers(graph)
         graph.sort()
         return PassResult(model, True)
@@ -136,6 +137,18 @@ class _Rewrite:
                         "onnxruntime runs the op in float on dequantized inputs")
                     return
         self.output(out, key, node)
+
+    def route_range_preserving_consumers(self) -> None:
+        """Feed the dequantized tensor to float MaxPool/Reshape/... consumers whose result is read
+        quantized at the same key downstream: both ends then carry the same scale, onnxruntime runs
+        the op on integers, and the producer (e.g. a Concat) keeps a single Q consumer it can fuse."""
+        for (name, key), params in list(self.acts.items()):
+            value = self.origin[params.dequantized.name]
+            for use in list(value.uses()):
+                node = use.node
+                if (use.idx == 0 and op_facts.fact(node).range_preserving
+                        and self._read_quantized(node.outputs[0], key)):
+                    node.replace_input_with(0, params.dequantized)
 
     def _read_quantized(self, value: ir.Value, key: ActKey) -> bool:
         """Whether a quantized node reads ``value`` at ``key``, directly or through range-preserving ops."""

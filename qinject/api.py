@@ -42,11 +42,11 @@ class QuantizeResult:
 def standard_pipeline(plan: Plan, calib: object = None, method: str = "minmax", batch_size: int = 16,
                       percentile: float = 99.99, progress: bool = True) -> list:
     """The passes of ``qinject quantize``, in order."""
-    from qinject.passes import Calibrate, FoldBatchNorm, FoldConstantWeights, InsertQDQ, UpgradeOpset
+    from qinject.passes import Calibrate, FoldConvAffine, FoldConstantWeights, InsertQDQ, UpgradeOpset
 
     return [
         FoldConstantWeights(),
-        FoldBatchNorm(),
+        FoldConvAffine(),
         UpgradeOpset(plan.min_opset()),
         Calibrate(calib, method=method, batch_size=batch_size, progress=progress),
         InsertQDQ(plan, method=method, percentile=percentile),
