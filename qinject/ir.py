@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from qinject import op_facts
+
+if TYPE_CHECKING:
+    import networkx as nx
 from qinject.errors import VerificationError
 
 Model = ir.Model
@@ -103,6 +106,8 @@ def drop_unused_initializers(graph: ir.Graph) -> None:
 
 def to_networkx(graph: ir.Graph) -> nx.DiGraph:
     """A DiGraph with one vertex per node (keyed by the node object) and an edge per use."""
+    import networkx as nx  # only graph algorithms need it; keeps `import qinject` light
+
     g = nx.DiGraph()
     for node in graph:
         g.add_node(node, name=node.name, op_type=node.op_type)
@@ -148,6 +153,8 @@ def verify(model: ir.Model, full: bool | None = None) -> None:
 
 
 def _find_cycle(graph: ir.Graph) -> list[str]:
+    import networkx as nx
+
     try:
         return [u.name for u, _ in nx.find_cycle(to_networkx(graph))]
     except nx.NetworkXNoCycle:

@@ -47,7 +47,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, input_path: str | os.PathL
         raise QinjectError(f"output path {str(path)!r} is the input model; choose another name")
     proto = to_proto(model)
     if external_data is None:
-        external_data = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD if _fits(proto) else True
+        external_data = _byte_size(proto) > EXTERNAL_DATA_THRESHOLD
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -71,12 +71,11 @@ def save(model: ir.Model, path: str | os.PathLike, *, input_path: str | os.PathL
     return path
 
 
-def _fits(proto: onnx.ModelProto) -> bool:
+def _byte_size(proto: onnx.ModelProto) -> float:
     try:
-        proto.ByteSize()
-        return True
-    except ValueError:
-        return False
+        return proto.ByteSize()
+    except ValueError:  # protobuf refuses to size a message over 2 GiB
+        return float("inf")
 
 
 def _relocate_external_data(model_path: Path, final_location: str) -> None:
@@ -115,7 +114,7 @@ def session(model: ir.Model | onnx.ModelProto | str | os.PathLike,
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     options = options or session_options()
     if weights:
-        arrays = [np.ascontiguousarray(t.numpy()) for t in weights.values()]
+        arrays = [np.ascontiguousarray(t.numpy()) for t in weights.values()]  # no copy: arrays since load
         options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
     try:
         sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

@@ -58,6 +58,8 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> ir.Model:
         model = ir.serde.deserialize_model(proto)
         if base_dir is not None:
             ir.external_data.set_base_dir(model.graph, base_dir)
+        _detach_from_proto(model)
+        del proto
         model = qir.infer_shapes(model)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -65,6 +67,19 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> ir.Model:
     # Plans and reports address nodes by name: exporters that leave names empty get unique ones.
     NameFixPass()(model)
     return model
+
+
+def _detach_from_proto(model: ir.Model) -> None:
+    """Give inline initializers their own numpy arrays, so the parsed protobuf can be freed.
+
+    Every read of a protobuf-backed tensor copies its bytes again; arrays are read once here, and
+    the weights then live once in memory instead of in the protobuf plus each reader's copy.
+    External data stays memory-mapped.
+    """
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if isinstance(tensor, ir.TensorProtoTensor):
+            value.const_value = ir.tensor(tensor.numpy(), name=name)
 
 
 def _check_opset(proto: onnx.ModelProto, label: str) -> None:
