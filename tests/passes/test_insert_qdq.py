@@ -113,3 +113,29 @@ def test_bias_overflow_gets_its_own_scale(tmp_path, rng) -> None:
                for i in q.graph.initializer if i.name.endswith("_scale") or "_scale_" in i.name)
     ref, got = run(model, x)[0], run(q, x)[0]
     assert sqnr_db(ref, got) > 25  # ordinary int8 noise: the huge bias itself is stored exactly
+
+
+def _conv_then_float_op() -> onnx.ModelProto:
+    w = onnx.numpy_helper.from_array(np.random.default_rng(3).standard_normal((4, 3, 1, 1)).astype(np.float32), "w")
+    nodes = [onnx.helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             onnx.helper.make_node("Sigmoid", ["c"], ["y"], name="sigmoid")]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 4, 4])], [w])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_conv_output_quantized_only_when_it_pays(tmp_path, rng) -> None:
+    # Gaussian data: the Conv output quantizes at ~45 dB, so it gets a Q/DQ and fuses to QLinearConv.
+    x = {"x": rng.standard_normal((64, 3, 4, 4)).astype(np.float32)}
+    result, q, out = _quantize(tmp_path, x, model=_conv_then_float_op())
+    assert not result.notes.get("conv") and measure.fused_kernels(out)["QLinearConv"] == 1
+    # Rare huge spikes: quantizing the output would cost more than the kernel saves; it stays float.
+    spiky = x["x"].copy()
+    spiky.reshape(-1)[::997] = 500.0
+    result, q, _ = _quantize(tmp_path, {"x": spiky}, model=_conv_then_float_op())
+    assert any("output kept float" in n for n in result.notes["conv"])
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    assert producers[next(n for n in q.graph.node if n.name == "sigmoid").input[0]] == "Conv"
