@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -33,7 +34,7 @@ import onnxruntime as ort
 from onnx import numpy_helper, version_converter
 
 # qinject is imported inside the functions that use it, so the ORT child never loads it: its import
-# alone is ~50 MiB of RSS (networkx, and sympy through onnx_ir) that would be charged to ORT.
+# alone is ~40 MiB of RSS (networkx, and sympy through onnx_ir) that would be charged to ORT.
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn"
 LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
@@ -41,7 +42,8 @@ LIGHT = ["squeezenet", "resnet50", "inception_v1", "shufflenet", "inception_v2",
          "bvlc_alexnet", "zfnet512", "vgg19"]
 QUICK = ["digits", "squeezenet"]
 START, END = "<!-- bench_vs_ort:start -->", "<!-- bench_vs_ort:end -->"
-THREADS, SEED, LIGHT_SAMPLES, ROUNDS, RUNS_PER_ROUND = 2, 0, 16, 8, 5
+FILE_INTRO = "Each section is written by the script it names, between its own markers; rerun it to refresh."
+THREADS, SEED, LIGHT_SAMPLES, ROUNDS, RUNS_PER_ROUND = 2, 0, 16, 10, 5
 # Which parameter of which op gets which deterministic value. Mul/Add are the per-channel affine
 # that DenseNet and Inception-v2 apply after BatchNormalization (through an Unsqueeze).
 INIT_RULES = {"Conv": {1: "he", 2: "zeros"}, "Gemm": {1: "he", 2: "zeros"},
@@ -61,7 +63,7 @@ class Case:
     calib: Path  # .npz keyed by input name, first axis = samples
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
-    run_batch: int  # samples per onnxruntime run (the light models' batch is fixed at 1)
+    run_batch: int  # samples per run, calibration and evaluation alike (the light models' batch is 1)
     latency_batch: int
 
 
@@ -133,7 +135,7 @@ def run_tool(tool: str, case: Case, out: Path) -> dict:
     """Quantize ``case`` with ``tool`` in a fresh interpreter; a failure is recorded, not raised."""
     cmd = [sys.executable, __file__, "_quantize", tool, str(case.model), str(case.calib), str(out),
            str(case.run_batch)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -248,8 +250,8 @@ def bench_case(case: Case, work: Path, tool_runs: int) -> dict[str, dict]:
     """Every measurement for one model: fp32, ORT and qinject."""
     runs: dict[str, list[dict]] = {"ort": [], "qinject": []}
     for _ in range(tool_runs):  # alternated, so a burst of load on the machine hits both tools
-        for tool in runs:
-            runs[tool].append(run_tool(tool, case, work / f"{case.name}.{tool}.onnx"))
+        for tool, results in runs.items():
+            results.append(run_tool(tool, case, work / f"{case.name}.{tool}.onnx"))
     rows = {"fp32": {"path": case.model}, **{tool: best_of(r) for tool, r in runs.items()}}
     ok = {v: r for v, r in rows.items() if "error" not in r}
     for variant, row in ok.items():
@@ -267,7 +269,8 @@ def fidelity(out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None, is_ref
 
     parts = [f"acc {measure.top1_accuracy(out, labels):.2%}"] if labels is not None else []
     if not is_reference:
-        parts += [f"SQNR {measure.sqnr_db(ref, out):.1f} dB", f"top-1 agree {measure.top1_agreement(ref, out):.1%}"]
+        parts += [f"SQNR {measure.sqnr_db(ref, out):.1f} dB",
+                  f"top-1 agree {measure.top1_agreement(ref, out):.1%}"]
     return ", ".join(parts) or "reference"
 
 
@@ -292,6 +295,9 @@ def latencies(paths: dict[str, Path], case: Case) -> dict[str, float]:
 
     feeds = {k: v[:case.latency_batch] for k, v in case.inputs.items()}
     options = onnx_backend.session_options(threads=THREADS)
+    # Spinning worker threads fight for the cores whenever anything else runs (other sessions, other
+    # jobs): on a loaded 2-core machine the medians tripled and swapped order from run to run.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {variant: onnx_backend.session(path, options) for variant, path in paths.items()}
     times: dict[str, list[float]] = {v: [] for v in sessions}
     for sess in sessions.values():
@@ -328,73 +334,101 @@ def verdict(key: str, value: float | None, limit: float | None) -> str:
     return f"{value:.2f}x {'met' if met else '**not met**'}"
 
 
-def render(results: dict[str, dict], head: list[str]) -> str:
-    lines = [*head, "", "| model | variant | tool time s | peak RSS MiB (before) | latency ms | size MB "
-             "| int8 kernels | fidelity vs fp32 |", "|---|---|---|---|---|---|---|---|"]
+def measurement_table(results: dict[str, dict]) -> list[str]:
+    columns = ["model", "variant", "tool time s", "peak RSS MiB (before)", "latency ms", "size MB",
+               "int8 kernels", "fidelity vs fp32"]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for model, rows in results.items():
         for variant, r in rows.items():
             if "error" in r:
                 lines.append(f"| {model} | {variant} | failed: {r['error']} | | | | | |")
                 continue
-            tool = "— | —" if "seconds" not in r else f"{r['seconds']:.2f} | {r['peak_mib']:.0f} ({r['start_mib']:.0f})"
+            tool = (f"{r['seconds']:.2f} | {r['peak_mib']:.0f} ({r['start_mib']:.0f})" if "seconds" in r
+                    else "— | —")
             lines.append(f"| {model} | {variant} | {tool} | {r['latency_ms']:.2f} | {r['size_mb']:.2f} "
                          f"| {r['int_kernels']} | {r['fidelity']} |")
-    targets = " | ".join(f"{label} (target {'≥' if key == 'speedup' else '≤'} {limit}x)" for key, label, limit in TARGETS)
-    lines += ["", f"| model | {targets} | speedup fp32/ORT |", "|---|" + "---|" * (len(TARGETS) + 1)]
+    return lines
+
+
+def target_table(results: dict[str, dict]) -> list[str]:
+    heads = " | ".join(f"{label} ({'≥' if key == 'speedup' else '≤'} {limit}x)"
+                       for key, label, limit in TARGETS)
+    lines = [f"| model | {heads} | speedup fp32/ORT |", "|---|" + "---|" * (len(TARGETS) + 1)]
     for model, rows in results.items():
         r = ratios(rows)
-        # The speedup target is the conv nets' of the light zoo; digits shows its speedup only.
+        # The speedup target is for the light zoo's conv nets; digits shows its speedup only.
         cells = [verdict(key, r[key], None if key == "speedup" and model == "digits" else limit)
                  for key, _, limit in TARGETS]
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {verdict('', r['ort_speedup'], None)} |")
-    lines += ["", "Where the tool time goes (s, best run):", ""]
+    return lines
+
+
+def step_times(results: dict[str, dict]) -> list[str]:
+    lines = ["Where the tool time goes (s, best run; steps under 0.01 s left out):", ""]
     for model, rows in results.items():
         steps = {tool: ", ".join(f"{p} {s:.2f}" for p, s in rows[tool].get("passes", {}).items() if s >= 0.01)
                  for tool in ("ort", "qinject")}
         lines.append(f"- {model}: qinject: {steps['qinject'] or '-'}; ORT: {steps['ort'] or '-'}")
-    return "\n".join(lines)
+    return lines
 
 
 def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
                  platform.processor() or "unknown CPU")
-    vnni = "avx512_vnni" in cpuinfo or "avx_vnni" in cpuinfo
-    return f"{os.cpu_count()} cores, {model} ({'with' if vnni else 'without'} VNNI), {platform.platform()}"
+    vnni = "with" if "avx512_vnni" in cpuinfo or "avx_vnni" in cpuinfo else "without"
+    return f"{os.cpu_count()} cores, {model} ({vnni} VNNI), {platform.platform()}"
 
 
-def header(argv: list[str], load: tuple[tuple[float, ...], tuple[float, ...]], tool_runs: int) -> list[str]:
+def source_state() -> str:
+    """The git commit and a digest of qinject's sources (which others may be editing meanwhile)."""
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, check=False).stdout.strip() or "no git"
+    digest = hashlib.sha1()
+    for path in sorted([*ROOT.glob("qinject/**/*.py"), *ROOT.glob("passes/*.py")]):
+        digest.update(path.read_bytes())
+    return f"commit {git}, sources {digest.hexdigest()[:10]}"
+
+
+def header(argv: list[str], loads: tuple[float, float], tool_runs: int,
+           sources: tuple[str, str]) -> list[str]:
     import qinject
 
+    # Commits that touch only tests or docs do not matter; a change of the sources does.
+    same = sources[0].split("sources ")[-1] == sources[1].split("sources ")[-1]
+    changed = "" if same else f" **changed during the run** (now {sources[1]})"
+    command = shlex.join(["python", "tools/bench_vs_ort.py", *argv])
     return [
         "## qinject vs onnxruntime's static quantizer (`tools/bench_vs_ort.py`)", "",
-        f"- date: {datetime.date.today().isoformat()}; machine: {machine()}; 1-min load average at start / "
-        f"end: {load[0][0]:.1f} / {load[1][0]:.1f} (other work on the machine makes timings noisier)",
-        f"- versions: onnxruntime {ort.__version__}, qinject {qinject.__version__}, onnx {onnx.__version__}, "
-        f"numpy {np.__version__}, Python {platform.python_version()}",
-        f"- reproduce: `{shlex.join(['python', 'tools/bench_vs_ort.py', *argv])}`",
-        "- both tools: W8A8, per-channel int8 weights, uint8 activations, QDQ, MinMax, from the same float file "
-        "and calibration arrays. ORT: `quant_pre_process` (recommended by its docs; it ran on every model) then "
-        "`quantize_static(quant_format=QDQ, per_channel=True, calibrate_method=MinMax, activation_type=QUInt8, "
-        "weight_type=QInt8)` with a `CalibrationDataReader`. qinject: `quantize_onnx(plan=Plan.uniform(8, 8))`.",
-        f"- tool time: float file to written file (ORT's includes its pre-process), best of {tool_runs} "
-        "alternated runs, each in a fresh subprocess with imports and calibration arrays loaded before the "
-        "clock. Peak RSS: the child's `VmHWM` (not `ru_maxrss`, which on Linux inherits the parent's RSS at "
-        "fork); in brackets, its RSS before quantizing (interpreter + imports + calibration arrays).",
-        f"- latency: onnxruntime CPU, ORT_ENABLE_ALL, intra_op_num_threads={THREADS}, median of "
-        f"{ROUNDS * RUNS_PER_ROUND} runs after 5 warm-up, fp32/ORT/qinject interleaved; digits at batch 64, "
-        "light models at batch 1. int8 kernels: QLinear*/QGemm/integer ops in onnxruntime's optimised graph.",
-        "- digits: `calib.npz` (256 images), `eval.npz` (450, labelled). Light zoo: weights He-normal, biases 0, "
-        f"BN identity, trailing Softmax dropped, converted to opset 13 (seed {SEED}); {LIGHT_SAMPLES} "
-        f"random-normal calibration images and {LIGHT_SAMPLES} others for evaluation; fidelity: output SQNR "
-        "and top-1 agreement vs fp32. The 1.5x speedup target applies to the light-zoo conv nets.",
+        (f"- date: {datetime.date.today().isoformat()}; machine: {machine()}; 1-min load average at "
+         f"start/end {loads[0]:.1f}/{loads[1]:.1f} (other jobs on the machine make the timings noisier)"),
+        (f"- versions: onnxruntime {ort.__version__}, qinject {qinject.__version__} ({sources[0]}{changed}), "
+         f"onnx {onnx.__version__}, numpy {np.__version__}, Python {platform.python_version()}"),
+        f"- reproduce: `{command}`",
+        ("- both tools: W8A8, per-channel int8 weights, uint8 activations, QDQ, MinMax, same float file and "
+         "calibration arrays. ORT: `quant_pre_process` (its docs recommend it; it ran on every model), then "
+         "`quantize_static(quant_format=QDQ, per_channel=True, calibrate_method=MinMax, "
+         "activation_type=QUInt8, weight_type=QInt8)` fed by a `CalibrationDataReader`. "
+         "qinject: `quantize_onnx(plan=Plan.uniform(8, 8))`."),
+        (f"- tool time: float file to written file (ORT's includes its pre-process), best of {tool_runs} "
+         "alternated runs, each in a fresh subprocess that loads its imports and the calibration arrays "
+         "before the clock starts. Peak RSS: the child's `VmHWM` (not `ru_maxrss`, which on Linux inherits "
+         "the parent's RSS at fork); in brackets, its RSS before quantizing (interpreter, imports, data)."),
+        (f"- latency: onnxruntime CPU, ORT_ENABLE_ALL, intra_op_num_threads={THREADS}, no spinning, median "
+         f"of {ROUNDS * RUNS_PER_ROUND} runs after 5 warm-up runs, fp32/ORT/qinject interleaved; digits at "
+         "batch 64, light models at batch 1. int8 kernels: QLinear*/QGemm/integer ops in onnxruntime's "
+         "optimised graph."),
+        ("- digits: `calib.npz` (256 images), `eval.npz` (450, labelled). Light zoo: He-normal weights, zero "
+         f"biases, identity BN, trailing Softmax dropped, converted to opset 13 (seed {SEED}); "
+         f"{LIGHT_SAMPLES} random-normal calibration images and {LIGHT_SAMPLES} others for evaluation; "
+         "fidelity is output SQNR and top-1 agreement vs fp32."),
     ]
 
 
 def write_section(path: Path, body: str) -> None:
     """Replace the marked section of ``path`` (creating the file or the section if missing)."""
     section = f"{START}\n{body}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nEach section is written by the script it names.\n"
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{FILE_INTRO}\n"
     if START in text and END in text:
         text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
     else:
@@ -408,15 +442,14 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help=f"comma-separated subset of: digits,{','.join(LIGHT)}")
     parser.add_argument("--quick", action="store_true", help=f"only {' + '.join(QUICK)}")
-    parser.add_argument("--tool-runs", type=int, default=2, help="runs of each tool per model (best time kept)")
+    parser.add_argument("--tool-runs", type=int, default=2, help="runs of each tool per model (best kept)")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--workdir", type=Path, help="keep the float, calibration and quantized files here")
     args = parser.parse_args(argv)
     names = QUICK if args.quick else args.models.split(",") if args.models else ["digits", *LIGHT]
-    unknown = [n for n in names if n != "digits" and n not in LIGHT]
-    if unknown:
+    if unknown := [n for n in names if n != "digits" and n not in LIGHT]:
         parser.error(f"unknown model(s) {unknown}; choose from digits,{','.join(LIGHT)}")
-    load_start, results = os.getloadavg(), {}
+    load_start, sources_start, results = os.getloadavg()[0], source_state(), {}
     with tempfile.TemporaryDirectory(prefix="bench_vs_ort.") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -424,7 +457,9 @@ def main(argv: list[str]) -> None:
             print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
             case = digits_case() if name == "digits" else light_case(name, work)
             results[name] = bench_case(case, work, args.tool_runs)
-    report = render(results, header(argv, (load_start, os.getloadavg()), args.tool_runs))
+    head = header(argv, (load_start, os.getloadavg()[0]), args.tool_runs, (sources_start, source_state()))
+    report = "\n".join([*head, "", *measurement_table(results), "", *target_table(results), "",
+                        *step_times(results)])
     print(report)
     write_section(args.output, report)
 
