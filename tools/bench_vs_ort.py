@@ -31,24 +31,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper, version_converter
 
 # qinject is imported inside the functions that use it, so the ORT child never loads it: its import
 # alone is ~40 MiB of RSS (networkx, and sympy through onnx_ir) that would be charged to ORT.
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn"
-LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+sys.path.insert(0, str(ROOT))  # the model zoo lives in the repository, not in the package
+from models.light_zoo import materialize  # noqa: E402
+
 LIGHT = ["squeezenet", "resnet50", "inception_v1", "shufflenet", "inception_v2", "densenet121",
          "bvlc_alexnet", "zfnet512", "vgg19"]
 QUICK = ["digits", "squeezenet"]
 START, END = "<!-- bench_vs_ort:start -->", "<!-- bench_vs_ort:end -->"
 FILE_INTRO = "Each section is written by the script it names, between its own markers; rerun it to refresh."
 THREADS, SEED, LIGHT_SAMPLES, ROUNDS, RUNS_PER_ROUND = 2, 0, 16, 10, 5
-# Which parameter of which op gets which deterministic value. Mul/Add are the per-channel affine
-# that DenseNet and Inception-v2 apply after BatchNormalization (through an Unsqueeze).
-INIT_RULES = {"Conv": {1: "he", 2: "zeros"}, "Gemm": {1: "he", 2: "zeros"},
-              "BatchNormalization": {1: "ones", 2: "zeros", 3: "zeros", 4: "ones"},
-              "Mul": {1: "ones"}, "Add": {1: "zeros"}}
 # The issue's targets as (ratio, label, limit); the speedup is a floor, the others are ceilings.
 TARGETS = [("time", "tool time qinject/ORT", 0.8), ("memory", "peak RSS qinject/ORT", 0.5),
            ("latency", "latency qinject/ORT", 1.0), ("speedup", "speedup fp32/qinject", 1.5)]
@@ -157,91 +153,13 @@ def digits_case() -> Case:
 
 
 def light_case(name: str, work: Path) -> Case:
-    model = materialize_light(LIGHT_DIR / f"light_{name}.onnx", work / f"{name}.fp32.onnx")
+    model = work / f"{name}.fp32.onnx"
+    onnx.save(materialize(name, SEED, opset=13), str(model))
     (inp,) = onnx.load(str(model), load_external_data=False).graph.input
     images = np.random.default_rng(SEED).standard_normal((2 * LIGHT_SAMPLES, 3, 224, 224), dtype=np.float32)
     calib = work / f"{name}.calib.npz"
     np.savez(calib, **{inp.name: images[:LIGHT_SAMPLES]})
     return Case(name, model, calib, {inp.name: images[LIGHT_SAMPLES:]}, None, 1, 1)
-
-
-def materialize_light(src: Path, dst: Path) -> Path:
-    """Give a light-zoo model deterministic weights and save it as a plain opset-13 float model.
-
-    The light models hold their weights as ``ConstantOfShape`` (one value repeated) and their
-    BatchNormalization statistics as graph inputs with initializers. Weights become He-normal,
-    biases zeros, BN an identity (scale 1, bias 0, mean 0, var 1). A trailing Softmax is dropped:
-    on random-weight logits it saturates to one-hot, so an SQNR on probabilities would say little.
-    """
-    model = onnx.load(str(src))
-    graph, rng = model.graph, np.random.default_rng(SEED)
-    fills = {n.output[0]: n for n in graph.node if n.op_type == "ConstantOfShape"}
-    inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    new: dict[str, np.ndarray] = {}
-    for node in graph.node:
-        for idx, kind in INIT_RULES.get(node.op_type, {}).items():
-            name = _parameter(node.input[idx] if idx < len(node.input) else "", fills, inits, producers)
-            if name and name not in new:
-                new[name] = _init_value(kind, _param_shape(name, fills, inits), node, rng)
-    for name in set(new) & set(fills):
-        graph.node.remove(fills[name])
-    kept = [t for t in graph.initializer if t.name not in new]
-    kept += [numpy_helper.from_array(array, name) for name, array in new.items()]
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    inputs = [i for i in graph.input if i.name not in {t.name for t in kept}]  # constants, not inputs
-    graph.ClearField("initializer")
-    graph.initializer.extend(t for t in kept if t.name in used)
-    graph.ClearField("input")
-    graph.input.extend(inputs)
-    model.ir_version = max(model.ir_version, 4)  # IR 3 requires every initializer to be a graph input
-    _drop_final_softmax(graph)
-    # ORT's quantize_static keeps opset 11 and then writes per-channel DequantizeLinear with an axis,
-    # which needs opset 13: its model would not load. So both tools get the same opset-13 file.
-    model = version_converter.convert_version(model, 13)
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(dst))
-    return dst
-
-
-def _parameter(name: str, fills: dict, inits: dict, producers: dict) -> str | None:
-    """The constant behind an input (directly or through Unsqueeze/Reshape), or None for an activation."""
-    if name in fills or name in inits:
-        return name
-    node = producers.get(name)
-    if node is not None and node.op_type in ("Unsqueeze", "Reshape"):
-        return _parameter(node.input[0], fills, inits, producers)
-    return None
-
-
-def _param_shape(name: str, fills: dict, inits: dict) -> tuple[int, ...]:
-    if name in fills:
-        return tuple(int(d) for d in numpy_helper.to_array(inits[fills[name].input[0]]))
-    return tuple(inits[name].dims)
-
-
-def _init_value(kind: str, shape: tuple[int, ...], node: onnx.NodeProto,
-                rng: np.random.Generator) -> np.ndarray:
-    if kind != "he":
-        return np.full(shape, 1.0 if kind == "ones" else 0.0, np.float32)
-    if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        fan_in = shape[1] if trans_b else shape[0]
-    else:
-        fan_in = int(np.prod(shape[1:]))
-    return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
-
-
-def _drop_final_softmax(graph: onnx.GraphProto) -> None:
-    for out in graph.output:
-        node = next((n for n in graph.node if out.name in n.output), None)
-        if node is None or node.op_type != "Softmax":
-            continue
-        logits = node.input[0]
-        graph.node.remove(node)
-        for n in graph.node:  # the logits take the output's name, so the graph output keeps its name
-            n.output[:] = [out.name if o == logits else o for o in n.output]
-            n.input[:] = [out.name if i == logits else i for i in n.input]
 
 
 # --- measurement ------------------------------------------------------------------------------------
