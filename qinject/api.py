@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from qinject import ir as qir
 from qinject.backends import onnx_backend
+from qinject.errors import QinjectError
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.pass_manager import PassManager
 from qinject.plan import Plan
@@ -94,8 +95,6 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, input_path: str | os.Pat
 
 def _check_output_path(output: Path, input_path: Path | None) -> None:
     # Checked before any work, so a long calibration is not wasted on an unusable path.
-    from qinject.errors import QinjectError
-
     if not output.parent.is_dir():
         raise QinjectError(f"output folder {str(output.parent)!r} does not exist")
     if input_path is not None and input_path.exists() and output.resolve() == input_path.resolve():
