@@ -28,19 +28,17 @@ class FoldConvAffine(Pass):
         for node in list(graph):
             if node.op_type not in ("BatchNormalization", "Mul", "Add") or node.domain not in ("", "ai.onnx"):
                 continue
-            conv, affine = _conv_and_affine(graph, node, opset)
-            if conv is None:
+            found = _conv_and_affine(graph, node, opset)
+            if found is None:
                 continue
-            scale, shift = affine
+            conv, scale, shift = found
             weight = conv.inputs[1].const_value.numpy().astype(np.float64)
             channels = weight.shape[0]
             bias = (conv.inputs[2].const_value.numpy().astype(np.float64)
                     if len(conv.inputs) > 2 and conv.inputs[2] is not None else np.zeros(channels))
-            new_w = (weight * np.broadcast_to(scale, (channels,)).reshape(-1, *([1] * (weight.ndim - 1))))
-            new_b = bias * scale + shift
+            new_w = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
             w_val = qir.add_initializer(graph, f"{conv.inputs[1].name}_folded", new_w.astype(np.float32))
-            b_val = qir.add_initializer(graph, f"{conv.name}_bias_folded",
-                                        np.broadcast_to(new_b, (channels,)).astype(np.float32))
+            b_val = qir.add_initializer(graph, f"{conv.name}_bias_folded", (bias * scale + shift).astype(np.float32))
             conv.replace_input_with(1, w_val)
             if len(conv.inputs) < 3:
                 conv.resize_inputs(3)
@@ -55,41 +53,40 @@ class FoldConvAffine(Pass):
 
 
 def _conv_and_affine(graph: ir.Graph, node: ir.Node, opset: int
-                     ) -> tuple[ir.Node | None, tuple[np.ndarray, np.ndarray]]:
-    """The Conv feeding ``node`` and the per-channel (scale, shift) of ``node``, if foldable."""
-    none = (None, (np.ones(1), np.zeros(1)))
+                     ) -> tuple[ir.Node, np.ndarray, np.ndarray] | None:
+    """The Conv feeding ``node`` and the per-channel scale and shift of ``node``, if foldable."""
     conv_input = next((i for i, v in enumerate(node.inputs[:2]) if v is not None and v.producer() is not None
                        and v.producer().op_type == "Conv"), None)
     if conv_input is None or (node.op_type == "BatchNormalization" and conv_input != 0):
-        return none
+        return None
     conv = node.inputs[conv_input].producer()
     if conv.graph is not graph or len(conv.outputs[0].uses()) != 1 or conv.outputs[0].is_graph_output():
-        return none
+        return None
     if conv.inputs[1] is None or conv.inputs[1].const_value is None:
-        return none
+        return None
     if len(conv.inputs) > 2 and conv.inputs[2] is not None and conv.inputs[2].const_value is None:
-        return none
+        return None
     if any(o.uses() for o in node.outputs[1:]):
-        return none  # training-mode BatchNormalization outputs are used
+        return None  # training-mode BatchNormalization outputs are used
     channels = conv.inputs[1].shape[0]
     for i, v in enumerate(node.inputs):
         if i != conv_input and v is not None:
             fold_value(graph, v, opset)
     params = [v for i, v in enumerate(node.inputs) if i != conv_input]  # re-read: folding replaced them
     if any(v is None or v.const_value is None for v in params):
-        return none
+        return None
     arrays = [v.const_value.numpy().astype(np.float64) for v in params]
     if node.op_type == "BatchNormalization":
         gamma, beta, mean, var = arrays
         eps_attr = node.attributes.get("epsilon")
         factor = gamma / np.sqrt(var + (1e-5 if eps_attr is None else float(eps_attr.value)))
-        return conv, (factor, beta - mean * factor)
+        return conv, factor, beta - mean * factor
     per_channel = _per_channel(arrays[0], channels, len(conv.inputs[1].shape))
     if per_channel is None:
-        return none
+        return None
     if node.op_type == "Mul":
-        return conv, (per_channel, np.zeros(channels))
-    return conv, (np.ones(channels), per_channel)
+        return conv, per_channel, np.zeros(channels)
+    return conv, np.ones(channels), per_channel
 
 
 def _per_channel(c: np.ndarray, channels: int, rank: int) -> np.ndarray | None:

@@ -3,11 +3,12 @@
 For each quantized node (see ``qinject.plan``):
 - the weight becomes an integer initializer followed by DequantizeLinear (per channel along the
   op's channel axis, or per tensor), so the file shrinks about 4x at int8;
-- each activation input, and the node's output point (``qinject.quant_points``), gets a
-  QuantizeLinear -> DequantizeLinear pair with calibrated scales;
-- the bias of Conv/Gemm, at 8 bits or fewer, becomes int32 with scale s_x * s_w, the layout
-  onnxruntime needs to fuse DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv; a bias that
-  would overflow int32 stays float and the node records why.
+- each activation input gets a QuantizeLinear -> DequantizeLinear pair with calibrated scales, and
+  so does the node's output point (``qinject.quant_points``) where that pays (see
+  ``_Rewrite.quantize_output``);
+- the bias of Conv/Gemm becomes int32 behind a DequantizeLinear: with scale s_x * s_w at 8 bits or
+  fewer, the layout onnxruntime needs to fuse DequantizeLinear -> Conv -> QuantizeLinear into
+  QLinearConv; with its own exact scale otherwise (see ``_Rewrite.bias``).
 A tensor quantized through range-preserving ops (MaxPool, Reshape, ...) reuses the upstream scale, so
 onnxruntime keeps those ops on integers.
 """
@@ -142,7 +143,7 @@ class _Rewrite:
         """Feed the dequantized tensor to float MaxPool/Reshape/... consumers whose result is read
         quantized at the same key downstream: both ends then carry the same scale, onnxruntime runs
         the op on integers, and the producer (e.g. a Concat) keeps a single Q consumer it can fuse."""
-        for (name, key), params in list(self.acts.items()):
+        for (_, key), params in list(self.acts.items()):
             value = self.origin[params.dequantized.name]
             for use in list(value.uses()):
                 node = use.node
@@ -187,11 +188,9 @@ class _Rewrite:
         """Quantize a node's output point and route its float consumers through the Q/DQ pair,
         so the next integer kernel reads integers (consumers with their own pair keep theirs)."""
         params = self.activation(value, key, node)
-        q_node = params.dequantized.producer().inputs[0].producer()
         for use in list(value.uses()):
-            if use.node is q_node or use.node.op_type == "QuantizeLinear":
-                continue
-            use.node.replace_input_with(use.idx, params.dequantized)
+            if use.node.op_type != "QuantizeLinear":  # this pair's Q, or another key's
+                use.node.replace_input_with(use.idx, params.dequantized)
 
     def _params(self, value: ir.Value, key: ActKey, node: ir.Node) -> _QParams:
         source = range_source(value)
@@ -224,16 +223,9 @@ class _Rewrite:
         scale, zp = numerics.scale_zero_point(lo, hi, qtype, choice.weight_symmetric)
         q = numerics.quantize(array, scale, zp, qtype, axis)
         suffix = "" if qtype.bits == 8 else f"_{qtype}"
-        qv = self._const(f"{w.name}_quantized{suffix}", q)
-        sv = self._const(f"{w.name}_scale{suffix}", scale)
-        zv = self._const(f"{w.name}_zero_point{suffix}", zp)
-        attrs = {} if axis is None else {"axis": axis}
-        dq = ir.node("DequantizeLinear", [qv, sv, zv], attrs, name=f"{w.name}_DequantizeLinear{suffix}")
-        dq.outputs[0].name = f"{w.name}_dequantized{suffix}"
-        dq.outputs[0].shape, dq.outputs[0].type = w.shape, w.type
-        self.graph.extend([dq])
-        self.weights[cache_key] = (dq.outputs[0], scale)
-        return dq.outputs[0], scale
+        dequantized = self._dequantized_const(w, suffix, q, scale, zp, axis)
+        self.weights[cache_key] = (dequantized, scale)
+        return dequantized, scale
 
     def bias(self, node: ir.Node, choice: NodeQuant, act_scales: list[np.ndarray],
              weight_scale: np.ndarray | None, notes: list[str]) -> None:
@@ -269,15 +261,22 @@ class _Rewrite:
         per_channel = scale.size > 1
         scale = scale.reshape(-1) if per_channel else scale.reshape(())
         q = np.clip(np.rint(bias / scale.astype(np.float64)), -INT32_MAX, INT32_MAX).astype(np.int32)
-        qv = self._const(f"{b.name}_quantized_{node.name}", q)
-        sv = self._const(f"{b.name}_scale_{node.name}", scale)
-        zv = self._const(f"{b.name}_zero_point_{node.name}", np.zeros(scale.shape, np.int32))
-        attrs = {"axis": 0} if per_channel else {}
-        dq = ir.node("DequantizeLinear", [qv, sv, zv], attrs, name=f"{b.name}_DequantizeLinear_{node.name}")
-        dq.outputs[0].name = f"{b.name}_dequantized_{node.name}"
-        dq.outputs[0].shape, dq.outputs[0].type = b.shape, b.type
+        dequantized = self._dequantized_const(b, f"_{node.name}", q, scale, np.zeros(scale.shape, np.int32),
+                                              0 if per_channel else None)
+        node.replace_input_with(idx, dequantized)
+
+    def _dequantized_const(self, value: ir.Value, suffix: str, q: np.ndarray, scale: np.ndarray,
+                           zero_point: np.ndarray, axis: int | None) -> ir.Value:
+        """Integer initializer -> DequantizeLinear standing for the constant ``value``."""
+        stem = value.name
+        inputs = [self._const(f"{stem}_{part}{suffix}", array)
+                  for part, array in (("quantized", q), ("scale", scale), ("zero_point", zero_point))]
+        attrs = {} if axis is None else {"axis": axis}
+        dq = ir.node("DequantizeLinear", inputs, attrs, name=f"{stem}_DequantizeLinear{suffix}")
+        dq.outputs[0].name = f"{stem}_dequantized{suffix}"
+        dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
         self.graph.extend([dq])
-        node.replace_input_with(idx, dq.outputs[0])
+        return dq.outputs[0]
 
     def _const(self, name: str, array: np.ndarray) -> ir.Value:
         return qir.add_initializer(self.graph, name, array)
