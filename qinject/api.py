@@ -11,7 +11,6 @@ import onnx_ir as ir
 
 from qinject import ir as qir
 from qinject.backends import onnx_backend
-from qinject.errors import QinjectError
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.pass_manager import PassManager
 from qinject.plan import Plan
@@ -73,7 +72,7 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
     plan = plan or Plan()
     input_path = Path(model) if isinstance(model, (str, os.PathLike)) else None
     if output is not None:
-        _check_output_path(Path(output), input_path)
+        onnx_backend.check_output_path(output, input_path)  # before any work, not after calibration
     ir_model = model if isinstance(model, ir.Model) else load_onnx(model)
     manager = PassManager(standard_pipeline(plan, calib, method, batch_size, percentile, progress))
     ir_model = manager.run(ir_model).model
@@ -92,10 +91,3 @@ def save_onnx(model: ir.Model, path: str | os.PathLike, input_path: str | os.Pat
     """Write the model atomically after a full onnx.checker check."""
     return onnx_backend.save(model, path, input_path=input_path)
 
-
-def _check_output_path(output: Path, input_path: Path | None) -> None:
-    # Checked before any work, so a long calibration is not wasted on an unusable path.
-    if not output.parent.is_dir():
-        raise QinjectError(f"output folder {str(output.parent)!r} does not exist")
-    if input_path is not None and input_path.exists() and output.resolve() == input_path.resolve():
-        raise QinjectError(f"output path {str(output)!r} is the input model; choose another name")

@@ -41,10 +41,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, input_path: str | os.PathL
     a failure leaves no half-written output and an existing file at ``path`` is untouched.
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise QinjectError(f"output folder {str(path.parent)!r} does not exist")
-    if input_path is not None and path.resolve() == Path(input_path).resolve():
-        raise QinjectError(f"output path {str(path)!r} is the input model; choose another name")
+    check_output_path(path, input_path)
     proto = to_proto(model)
     if external_data is None:
         external_data = _byte_size(proto) > EXTERNAL_DATA_THRESHOLD
@@ -57,10 +54,11 @@ def save(model: ir.Model, path: str | os.PathLike, *, input_path: str | os.PathL
         if external_data:
             onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=tmp_data.name, size_threshold=1024)
+            check(tmp)  # while its references still name the temporary data file
             _relocate_external_data(tmp, data_name)
         else:
             onnx.save_model(proto, str(tmp))
-        check(tmp)
+            check(tmp)
         if external_data:
             os.replace(tmp_data, path.parent / data_name)
         os.replace(tmp, path)
@@ -69,6 +67,15 @@ def save(model: ir.Model, path: str | os.PathLike, *, input_path: str | os.PathL
             if leftover.exists():
                 leftover.unlink()
     return path
+
+
+def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> None:
+    """Refuse an output in a missing folder or on top of the input model."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise QinjectError(f"output folder {str(path.parent)!r} does not exist")
+    if input_path is not None and path.resolve() == Path(input_path).resolve():
+        raise QinjectError(f"output path {str(path)!r} is the input model; choose another name")
 
 
 def _byte_size(proto: onnx.ModelProto) -> float:
