@@ -50,9 +50,10 @@ class Calibrate(Pass):
         specs = input_specs(model)
         source = open_source(self.data, specs, self.batch_size)
         inputs = {s.name for s in specs}
-        fetched = [p.name for p in points if p.name not in inputs]
+        outputs = [p for p in points if p.name not in inputs]  # graph inputs come from the feeds
+        fetched = [p.name for p in outputs]
         with qir.weightless(model) as weights:
-            proto = _with_outputs(model, [p for p in points if p.name not in inputs])
+            proto = _with_outputs(model, outputs)
         sess = onnx_backend.session(proto, weights=weights)
         stats = {p.name: TensorStats(with_histogram=self.method != "minmax") for p in points}
         for feeds in tqdm(source, total=source.total, desc="calibrating", unit="batch",
@@ -67,7 +68,6 @@ class Calibrate(Pass):
                 warnings.warn(f"activation {p.name!r} had {s.nonfinite} NaN/Inf values during calibration; "
                               "they were ignored", QinjectWarning, stacklevel=2)
             p.meta[qir.ACT_STATS] = s
-        model.graph.meta["qinject.calibration.method"] = self.method
         return PassResult(model, False)
 
 

@@ -190,10 +190,9 @@ def _from_arrays(arrays: dict[str, np.ndarray | _LazyNpzArray], specs: list[Inpu
     n = counts.pop()
     if n == 0:
         raise CalibrationDataError(f"{label} is empty (0 samples)")
-    step = specs[0].batch_fixed or batch_size
-    if any(s.batch_fixed is not None for s in specs):
-        step = min(s.batch_fixed for s in specs if s.batch_fixed is not None)
-    usable = n - n % step if specs[0].batch_fixed else n  # a fixed batch cannot take a short last batch
+    fixed = [s.batch_fixed for s in specs if s.batch_fixed is not None]
+    step = min(fixed) if fixed else batch_size
+    usable = n - n % step if fixed else n  # a fixed batch cannot take a short last batch
     if usable == 0:
         raise CalibrationDataError(f"{label} has {n} samples, fewer than the model's fixed batch of {step}")
 

@@ -55,7 +55,7 @@ def weightless(model: ir.Model, threshold: int = 1024) -> Iterator[dict[str, ir.
             value.const_value = ir.ExternalTensor(PLACEHOLDER_LOCATION, 0, tensor.nbytes, tensor.dtype,
                                                   shape=tensor.shape, name=name)
     try:
-        yield dict(swapped)
+        yield swapped
     finally:
         for name, tensor in swapped.items():
             model.graph.initializers[name].const_value = tensor

@@ -76,9 +76,6 @@ class TensorStats:
     def edges(self) -> np.ndarray:
         return np.linspace(-self.half_range, self.half_range, BINS + 1)
 
-    def to_dict(self) -> dict:
-        return {"count": self.count, "min": self.minimum, "max": self.maximum, "nonfinite": self.nonfinite}
-
 
 def select_range(stats: TensorStats, method: str, qtype: QType, symmetric: bool,
                  percentile: float = 99.99) -> tuple[float, float]:
