@@ -36,7 +36,7 @@ class FoldConstantWeights(Pass):
             f = op_facts.fact(node)
             if not f.quantizable:
                 continue
-            for idx in (f.weight_input, f.bias_input):
+            for idx in (op_facts.weight_index(node), f.bias_input):
                 if idx is not None and idx < len(node.inputs) and node.inputs[idx] is not None:
                     folded += fold_value(graph, node.inputs[idx], opset)
         return PassResult(model, folded > 0)

@@ -106,7 +106,7 @@ class _Rewrite:
         weight_scale = None
         w = op_facts.weight_of(node)
         if w is not None:
-            widx = op_facts.fact(node).weight_input
+            widx = op_facts.weight_index(node)
             dq, weight_scale = self.weight(node, w, choice)
             node.replace_input_with(widx, dq)
         self.bias(node, choice, act_scales, weight_scale, notes)

@@ -29,6 +29,10 @@ Model = ir.Model
 ACT_STATS = "qinject.calibration.stats"  # on values: qinject.stats.TensorStats
 QUANT_APPLIED = "qinject.quant.applied"  # on nodes: the NodeQuant the rewrite applied
 QUANT_NOTES = "qinject.quant.notes"  # on nodes: list of strings explaining refusals
+# On jax-domain nodes (op_type = the primitive's name): the JaxEqn the JAX backend re-binds.
+JAX_EQN = op_facts.JAX_EQN
+JAX_DOMAIN = op_facts.JAX
+JaxEqn = op_facts.JaxEqn
 
 # The full verifier (onnx.checker after every pass) is behind this switch; the test suite sets it.
 FULL_VERIFY_ENV = "QINJECT_VERIFY"
@@ -63,21 +67,40 @@ def weightless(model: ir.Model, threshold: int = 1024) -> Iterator[dict[str, ir.
 
 def round_trip(model: ir.Model, transform: Callable[[onnx.ModelProto], onnx.ModelProto]) -> ir.Model:
     """Apply a protobuf-level transform (version conversion, shape inference) without serialising
-    the weights; ``meta`` does not survive, so run it before analyses. Initializers come back as the
-    very tensors they were (external data keeps its base folder)."""
+    the weights. Initializers come back as the very tensors they were (external data keeps its base
+    folder), and ``meta`` of nodes and values is carried over by name (protobuf has no place for it:
+    a jax node's equation, calibration statistics)."""
     originals = {name: v.const_value for name, v in model.graph.initializers.items()}
+    node_meta = {n.name: n.meta for n in model.graph if n.meta}
+    value_meta = {v.name: v.meta for v in _values(model.graph) if v.meta}
     with weightless(model):
         proto = ir.serde.serialize_model(model)
     new_model = ir.serde.deserialize_model(transform(proto))
     for name, value in new_model.graph.initializers.items():
         if originals.get(name) is not None:
             value.const_value = originals[name]
+    for node in new_model.graph:
+        node.meta.update(node_meta.get(node.name, {}))
+    for value in _values(new_model.graph):
+        value.meta.update(value_meta.get(value.name, {}))
     return new_model
+
+
+def _values(graph: ir.Graph) -> Iterator[ir.Value]:
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
 
 
 def infer_shapes(model: ir.Model) -> ir.Model:
     """onnx shape inference (with data propagation) over the IR; raises onnx's InferenceError."""
     return round_trip(model, lambda p: onnx.shape_inference.infer_shapes(p, data_prop=True))
+
+
+def has_jax_nodes(model: ir.Model) -> bool:
+    """Whether the graph holds jaxpr equations (so onnxruntime cannot run it; the JAX backend can)."""
+    return any(n.domain == JAX_DOMAIN for n in model.graph)
 
 
 def quantizable_nodes(model: ir.Model) -> list[ir.Node]:

@@ -1,8 +1,13 @@
 """The one table of op facts, keyed by (domain, op_type).
 
 For each op: is it quantizable, which input is the activation, which the weight and the bias, the
-weight's output-channel axis, and how to count its multiply-accumulates. Ops not listed here flow
-through every pass unchanged. Later issues add the JAX lowering and latency keys beside each entry.
+weight's output-channel axis, how to count its multiply-accumulates, and whether the Q/DQ of a
+quantized producer may move past it. Ops not listed here flow through every pass unchanged.
+
+Two domains: ONNX's default domain, and ``jax``, whose nodes stand for jaxpr equations (op_type is
+the primitive's name; the primitive and its parameters are kept in the node's ``meta`` under
+``JAX_EQN``). How each op runs in JAX lives with the JAX backend (``qinject.backends.jax_ops``),
+and how a jax primitive becomes ONNX with the lowering pass (``passes/lower_jax_to_onnx.py``).
 """
 
 from __future__ import annotations
@@ -10,10 +15,29 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import onnx_ir as ir
 
 ONNX = ""
+JAX = "jax"
+JAX_EQN = "qinject.jax.eqn"  # node meta key holding the JaxEqn of a jax-domain node
+
+
+@dataclass(frozen=True)
+class JaxEqn:
+    """What a ``jax``-domain node stands for: a primitive and its parameters, re-bound exactly."""
+
+    primitive: Any
+    params: dict[str, Any]
+
+
+def jax_params(node: ir.Node) -> dict[str, Any]:
+    """The jaxpr parameters of a jax-domain node (e.g. ``dimension_numbers``)."""
+    eqn = node.meta.get(JAX_EQN)
+    if eqn is None:
+        raise KeyError(f"jax node {node.name!r} ({node.op_type}) has lost its equation (meta {JAX_EQN!r})")
+    return eqn.params
 
 
 @dataclass(frozen=True)
@@ -22,8 +46,9 @@ class OpFact:
 
     Attributes:
         quantizable: whether the op can run on integer operands (a weight and/or activations).
-        activation_inputs: indices of inputs that are activations to quantize.
-        weight_input: index of the constant weight input, or None.
+        activation_inputs: indices of inputs that are activations to quantize (or a function of
+            the node, for ops whose weight may sit on either side, such as jax's dot_general).
+        weight_input: index of the constant weight input, a function of the node, or None.
         bias_input: index of the optional bias (quantized to int32 with scale s_x * s_w).
         channel_axis: the weight's output-channel axis, as a function of the node (attributes).
         macs: multiply-accumulates of one execution, from shapes; None if shapes are unknown.
@@ -33,16 +58,20 @@ class OpFact:
         range_preserving: moves or selects values without changing their range (MaxPool, Reshape):
             a Q/DQ after it may share the scale of the Q/DQ before it, letting onnxruntime run the
             op on integers or drop it from the integer chain.
+        epilogue: whether this node, as the only consumer of a quantized node's output, belongs
+            to that node's output stage (a ReLU; in jax graphs also the bias add), so the output's
+            Q/DQ goes after it. A function of the consumer node.
     """
 
     quantizable: bool = False
-    activation_inputs: tuple[int, ...] = (0,)
-    weight_input: int | None = None
+    activation_inputs: tuple[int, ...] | Callable[[ir.Node], tuple[int, ...]] = (0,)
+    weight_input: int | Callable[[ir.Node], int | None] | None = None
     bias_input: int | None = None
-    channel_axis: Callable[[ir.Node], int] | None = None
+    channel_axis: Callable[[ir.Node], int | None] | None = None
     macs: Callable[[ir.Node], int | None] | None = None
     needs_quantized_output: bool = False
     range_preserving: bool = False
+    epilogue: Callable[[ir.Node], bool] | None = None
 
 
 def _dims(value: ir.Value | None) -> list[int] | None:
@@ -88,6 +117,72 @@ def _attr_int(node: ir.Node, name: str, default: int) -> int:
     return default if attr is None else int(attr.value)
 
 
+def _is_const(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and not value.is_graph_input()
+
+
+# -- jax primitives -----------------------------------------------------------------------------------
+def _dot_weight(node: ir.Node) -> int | None:
+    """dot_general's weight is whichever operand is constant (x @ W or W @ x); rhs if both are."""
+    if _is_const(node.inputs[1]):
+        return 1
+    return 0 if _is_const(node.inputs[0]) else None
+
+
+def _dot_activations(node: ir.Node) -> tuple[int, ...]:
+    w = _dot_weight(node)
+    return (0, 1) if w is None else (1 - w,)
+
+
+def _dot_channel_axis(node: ir.Node) -> int | None:
+    """The weight's last free (neither contracting nor batch) dimension: an output channel, so a
+    per-channel scale along it factors out of the sum. None (per tensor) if it has no free dim."""
+    w = _dot_weight(node)
+    if w is None:
+        return None
+    (contract_l, contract_r), (batch_l, batch_r) = jax_params(node)["dimension_numbers"]
+    taken = set(contract_r if w == 1 else contract_l) | set(batch_r if w == 1 else batch_l)
+    free = [d for d in range(len(node.inputs[w].shape)) if d not in taken]
+    return free[-1] if free else None
+
+
+def _dot_macs(node: ir.Node) -> int | None:
+    lhs, out = _dims(node.inputs[0]), _dims(node.outputs[0])
+    if lhs is None or out is None:
+        return None
+    (contract_l, _), _ = jax_params(node)["dimension_numbers"]
+    return math.prod(out) * math.prod(lhs[d] for d in contract_l)
+
+
+def _conv_out_feature_axis(node: ir.Node) -> int:
+    return jax_params(node)["dimension_numbers"].rhs_spec[0]
+
+
+def _jax_conv_macs(node: ir.Node) -> int | None:
+    out, w = _dims(node.outputs[0]), _dims(node.inputs[1])
+    if out is None or w is None:
+        return None
+    # Each output element sums (C_in / groups) * kernel products: the weight's size over C_out.
+    return math.prod(out) * math.prod(w) // w[_conv_out_feature_axis(node)]
+
+
+def _is_scalar_zero(value: ir.Value | None) -> bool:
+    if not _is_const(value):
+        return False
+    array = value.const_value.numpy()
+    return array.size == 1 and float(array.reshape(-1)[0]) == 0.0
+
+
+def _jax_relu(node: ir.Node) -> bool:
+    """``max(x, 0)``: jax.nn.relu as it appears in a jaxpr."""
+    return len(node.inputs) == 2 and any(_is_scalar_zero(v) for v in node.inputs)
+
+
+def _jax_bias_add(node: ir.Node) -> bool:
+    """``x + b`` with a constant b: the bias of the dot or convolution before it."""
+    return len(node.inputs) == 2 and _is_const(node.inputs[1]) and not _is_const(node.inputs[0])
+
+
 OP_FACTS: dict[tuple[str, str], OpFact] = {
     (ONNX, "Conv"): OpFact(True, (0,), 1, 2, lambda n: 0, _conv_macs, needs_quantized_output=True),
     # ConvTranspose weights are [C_in, C_out/group, k...]: output channels live on axis 1.
@@ -100,6 +195,19 @@ OP_FACTS: dict[tuple[str, str], OpFact] = {
 }
 for _op in ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout"):
     OP_FACTS[(ONNX, _op)] = OpFact(range_preserving=True)
+OP_FACTS[(ONNX, "Relu")] = OpFact(epilogue=lambda n: True)
+
+OP_FACTS.update({
+    (JAX, "dot_general"): OpFact(True, _dot_activations, _dot_weight, None, _dot_channel_axis, _dot_macs),
+    # Quantized output like ONNX Conv, so a JAX graph exported to ONNX fuses into QLinearConv.
+    (JAX, "conv_general_dilated"): OpFact(True, (0,), 1, None, _conv_out_feature_axis, _jax_conv_macs,
+                                          needs_quantized_output=True),
+    (JAX, "max"): OpFact(epilogue=_jax_relu),
+    (JAX, "add"): OpFact(epilogue=_jax_bias_add),
+})
+for _op in ("reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim", "reduce_window_max",
+            "reduce_max", "copy", "copy_p"):
+    OP_FACTS[(JAX, _op)] = OpFact(range_preserving=True)
 
 _PASSTHROUGH = OpFact()
 
@@ -109,37 +217,55 @@ def fact(node: ir.Node) -> OpFact:
     return OP_FACTS.get((node.domain or ONNX, node.op_type), _PASSTHROUGH)
 
 
+def weight_index(node: ir.Node) -> int | None:
+    """Which input of ``node`` its op takes as the weight, if any."""
+    w = fact(node).weight_input
+    return w(node) if callable(w) else w
+
+
 def weight_of(node: ir.Node) -> ir.Value | None:
     """The node's weight if it has one and it is a constant (an initializer), else None."""
-    f = fact(node)
-    if f.weight_input is None or f.weight_input >= len(node.inputs):
+    idx = weight_index(node)
+    if idx is None or idx >= len(node.inputs):
         return None
-    w = node.inputs[f.weight_input]
-    return w if w is not None and w.const_value is not None and not w.is_graph_input() else None
+    w = node.inputs[idx]
+    return w if _is_const(w) else None
+
+
+def _two_activations(node: ir.Node) -> bool:
+    """Activation x activation products (attention scores): both inputs are quantized."""
+    return (node.op_type == "MatMul" and node.domain in ("", "ai.onnx")) or (
+        node.domain == JAX and node.op_type == "dot_general")
 
 
 def is_quantizable(node: ir.Node) -> bool:
-    """Quantizable ops with a constant weight; MatMul of two activations counts too."""
-    f = fact(node)
-    if not f.quantizable:
+    """Quantizable ops with a constant weight; MatMul / dot_general of two activations count too."""
+    if not fact(node).quantizable:
         return False
-    return weight_of(node) is not None or (node.op_type == "MatMul" and node.domain in ("", "ai.onnx"))
+    return weight_of(node) is not None or _two_activations(node)
 
 
 def activation_inputs(node: ir.Node) -> list[int]:
     """Indices of the node's inputs that are quantized as activations."""
     f = fact(node)
-    idx = list(f.activation_inputs)
+    idx = list(f.activation_inputs(node) if callable(f.activation_inputs) else f.activation_inputs)
     if node.op_type == "MatMul" and weight_of(node) is None:
         idx = [0, 1]  # activation x activation (attention scores)
     return [i for i in idx if i < len(node.inputs) and node.inputs[i] is not None]
 
 
-def channel_axis(node: ir.Node) -> int:
+def channel_axis(node: ir.Node) -> int | None:
+    """The weight's output-channel axis (None: the weight has none, quantize it per tensor)."""
     f = fact(node)
     if f.channel_axis is None:
         raise KeyError(f"op {node.op_type!r} of node {node.name!r} has no weight channel axis in the op facts")
     return f.channel_axis(node)
+
+
+def is_epilogue(node: ir.Node) -> bool:
+    """Whether ``node`` belongs to the output stage of the quantized op before it (see OpFact)."""
+    f = fact(node)
+    return f.epilogue is not None and f.epilogue(node)
 
 
 def macs(node: ir.Node) -> int | None:

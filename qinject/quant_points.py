@@ -4,8 +4,9 @@ Shared by calibration (which collects statistics for exactly these tensors) and 
 rewrite (which quantizes them), so the two never disagree.
 
 For each quantizable node: its activation inputs, and its *output point*: the output itself, or the
-output of the ReLU that is its only consumer. Quantizing after the ReLU with zero point at the
-bottom of the code range lets onnxruntime drop the ReLU (ReluQuantFusion) and fuse
+output of its output stage: the chain of single consumers the op facts call an epilogue (a ReLU; in
+jax graphs also the bias add, which jax writes as a separate ``add``). Quantizing after the ReLU with
+zero point at the bottom of the code range lets onnxruntime drop the ReLU (ReluQuantFusion) and fuse
 DequantizeLinear -> Conv -> QuantizeLinear into one integer kernel (QLinearConv).
 """
 
@@ -16,17 +17,16 @@ import onnx_ir as ir
 from qinject import op_facts
 from qinject.ir import quantizable_nodes
 
-_FUSIBLE_ACTIVATIONS = frozenset({"Relu"})
-
-
 def output_point(node: ir.Node) -> ir.Value:
     out = node.outputs[0]
-    uses = out.uses()
-    if len(uses) == 1 and not out.is_graph_output():
+    while True:
+        uses = out.uses()
+        if len(uses) != 1 or out.is_graph_output():
+            return out
         consumer = uses[0].node
-        if consumer.op_type in _FUSIBLE_ACTIVATIONS and consumer.domain in ("", "ai.onnx"):
-            return consumer.outputs[0]
-    return out
+        if consumer.graph is not node.graph or not op_facts.is_epilogue(consumer):
+            return out
+        out = consumer.outputs[0]
 
 
 def activation_points(model: ir.Model) -> list[ir.Value]:
