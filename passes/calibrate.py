@@ -1,4 +1,7 @@
-"""Calibration: one streaming pass of the calibration data through onnxruntime.
+"""Calibration: one streaming pass of the calibration data through the model.
+
+ONNX graphs run in onnxruntime; graphs holding jaxpr equations (from the jaxpr frontend), which
+onnxruntime cannot run, run through the JAX backend under ``jax.jit``.
 
 Collects, for every activation the Q/DQ rewrite may quantize (``qinject.quant_points``), running
 min/max and a fixed-size histogram (``qinject.stats.TensorStats``), stored in the value's ``meta``.
@@ -9,7 +12,9 @@ itself is chosen later, by the rewrite, because the best clipping depends on the
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from tqdm.auto import tqdm
@@ -52,13 +57,11 @@ class Calibrate(Pass):
         inputs = {s.name for s in specs}
         outputs = [p for p in points if p.name not in inputs]  # graph inputs come from the feeds
         fetched = [p.name for p in outputs]
-        with qir.weightless(model) as weights:
-            proto = _with_outputs(model, outputs)
-        sess = onnx_backend.session(proto, weights=weights)
+        run = _jax_runner(model, fetched) if qir.has_jax_nodes(model) else _onnx_runner(model, outputs)
         stats = {p.name: TensorStats(with_histogram=self.method != "minmax") for p in points}
         for feeds in tqdm(source, total=source.total, desc="calibrating", unit="batch",
                           disable=not self.progress, leave=False):
-            for name, array in zip(fetched, sess.run(fetched, feeds)):
+            for name, array in zip(fetched, run(feeds)):
                 stats[name].update(array)
             for name in inputs & stats.keys():
                 stats[name].update(feeds[name])
@@ -69,6 +72,25 @@ class Calibrate(Pass):
                               "they were ignored", QinjectWarning, stacklevel=2)
             p.meta[qir.ACT_STATS] = s
         return PassResult(model, False)
+
+
+def _onnx_runner(model: ir.Model, outputs: list[ir.Value]) -> Callable[[dict], list[np.ndarray]]:
+    fetched = [p.name for p in outputs]
+    with qir.weightless(model) as weights:
+        proto = _with_outputs(model, outputs)
+    sess = onnx_backend.session(proto, weights=weights)
+    return lambda feeds: sess.run(fetched, feeds)
+
+
+def _jax_runner(model: ir.Model, fetched: list[str]) -> Callable[[dict], list[np.ndarray]]:
+    import jax
+
+    from qinject.backends import jax_backend
+
+    program = jax_backend.Program(model, "simulated")
+    skip = len(program.outputs)
+    compiled = jax.jit(lambda *xs: program.run(program.constants, xs, fetch=fetched)[skip:])
+    return lambda feeds: [np.asarray(a) for a in compiled(*[feeds[n] for n in program.inputs])]
 
 
 def _with_outputs(model: ir.Model, values: list[ir.Value]) -> onnx.ModelProto:

@@ -175,6 +175,8 @@ class _Rewrite:
         zp = self._const(f"{value.name}_zero_point{suffix}", params.zero_point)
         q = ir.node("QuantizeLinear", [value, scale, zp], name=f"{value.name}_QuantizeLinear{suffix}")
         q.outputs[0].name = f"{value.name}_quantized{suffix}"
+        q.outputs[0].shape = value.shape
+        q.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(key.qtype.numpy_dtype))
         dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{value.name}_DequantizeLinear{suffix}")
         dq.outputs[0].name = f"{value.name}_dequantized{suffix}"
         dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type

@@ -2,6 +2,8 @@
 
 Nothing here imports the IR. Rounding and saturation follow ONNX QuantizeLinear exactly
 (round half to even, then saturate), so what this module computes is what onnxruntime computes.
+The same functions serve the ONNX path (numpy, ``xp=np``) and the JAX backend (``xp=jax.numpy``,
+where ``rint`` may be a straight-through rounding so gradients flow through simulated quantization).
 """
 
 from __future__ import annotations
@@ -91,11 +93,24 @@ def scale_zero_point(
     return scale.astype(np.float32), zero_point.astype(qtype.numpy_dtype)
 
 
-def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qtype: QType,
-             axis: int | None = None) -> np.ndarray:
-    """ONNX QuantizeLinear: ``saturate(round_half_even(x / scale) + zero_point)``."""
+def quantize_codes(x, scale, zero_point, qtype: QType, axis: int | None = None, *, xp=np, rint=None):
+    """QuantizeLinear's codes, held in float32: ``saturate(rint(x / scale) + zero_point)``.
+
+    ``rint`` defaults to ``xp.rint`` (round half to even); the JAX backend's simulated mode passes a
+    straight-through rounding so the codes stay differentiable.
+    """
+    scale = _broadcastable(scale, x.ndim, axis, xp).astype(np.float32)
+    zero_point = _broadcastable(zero_point, x.ndim, axis, xp).astype(np.float32)
+    q = (rint or xp.rint)(xp.asarray(x, dtype=np.float32) / scale) + zero_point
+    return xp.clip(q, qtype.qmin, qtype.qmax)
+
+
+def quantize(x, scale, zero_point, qtype: QType, axis: int | None = None, *, xp=np):
+    """ONNX QuantizeLinear: ``saturate(round_half_even(x / scale) + zero_point)`` in ``qtype``."""
+    if xp is not np:
+        return quantize_codes(x, scale, zero_point, qtype, axis, xp=xp).astype(qtype.numpy_dtype)
+    # The same formula in place after the one division: weights of the large nets are hundreds of MB.
     scale, zero_point = _broadcastable(scale, x.ndim, axis), _broadcastable(zero_point, x.ndim, axis)
-    # In place after the one division: weights of the large nets are hundreds of MB.
     q = np.divide(np.asarray(x, dtype=np.float32), scale, dtype=np.float32)
     np.rint(q, out=q)
     q += zero_point.astype(np.float32)
@@ -103,11 +118,10 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qtype: QT
     return q.astype(qtype.numpy_dtype)
 
 
-def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
-               axis: int | None = None) -> np.ndarray:
-    """ONNX DequantizeLinear: ``(q - zero_point) * scale`` in float32."""
-    scale, zero_point = _broadcastable(scale, q.ndim, axis), _broadcastable(zero_point, q.ndim, axis)
-    return ((q.astype(np.float32) - zero_point.astype(np.float32)) * scale).astype(np.float32)
+def dequantize(q, scale, zero_point, axis: int | None = None, *, xp=np):
+    """ONNX DequantizeLinear: ``(q - zero_point) * scale`` in float32 (q may be codes held in float)."""
+    scale, zero_point = _broadcastable(scale, q.ndim, axis, xp), _broadcastable(zero_point, q.ndim, axis, xp)
+    return ((q.astype(np.float32) - zero_point.astype(np.float32)) * scale.astype(np.float32)).astype(np.float32)
 
 
 def fake_quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qtype: QType,
@@ -136,8 +150,8 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     return 10.0 * np.log10(signal / noise)
 
 
-def _broadcastable(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
-    p = np.asarray(p)
+def _broadcastable(p, ndim: int, axis: int | None, xp=np):
+    p = xp.asarray(p)
     if p.ndim == 0 or axis is None:
         return p
     shape = [1] * ndim

@@ -1,0 +1,233 @@
+"""The JAX backend: an IR graph in, a Python callable that ``jax.jit`` accepts out.
+
+The graph is interpreted node by node at trace time, so under ``jax.jit`` the result is one XLA
+program: ``jax``-domain nodes re-bind their primitive with the recorded parameters; ONNX nodes go
+through the op table (``qinject.backends.jax_ops``); QuantizeLinear/DequantizeLinear go through the
+numerics module shared with the ONNX path. Two modes:
+
+- ``simulated``: quantize-dequantize in float. Quantization codes are held in float32 and rounded
+  with a straight-through estimator (identity gradient inside the clipping range, zero outside), so
+  ``jax.grad`` works through a quantized graph.
+- ``integer``: QuantizeLinear produces real int8/uint8 arrays, and every quantized dot or
+  convolution whose operands are 8-bit (or 4-bit weights) runs as an int8 x int8 -> int32
+  ``dot_general`` / ``conv_general_dilated`` followed by one rescale (``qinject.backends.jax_integer``).
+  Other nodes run as in simulated mode.
+
+A node whose inputs are all concrete (weights, shapes) is evaluated once at trace time
+(``jax.ensure_compile_time_eval``), so shape arithmetic stays static under ``jit`` and dequantized
+weights become constants of the compiled program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx_ir as ir
+
+from qinject import numerics, op_facts
+from qinject.backends import jax_integer
+from qinject.backends.jax_ops import ONNX_OPS, attr
+from qinject.errors import UnsupportedModelError
+
+MODES = ("simulated", "integer")
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+
+@jax.custom_jvp
+def _rint_ste(x: jax.Array) -> jax.Array:
+    """Round half to even, with the straight-through gradient 1."""
+    return jnp.rint(x)
+
+
+_rint_ste.defjvp(lambda primals, tangents: (jnp.rint(primals[0]), tangents[0]))
+
+
+def to_jax(model: ir.Model, mode: str = "simulated") -> Callable[..., Any]:
+    """A jittable ``fn(*inputs)`` computing the graph, its weights closed over as constants.
+
+    Inputs are positional, in the order of the graph's inputs; a single output is returned as an
+    array, several as a tuple.
+    """
+    program = Program(model, mode)
+    weights = program.constants
+
+    def fn(*inputs: Any) -> Any:
+        outs = program.run(weights, inputs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    fn.__name__ = f"{model.graph.name or 'graph'}_{mode}"
+    return fn
+
+
+def to_jax_with_weights(model: ir.Model, mode: str = "simulated"
+                        ) -> tuple[Callable[..., Any], dict[str, np.ndarray]]:
+    """``(fn(weights, *inputs), weights)``: the float initializers as an argument, for ``jax.grad``
+    with respect to them (Hessians of later passes). Integer initializers stay closed over."""
+    program = Program(model, mode)
+    floats = {k: v for k, v in program.constants.items() if np.asarray(v).dtype.kind == "f"}
+    fixed = {k: v for k, v in program.constants.items() if k not in floats}
+
+    def fn(weights: dict[str, Any], *inputs: Any) -> Any:
+        outs = program.run({**fixed, **weights}, inputs)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    return fn, floats
+
+
+@dataclass(frozen=True)
+class _QParams:
+    """The static parameters of a QuantizeLinear/DequantizeLinear node."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+    qtype: numerics.QType | None  # None for int32 (bias) codes, which are never quantized here
+
+
+class Program:
+    """A graph prepared for interpretation: nodes in order, constants as numpy arrays."""
+
+    def __init__(self, model: ir.Model, mode: str = "simulated") -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown JAX backend mode {mode!r} (expected one of {', '.join(MODES)})")
+        self.model, self.mode, self.graph = model, mode, model.graph
+        self.inputs = [v.name for v in self.graph.inputs]
+        self.outputs = list(self.graph.outputs)
+        self.constants = {name: v.const_value.numpy() for name, v in self.graph.initializers.items()
+                          if v.const_value is not None}
+        self.nodes = list(self.graph)
+        missing = sorted({n.op_type for n in self.nodes if n.domain in _ONNX_DOMAINS and n.op_type not in ONNX_OPS
+                          and n.op_type not in _BUILTIN})
+        if missing:
+            raise UnsupportedModelError(f"the JAX backend has no lowering for ONNX op(s) {missing}")
+        other = sorted({n.domain for n in self.nodes if n.domain not in (*_ONNX_DOMAINS, op_facts.JAX)})
+        if other:
+            raise UnsupportedModelError(f"the JAX backend cannot run nodes of domain(s) {other}")
+        self.kernels = {}  # node name -> its integer kernel (integer mode)
+        if mode == "integer":
+            self.kernels = {n.name: k for n in self.nodes if (k := jax_integer.plan_for(n)) is not None}
+
+    def run(self, constants: dict[str, Any], inputs: Sequence[Any], fetch: Sequence[str] = ()) -> list[Any]:
+        """Compute the graph outputs (then the values named in ``fetch``) for positional ``inputs``."""
+        if len(inputs) != len(self.inputs):
+            raise TypeError(f"the graph takes {len(self.inputs)} input(s) {self.inputs}, got {len(inputs)}")
+        env: dict[str, Any] = dict(constants)
+        for value, array in zip(self.graph.inputs, inputs):
+            _check_shape(value, array)
+            env[value.name] = array
+        for node in self.nodes:
+            args = [None if v is None else env[v.name] for v in node.inputs]
+            outs = self._evaluate(node, args, env)
+            for value, out in zip(node.outputs, outs):
+                env[value.name] = out
+        results = [_as_declared(env[v.name], v) for v in self.outputs]
+        return results + [env[name] for name in fetch]
+
+    # -- nodes -----------------------------------------------------------------------------------------
+    def _evaluate(self, node: ir.Node, args: list[Any], env: dict[str, Any]) -> list[Any]:
+        if all(not isinstance(a, jax.core.Tracer) for a in args):
+            with jax.ensure_compile_time_eval():
+                return self._dispatch(node, args, env)
+        return self._dispatch(node, args, env)
+
+    def _dispatch(self, node: ir.Node, args: list[Any], env: dict[str, Any]) -> list[Any]:
+        kernel = self.kernels.get(node.name)
+        if kernel is not None:
+            return [jax_integer.run(kernel, node, args, env, self.constants)]
+        if node.domain == op_facts.JAX:
+            eqn = node.meta.get(op_facts.JAX_EQN)
+            if eqn is None:
+                raise UnsupportedModelError(f"jax node {node.name!r} ({node.op_type}) has lost its equation; "
+                                            "it cannot be re-bound")
+            out = eqn.primitive.bind(*args, **eqn.params)
+            return list(out) if eqn.primitive.multiple_results else [out]
+        builtin = _BUILTIN.get(node.op_type)
+        if builtin is not None:
+            return [builtin(self, node, args)]
+        out = ONNX_OPS[node.op_type](node, *args)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def _quantize(self, node: ir.Node, args: list[Any]) -> Any:
+        q = qparams(node, self.constants)
+        if self.mode == "integer":
+            return numerics.quantize(args[0], q.scale, q.zero_point, q.qtype, q.axis, xp=jnp)
+        # Codes held in float32 so gradients can flow (straight-through rounding).
+        return numerics.quantize_codes(args[0], q.scale, q.zero_point, q.qtype, q.axis, xp=jnp, rint=_rint_ste)
+
+    def _dequantize(self, node: ir.Node, args: list[Any]) -> Any:
+        q = qparams(node, self.constants)
+        return numerics.dequantize(jnp.asarray(args[0]), q.scale, q.zero_point, q.axis, xp=jnp)
+
+    def _constant(self, node: ir.Node, args: list[Any]) -> Any:
+        value = node.attributes.get("value")
+        if value is not None:
+            return value.value.numpy()
+        for key in ("value_float", "value_int"):
+            if key in node.attributes:
+                return np.asarray(attr(node, key), np.float32 if key == "value_float" else np.int64)
+        for key in ("value_floats", "value_ints"):
+            if key in node.attributes:
+                return np.asarray(attr(node, key), np.float32 if key == "value_floats" else np.int64)
+        raise UnsupportedModelError(f"Constant node {node.name!r} has no supported value attribute")
+
+
+_BUILTIN: dict[str, Callable[[Program, ir.Node, list[Any]], Any]] = {
+    "QuantizeLinear": Program._quantize,
+    "DequantizeLinear": Program._dequantize,
+    "Constant": Program._constant,
+}
+
+
+def qparams(node: ir.Node, constants: dict[str, np.ndarray]) -> _QParams:
+    """Scale, zero point, axis and integer type of a QuantizeLinear/DequantizeLinear node.
+
+    Raises:
+        UnsupportedModelError: if the scale or zero point is not a constant.
+    """
+    def const(i: int) -> np.ndarray | None:
+        if i >= len(node.inputs) or node.inputs[i] is None:
+            return None
+        array = constants.get(node.inputs[i].name)
+        if array is None:
+            raise UnsupportedModelError(f"node {node.name!r}: input {i} ({node.inputs[i].name!r}) must be a "
+                                        "constant for the JAX backend")
+        return np.asarray(array)
+
+    scale, zero_point = const(1), const(2)
+    if zero_point is None:
+        zero_point = np.zeros((), np.uint8)
+    axis = attr(node, "axis", 1) if scale.ndim == 1 and scale.size > 1 else None
+    qtype = _qtype_of(zero_point.dtype)
+    if node.op_type == "QuantizeLinear" and qtype is None:
+        raise UnsupportedModelError(f"node {node.name!r}: quantizing to {zero_point.dtype} is not supported")
+    return _QParams(scale.astype(np.float32), zero_point, axis, qtype)
+
+
+def _qtype_of(dtype: np.dtype) -> numerics.QType | None:
+    for (bits, signed), np_dtype in numerics._NUMPY_DTYPES.items():
+        if np.dtype(np_dtype) == dtype:
+            return numerics.QType(bits, signed)
+    return None
+
+
+def _check_shape(value: ir.Value, array: Any) -> None:
+    if value.shape is None:
+        return
+    want = [d if isinstance(d, int) else None for d in value.shape]
+    got = list(np.shape(array))
+    if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
+        raise UnsupportedModelError(f"graph input {value.name!r} expects shape {value.shape}, got {tuple(got)}"
+                                    " (a traced JAX graph is specialised to its example shapes)")
+
+
+def _as_declared(array: Any, value: ir.Value) -> Any:
+    """Simulated-mode codes are float; an integer-typed graph output gets its declared dtype."""
+    if value.dtype is None:
+        return array
+    want = value.dtype.numpy()
+    return array.astype(want) if np.dtype(want).kind in "iub" and jnp.asarray(array).dtype != want else array
