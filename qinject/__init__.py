@@ -6,7 +6,8 @@ QuantizeLinear/DequantizeLinear, and emit an executable. See docs/ARCHITECTURE.m
 
 from __future__ import annotations
 
-from qinject.api import QuantizeResult, load_onnx, quantize_onnx, save_onnx
+from qinject.api import (QuantizeResult, export_onnx, load_onnx, quantize_jax, quantize_onnx, save_onnx, to_jax,
+                         trace_jax)
 from qinject.errors import QinjectError
 from qinject.plan import NodeQuant, Plan
 
@@ -15,8 +16,12 @@ __all__ = [
     "Plan",
     "QinjectError",
     "QuantizeResult",
+    "export_onnx",
     "load_onnx",
+    "quantize_jax",
     "quantize_onnx",
     "save_onnx",
+    "to_jax",
+    "trace_jax",
 ]
 __version__ = "0.1.0"

@@ -1,21 +1,26 @@
-"""The Python entry points: load, quantize and save ONNX models."""
+"""The Python entry points: load, trace, quantize and save models (ONNX in, or a JAX function in;
+quantized ONNX out, or a jittable quantized JAX function out)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_ir as ir
 
 from qinject import ir as qir
 from qinject.backends import onnx_backend
+from qinject.frontends.jax_frontend import trace_jax
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.pass_manager import PassManager
 from qinject.plan import Plan
 
-__all__ = ["QuantizeResult", "load_onnx", "quantize_onnx", "save_onnx", "standard_pipeline"]
+__all__ = ["QuantizeResult", "export_onnx", "load_onnx", "quantize_jax", "quantize_onnx", "save_onnx",
+           "standard_pipeline", "to_jax", "trace_jax"]
 
 
 @dataclass
@@ -37,6 +42,14 @@ class QuantizeResult:
     quantized: list[str] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_jax(self, mode: str = "integer") -> Callable[..., Any]:
+        """The quantized model as a jittable JAX function of the graph inputs (see ``to_jax``)."""
+        return to_jax(self.model, mode)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the quantized model as ONNX (a JAX-sourced graph is lowered to ONNX ops first)."""
+        return export_onnx(self.model, path)
 
 
 def standard_pipeline(plan: Plan, calib: object = None, method: str = "minmax", batch_size: int = 16,
@@ -74,6 +87,47 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
     if output is not None:
         onnx_backend.check_output_path(output, input_path)  # before any work, not after calibration
     ir_model = model if isinstance(model, ir.Model) else load_onnx(model)
+    result = _quantize(ir_model, plan, calib, method, batch_size, percentile, progress)
+    if output is not None:
+        result.output = save_onnx(result.model, output, input_path=input_path)
+    return result
+
+
+def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | os.PathLike | None = None,
+                 plan: Plan | None = None, calib: object = None, method: str = "minmax",
+                 percentile: float = 99.99, progress: bool = True) -> QuantizeResult:
+    """Trace ``fn(params, *example_inputs)``, calibrate and quantize it, optionally write ONNX.
+
+    The same passes as ``quantize_onnx`` run on the traced graph; calibration runs through the
+    JAX backend. The result's ``to_jax(mode)`` is the quantized function of the inputs (weights
+    baked in), ``save(path)`` writes it as a QDQ ONNX file.
+
+    Args:
+        fn: a JAX function whose first argument is the parameter pytree.
+        params: the parameters (their values become the weights).
+        example_inputs: arrays with the shapes and dtypes the quantized function will take (a traced
+            graph is specialised to them, as a jaxpr is).
+        calib: calibration inputs: an array (single-input functions), a dict keyed by input name
+            (the function's parameter names: ``x`` for ``fn(params, x)``), or any source
+            ``quantize_onnx`` accepts. Calibration runs in batches of the example's batch size.
+
+    Example:
+        >>> result = quantize_jax(forward, params, x[:64], calib=x_calib)  # doctest: +SKIP
+        >>> qfn = jax.jit(result.to_jax("integer"))                        # doctest: +SKIP
+        >>> logits = qfn(x[:64])                                           # doctest: +SKIP
+    """
+    plan = plan or Plan()
+    if output is not None:
+        onnx_backend.check_output_path(output)
+    ir_model = trace_jax(fn, params, *example_inputs)
+    result = _quantize(ir_model, plan, calib, method, 16, percentile, progress)
+    if output is not None:
+        result.output = result.save(output)
+    return result
+
+
+def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_size: int, percentile: float,
+              progress: bool) -> QuantizeResult:
     manager = PassManager(standard_pipeline(plan, calib, method, batch_size, percentile, progress))
     ir_model = manager.run(ir_model).model
     result = QuantizeResult(ir_model, plan, timings=manager.timings)
@@ -82,9 +136,27 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
             result.quantized.append(node.name)
         if node.meta.get(qir.QUANT_NOTES):
             result.notes[node.name] = list(node.meta[qir.QUANT_NOTES])
-    if output is not None:
-        result.output = save_onnx(ir_model, output, input_path=input_path)
     return result
+
+
+def to_jax(model: ir.Model, mode: str = "integer") -> Callable[..., Any]:
+    """Any IR graph (quantized or not, ONNX- or JAX-sourced) as a jittable JAX function.
+
+    ``mode="integer"`` runs quantized dots and convolutions on int8 operands with int32
+    accumulation; ``"simulated"`` quantizes and dequantizes in float and is differentiable.
+    """
+    from qinject.backends import jax_backend
+
+    return jax_backend.to_jax(model, mode)
+
+
+def export_onnx(model: ir.Model, path: str | os.PathLike) -> Path:
+    """Write any IR graph as ONNX, lowering jaxpr equations to ONNX ops first."""
+    if qir.has_jax_nodes(model):
+        from qinject.passes.lower_jax_to_onnx import LowerJaxToOnnx
+
+        model = PassManager([LowerJaxToOnnx()]).run(model).model
+    return save_onnx(model, path)
 
 
 def save_onnx(model: ir.Model, path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> Path:

@@ -1,9 +1,9 @@
 """Calibration data: every accepted source turned into a stream of onnxruntime feed dicts.
 
 Sources: an ``.npz`` keyed by model input names (first axis = samples), a folder of ``.npy``/``.npz``
-files, a dict of arrays, any iterable of feed dicts, an object with onnxruntime's
-``CalibrationDataReader`` interface (``get_next()`` returning a dict, then None), or nothing (random
-inputs of the right shapes, with a warning). Arrays are read lazily (``np.load(mmap_mode='r')`` for
+files, a dict of arrays, one array (single-input models), any iterable of feed dicts, an object with
+onnxruntime's ``CalibrationDataReader`` interface (``get_next()`` returning a dict, then None), or
+nothing (random inputs of the right shapes, with a warning). Arrays are read lazily (``np.load(mmap_mode='r')`` for
 ``.npy``) and yielded a batch at a time, so memory is one batch whatever the number of samples.
 """
 
@@ -74,6 +74,11 @@ def open_source(source: object, specs: list[InputSpec], batch_size: int = 16,
         if not path.is_file():
             raise CalibrationDataError(f"calibration data {str(path)!r} does not exist")
         return _from_arrays(_read_npz(path), specs, batch_size, str(path))
+    if isinstance(source, np.ndarray):
+        if len(specs) != 1:
+            raise CalibrationDataError(f"a bare array calibrates a single-input model, but this one has inputs "
+                                       f"{[s.name for s in specs]}; pass a dict keyed by input name")
+        return _from_arrays({specs[0].name: source}, specs, batch_size, "array")
     if isinstance(source, Mapping):
         return _from_arrays(dict(source), specs, batch_size, "arrays")
     if hasattr(source, "get_next"):
