@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -37,13 +36,13 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn"
 sys.path.insert(0, str(ROOT))  # the model zoo lives in the repository, not in the package
+from bench_common import machine, source_state, write_section  # noqa: E402  (tools/ is on sys.path)
 from models.light_zoo import materialize  # noqa: E402
 
 LIGHT = ["squeezenet", "resnet50", "inception_v1", "shufflenet", "inception_v2", "densenet121",
          "bvlc_alexnet", "zfnet512", "vgg19"]
 QUICK = ["digits", "squeezenet"]
-START, END = "<!-- bench_vs_ort:start -->", "<!-- bench_vs_ort:end -->"
-FILE_INTRO = "Each section is written by the script it names, between its own markers; rerun it to refresh."
+SECTION = "bench_vs_ort"
 THREADS, SEED, LIGHT_SAMPLES, ROUNDS, RUNS_PER_ROUND = 2, 0, 16, 10, 5
 # The issue's targets as (ratio, label, limit); the speedup is a floor, the others are ceilings.
 TARGETS = [("time", "tool time qinject/ORT", 0.8), ("memory", "peak RSS qinject/ORT", 0.5),
@@ -290,24 +289,6 @@ def step_times(results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
-                 platform.processor() or "unknown CPU")
-    vnni = "with" if "avx512_vnni" in cpuinfo or "avx_vnni" in cpuinfo else "without"
-    return f"{os.cpu_count()} cores, {model} ({vnni} VNNI), {platform.platform()}"
-
-
-def source_state() -> str:
-    """The git commit and a digest of qinject's sources (which others may be editing meanwhile)."""
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True, check=False).stdout.strip() or "no git"
-    digest = hashlib.sha1()
-    for path in sorted([*ROOT.glob("qinject/**/*.py"), *ROOT.glob("passes/*.py")]):
-        digest.update(path.read_bytes())
-    return f"commit {git}, sources {digest.hexdigest()[:10]}"
-
-
 def header(argv: list[str], loads: tuple[float, float], tool_runs: int,
            sources: tuple[str, str]) -> list[str]:
     import qinject
@@ -343,17 +324,6 @@ def header(argv: list[str], loads: tuple[float, float], tool_runs: int,
     ]
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the marked section of ``path`` (creating the file or the section if missing)."""
-    section = f"{START}\n{body}\n{END}"
-    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{FILE_INTRO}\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str]) -> None:
     if argv[:1] == ["_quantize"]:
         return child_main(*argv[1:])
@@ -379,7 +349,7 @@ def main(argv: list[str]) -> None:
     report = "\n".join([*head, "", *measurement_table(results), "", *target_table(results), "",
                         *step_times(results)])
     print(report)
-    write_section(args.output, report)
+    write_section(args.output, SECTION, report)
 
 
 if __name__ == "__main__":

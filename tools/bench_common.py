@@ -1,0 +1,43 @@
+"""What every benchmark script shares: the machine and source description, timing, and writing its
+own section of ``BENCHMARKS.md`` between markers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FILE_INTRO = "Each section is written by the script it names, between its own markers; rerun it to refresh."
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    vnni = "with" if "avx512_vnni" in cpuinfo or "avx_vnni" in cpuinfo else "without"
+    return f"{os.cpu_count()} cores, {model} ({vnni} VNNI), {platform.platform()}"
+
+
+def source_state() -> str:
+    """The git commit and a digest of qinject's sources (which others may be editing meanwhile)."""
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, check=False).stdout.strip() or "no git"
+    digest = hashlib.sha1()
+    for path in sorted([*ROOT.glob("qinject/**/*.py"), *ROOT.glob("passes/*.py")]):
+        digest.update(path.read_bytes())
+    return f"commit {git}, sources {digest.hexdigest()[:10]}"
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace the section ``name`` of ``path`` (creating the file or the section if missing)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    section = f"{start}\n{body}\n{end}"
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{FILE_INTRO}\n"
+    if start in text and end in text:
+        text = text[:text.index(start)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
