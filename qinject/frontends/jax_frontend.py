@@ -112,7 +112,8 @@ class _Builder:
 
     def constant(self, label: str, array: np.ndarray, parameter: bool = False, origin: str | None = None
                  ) -> ir.Value:
-        value = qir.add_initializer(self.graph, self.unique(label), np.ascontiguousarray(array))
+        # np.ascontiguousarray makes a rank-0 literal rank 1, which changes broadcasting.
+        value = qir.add_initializer(self.graph, self.unique(label), np.require(array, requirements="C"))
         self.names.add(value.name)
         if parameter:
             self.parameters.add(value.name)
