@@ -26,11 +26,9 @@ refuses (its ``check`` says why), and raises one error listing them. Small all-c
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +37,6 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from qinject import ir as qir
 from qinject import op_facts
-from qinject.backends import onnx_backend
 from qinject.errors import UnsupportedModelError
 from qinject.pass_manager import Pass, PassResult
 
@@ -104,13 +101,6 @@ class LowerJaxToOnnx(Pass):
         model.opset_imports[""] = max(model.opset_imports.get("", 0), 21)
         ShapeInferencePass(strict_mode=False)(model)  # types of the helper values, for later passes
         return PassResult(model, True)
-
-
-def export_onnx(model: ir.Model, path: str | os.PathLike) -> Path:
-    """Lower ``model``'s jax nodes to ONNX (if it has any) and save it, checked, to ``path``."""
-    if qir.has_jax_nodes(model):
-        LowerJaxToOnnx()(model)
-    return onnx_backend.save(model, path)
 
 
 # -- the pass's machinery ---------------------------------------------------------------------------

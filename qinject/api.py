@@ -151,11 +151,12 @@ def to_jax(model: ir.Model, mode: str = "integer") -> Callable[..., Any]:
 
 
 def export_onnx(model: ir.Model, path: str | os.PathLike) -> Path:
-    """Write any IR graph as ONNX, lowering jaxpr equations to ONNX ops first."""
+    """Write any IR graph as ONNX, lowering jaxpr equations to ONNX ops first (on a copy: the
+    model itself keeps its jax nodes, so it still runs exactly as traced)."""
     if qir.has_jax_nodes(model):
-        from qinject.passes.lower_jax_to_onnx import LowerJaxToOnnx
+        from qinject.passes import LowerJaxToOnnx
 
-        model = PassManager([LowerJaxToOnnx()]).run(model).model
+        model = PassManager([LowerJaxToOnnx()]).run(model.clone()).model
     return save_onnx(model, path)
 
 

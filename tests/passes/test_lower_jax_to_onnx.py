@@ -13,7 +13,9 @@ from qinject import ir as qir
 from qinject.errors import UnsupportedModelError
 from qinject.frontends.jax_frontend import trace_jax
 from qinject.passes import Calibrate, InsertQDQ
-from qinject.passes.lower_jax_to_onnx import LowerJaxToOnnx, export_onnx
+import qinject
+from qinject.api import export_onnx
+from qinject.passes.lower_jax_to_onnx import LowerJaxToOnnx
 from qinject.plan import Plan
 
 R = np.random.default_rng(0)
@@ -274,6 +276,7 @@ def test_quantized_graph_lowers_to_qdq_onnx(tmp_path):
     InsertQDQ(Plan())(model)
     const = {name: v.const_value.numpy() for name, v in model.graph.initializers.items()}
     path = export_onnx(model, tmp_path / "q.onnx")
+    model = qinject.load_onnx(path)  # what was written
 
     for name, op in (("fc1", "MatMul"), ("fc2", "MatMul")):
         node = _node(model, name)
@@ -315,6 +318,7 @@ def test_quantized_nhwc_conv_weight_is_relaid_out_as_integers(tmp_path):
     x = f32(2, 9, 9, 3)
     model = _quantize(fn, params, x)
     path = export_onnx(model, tmp_path / "q.onnx")
+    model = qinject.load_onnx(path)  # what was written
     conv = _node(model, "conv")
     dq = conv.inputs[1].producer()
     assert dq.op_type == "DequantizeLinear" and dq.attributes["axis"].value == 0  # HWIO axis 3 -> OIHW axis 0
@@ -332,7 +336,16 @@ def test_quantized_weight_whose_channel_axis_a_reshape_merges_keeps_its_dequanti
     x = f32(16, 4)
     model = _quantize(fn, params, x)
     path = export_onnx(model, tmp_path / "q.onnx")
+    model = qinject.load_onnx(path)  # what was written
     reshape = _node(model, "fc").inputs[1].producer()
     assert reshape.op_type == "Reshape" and reshape.inputs[0].producer().op_type == "DequantizeLinear"
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert _sqnr_db(got, np.asarray(jax.jit(fn)(params, x))) > 30
+
+
+def test_export_leaves_the_traced_model_untouched(tmp_path):
+    params = {"fc1.weight": f32(4, 8), "fc1.bias": f32(8), "fc2.weight": f32(3, 8)}
+    model = trace_jax(_mlp, params, f32(2, 4))
+    before = [(n.name, n.domain, n.op_type) for n in model.graph]
+    export_onnx(model, tmp_path / "m.onnx")
+    assert [(n.name, n.domain, n.op_type) for n in model.graph] == before
