@@ -31,6 +31,7 @@ from jax import lax
 
 from qinject import numerics, op_facts
 from qinject.backends.jax_ops import attr
+from qinject.backends.jax_ops_nn import explicit_padding
 
 
 @dataclass(frozen=True)
@@ -284,17 +285,18 @@ def _has_nonzero_zero_point(operand: Operand) -> bool:
 
 
 def _onnx_conv(node: ir.Node, lhs: Operand, rhs: Operand) -> Kernel | None:
-    if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        return None  # SAME padding depends on shapes; the float path handles it
-    w_shape = node.inputs[1].shape
+    x_shape, w_shape = node.inputs[0].shape, node.inputs[1].shape
+    if x_shape is None or not all(isinstance(d, int) for d in list(x_shape)[2:]):
+        return None  # SAME padding needs the spatial sizes
     spatial = len(w_shape) - 2
-    pads = attr(node, "pads", None) or [0] * (2 * spatial)
+    strides = tuple(attr(node, "strides", None) or [1] * spatial)
+    dilations = tuple(attr(node, "dilations", None) or [1] * spatial)
     spec = tuple(range(spatial + 2))
     params = {
-        "window_strides": tuple(attr(node, "strides", None) or [1] * spatial),
-        "padding": tuple(zip(pads[:spatial], pads[spatial:])),
+        "window_strides": strides,
+        "padding": tuple(explicit_padding(node, list(x_shape)[2:], list(w_shape)[2:], strides, dilations)),
         "lhs_dilation": (1,) * spatial,
-        "rhs_dilation": tuple(attr(node, "dilations", None) or [1] * spatial),
+        "rhs_dilation": dilations,
         "dimension_numbers": lax.ConvDimensionNumbers(spec, spec, spec),
         "feature_group_count": attr(node, "group", 1),
         "batch_group_count": 1,

@@ -137,3 +137,16 @@ def test_unknown_domain_is_refused():
                                                     helper.make_opsetid("com.example", 1)])
     with pytest.raises(UnsupportedModelError, match="com.example"):
         Program(load_onnx(onnx.load_from_string(proto.SerializeToString())))
+
+
+def test_integer_conv_with_same_auto_padding_and_stride(rng):
+    w = numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w")
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", auto_pad="SAME_UPPER", strides=[2, 2])
+    graph = helper.make_graph([conv], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 7, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    result = quantize_onnx(proto, plan=Plan.uniform(8, 8), calib=_calib(rng, (3, 7, 7)), progress=False)
+    assert set(Program(result.model, "integer").kernels) == {"conv"}
+    x = rng.standard_normal((2, 3, 7, 7)).astype(np.float32)
+    sim = np.asarray(to_jax(result.model, "simulated")(x))
+    np.testing.assert_allclose(np.asarray(jax.jit(to_jax(result.model, "integer"))(x)), sim, atol=1e-5)
