@@ -92,7 +92,7 @@ def run(kernel: Kernel, node: ir.Node, args: list[Any], env: dict[str, Any],
     for k, operand in enumerate((kernel.lhs, kernel.rhs)):
         q = qparams(operand.dequantize, constants)
         perm = kernel.perms[k] if kernel.perms else None
-        codes, zero = _concrete_if_possible(_signed8, _codes(operand, q, perm, env), q.zero_point, q.qtype.signed)
+        codes, zero = _int8_codes(operand, q, perm, env)
         scale = q.scale
         if q.axis is not None:  # per-axis: it must become an output axis (checked by the builder)
             scale = _along(scale, kernel.out_channel[operand.index], ndim)
@@ -117,19 +117,31 @@ def run(kernel: Kernel, node: ir.Node, args: list[Any], env: dict[str, Any],
     return jnp.transpose(out, kernel.perms[2]) if kernel.perms else out
 
 
-def _codes(operand: Operand, q: Any, perm: tuple[int, ...] | None, env: dict[str, Any]) -> Any:
-    """The operand's integer codes, permuted by ``perm``.
+def _int8_codes(operand: Operand, q: Any, perm: tuple[int, ...] | None, env: dict[str, Any]) -> tuple[Any, np.ndarray]:
+    """The operand's codes as int8 (permuted by ``perm``) and its zero point to match.
 
-    Codes produced at run time are recomputed from the QuantizeLinear's float input permuted
-    first: the same codes (quantization is elementwise), but an int8 convolution whose input is
-    transposed inside the program gets an operand layout XLA:CPU runs some 50x slower (measured).
+    uint8 codes shifted down by 128 (zero point too) fit int8 exactly. Codes produced at run time are
+    recomputed from the QuantizeLinear's float input: the same codes (quantization is elementwise),
+    straight into int8 in one fused op, and permuted in float first: an int8 convolution whose input
+    is transposed inside the program gets an operand layout XLA:CPU runs some 50x slower (measured).
     """
-    if perm is None:
-        return env[operand.codes]
-    if operand.quantize is None:
-        return _concrete_if_possible(jnp.transpose, env[operand.codes], perm)
-    source = jnp.transpose(env[operand.quantize.inputs[0].name], perm)
-    return numerics.quantize(source, q.scale, q.zero_point, q.qtype, None, xp=jnp)
+    shift = 128 if q.qtype.bits == 8 and not q.qtype.signed else 0
+    zero = np.asarray(q.zero_point).astype(np.int32) - shift
+    if operand.quantize is None:  # constant codes (a weight): converted once, at trace time
+        codes = env[operand.codes]
+        if perm is not None:
+            codes = _concrete_if_possible(jnp.transpose, codes, perm)
+        return _concrete_if_possible(_shifted, codes, shift), zero
+    source = env[operand.quantize.inputs[0].name]
+    if perm is not None:
+        source = jnp.transpose(source, perm)
+    codes = numerics.quantize_codes(source, q.scale, q.zero_point, q.qtype, None, xp=jnp)
+    return (codes - shift).astype(jnp.int8), zero
+
+
+def _shifted(codes: Any, shift: int) -> Any:
+    codes = jnp.asarray(codes)
+    return (codes.astype(jnp.int16) - shift).astype(jnp.int8) if shift else codes.astype(jnp.int8)
 
 
 # -- operands ------------------------------------------------------------------------------------------
@@ -161,15 +173,6 @@ def _axis_of(operand: Operand) -> int | None:
         return None
     axis = attr(operand.dequantize, "axis", 1)
     return axis % len(operand.dequantize.outputs[0].shape)
-
-
-def _signed8(codes: Any, zero_point: np.ndarray, signed: bool) -> tuple[Any, np.ndarray]:
-    """int8 codes and zero point: uint8 values are shifted down by 128, which int8 holds exactly."""
-    zero = np.asarray(zero_point).astype(np.int32)
-    codes = jnp.asarray(codes)
-    if signed or codes.dtype == jnp.dtype("uint4"):
-        return codes.astype(jnp.int8), zero
-    return (codes.astype(jnp.int16) - 128).astype(jnp.int8), zero - 128
 
 
 def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
