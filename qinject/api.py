@@ -14,13 +14,15 @@ import onnx_ir as ir
 
 from qinject import ir as qir
 from qinject.backends import onnx_backend
+from qinject.cost import CostReport, estimate
 from qinject.frontends.jax_frontend import trace_jax
 from qinject.frontends.onnx_frontend import load_onnx
+from qinject.latency_table import LatencyTable, load_target
 from qinject.pass_manager import PassManager
 from qinject.plan import Plan
 
-__all__ = ["QuantizeResult", "export_onnx", "load_onnx", "quantize_jax", "quantize_onnx", "save_onnx",
-           "standard_pipeline", "to_jax", "trace_jax"]
+__all__ = ["QuantizeResult", "estimate_latency", "export_onnx", "load_onnx", "quantize_jax", "quantize_onnx",
+           "save_onnx", "standard_pipeline", "to_jax", "trace_jax"]
 
 
 @dataclass
@@ -42,6 +44,7 @@ class QuantizeResult:
     quantized: list[str] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)
+    cost: CostReport | None = None
 
     def to_jax(self, mode: str = "integer") -> Callable[..., Any]:
         """The quantized model as a jittable JAX function of the graph inputs (see ``to_jax``)."""
@@ -53,22 +56,45 @@ class QuantizeResult:
 
 
 def standard_pipeline(plan: Plan, calib: object = None, method: str = "minmax", batch_size: int = 16,
-                      percentile: float = 99.99, progress: bool = True) -> list:
-    """The passes of ``qinject quantize``, in order."""
-    from qinject.passes import Calibrate, FoldConvAffine, FoldConstantWeights, InsertQDQ, UpgradeOpset
+                      percentile: float = 99.99, progress: bool = True,
+                      target: LatencyTable | str | None = None, latency_batch: int = 1) -> list:
+    """The passes of ``qinject quantize``, in order (with ``target``, the plan's latency is
+    estimated on it just before the rewrite)."""
+    from qinject.passes import Calibrate, EstimateCost, FoldConvAffine, FoldConstantWeights, InsertQDQ, UpgradeOpset
 
-    return [
+    passes = [
         FoldConstantWeights(),
         FoldConvAffine(),
         UpgradeOpset(plan.min_opset()),
         Calibrate(calib, method=method, batch_size=batch_size, progress=progress),
-        InsertQDQ(plan, method=method, percentile=percentile),
     ]
+    if target is not None:
+        passes.append(EstimateCost(plan, target, latency_batch))
+    return [*passes, InsertQDQ(plan, method=method, percentile=percentile)]
+
+
+def estimate_latency(model: str | os.PathLike | onnx.ModelProto | ir.Model, plan: Plan | None = None,
+                     target: LatencyTable | str = "local-cpu", batch: int = 1) -> CostReport:
+    """Estimated latency of ``model`` quantized by ``plan`` on ``target``, per node and end to end,
+    with the float and W16A16 baselines. No calibration is needed: only the plan is priced.
+
+    Example:
+        >>> report = estimate_latency("models/digits_cnn/model.onnx", Plan.uniform(8, 8),
+        ...                           "nvidia-a100", batch=64)   # doctest: +SKIP
+        >>> print(format_report(report))                         # doctest: +SKIP
+    """
+    from qinject.passes import FoldConvAffine, FoldConstantWeights
+
+    table = target if isinstance(target, LatencyTable) else load_target(target)
+    ir_model = model if isinstance(model, ir.Model) else load_onnx(model)
+    ir_model = PassManager([FoldConstantWeights(), FoldConvAffine()]).run(ir_model).model
+    return estimate(ir_model, plan or Plan(), table, batch)
 
 
 def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output: str | os.PathLike | None = None,
                   *, plan: Plan | None = None, calib: object = None, method: str = "minmax",
-                  batch_size: int = 16, percentile: float = 99.99, progress: bool = True) -> QuantizeResult:
+                  batch_size: int = 16, percentile: float = 99.99, progress: bool = True,
+                  target: LatencyTable | str | None = None, latency_batch: int = 1) -> QuantizeResult:
     """Quantize an ONNX model: fold constants, calibrate, insert Q/DQ, and optionally save.
 
     Args:
@@ -77,6 +103,8 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
         plan: per-node choices; default W8A8 per-channel for every quantizable node.
         calib: calibration data (see ``qinject.calib_data``); None calibrates on random inputs.
         method: activation range method: minmax, percentile, mse or entropy.
+        target: a latency table (or target name/path): the result's ``cost`` is the plan's
+            estimated latency on it (``latency_batch`` for a symbolic batch dimension).
 
     Example:
         >>> result = quantize_onnx("models/digits_cnn/model.onnx", "/tmp/q.onnx",
@@ -87,7 +115,7 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
     if output is not None:
         onnx_backend.check_output_path(output, input_path)  # before any work, not after calibration
     ir_model = model if isinstance(model, ir.Model) else load_onnx(model)
-    result = _quantize(ir_model, plan, calib, method, batch_size, percentile, progress)
+    result = _quantize(ir_model, plan, calib, method, batch_size, percentile, progress, target, latency_batch)
     if output is not None:
         result.output = save_onnx(result.model, output, input_path=input_path)
     return result
@@ -127,10 +155,11 @@ def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | 
 
 
 def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_size: int, percentile: float,
-              progress: bool) -> QuantizeResult:
-    manager = PassManager(standard_pipeline(plan, calib, method, batch_size, percentile, progress))
+              progress: bool, target: LatencyTable | str | None = None, latency_batch: int = 1) -> QuantizeResult:
+    manager = PassManager(standard_pipeline(plan, calib, method, batch_size, percentile, progress, target,
+                                            latency_batch))
     ir_model = manager.run(ir_model).model
-    result = QuantizeResult(ir_model, plan, timings=manager.timings)
+    result = QuantizeResult(ir_model, plan, timings=manager.timings, cost=ir_model.meta.get(qir.COST_REPORT))
     for node in ir_model.graph:
         if qir.QUANT_APPLIED in node.meta:
             result.quantized.append(node.name)

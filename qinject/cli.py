@@ -1,4 +1,4 @@
-"""The ``qinject`` command line: quantize, inspect, demo.
+"""The ``qinject`` command line: quantize, inspect, cost, targets, demo.
 
 Every error a user can cause prints one line (``error: ...``) and exits 1; no traceback, no output
 file. Set QINJECT_DEBUG=1 to see tracebacks of internal errors.
@@ -64,19 +64,22 @@ def cli() -> None:
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per channel.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Calibration batch size.")
 @click.option("--save-plan", type=click.Path(path_type=Path), help="Also write the plan applied, as JSON.")
+@click.option("--target", help="Latency table (name or path) to estimate the written model's latency on "
+              "(default: local-cpu; 'none': skip).")
+@click.option("--latency-batch", type=int, default=1, show_default=True,
+              help="Batch size for the latency estimate when the model's batch is symbolic.")
 def quantize(model: Path, output: Path, weights: str, activations: str, plan_path: Path | None,
              calib: Path | None, calib_method: str, percentile: float, per_tensor: bool, batch_size: int,
-             save_plan: Path | None) -> None:
+             save_plan: Path | None, target: str, latency_batch: int) -> None:
     """Quantize MODEL (ONNX) and write the Q/DQ model to OUTPUT."""
     from qinject.api import quantize_onnx
-    from qinject.plan import Plan
+    from qinject.latency_table import load_target
 
-    if plan_path is not None:
-        plan = Plan.load(plan_path)
-    else:
-        plan = Plan.uniform(int(weights), int(activations), per_channel=not per_tensor)
+    plan = _plan(plan_path, weights, activations, per_tensor)
+    # A bad table fails before any work is done.
+    table = None if target == "none" else load_target(target or "local-cpu")
     result = quantize_onnx(model, output, plan=plan, calib=calib, method=calib_method, batch_size=batch_size,
-                           percentile=percentile)
+                           percentile=percentile, target=table, latency_batch=latency_batch)
     if save_plan is not None:
         plan.save(save_plan)
     before, after = _size(model), _size(output)
@@ -85,6 +88,68 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
     for node, notes in result.notes.items():
         for note in notes:
             click.echo(f"note: {node}: {note}")
+    if result.cost is not None:
+        c = result.cost
+        click.echo(f"estimated latency on {c.target}: {c.total_us / 1e3:.3f} ms vs float {c.float_us / 1e3:.3f} ms "
+                   f"({c.saving_vs_float:+.1%} saved) and W16A16 {c.sixteen_bit_us / 1e3:.3f} ms "
+                   f"({c.saving_vs_16_bit:+.1%}); `qinject cost` shows the breakdown")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", default="local-cpu", show_default=True, help="Latency table: a target name or a path.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="Per-node plan (JSON).")
+@click.option("--weights", type=click.Choice(["4", "8", "16"]), default="8", show_default=True,
+              help="Weight bits for every node (ignored with --plan).")
+@click.option("--activations", type=click.Choice(["4", "8", "16"]), default="8", show_default=True,
+              help="Activation bits for every node (ignored with --plan).")
+@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per channel.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size for a symbolic batch dimension.")
+@click.option("--top", type=int, default=20, show_default=True, help="Show the N costliest nodes (0: all).")
+@click.option("--plot", type=click.Path(path_type=Path),
+              help="Also write a PNG of every quantizable node's latency at each bit width.")
+def cost(model: Path, target: str, plan_path: Path | None, weights: str, activations: str, per_tensor: bool,
+         batch: int, top: int, plot: Path | None) -> None:
+    """Estimate MODEL's latency under a plan on a target: per node, conversions, savings."""
+    from qinject.api import estimate_latency
+    from qinject.cost import format_report
+    from qinject.latency_table import load_target
+
+    table = load_target(target)
+    if plot is not None and not plot.parent.is_dir():
+        raise QinjectError(f"output folder {str(plot.parent)!r} does not exist")
+    plan = _plan(plan_path, weights, activations, per_tensor)
+    report = estimate_latency(model, plan, table, batch)
+    click.echo(f"{model.name} on {table.target} ({table.kind}; batch {batch})")
+    click.echo(format_report(report, top=top or None))
+    if plot is not None:
+        from qinject.frontends.onnx_frontend import load_onnx
+        from qinject.pass_manager import PassManager
+        from qinject.passes import FoldConstantWeights, FoldConvAffine
+        from qinject.plots import node_latency_plot
+
+        folded = PassManager([FoldConstantWeights(), FoldConvAffine()]).run(load_onnx(model)).model
+        click.echo(f"wrote {node_latency_plot(folded, table, plot, batch)}")
+
+
+@cli.command()
+def targets() -> None:
+    """List the latency tables selectable by name (built in, and profiled into the user's cache)."""
+    from qinject.latency_table import builtin_targets, load_target
+
+    rows = []
+    for name in builtin_targets():
+        table = load_target(name)
+        rows.append([name, table.kind, len(table.entries), table.description[:70]])
+    click.echo(_format_table(["target", "kind", "entries", "description"], rows))
+
+
+def _plan(plan_path: Path | None, weights: str, activations: str, per_tensor: bool):
+    from qinject.plan import Plan
+
+    if plan_path is not None:
+        return Plan.load(plan_path)
+    return Plan.uniform(int(weights), int(activations), per_channel=not per_tensor)
 
 
 @cli.command()

@@ -21,7 +21,7 @@ from qinject import op_facts
 
 if TYPE_CHECKING:
     import networkx as nx
-from qinject.errors import VerificationError
+from qinject.errors import UnsupportedModelError, VerificationError
 
 Model = ir.Model
 
@@ -29,6 +29,7 @@ Model = ir.Model
 ACT_STATS = "qinject.calibration.stats"  # on values: qinject.stats.TensorStats
 QUANT_APPLIED = "qinject.quant.applied"  # on nodes: the NodeQuant the rewrite applied
 QUANT_NOTES = "qinject.quant.notes"  # on nodes: list of strings explaining refusals
+COST_REPORT = "qinject.cost.report"  # on the model: qinject.cost.CostReport of the plan applied
 # On jax-domain nodes (op_type = the primitive's name): the JaxEqn the JAX backend re-binds.
 JAX_EQN = op_facts.JAX_EQN
 JAX_DOMAIN = op_facts.JAX
@@ -96,6 +97,33 @@ def _values(graph: ir.Graph) -> Iterator[ir.Value]:
 def infer_shapes(model: ir.Model) -> ir.Model:
     """onnx shape inference (with data propagation) over the IR; raises onnx's InferenceError."""
     return round_trip(model, lambda p: onnx.shape_inference.infer_shapes(p, data_prop=True))
+
+
+def with_batch(model: ir.Model, batch: int) -> ir.Model:
+    """The model with its inputs' symbolic leading (batch) dims set to ``batch`` and shapes
+    re-inferred, so MACs and latency keys are concrete; the model itself if nothing is symbolic.
+
+    Raises:
+        UnsupportedModelError: if an input has a symbolic dim other than the leading one.
+    """
+    def concrete(value: ir.Value) -> bool:
+        return value.shape is not None and all(isinstance(d, int) for d in value.shape)
+
+    if all(concrete(v) for v in model.graph.inputs):
+        return model
+    model = model.clone()
+    for value in model.graph.inputs:
+        if value.shape is None or concrete(value):
+            continue
+        dims = list(value.shape)
+        if not all(isinstance(d, int) for d in dims[1:]):
+            raise UnsupportedModelError(f"input {value.name!r} has shape {dims}: only the leading (batch) "
+                                        "dimension may be symbolic for latency estimates")
+        value.shape = ir.Shape([batch, *dims[1:]])
+    for node in model.graph:
+        for value in node.outputs:
+            value.shape = None
+    return infer_shapes(model)
 
 
 def has_jax_nodes(model: ir.Model) -> bool:

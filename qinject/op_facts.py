@@ -61,6 +61,8 @@ class OpFact:
         epilogue: whether this node, as the only consumer of a quantized node's output, belongs
             to that node's output stage (a ReLU; in jax graphs also the bias add), so the output's
             Q/DQ goes after it. A function of the consumer node.
+        zero_copy: only relabels its input (Reshape, Flatten, Squeeze): a runtime moves no bytes,
+            so a latency model charges it the fixed per-op overhead alone.
     """
 
     quantizable: bool = False
@@ -72,6 +74,7 @@ class OpFact:
     needs_quantized_output: bool = False
     range_preserving: bool = False
     epilogue: Callable[[ir.Node], bool] | None = None
+    zero_copy: bool = False
 
 
 def _dims(value: ir.Value | None) -> list[int] | None:
@@ -194,7 +197,10 @@ OP_FACTS: dict[tuple[str, str], OpFact] = {
     (ONNX, "MatMul"): OpFact(True, (0,), 1, None, lambda n: len(n.inputs[1].shape) - 1, _matmul_macs),
 }
 for _op in ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout"):
-    OP_FACTS[(ONNX, _op)] = OpFact(range_preserving=True)
+    OP_FACTS[(ONNX, _op)] = OpFact(range_preserving=True,
+                                   zero_copy=_op not in ("MaxPool", "Transpose"))
+for _op in ("Shape", "Constant", "Size"):
+    OP_FACTS[(ONNX, _op)] = OpFact(zero_copy=True)
 OP_FACTS[(ONNX, "Relu")] = OpFact(epilogue=lambda n: True)
 
 OP_FACTS.update({
@@ -207,7 +213,7 @@ OP_FACTS.update({
 })
 for _op in ("reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim", "reduce_window_max",
             "reduce_max", "copy", "copy_p"):
-    OP_FACTS[(JAX, _op)] = OpFact(range_preserving=True)
+    OP_FACTS[(JAX, _op)] = OpFact(range_preserving=True, zero_copy=_op in ("reshape", "squeeze", "expand_dims"))
 
 _PASSTHROUGH = OpFact()
 
@@ -271,3 +277,32 @@ def is_epilogue(node: ir.Node) -> bool:
 def macs(node: ir.Node) -> int | None:
     f = fact(node)
     return f.macs(node) if f.macs else None
+
+
+def latency_key(node: ir.Node) -> tuple[str, str] | None:
+    """The node's latency-table key without the bit widths: (op type, shape signature).
+
+    The signature lists the dims of the node's non-bias inputs, then ``->`` and its outputs' dims,
+    plus ``g<groups>`` for grouped convolutions (same shapes, other MACs):
+    ``Conv`` ``1x64x56x56;64x64x3x3->1x64x56x56``. None if a shape is not fully known.
+    """
+    f = fact(node)
+    parts = []
+    for i, value in enumerate(node.inputs):
+        if value is None or i == f.bias_input:
+            continue
+        dims = _dims(value)
+        if dims is None:
+            return None
+        parts.append("x".join(map(str, dims)) or "scalar")
+    outs = []
+    for value in node.outputs:
+        dims = _dims(value)
+        if dims is None:
+            return None
+        outs.append("x".join(map(str, dims)) or "scalar")
+    signature = ";".join(parts) + "->" + ";".join(outs)
+    group = _attr_int(node, "group", 1) if node.domain in ("", "ai.onnx") else 1
+    if node.domain == JAX and node.op_type == "conv_general_dilated":
+        group = jax_params(node)["feature_group_count"]
+    return node.op_type, signature + (f" g{group}" if group != 1 else "")

@@ -1,0 +1,37 @@
+"""Estimate the latency of the plan about to be applied, on a target's latency table.
+
+An analysis: it runs on the float graph just before the Q/DQ rewrite (after constant and
+BatchNormalization folding, so it prices the graph the rewrite sees) and stores the
+``qinject.cost.CostReport`` in the model's ``meta``.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from qinject import ir as qir
+from qinject.cost import estimate
+from qinject.latency_table import LatencyTable, load_target
+from qinject.pass_manager import Pass, PassResult
+from qinject.plan import Plan
+
+
+class EstimateCost(Pass):
+    """Annotate the model with the estimated latency of ``plan`` on ``target``.
+
+    Options:
+        plan: the plan to price.
+        target: a latency table, or a target name or path (see ``qinject.latency_table.load_target``).
+        batch: the size given to a symbolic batch dimension.
+    """
+
+    name = "estimate-cost"
+    analysis = True
+
+    def __init__(self, plan: Plan, target: LatencyTable | str, batch: int = 1) -> None:
+        self.plan, self.batch = plan, batch
+        self.table = target if isinstance(target, LatencyTable) else load_target(target)
+
+    def call(self, model: ir.Model) -> PassResult:
+        model.meta[qir.COST_REPORT] = estimate(model, self.plan, self.table, self.batch)
+        return PassResult(model, False)

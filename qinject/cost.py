@@ -1,0 +1,297 @@
+"""Estimated latency of a graph under a plan on a target: per node, conversions, end to end.
+
+The estimate is made on the float graph (before the Q/DQ rewrite) from the plan alone, so it is
+cheap enough for a search to call for every candidate plan. It mirrors what the rewrite and
+onnxruntime do:
+
+- a quantized node costs its table entry at its (weight bits, activation bits), or the roofline
+  at its precision, moving its weight at the weight width, its inputs at the activation width and
+  its output at that width where the output stays quantized (a quantized node reads it, or the op's
+  integer kernel needs it: Conv), else in float;
+- every other node costs its float entry or the roofline (memory-bound; zero-copy ops such as
+  Reshape only the per-op overhead); range-preserving ops (MaxPool, Reshape) on an integer tensor
+  move it at that width; an epilogue (the ReLU after a convolution, jax's bias add) runs inside the
+  kernel before it, float or integer, and costs nothing of its own;
+- a conversion (a QuantizeLinear, a DequantizeLinear, or a requantization between widths) is
+  charged wherever a tensor crosses from one precision region to another: where a quantized node
+  reads a tensor held at another width, and where a float node reads an integer tensor. One per
+  tensor and width, as the rewrite shares its Q/DQ pairs. No peer tool models this cost.
+
+Measured entries win over the roofline; every node's ``source`` says which one priced it, and why
+the roofline was used when the table is a measured one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from qinject import ir as qir
+from qinject import op_facts
+from qinject.latency_table import FLOAT_BITS, LatencyTable
+from qinject.plan import NodeQuant, Plan
+from qinject.quant_points import output_point
+
+MEASURED = "measured"
+ROOFLINE = "roofline"
+MISSING = "roofline (shape not in the table)"
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """One node's estimated latency."""
+
+    node: str
+    op: str
+    weight_bits: int  # 32: float; 0: the op has no weight
+    activation_bits: int
+    latency_us: float
+    source: str
+    quantizable: bool = False
+
+
+@dataclass(frozen=True)
+class ConversionCost:
+    """A precision change of one tensor (QuantizeLinear, DequantizeLinear, or requantization)."""
+
+    tensor: str
+    from_bits: int
+    to_bits: int
+    elements: int
+    latency_us: float
+    source: str
+
+    @property
+    def op(self) -> str:
+        return "DequantizeLinear" if self.to_bits == FLOAT_BITS else "QuantizeLinear"
+
+
+@dataclass
+class CostReport:
+    """The estimate for one plan, with the float and uniform 16-bit baselines on the same target."""
+
+    target: str
+    nodes: list[NodeCost]
+    conversions: list[ConversionCost]
+    float_us: float = math.nan
+    sixteen_bit_us: float = math.nan
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_us(self) -> float:
+        return sum(n.latency_us for n in self.nodes) + self.conversion_us
+
+    @property
+    def conversion_us(self) -> float:
+        return sum(c.latency_us for c in self.conversions)
+
+    @property
+    def saving_vs_float(self) -> float:
+        return 1.0 - self.total_us / self.float_us
+
+    @property
+    def saving_vs_16_bit(self) -> float:
+        return 1.0 - self.total_us / self.sixteen_bit_us
+
+    def share(self, cost: NodeCost | ConversionCost) -> float:
+        return cost.latency_us / self.total_us if self.total_us else 0.0
+
+
+def estimate(model: ir.Model, plan: Plan, table: LatencyTable, batch: int = 1, baselines: bool = True
+             ) -> CostReport:
+    """Estimate ``model`` quantized by ``plan`` on ``table``'s target.
+
+    Args:
+        model: the float IR model (constants folded as the quantize pipeline folds them).
+        plan: per-node choices.
+        table: the target's latency table.
+        batch: the size given to a symbolic batch dimension.
+        baselines: also estimate the float and uniform W16A16 plans (for the savings).
+    """
+    model = qir.with_batch(model, batch)
+    report = _Estimator(model, plan, table).run()
+    if baselines:
+        report.float_us = _Estimator(model, Plan(None), table).run().total_us
+        report.sixteen_bit_us = _Estimator(model, Plan.uniform(16, 16), table).run().total_us
+    return report
+
+
+class _Estimator:
+    def __init__(self, model: ir.Model, plan: Plan, table: LatencyTable) -> None:
+        self.graph, self.plan, self.table = model.graph, plan, table
+        self.choices: dict[str, NodeQuant] = {}
+        for node in qir.quantizable_nodes(model):
+            choice = plan.choice(node.name)
+            if choice is not None:
+                self.choices[node.name] = choice
+        self.bits = self._integer_tensors()
+        self.fused = self._fused_epilogues(model)
+
+    def run(self) -> CostReport:
+        report = CostReport(self.table.target, [], [])
+        for node in self.graph:
+            report.nodes.append(self._node(node))
+        report.conversions = self._conversions()
+        return report
+
+    @staticmethod
+    def _fused_epilogues(model: ir.Model) -> dict[str, str]:
+        """Epilogue node -> the dot/convolution it runs inside (Conv + Relu is one kernel, float or
+        integer; jax's bias add too)."""
+        fused = {}
+        for node in qir.quantizable_nodes(model):
+            value = node.outputs[0]
+            while len(value.uses()) == 1 and not value.is_graph_output():
+                consumer = value.uses()[0].node
+                if not op_facts.is_epilogue(consumer):
+                    break
+                fused[consumer.name] = node.name
+                value = consumer.outputs[0]
+        return fused
+
+    # -- which tensors are held as integers --------------------------------------------------------------
+    def _integer_tensors(self) -> dict[str, int]:
+        """Tensor name -> the activation width it is held at, for the quantized outputs and what
+        range-preserving ops carry on from them (the rest is float)."""
+        bits: dict[str, int] = {}
+        for node in self.graph:
+            choice = self.choices.get(node.name)
+            if choice is not None:
+                out = output_point(node)
+                if not out.is_graph_output() and (op_facts.fact(node).needs_quantized_output
+                                                  or self._read_quantized(out)):
+                    bits[out.name] = choice.activations
+            elif op_facts.fact(node).range_preserving and node.inputs and node.inputs[0] is not None:
+                if node.inputs[0].name in bits:
+                    bits[node.outputs[0].name] = bits[node.inputs[0].name]
+        return bits
+
+    def _read_quantized(self, value: ir.Value) -> bool:
+        for use in value.uses():
+            if use.node.name in self.choices and use.idx in op_facts.activation_inputs(use.node):
+                return True
+            if op_facts.fact(use.node).range_preserving and use.idx == 0 and self._read_quantized(
+                    use.node.outputs[0]):
+                return True
+        return False
+
+    # -- nodes ---------------------------------------------------------------------------------------------
+    def _node(self, node: ir.Node) -> NodeCost:
+        if node.name in self.fused:
+            return NodeCost(node.name, node.op_type, 0, 0, 0.0, f"fused into {self.fused[node.name]}")
+        key = op_facts.latency_key(node)
+        choice = self.choices.get(node.name)
+        quantizable = op_facts.is_quantizable(node)
+        if choice is not None:
+            w_bits = choice.weights if op_facts.weight_of(node) is not None else choice.activations
+            a_bits = choice.activations
+        elif not quantizable and node.outputs and node.outputs[0].name in self.bits:
+            w_bits, a_bits = 0, self.bits[node.outputs[0].name]  # a range-preserving op on integers
+        else:
+            w_bits = a_bits = FLOAT_BITS
+        measured = self.table.lookup(*key, w_bits, a_bits) if key else None
+        if measured is not None:
+            return NodeCost(node.name, node.op_type, w_bits, a_bits, measured, MEASURED, quantizable)
+        source = MISSING if self.table.kind == "measured" else ROOFLINE
+        return NodeCost(node.name, node.op_type, w_bits, a_bits, self._roofline(node, choice, a_bits), source,
+                        quantizable)
+
+    def _roofline(self, node: ir.Node, choice: NodeQuant | None, a_bits: int) -> float:
+        roofline = self.table.roofline
+        if op_facts.fact(node).zero_copy:
+            return roofline.op_overhead_us
+        macs = op_facts.macs(node) or 0
+        if choice is None:
+            moved = sum(_elements(v) * _bytes(self.bits.get(v.name, FLOAT_BITS)) for v in node.inputs if v)
+            moved += sum(_elements(v) * _bytes(self.bits.get(v.name, a_bits)) for v in node.outputs)
+            return roofline.node_us(macs, moved, roofline.precision(a_bits, a_bits))
+        weight = op_facts.weight_of(node)
+        w_bits = choice.weights if weight is not None else choice.activations
+        moved = _elements(weight) * _bytes(w_bits) if weight is not None else 0.0
+        moved += sum(_elements(node.inputs[i]) * _bytes(choice.activations)
+                     for i in op_facts.activation_inputs(node))
+        out = output_point(node)
+        moved += _elements(node.outputs[0]) * _bytes(self.bits.get(out.name, FLOAT_BITS))
+        return roofline.node_us(macs, moved, roofline.precision(w_bits, choice.activations))
+
+    # -- conversions -----------------------------------------------------------------------------------------
+    def _conversions(self) -> list[ConversionCost]:
+        wanted: dict[tuple[str, int], tuple[ir.Value, int]] = {}
+        for node in self.graph:
+            choice = self.choices.get(node.name)
+            for i, value in enumerate(node.inputs):
+                if value is None or value.const_value is not None:
+                    continue
+                have = self.bits.get(value.name, FLOAT_BITS)
+                if choice is not None and i in op_facts.activation_inputs(node):
+                    want = choice.activations
+                elif choice is None and op_facts.fact(node).range_preserving and i == 0:
+                    continue  # carried on at the same width
+                else:
+                    want = FLOAT_BITS  # a float op reads it
+                if have != want:
+                    wanted.setdefault((value.name, want), (value, have))
+        for out in self.graph.outputs:
+            have = self.bits.get(out.name, FLOAT_BITS)
+            if have != FLOAT_BITS:
+                wanted.setdefault((out.name, FLOAT_BITS), (out, have))
+        return [self._conversion(value, have, want) for (_, want), (value, have) in wanted.items()]
+
+    def _conversion(self, value: ir.Value, have: int, want: int) -> ConversionCost:
+        elements = _elements(value)
+        op = "DequantizeLinear" if want == FLOAT_BITS else "QuantizeLinear"
+        narrow = want if op == "QuantizeLinear" else have
+        measured = self.table.lookup(op, f"x{elements}", 0, narrow)
+        if measured is not None:
+            return ConversionCost(value.name, have, want, elements, measured, MEASURED)
+        roofline = self.table.roofline
+        us = roofline.node_us(0, elements * (_bytes(have) + _bytes(want)), "fp32" if "fp32" in
+                              roofline.peak_ops_per_s else next(iter(roofline.peak_ops_per_s)))
+        return ConversionCost(value.name, have, want, elements, us,
+                              MISSING if self.table.kind == "measured" else ROOFLINE)
+
+
+def _elements(value: ir.Value | None) -> int:
+    if value is None or value.shape is None:
+        return 0
+    return math.prod(d if isinstance(d, int) else 1 for d in value.shape)
+
+
+def _bytes(bits: int) -> float:
+    return bits / 8.0
+
+
+def format_report(report: CostReport, top: int | None = None) -> str:
+    """The per-node breakdown as a text table, then the totals and savings."""
+    rows = sorted(report.nodes, key=lambda n: -n.latency_us)
+    shown = rows if top is None else rows[:top]
+    lines = [f"{'node':<28} {'op':<22} {'bits w/a':>9} {'latency us':>11} {'share':>6}  source"]
+    for n in shown:
+        bits = "" if n.source.startswith("fused") else "float" if n.activation_bits == FLOAT_BITS else (
+            f"{_bits(n.weight_bits)}/{n.activation_bits}")
+        lines.append(f"{n.node[:28]:<28} {n.op[:22]:<22} {bits:>9} {n.latency_us:>11.2f} "
+                     f"{report.share(n):>6.1%}  {n.source}")
+    if len(rows) > len(shown):
+        rest = sum(n.latency_us for n in rows[len(shown):])
+        lines.append(f"{'(' + str(len(rows) - len(shown)) + ' more nodes)':<61} {rest:>11.2f} "
+                     f"{rest / report.total_us if report.total_us else 0:>6.1%}")
+    if report.conversions:
+        lines.append(f"{'conversions (' + str(len(report.conversions)) + ' Q/DQ)':<61} {report.conversion_us:>11.2f} "
+                     f"{report.conversion_us / report.total_us if report.total_us else 0:>6.1%}")
+    lines.append("")
+    lines.append(f"estimated latency on {report.target}: {report.total_us / 1e3:.3f} ms")
+    if not math.isnan(report.float_us):
+        lines.append(f"  float baseline   {report.float_us / 1e3:.3f} ms  (saving {report.saving_vs_float:+.1%})")
+    if not math.isnan(report.sixteen_bit_us):
+        lines.append(f"  W16A16 baseline  {report.sixteen_bit_us / 1e3:.3f} ms  (saving {report.saving_vs_16_bit:+.1%})")
+    missing = sum(1 for n in report.nodes if n.source == MISSING)
+    if missing:
+        lines.append(f"  {missing} node(s) priced by the roofline: their shapes are not in the table "
+                     "(profile this model with `qinject profile`)")
+    return "\n".join(lines)
+
+
+def _bits(bits: int) -> str:
+    return "-" if bits == 0 else "f" if bits == FLOAT_BITS else str(bits)
