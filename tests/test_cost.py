@@ -1,0 +1,84 @@
+"""The cost model: per-node prices, fallbacks, conversions between precision regions, baselines."""
+
+from __future__ import annotations
+
+import pytest
+
+from qinject import ir as qir
+from qinject import op_facts
+from qinject.cost import MEASURED, MISSING, ROOFLINE, estimate, format_report
+from qinject.frontends.onnx_frontend import load_onnx
+from qinject.latency_table import Entry, LatencyTable, Roofline
+from qinject.plan import NodeQuant, Plan
+from tests.builders import conv_net
+
+ROOF = Roofline({"fp32": 1e11, "fp16": 2e11, "int8": 4e11, "int4": 8e11}, 1e10, op_overhead_us=2.0)
+
+
+def _model():
+    return qir.with_batch(load_onnx(conv_net()), 4)
+
+
+def test_measured_entries_win_and_a_missing_shape_falls_back_to_the_roofline_and_says_so():
+    model = _model()
+    conv1 = next(n for n in model.graph if n.name == "conv1")
+    table = LatencyTable("cpu", "measured", ROOF)
+    table.add(Entry(*op_facts.latency_key(conv1), 8, 8, 123.0))
+    report = estimate(model, Plan.uniform(8, 8), table)
+    costs = {c.node: c for c in report.nodes}
+    assert costs["conv1"].latency_us == 123.0 and costs["conv1"].source == MEASURED
+    assert costs["conv2"].source == MISSING  # int8 conv2 is not in the table
+    assert "priced by the roofline: their shapes are not in the table" in format_report(report)
+    analytic = estimate(model, Plan.uniform(8, 8), LatencyTable("gpu", "analytic", ROOF))
+    assert {c.source for c in analytic.nodes if not c.source.startswith("fused")} == {ROOFLINE}
+
+
+def test_relu_after_a_convolution_is_fused():
+    report = estimate(_model(), Plan.uniform(8, 8), LatencyTable("gpu", "analytic", ROOF))
+    relu = next(c for c in report.nodes if c.node == "relu1")
+    assert relu.latency_us == 0 and relu.source == "fused into conv1"
+
+
+def test_lower_bits_are_cheaper_on_a_compute_bound_target():
+    table = LatencyTable("gpu", "analytic", Roofline({"fp32": 1e9, "fp16": 2e9, "int8": 4e9, "int4": 8e9}, 1e15))
+    totals = [estimate(_model(), plan, table, baselines=False).total_us
+              for plan in (Plan(None), Plan.uniform(16, 16), Plan.uniform(8, 8), Plan.uniform(4, 4))]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
+
+
+def test_conversions_where_precision_regions_meet():
+    table = LatencyTable("gpu", "analytic", ROOF)
+    uniform = estimate(_model(), Plan.uniform(8, 8), table)
+    # The float input is quantized once; the int8 region then runs to the float logits of fc.
+    assert [(c.tensor, c.from_bits, c.to_bits) for c in uniform.conversions] == [("x", 32, 8)]
+    # conv2 in float: conv1's int8 output (after relu and pool) must be dequantized for it, and
+    # conv2's float output quantized again for fc.
+    mixed = estimate(_model(), Plan(NodeQuant(), {"conv2": None}), table)
+    assert sorted((c.from_bits, c.to_bits) for c in mixed.conversions) == [(8, 32), (32, 8), (32, 8)]
+    assert mixed.conversion_us > uniform.conversion_us
+    # Two widths meeting: a requantization 8 -> 16.
+    sixteen = estimate(_model(), Plan(NodeQuant(), {"conv2": NodeQuant(weights=16, activations=16)}), table)
+    assert (8, 16) in {(c.from_bits, c.to_bits) for c in sixteen.conversions}
+
+
+def test_measured_conversion_entries_are_used():
+    model = _model()
+    table = LatencyTable("cpu", "measured", ROOF)
+    table.add(Entry("QuantizeLinear", f"x{4 * 3 * 8 * 8}", 0, 8, 7.5))
+    (conv,) = estimate(model, Plan.uniform(8, 8), table).conversions
+    assert conv.latency_us == 7.5 and conv.source == MEASURED
+
+
+def test_baselines_and_savings():
+    report = estimate(_model(), Plan.uniform(8, 8), LatencyTable("gpu", "analytic", ROOF))
+    assert report.float_us > report.sixteen_bit_us > report.total_us
+    assert report.saving_vs_float == pytest.approx(1 - report.total_us / report.float_us)
+    text = format_report(report)
+    assert "float baseline" in text and "W16A16 baseline" in text
+
+
+def test_symbolic_batch_takes_the_given_size():
+    model = load_onnx(conv_net())
+    small = estimate(model, Plan.uniform(8, 8), LatencyTable("gpu", "analytic", ROOF), batch=1)
+    large = estimate(model, Plan.uniform(8, 8), LatencyTable("gpu", "analytic", ROOF), batch=512)
+    assert large.total_us > small.total_us
