@@ -55,12 +55,37 @@ def test_inspect(model) -> None:
     assert lines[2].split()[:2] == ["conv1", "Conv"] and "3 quantizable node(s)" in r.stdout
 
 
+def test_cost_prints_the_breakdown_and_plots(model, tmp_path) -> None:
+    (tmp_path / "plan.json").write_text('{"default": {"weights": 8, "activations": 8}, "nodes": {"fc": "float"}}')
+    r = qinject("cost", model, "--target", "nvidia-a100", "--plan", tmp_path / "plan.json", "--batch", "32",
+                "--plot", tmp_path / "nodes.png")
+    assert r.returncode == 0, r.stderr
+    assert "conv1" in r.stdout and "estimated latency on nvidia-a100" in r.stdout and "W16A16 baseline" in r.stdout
+    fc = next(line for line in r.stdout.splitlines() if line.startswith("fc "))
+    assert "float" in fc
+    assert (tmp_path / "nodes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_targets_lists_the_builtin_tables() -> None:
+    r = qinject("targets")
+    assert r.returncode == 0, r.stderr
+    assert "nvidia-a100" in r.stdout and "analytic" in r.stdout
+
+
+def test_quantize_prints_the_latency_estimate(model, tmp_path) -> None:
+    r = qinject("quantize", model, "-o", tmp_path / "q.onnx", "--calib", tmp_path / "calib.npz",
+                "--target", "google-tpu-v5e")
+    assert r.returncode == 0, r.stderr
+    assert "estimated latency on google-tpu-v5e" in r.stdout and "saved" in r.stdout
+
+
 def _bad_cases(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
     (tmp_path / "trunc.onnx").write_bytes(model.read_bytes()[:300])
     (tmp_path / "random.onnx").write_bytes(np.random.default_rng(0).bytes(2000))
     (tmp_path / "bad_plan.json").write_text('{"default": {"weights": 3}}')
     np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 3, 5, 5), np.float32))
     np.savez(tmp_path / "empty.npz")
+    (tmp_path / "bad_table.json").write_text('{"format": "qinject-latency-table", ')
     out = ["-o", str(tmp_path / "out.onnx")]
     return [
         (["quantize", str(tmp_path / "missing.onnx"), *out], "does not exist"),
@@ -72,6 +97,11 @@ def _bad_cases(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
         (["quantize", str(model), *out, "--calib", str(tmp_path / "empty.npz")], "lacks model input"),
         (["quantize", str(model), "-o", str(tmp_path / "nofolder" / "q.onnx")], "does not exist"),
         (["quantize", str(model), "-o", str(model)], "is the input model"),
+        (["quantize", str(model), *out, "--target", "nope"], "unknown target 'nope'"),
+        (["quantize", str(model), *out, "--target", str(tmp_path / "bad_table.json")], "is not valid JSON"),
+        (["cost", str(model), "--target", str(tmp_path / "bad_table.json")], "is not valid JSON"),
+        (["cost", str(model), "--target", "nvidia-a100", "--plot", str(tmp_path / "nofolder" / "p.png")],
+         "does not exist"),
     ]
 
 
