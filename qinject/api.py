@@ -123,7 +123,8 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
 
 def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | os.PathLike | None = None,
                  plan: Plan | None = None, calib: object = None, method: str = "minmax",
-                 percentile: float = 99.99, progress: bool = True) -> QuantizeResult:
+                 percentile: float = 99.99, progress: bool = True,
+                 target: LatencyTable | str | None = None) -> QuantizeResult:
     """Trace ``fn(params, *example_inputs)``, calibrate and quantize it, optionally write ONNX.
 
     The same passes as ``quantize_onnx`` run on the traced graph; calibration runs through the
@@ -138,6 +139,8 @@ def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | 
         calib: calibration inputs: an array (single-input functions), a dict keyed by input name
             (the function's parameter names: ``x`` for ``fn(params, x)``), or any source
             ``quantize_onnx`` accepts. Calibration runs in batches of the example's batch size.
+        target: a latency table (or target name/path): the result's ``cost`` is the plan's
+            estimated latency on it.
 
     Example:
         >>> result = quantize_jax(forward, params, x[:64], calib=x_calib)  # doctest: +SKIP
@@ -148,7 +151,7 @@ def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | 
     if output is not None:
         onnx_backend.check_output_path(output)
     ir_model = trace_jax(fn, params, *example_inputs)
-    result = _quantize(ir_model, plan, calib, method, 16, percentile, progress)
+    result = _quantize(ir_model, plan, calib, method, 16, percentile, progress, target)
     if output is not None:
         result.output = result.save(output)
     return result
