@@ -1,4 +1,4 @@
-"""The ``qinject`` command line: quantize, inspect, cost, targets, demo.
+"""The ``qinject`` command line: quantize, inspect, cost, targets, profile, demo.
 
 Every error a user can cause prints one line (``error: ...``) and exits 1; no traceback, no output
 file. Set QINJECT_DEBUG=1 to see tracebacks of internal errors.
@@ -142,6 +142,59 @@ def targets() -> None:
         table = load_target(name)
         rows.append([name, table.kind, len(table.entries), table.description[:70]])
     click.echo(_format_table(["target", "kind", "entries", "description"], rows))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", required=True, help="Name of the target the table describes (e.g. my-laptop).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Table to write; if it exists, its entries are reused and kept (a cache).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size for a symbolic batch dimension.")
+@click.option("--bits", default="32/32,16/16,8/8,4/8", show_default=True,
+              help="Weight/activation bits to time each quantizable node at (32/32: float).")
+@click.option("--repeats", type=int, default=15, show_default=True, help="Timed runs per kernel (median kept).")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs first.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--save-as-target", is_flag=True,
+              help="Also copy the table into the user's target folder, selectable as --target NAME.")
+def profile(model: Path, target: str, output: Path, batch: int, bits: str, repeats: int, warmup: int,
+            no_progress: bool, save_as_target: bool) -> None:
+    """Measure MODEL's latency table on this machine (onnxruntime CPU) and write it to OUTPUT."""
+    import time
+
+    from qinject.latency_table import LatencyTable, user_dir
+    from qinject.profiler import run_profile
+
+    pairs = _bits_pairs(bits)
+    if repeats < 1 or warmup < 0 or batch < 1:
+        raise QinjectError("--repeats and --batch must be at least 1 and --warmup at least 0")
+    if not output.parent.is_dir():
+        raise QinjectError(f"output folder {str(output.parent)!r} does not exist")
+    cached = LatencyTable.load(output) if output.exists() else None
+    if cached is not None and cached.target != target:
+        raise QinjectError(f"{str(output)!r} holds a table for target {cached.target!r}, not {target!r}: "
+                           "choose another -o or the same --target")
+    start = time.perf_counter()
+    run = run_profile(model, cached, batch=batch, bits=pairs, warmup=warmup, repeats=repeats,
+                      progress=not no_progress, target=target)
+    run.table.save(output)
+    for failure in run.failed:
+        click.echo(f"warning: not measured: {failure}", err=True)
+    if save_as_target:
+        user_dir().mkdir(parents=True, exist_ok=True)
+        click.echo(f"saved as target {target!r}: {run.table.save(user_dir() / f'{target}.json')}")
+    click.echo(f"{model.name}: {run.measured} entries measured, {run.reused} reused; {len(run.table.entries)} in "
+               f"{output} ({time.perf_counter() - start:.1f} s)")
+
+
+def _bits_pairs(text: str) -> list[tuple[int, int]]:
+    pairs = []
+    for item in text.split(","):
+        w, _, a = item.strip().partition("/")
+        if not (w.isdigit() and a.isdigit()):
+            raise QinjectError(f"--bits: {item.strip()!r} is not WEIGHTS/ACTIVATIONS (e.g. 8/8, 32/32 for float)")
+        pairs.append((int(w), int(a)))
+    return pairs
 
 
 def _plan(plan_path: Path | None, weights: str, activations: str, per_tensor: bool):

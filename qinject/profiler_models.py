@@ -1,0 +1,287 @@
+"""The small models the profiler times: one node (with its fused epilogue) cut out of a graph, a lone
+QuantizeLinear or DequantizeLinear, a range-preserving op on integers, and the roofline's
+microbenchmarks. Pure model building: nothing here runs onnxruntime (``qinject.profiler`` does).
+
+Every model ends in the tensors its node writes; the node's own output goes through an ``Identity``
+so that it is not a graph output (the Q/DQ rewrite never quantizes a graph output, and a Conv's
+integer kernel needs a quantized one). onnxruntime removes the Identity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from qinject import op_facts
+from qinject.quant_points import output_point
+
+SINK = "__profiled_output"
+CONTEXT = "__context"  # a node that sets up the layout a probe runs in; not timed
+# onnxruntime folds these at session creation when their inputs are known shapes or constants.
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+
+
+def node_group(node: ir.Node) -> list[ir.Node]:
+    """``node`` and the epilogue chain that runs inside its kernel (the ReLU after a Conv)."""
+    group = [node]
+    end = output_point(node) if op_facts.is_quantizable(node) else node.outputs[0]
+    while group[-1].outputs[0] is not end:
+        group.append(group[-1].outputs[0].uses()[0].node)
+    return group
+
+
+def static_values(model: ir.Model) -> set[str]:
+    """Names of the values onnxruntime knows before a run: initializers, and what nodes compute from
+    them and from static shapes (``Shape`` of a fully known tensor). Nodes reading only these are
+    constant-folded at session creation, so a single-node model keeps them as initializers."""
+    static = {name for name, v in model.graph.initializers.items() if v.const_value is not None}
+    for node in model.graph:
+        if node.op_type in _SHAPE_OPS and node.inputs and _known_shape(node.inputs[0]) or all(v is None or v.name in static for v in node.inputs):
+            static.update(v.name for v in node.outputs)
+    return static
+
+
+def _known_shape(value: ir.Value | None) -> bool:
+    return value is not None and value.shape is not None and all(isinstance(d, int) for d in value.shape)
+
+
+def group_inputs(group: list[ir.Node]) -> list[ir.Value]:
+    """The values the group reads from outside itself, in order, without repeats."""
+    inside = {v.name for n in group for v in n.outputs}
+    seen: dict[str, ir.Value] = {}
+    for node in group:
+        for value in node.inputs:
+            if value is not None and value.name not in inside:
+                seen.setdefault(value.name, value)
+    return list(seen.values())
+
+
+def group_model(group: list[ir.Node], model: ir.Model, values: dict[str, np.ndarray], static: set[str]
+                ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A model running ``group`` alone, and its feeds.
+
+    Inputs that are constant in ``model`` (or static, see ``static_values``) become initializers with
+    their values from ``values`` (or the constant), the others graph inputs fed from ``values``.
+    """
+    inits, graph_inputs, feeds = [], [], {}
+    for value in group_inputs(group):
+        array = _value_array(value, values)
+        if value.name in static:
+            inits.append(numpy_helper.from_array(array, value.name))
+        else:
+            graph_inputs.append(_value_info(value.name, array.dtype, array.shape))
+            feeds[value.name] = array
+    nodes = [ir.serde.serialize_node(n) for n in group]
+    main = group[-1].outputs[0]
+    nodes.append(helper.make_node("Identity", [main.name], [SINK], name=SINK))
+    outputs = [_value_info(SINK, main.dtype, main.shape)]
+    used_inside = {v.name for n in group for v in n.inputs if v is not None}
+    for node in group:
+        for value in node.outputs:
+            if value.name and value is not main and value.name not in used_inside and value.uses():
+                outputs.append(_value_info(value.name, value.dtype, value.shape))
+    graph = helper.make_graph(nodes, f"profile_{group[0].name}", graph_inputs, outputs, inits)
+    return _model(graph, model.opset_imports, model.ir_version), feeds
+
+
+def _value_array(value: ir.Value, values: dict[str, np.ndarray]) -> np.ndarray:
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    if value.name in values:
+        return values[value.name]
+    raise KeyError(value.name)
+
+
+def _value_info(name: str, dtype: object, shape: Iterable) -> onnx.ValueInfoProto:
+    elem = int(dtype) if isinstance(dtype, ir.DataType) else helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return helper.make_tensor_value_info(name, elem, [d if isinstance(d, int) else None for d in shape])
+
+
+def _model(graph: onnx.GraphProto, opsets: dict[str, int], ir_version: int | None = None) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    model.ir_version = max(ir_version or 0, 8)
+    return model
+
+
+# -- conversions and integer data movement -------------------------------------------------------------
+def qtype(bits: int) -> tuple[int, type]:
+    """The activation type of ``bits`` the rewrite uses by default (unsigned, asymmetric)."""
+    return {4: (TensorProto.UINT4, np.uint8), 8: (TensorProto.UINT8, np.uint8),
+            16: (TensorProto.UINT16, np.uint16)}[bits]
+
+
+def _qdq_opset(bits: int) -> int:
+    return 21 if bits in (4, 16) else 13
+
+
+def conversion_model(elements: int, bits: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """float -> QuantizeLinear(``bits``) -> DequantizeLinear -> float on a flat tensor: both conversions
+    of a tensor of ``elements`` values, timed from the one model (kernels named by their op)."""
+    elem, _ = qtype(bits)
+    scale = numpy_helper.from_array(np.array(0.05, np.float32), "scale")
+    zero = helper.make_tensor("zero", elem, [], [0])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"], name="QuantizeLinear"),
+             helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"], name="DequantizeLinear")]
+    graph = helper.make_graph(nodes, "profile_conversions",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [elements])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [elements])], [scale, zero])
+    feeds = {"x": np.random.default_rng(0).standard_normal(elements).astype(np.float32)}
+    return _model(graph, {"": _qdq_opset(bits)}), feeds
+
+
+def integer_model(node: ir.Node, model: ir.Model, values: dict[str, np.ndarray], static: set[str], bits: int,
+                  after_conv: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A range-preserving op (MaxPool, Reshape, ...) between Q/DQ pairs of one scale, as the rewrite
+    leaves it: onnxruntime then runs it on the integers (or drops it) instead of in float.
+
+    With ``after_conv``, the op reads a quantized 1x1 depthwise convolution (node ``CONTEXT``, to be
+    left out of the timing) as it reads a quantized Conv in a network: onnxruntime then runs both in
+    its NHWC integer layout (``NhwcMaxPool``), where a lone uint8 MaxPool runs a slower NCHW kernel.
+    """
+    proto, feeds = group_model([node], model, values, static)
+    graph, data = proto.graph, node.inputs[0].name
+    target = next(n for n in graph.node if n.name == node.name)
+    if after_conv:
+        channels = feeds[data].shape[1] if data in feeds else values[data].shape[1]
+        graph.initializer.append(numpy_helper.from_array(np.ones((channels, 1, 1, 1), np.float32), "__context_w"))
+        graph.node.insert(0, helper.make_node("Conv", [data, "__context_w"], ["__context_out"], name=CONTEXT,
+                                              group=channels))
+        target.input[0] = "__context_out"
+        proto = quantized(proto, feeds, 8, bits)
+        graph = proto.graph
+        target = next(n for n in graph.node if n.name == node.name)
+        dq = next(n for n in graph.node if target.input[0] in n.output)
+        scale, zero = dq.input[1], dq.input[2]
+    else:
+        elem, _ = qtype(bits)
+        scale, zero = "__scale", "__zero"
+        graph.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float32), scale),
+                                  helper.make_tensor(zero, elem, [], [0])])
+        target.input[0] = "__dq_in"
+        graph.node.insert(0, helper.make_node("QuantizeLinear", [data, scale, zero], ["__q_in"], name="__q_in"))
+        graph.node.insert(1, helper.make_node("DequantizeLinear", ["__q_in", scale, zero], ["__dq_in"],
+                                              name="__dq_in"))
+    out = target.output[0]
+    target.output[0] = "__op_out"
+    at = list(graph.node).index(target) + 1
+    graph.node.insert(at, helper.make_node("QuantizeLinear", ["__op_out", scale, zero], ["__q_out"], name="__q_out"))
+    graph.node.insert(at + 1, helper.make_node("DequantizeLinear", ["__q_out", scale, zero], [out], name="__dq_out"))
+    opset = max(next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), _qdq_opset(bits))
+    _set_opset(proto, opset)
+    return proto, feeds
+
+
+def _set_opset(proto: onnx.ModelProto, version: int) -> None:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = version
+
+
+def quantized(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], weights: int, activations: int
+              ) -> onnx.ModelProto:
+    """``proto`` through qinject's quantize pipeline, uniform at these bits, calibrated on ``feeds``."""
+    from qinject.api import quantize_onnx
+    from qinject.backends import onnx_backend
+    from qinject.plan import Plan
+
+    calib = {k: np.nan_to_num(v) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+    result = quantize_onnx(proto, plan=Plan.uniform(weights, activations), calib=[calib], progress=False)
+    return onnx_backend.to_proto(result.model)
+
+
+# -- roofline microbenchmarks -------------------------------------------------------------------------------
+def matmul_model(m: int, k: int, n: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x[m, k] @ W[k, n] with a constant weight (the roofline's compute peak)."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((k, n)) / math.sqrt(k)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul"),
+                               helper.make_node("Identity", ["y"], [SINK], name=SINK)], "peak",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info(SINK, TensorProto.FLOAT, [m, n])], [w])
+    return _model(graph, {"": 13}), {"x": rng.standard_normal((m, k)).astype(np.float32)}
+
+
+def elementwise_model(elements: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """a + b of two float vectors (the roofline's bandwidth, and its per-op overhead when tiny)."""
+    rng = np.random.default_rng(0)
+    vec = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"], name="add")], "bandwidth",
+                              [vec("a", TensorProto.FLOAT, [elements]), vec("b", TensorProto.FLOAT, [elements])],
+                              [vec("y", TensorProto.FLOAT, [elements])])
+    return _model(graph, {"": 13}), {k: rng.standard_normal(elements).astype(np.float32) for k in "ab"}
+
+
+def add_chain_model(count: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``count`` one-element Adds in a row (the roofline's fixed cost per op)."""
+    one = numpy_helper.from_array(np.ones(1, np.float32), "one")
+    names = ["x", *[f"a{i}" for i in range(count)]]
+    nodes = [helper.make_node("Add", [names[i], "one"], [names[i + 1]], name=f"add{i}") for i in range(count)]
+    vec = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "overhead", [vec("x", TensorProto.FLOAT, [1])],
+                              [vec(names[-1], TensorProto.FLOAT, [1])], [one])
+    return _model(graph, {"": 13}), {"x": np.zeros(1, np.float32)}
+
+
+def copies(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], count: int
+           ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``count`` independent copies of ``proto``'s nodes side by side, each with its own inputs (fed
+    the same arrays), initializers and outputs: onnxruntime's common-subexpression elimination would
+    merge copies reading one input, and the Q/DQ rewrite would give copies of one weight a single
+    DequantizeLinear (a cost each node pays in a network). Copy 0 keeps the original names."""
+    if count == 1:
+        return proto, feeds
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    graph = out.graph
+    del graph.node[:], graph.input[:], graph.output[:], graph.value_info[:], graph.initializer[:]
+    shared = {""}
+    all_feeds = {}
+    for i in range(count):
+        def rename(name: str, i: int = i) -> str:
+            return name if i == 0 or name in shared else f"{name}__copy{i}"
+
+        for node in proto.graph.node:
+            copy = graph.node.add()
+            copy.CopyFrom(node)
+            copy.name = rename(node.name) if node.name else ""
+            copy.input[:] = [rename(x) for x in node.input]
+            copy.output[:] = [rename(x) for x in node.output]
+        for tensor in proto.graph.initializer:
+            copy = graph.initializer.add()
+            copy.CopyFrom(tensor)
+            copy.name = rename(tensor.name)
+        for source, target in ((proto.graph.input, graph.input), (proto.graph.output, graph.output)):
+            for value in source:
+                copy = target.add()
+                copy.CopyFrom(value)
+                copy.name = rename(value.name)
+        all_feeds.update({rename(k): v for k, v in feeds.items()})
+    return out, all_feeds
+
+
+def quantize_output(proto: onnx.ModelProto, bits: int) -> onnx.ModelProto:
+    """Put a Q/DQ pair (uint ``bits``) on each copy's output before its ``SINK`` where it is float,
+    as the rewrite does when a quantized node reads the output: a Gemm then fuses into QGemm with
+    an integer output (and its ReLU into the requantization), where with a float output onnxruntime
+    leaves Gemm + ReLU unfused behind a DequantizeLinear of the weight."""
+    graph = proto.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    elem, _ = qtype(bits)
+    graph.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float32), "__out_scale"),
+                              helper.make_tensor("__out_zero", elem, [], [0])])
+    for sink in [n for n in graph.node if n.name.startswith(SINK)]:
+        source = sink.input[0]
+        if producers[source].op_type == "DequantizeLinear":
+            continue
+        q, dq = f"{source}__out_q", f"{source}__out_dq"
+        at = list(graph.node).index(sink)
+        graph.node.insert(at, helper.make_node("QuantizeLinear", [source, "__out_scale", "__out_zero"], [q], name=q))
+        graph.node.insert(at + 1, helper.make_node("DequantizeLinear", [q, "__out_scale", "__out_zero"], [dq],
+                                                   name=dq))
+        sink.input[0] = dq
+    return proto

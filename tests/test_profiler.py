@@ -1,0 +1,146 @@
+"""The profiler: which entries it measures, its cache, its CLI, and that the cost model uses them."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from qinject import cost, op_facts, profiler
+from qinject import ir as qir
+from qinject import profiler_models as pm
+from qinject.latency_table import Entry, LatencyTable, Roofline
+from qinject.plan import Plan
+from qinject.quant_points import activation_points
+from tests.builders import conv_net, matmul_net
+
+BATCH = 4
+FAST = {"warmup": 1, "repeats": 3, "progress": False}
+
+
+def empty_table() -> LatencyTable:
+    """A table with a roofline already, so a test does not spend time fitting one."""
+    return LatencyTable("test-cpu", "measured", Roofline({"fp32": 1e11}, 1e10, 1.0))
+
+
+@pytest.fixture(scope="module")
+def profiled() -> tuple[LatencyTable, object]:
+    table = profiler.profile(conv_net(), empty_table(), batch=BATCH, **FAST)
+    return table, profiler._prepared(conv_net(), BATCH)
+
+
+def test_every_quantizable_node_at_every_bit_width(profiled) -> None:
+    table, model = profiled
+    nodes = qir.quantizable_nodes(model)
+    assert [n.name for n in nodes] == ["conv1", "conv2", "fc"]
+    for node in nodes:
+        for w, a in profiler.DEFAULT_BITS:
+            assert table.lookup(*op_facts.latency_key(node), w, a) is not None, (node.name, w, a)
+
+
+def test_conversions_float_nodes_and_integer_moves(profiled) -> None:
+    table, model = profiled
+    for value in activation_points(model):
+        for op in ("QuantizeLinear", "DequantizeLinear"):
+            for bits in (8, 16):
+                assert table.lookup(op, f"x{math.prod(value.shape)}", 0, bits) is not None, (value.name, op, bits)
+    by_name = {n.name: n for n in model.graph}
+    for name in ("pool1", "flatten"):  # not quantizable: float, and on integers as the rewrite leaves them
+        key = op_facts.latency_key(by_name[name])
+        assert table.lookup(*key, 32, 32) is not None and table.lookup(*key, 0, 8) is not None
+    # A ReLU runs inside its convolution's kernel: no entry of its own.
+    assert not [e for e in table if e.op == "Relu"]
+    assert all(e.latency_us > 0 for e in table)
+
+
+def test_weightless_keys_and_matmul(tmp_path) -> None:
+    table = profiler.profile(matmul_net(), empty_table(), batch=BATCH, bits=[(8, 8), (4, 8)], **FAST)
+    model = profiler._prepared(matmul_net(), BATCH)
+    for node in qir.quantizable_nodes(model):
+        assert table.lookup(*op_facts.latency_key(node), 4, 8) is not None
+
+
+def test_second_run_measures_nothing_and_keeps_other_entries(profiled, monkeypatch) -> None:
+    table, _ = profiled
+    other = Entry("Conv", "1x1x1x1;1x1x1x1->1x1x1x1", 8, 8, 3.0)  # another model's entry
+    table.add(other)
+    before = dict(table.entries)
+    calls = []
+    monkeypatch.setattr(profiler, "measure", lambda *args: calls.append(args) or {})
+    run = profiler.run_profile(conv_net(), table, batch=BATCH, **FAST)
+    assert calls == [] and run.measured == 0 and run.reused == len(before) - 1
+    assert table.entries == before
+
+
+def test_a_new_bit_width_measures_only_what_is_missing(profiled, monkeypatch) -> None:
+    table, _ = profiled
+    subset = LatencyTable("test-cpu", "measured", table.roofline,
+                          entries={k: e for k, e in table.entries.items() if k[2:] != (4, 8)})
+    calls = []
+    real = profiler.measure
+    monkeypatch.setattr(profiler, "measure", lambda *args: calls.append(args[0]) or real(*args))
+    profiler.run_profile(conv_net(), subset, batch=BATCH, **FAST)
+    assert [p.keys[0][2:] for p in calls] == [(4, 8)] * 3
+
+
+def test_estimate_uses_the_measured_entries(profiled) -> None:
+    table, model = profiled
+    for plan in (Plan.uniform(8, 8), Plan(None), Plan.uniform(16, 16), Plan(None, {"conv2": Plan.uniform(4, 8).default})):
+        report = cost.estimate(model, plan, table, BATCH, baselines=False)
+        sources = {n.node: n.source for n in report.nodes}
+        assert sources["relu1"].startswith("fused into conv1")
+        assert {s for n, s in sources.items() if not s.startswith("fused")} == {cost.MEASURED}, sources
+        assert all(c.source == cost.MEASURED for c in report.conversions)
+
+
+def test_copies_are_independent() -> None:
+    proto, feeds = pm.group_model(*_conv_group())
+    many, many_feeds = pm.copies(proto, feeds, 3)
+    onnx.checker.check_model(many, full_check=True)
+    assert len(many.graph.node) == 3 * len(proto.graph.node) and len(many_feeds) == 3 * len(feeds)
+    assert len({t.name for t in many.graph.initializer}) == 3 * len(proto.graph.initializer)
+    outs = profiler.time_models([(many, many_feeds)], 0, 1)[0]
+    assert outs.wall_us > 0 and all(op for op in outs.ops.values())
+
+
+def _conv_group():
+    model = profiler._prepared(conv_net(), BATCH)
+    conv = next(n for n in model.graph if n.name == "conv1")
+    return pm.node_group(conv), model, {"x": np.zeros((BATCH, 3, 8, 8), np.float32)}, pm.static_values(model)
+
+
+def test_marginal_cost_drops_what_a_run_pays_once() -> None:
+    def times(wall: float, runs: list[dict[str, float]]) -> profiler.KernelTimes:
+        return profiler.KernelTimes(runs, {n: "Op" for n in runs[0]}, onnx.GraphProto(), set(), wall)
+
+    # one copy: 40 us of wall time (30 of which a run pays once); three copies: 60 us.
+    one = times(40.0, [{"q": 2.0, "node": 8.0}])
+    many = times(60.0, [{"q": 2.0, "node": 8.0, "node__copy1": 8.0, "node__copy2": 8.0}])
+    assert profiler.marginal_us(one, many, 3, ["node"], ["node", "node__copy1", "node__copy2"]) == 10.0
+    noisy = times(35.0, [{"q": 2.0, "node": 8.0}])
+    assert profiler.marginal_us(one, noisy, 3, ["node"], ["node"]) == profiler.FLOOR_US
+
+
+def qinject(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qinject.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def test_cli_profile_writes_a_table_and_refuses_another_target(tmp_path) -> None:
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_net(), str(model))
+    out = tmp_path / "table.json"
+    r = qinject("profile", model, "--target", "test-cpu", "-o", out, "--batch", 2, "--bits", "32/32,8/8",
+                "--repeats", 2, "--warmup", 1, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    table = LatencyTable.load(out)
+    assert table.target == "test-cpu" and table.kind == "measured" and "fp32" in table.roofline.peak_ops_per_s
+    assert "entries measured, 0 reused" in r.stdout
+    r = qinject("profile", model, "--target", "other-cpu", "-o", out, "--no-progress")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "holds a table for target 'test-cpu'" in lines[0], r.stderr
+    assert LatencyTable.load(out).entries == table.entries
