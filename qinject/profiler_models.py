@@ -5,6 +5,11 @@ microbenchmarks. Pure model building: nothing here runs onnxruntime (``qinject.p
 Every model ends in the tensors its node writes; the node's own output goes through an ``Identity``
 so that it is not a graph output (the Q/DQ rewrite never quantizes a graph output, and a Conv's
 integer kernel needs a quantized one). onnxruntime removes the Identity.
+
+A *context* is a 1x1 depthwise convolution (identity weights) put before a probe's input where, in the
+model, a convolution produces it: onnxruntime picks a kernel's layout from its neighbours (NHWC
+around QLinearConv, NCHWc blocks around float Conv), and a uint8 MaxPool, say, runs 5-10x slower in
+NCHW than in the NHWC it gets after a QLinearConv. Contexts are named ``CONTEXT...`` and not timed.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from qinject import op_facts
 from qinject.quant_points import output_point
 
 SINK = "__profiled_output"
-CONTEXT = "__context"  # a node that sets up the layout a probe runs in; not timed
+CONTEXT = "__context"  # prefix of the nodes that set up the layout a probe runs in; not timed
+BEFORE, AFTER = f"{CONTEXT}_a", f"{CONTEXT}_b"  # contexts before a probed tensor, and after it
 # onnxruntime folds these at session creation when their inputs are known shapes or constants.
 _SHAPE_OPS = frozenset({"Shape", "Size"})
 
@@ -119,61 +125,136 @@ def _qdq_opset(bits: int) -> int:
     return 21 if bits in (4, 16) else 13
 
 
-def conversion_model(elements: int, bits: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """float -> QuantizeLinear(``bits``) -> DequantizeLinear -> float on a flat tensor: both conversions
-    of a tensor of ``elements`` values, timed from the one model (kernels named by their op)."""
-    elem, _ = qtype(bits)
-    scale = numpy_helper.from_array(np.array(0.05, np.float32), "scale")
-    zero = helper.make_tensor("zero", elem, [], [0])
-    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"], name="QuantizeLinear"),
-             helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"], name="DequantizeLinear")]
-    graph = helper.make_graph(nodes, "profile_conversions",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [elements])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [elements])], [scale, zero])
-    feeds = {"x": np.random.default_rng(0).standard_normal(elements).astype(np.float32)}
-    return _model(graph, {"": _qdq_opset(bits)}), feeds
+def conv_fed(value: ir.Value) -> bool:
+    """Whether a convolution's output stage writes ``value`` (through range-preserving ops and
+    Concat too: onnxruntime keeps a Concat of convolutions in their layout, NCHWc or NHWC)."""
+    producer = value.producer()
+    while producer is not None and (op_facts.fact(producer).range_preserving or op_facts.is_epilogue(producer)
+                                    or producer.op_type == "Concat"):
+        producer = producer.inputs[0].producer() if producer.inputs and producer.inputs[0] is not None else None
+    return producer is not None and producer.op_type in ("Conv", "ConvTranspose") and _spatial(value)
 
 
-def integer_model(node: ir.Node, model: ir.Model, values: dict[str, np.ndarray], static: set[str], bits: int,
-                  after_conv: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """A range-preserving op (MaxPool, Reshape, ...) between Q/DQ pairs of one scale, as the rewrite
-    leaves it: onnxruntime then runs it on the integers (or drops it) instead of in float.
+def conv_read(value: ir.Value) -> bool:
+    """Whether a convolution reads ``value`` as its data input (through range-preserving ops too)."""
+    for use in value.uses():
+        if use.node.op_type in ("Conv", "ConvTranspose") and use.idx == 0:
+            return _spatial(value)
+        if op_facts.fact(use.node).range_preserving and use.idx == 0 and conv_read(use.node.outputs[0]):
+            return _spatial(value)
+    return False
 
-    With ``after_conv``, the op reads a quantized 1x1 depthwise convolution (node ``CONTEXT``, to be
-    left out of the timing) as it reads a quantized Conv in a network: onnxruntime then runs both in
-    its NHWC integer layout (``NhwcMaxPool``), where a lone uint8 MaxPool runs a slower NCHW kernel.
-    """
-    proto, feeds = group_model([node], model, values, static)
-    graph, data = proto.graph, node.inputs[0].name
-    target = next(n for n in graph.node if n.name == node.name)
-    if after_conv:
-        channels = feeds[data].shape[1] if data in feeds else values[data].shape[1]
-        graph.initializer.append(numpy_helper.from_array(np.ones((channels, 1, 1, 1), np.float32), "__context_w"))
-        graph.node.insert(0, helper.make_node("Conv", [data, "__context_w"], ["__context_out"], name=CONTEXT,
-                                              group=channels))
-        target.input[0] = "__context_out"
-        proto = quantized(proto, feeds, 8, bits)
-        graph = proto.graph
-        target = next(n for n in graph.node if n.name == node.name)
-        dq = next(n for n in graph.node if target.input[0] in n.output)
-        scale, zero = dq.input[1], dq.input[2]
-    else:
+
+def _spatial(value: ir.Value) -> bool:
+    return value.shape is not None and len(value.shape) >= 3 and value.dtype is not None and (
+        value.dtype.is_floating_point())
+
+
+def _context(name: str, source: str, shape: tuple[int, ...]) -> tuple[onnx.NodeProto, onnx.TensorProto]:
+    """A context convolution ``name`` reading ``source`` (writing ``<name>_out``) and its weight."""
+    weight = np.ones((shape[1], 1, *[1] * (len(shape) - 2)), np.float32)
+    node = helper.make_node("Conv", [source, f"{name}_w"], [f"{name}_out"], name=name, group=shape[1])
+    return node, numpy_helper.from_array(weight, f"{name}_w")
+
+
+def with_contexts(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], inputs: Iterable[str],
+                  op: str = "Conv") -> list[str]:
+    """Put a context between each graph input of ``inputs`` and its readers (in place): a
+    convolution, or a ``Neg`` (which onnxruntime fuses with nothing) before ops it removes when they
+    do not read a graph input (Dropout, Identity). Returns the contexts' names."""
+    graph, names = proto.graph, []
+    for i, name in enumerate(inputs):
+        if op == "Conv":
+            node, weight = _context(f"{BEFORE}{i}", name, feeds[name].shape)
+            graph.initializer.append(weight)
+        else:
+            node = helper.make_node(op, [name], [f"{BEFORE}{i}_out"], name=f"{BEFORE}{i}")
+        for reader in graph.node:
+            reader.input[:] = [node.output[0] if x == name else x for x in reader.input]
+        graph.node.insert(0, node)
+        names.append(node.name)
+    return names
+
+
+def conversion_model(shape: tuple[int, ...], bits: int, op: str, after_conv: bool, before_conv: bool
+                     ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A tensor of ``shape`` converted float -> ``bits`` (``op`` QuantizeLinear) or back, between the
+    kernels that write and read it in the model: a context convolution where a convolution writes it
+    (``after_conv``: context ``BEFORE0``) and where one reads it (``before_conv``: ``AFTER0``), the one
+    on the integer side quantized at ``bits``, the other float.
+
+    The layout changes onnxruntime adds at such a precision boundary (NHWC Transposes of QLinearConv,
+    ``ReorderOutput`` of a float NCHWc region) belong to the conversion; ``qinject.profiler`` times
+    what runs between the contexts."""
+    from qinject.plan import NodeQuant, Plan
+
+    nodes, inits, tensor = [], [], "x"
+    for wanted, name in ((after_conv, f"{BEFORE}0"), (before_conv, f"{AFTER}0")):
+        if wanted:
+            node, weight = _context(name, tensor, shape)
+            nodes.append(node)
+            inits.append(weight)
+            tensor = node.output[0]
+    # onnxruntime drops the Identity and names a float NCHWc Conv after its output: keep the prefix.
+    sink = f"{AFTER}0{SINK}" if before_conv else SINK
+    nodes.append(helper.make_node("Identity", [tensor], [sink], name=SINK))
+    vec = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "profile_conversion", [vec("x", TensorProto.FLOAT, shape)],
+                              [vec(sink, TensorProto.FLOAT, shape)], inits)
+    proto, feeds = _model(graph, {"": 13}), {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    integer = f"{BEFORE}0" if op == "DequantizeLinear" else f"{AFTER}0"
+    if any(n.name == integer for n in nodes):
+        proto = quantized(proto, feeds, Plan(None, {integer: NodeQuant(weights=bits, activations=bits)}))
+    else:  # no convolution on the integer side: a plain Q/DQ pair where the precision changes
+        insert_qdq(proto, f"{BEFORE}0_out" if after_conv else "x", bits)
+    _set_opset(proto, max(_opset(proto), _qdq_opset(bits)))
+    return proto, feeds
+
+
+def insert_qdq(proto: onnx.ModelProto, tensor: str, bits: int, scale: str | None = None, zero: str | None = None
+               ) -> None:
+    """Route ``tensor``'s readers through a QuantizeLinear/DequantizeLinear pair (in place), with the
+    given scale and zero point initializers or new ones (0.05, 0) of uint ``bits``."""
+    graph = proto.graph
+    if scale is None:
         elem, _ = qtype(bits)
-        scale, zero = "__scale", "__zero"
+        scale, zero = f"{tensor}__scale", f"{tensor}__zero"
         graph.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float32), scale),
                                   helper.make_tensor(zero, elem, [], [0])])
-        target.input[0] = "__dq_in"
-        graph.node.insert(0, helper.make_node("QuantizeLinear", [data, scale, zero], ["__q_in"], name="__q_in"))
-        graph.node.insert(1, helper.make_node("DequantizeLinear", ["__q_in", scale, zero], ["__dq_in"],
-                                              name="__dq_in"))
-    out = target.output[0]
-    target.output[0] = "__op_out"
-    at = list(graph.node).index(target) + 1
-    graph.node.insert(at, helper.make_node("QuantizeLinear", ["__op_out", scale, zero], ["__q_out"], name="__q_out"))
-    graph.node.insert(at + 1, helper.make_node("DequantizeLinear", ["__q_out", scale, zero], [out], name="__dq_out"))
-    opset = max(next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), _qdq_opset(bits))
-    _set_opset(proto, opset)
+    q, dq = f"{tensor}__q", f"{tensor}__dq"
+    for node in graph.node:
+        node.input[:] = [dq if x == tensor else x for x in node.input]
+    producer = next((i for i, n in enumerate(graph.node) if tensor in n.output), -1)
+    graph.node.insert(producer + 1, helper.make_node("QuantizeLinear", [tensor, scale, zero], [q], name=q))
+    graph.node.insert(producer + 2, helper.make_node("DequantizeLinear", [q, scale, zero], [dq], name=dq))
+
+
+def integer_model(node: ir.Node, model: ir.Model, values: dict[str, np.ndarray], static: set[str], bits: int
+                  ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A range-preserving op (MaxPool, Reshape, ...) between Q/DQ pairs of one scale, as the rewrite
+    leaves it, so onnxruntime runs it on the integers (or drops it) instead of in float. Where a
+    convolution writes its input, a quantized context convolution does (``QLinearConv``, NHWC)."""
+    from qinject.plan import NodeQuant, Plan
+
+    proto, feeds = group_model([node], model, values, static)
+    data = node.inputs[0].name
+    if conv_fed(node.inputs[0]):
+        (ctx,) = with_contexts(proto, feeds, [data])
+        proto = quantized(proto, feeds, Plan(None, {ctx: NodeQuant(weights=bits, activations=bits)}))
+        target = next(n for n in proto.graph.node if n.name == node.name)
+        dq = next(n for n in proto.graph.node if target.input[0] in n.output)  # the context's output pair
+        scale, zero = dq.input[1], dq.input[2]
+    else:
+        insert_qdq(proto, data, bits)
+        scale, zero = f"{data}__scale", f"{data}__zero"
+    target = next(n for n in proto.graph.node if n.name == node.name)
+    insert_qdq(proto, target.output[0], bits, scale, zero)
+    _set_opset(proto, max(_opset(proto), _qdq_opset(bits)))
     return proto, feeds
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _set_opset(proto: onnx.ModelProto, version: int) -> None:
@@ -182,15 +263,16 @@ def _set_opset(proto: onnx.ModelProto, version: int) -> None:
             entry.version = version
 
 
-def quantized(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], weights: int, activations: int
-              ) -> onnx.ModelProto:
-    """``proto`` through qinject's quantize pipeline, uniform at these bits, calibrated on ``feeds``."""
+def quantized(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], plan: object) -> onnx.ModelProto:
+    """``proto`` through qinject's quantize pipeline with ``plan`` (a Plan, or (weight bits,
+    activation bits) for every node), calibrated on ``feeds``."""
     from qinject.api import quantize_onnx
     from qinject.backends import onnx_backend
     from qinject.plan import Plan
 
+    plan = plan if isinstance(plan, Plan) else Plan.uniform(*plan)
     calib = {k: np.nan_to_num(v) if v.dtype.kind == "f" else v for k, v in feeds.items()}
-    result = quantize_onnx(proto, plan=Plan.uniform(weights, activations), calib=[calib], progress=False)
+    result = quantize_onnx(proto, plan=plan, calib=[calib], progress=False)
     return onnx_backend.to_proto(result.model)
 
 
@@ -269,19 +351,8 @@ def quantize_output(proto: onnx.ModelProto, bits: int) -> onnx.ModelProto:
     as the rewrite does when a quantized node reads the output: a Gemm then fuses into QGemm with
     an integer output (and its ReLU into the requantization), where with a float output onnxruntime
     leaves Gemm + ReLU unfused behind a DequantizeLinear of the weight."""
-    graph = proto.graph
-    producers = {o: n for n in graph.node for o in n.output}
-    elem, _ = qtype(bits)
-    graph.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float32), "__out_scale"),
-                              helper.make_tensor("__out_zero", elem, [], [0])])
-    for sink in [n for n in graph.node if n.name.startswith(SINK)]:
-        source = sink.input[0]
-        if producers[source].op_type == "DequantizeLinear":
-            continue
-        q, dq = f"{source}__out_q", f"{source}__out_dq"
-        at = list(graph.node).index(sink)
-        graph.node.insert(at, helper.make_node("QuantizeLinear", [source, "__out_scale", "__out_zero"], [q], name=q))
-        graph.node.insert(at + 1, helper.make_node("DequantizeLinear", [q, "__out_scale", "__out_zero"], [dq],
-                                                   name=dq))
-        sink.input[0] = dq
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    for sink in [n for n in proto.graph.node if n.name.startswith(SINK)]:
+        if producers[sink.input[0]].op_type != "DequantizeLinear":
+            insert_qdq(proto, sink.input[0], bits)
     return proto

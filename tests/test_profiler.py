@@ -13,6 +13,7 @@ import pytest
 from qinject import cost, op_facts, profiler
 from qinject import ir as qir
 from qinject import profiler_models as pm
+from qinject import profiler_timing as timing
 from qinject.latency_table import Entry, LatencyTable, Roofline
 from qinject.plan import Plan
 from qinject.quant_points import activation_points
@@ -103,7 +104,7 @@ def test_copies_are_independent() -> None:
     onnx.checker.check_model(many, full_check=True)
     assert len(many.graph.node) == 3 * len(proto.graph.node) and len(many_feeds) == 3 * len(feeds)
     assert len({t.name for t in many.graph.initializer}) == 3 * len(proto.graph.initializer)
-    outs = profiler.time_models([(many, many_feeds)], 0, 1)[0]
+    outs = timing.time_models([(many, many_feeds)], 0, 1)[0]
     assert outs.wall_us > 0 and all(op for op in outs.ops.values())
 
 
@@ -114,15 +115,15 @@ def _conv_group():
 
 
 def test_marginal_cost_drops_what_a_run_pays_once() -> None:
-    def times(wall: float, runs: list[dict[str, float]]) -> profiler.KernelTimes:
-        return profiler.KernelTimes(runs, {n: "Op" for n in runs[0]}, onnx.GraphProto(), set(), wall)
+    def times(wall: float, runs: list[dict[str, float]]) -> timing.KernelTimes:
+        return timing.KernelTimes(runs, {n: "Op" for n in runs[0]}, onnx.GraphProto(), set(), wall)
 
     # one copy: 40 us of wall time (30 of which a run pays once); three copies: 60 us.
     one = times(40.0, [{"q": 2.0, "node": 8.0}])
     many = times(60.0, [{"q": 2.0, "node": 8.0, "node__copy1": 8.0, "node__copy2": 8.0}])
-    assert profiler.marginal_us(one, many, 3, ["node"], ["node", "node__copy1", "node__copy2"]) == 10.0
+    assert timing.marginal_us(one, many, 3, ["node"], ["node", "node__copy1", "node__copy2"]) == 10.0
     noisy = times(35.0, [{"q": 2.0, "node": 8.0}])
-    assert profiler.marginal_us(one, noisy, 3, ["node"], ["node"]) == profiler.FLOOR_US
+    assert timing.marginal_us(one, noisy, 3, ["node"], ["node"]) == timing.FLOOR_US
 
 
 def qinject(*args: object) -> subprocess.CompletedProcess:
@@ -144,3 +145,19 @@ def test_cli_profile_writes_a_table_and_refuses_another_target(tmp_path) -> None
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "holds a table for target 'test-cpu'" in lines[0], r.stderr
     assert LatencyTable.load(out).entries == table.entries
+
+
+def test_layout_context_and_boundary_kernels() -> None:
+    """A uint8 MaxPool after a convolution is timed in the NHWC layout it gets after a QLinearConv;
+    the conversion of a float convolution's (pooled) output into a QLinearConv includes leaving the
+    float NCHWc layout and the Transpose into NHWC."""
+    model = profiler._prepared(conv_net(), BATCH)
+    values = profiler._input_values(model, None)
+    probes = {p.keys[0]: p for p in profiler.probes_for(model, [(8, 8)])}
+    pool = next(p for k, p in probes.items() if k[0] == "MaxPool" and k[2:] == (0, 8))
+    times = timing.time_models([pool.build(values)], 0, 2)[0]
+    assert [times.ops[k] for k in timing.own_kernels(times)] == ["NhwcMaxPool"]
+    q = next(p for k, p in probes.items() if k[0] == "QuantizeLinear" and k[1] == f"x{BATCH * 8 * 4 * 4}")
+    times = timing.time_models([q.build(values)], 0, 2)[0]
+    assert sorted(times.ops[k] for k in timing.conversion_kernels(times, "QuantizeLinear")) == [
+        "QuantizeLinear", "ReorderOutput", "Transpose"]

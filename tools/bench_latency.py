@@ -39,7 +39,7 @@ from bench_common import machine, source_state, write_section
 
 SECTION = "bench_latency"
 SPEARMAN_TARGET, PROFILE_TARGET_S = 0.9, 60.0
-ROUNDS, RUNS_PER_ROUND, WARMUP = 10, 5, 5
+ROUNDS, RUNS_PER_ROUND, WARMUP = 20, 5, 5
 MODELS = ("digits_cnn", "digits_mlp", "text_transformer", "squeezenet")
 
 

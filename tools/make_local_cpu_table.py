@@ -40,8 +40,8 @@ def main(argv: list[str]) -> None:
     table = LatencyTable(
         "local-cpu", "measured", fit_roofline(args.warmup, args.repeats),
         description=(f"this repository's development machine through onnxruntime {ort.__version__} (CPU "
-                     f"provider, {THREADS} intra-op threads, no spinning): kernel medians from per-node "
-                     f"profiling of {', '.join(names)} (tools/make_local_cpu_table.py); other shapes fall back "
+                     f"provider, {THREADS} intra-op threads, no spinning): each kernel's cost in a run (wall "
+                     f"time of one more copy x its profiled share; qinject.profiler) for {', '.join(names)} (tools/make_local_cpu_table.py); other shapes fall back "
                      "to the fitted roofline. Profile your own machine with `qinject profile`"),
         source=(f"tools/make_local_cpu_table.py on {machine()}; onnxruntime {ort.__version__}, {THREADS} "
                 f"intra-op threads; {datetime.date.today().isoformat()}"))
