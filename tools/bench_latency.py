@@ -41,6 +41,38 @@ SECTION = "bench_latency"
 SPEARMAN_TARGET, PROFILE_TARGET_S = 0.9, 60.0
 ROUNDS, RUNS_PER_ROUND, WARMUP = 20, 5, 5
 MODELS = ("digits_cnn", "digits_mlp", "text_transformer", "squeezenet")
+# What the per-kernel profiles of the quantized models showed where estimate and measurement part
+# (found with onnxruntime's per-node profiling of the whole quantized models; see the docstring of
+# qinject/profiler.py for how entries are measured).
+FINDINGS = [
+    "Where the estimate misses, and why (per-kernel profiles of the quantized models):",
+    "",
+    ("1. **Concat of quantized tensors** (SqueezeNet's fire modules): onnxruntime fuses DQ, DQ -> Concat -> Q "
+     "into one `QLinearConcat` in NHWC, but `qinject.cost` prices the Concat as a float node with a "
+     "DequantizeLinear per input and a QuantizeLinear of its output, each with its NHWC/NCHW Transpose: "
+     "SqueezeNet W8A8 is overestimated by about 2 ms of conversions. Treating a Concat whose inputs are all "
+     "held at one integer width, and whose output a quantized node reads, like a range-preserving op "
+     "(integer output, entry `(Concat, shape, 0, bits)`, no conversions) brought W8A8 from about +90% to "
+     "-15% in a prototype (a change to `qinject/cost.py`, not made)."),
+    ("2. **uint8 MaxPool outside NHWC**: after a QLinearConv (or QLinearConcat) onnxruntime runs a uint8 "
+     "MaxPool as `NhwcMaxPool` (0.07 ms for SqueezeNet's first pool), elsewhere as an NCHW uint8 kernel 20-50x "
+     "slower than float (4 ms vs 0.12 ms). The rewrite quantizes a MaxPool's input whenever a quantized node "
+     "reads its output (the shared scale), also when the convolution before it is float, W4A8 or 16-bit, so "
+     "plans such as 'ends float', 'half float', W4A8 run that slow kernel, which the estimate prices as a "
+     "float or NHWC MaxPool: the largest underestimates. One key `(MaxPool, shape, 0, 8)` cannot hold both "
+     "layouts; the profiler times the NHWC one where a convolution writes the MaxPool's input."),
+    ("3. **Gemm + ReLU with a float reader** (digits MLP 'ends float'): the rewrite leaves the output float "
+     "(Gemm fuses as QGemm with a float output), but with a ReLU epilogue onnxruntime does not fuse at all: it "
+     "dequantizes the weight on every run and runs a float FusedGemm, so a W8A8 layer costs more than a float "
+     "one. The profiler times Gemm/MatMul with an integer output where a quantized node reads it in the model "
+     "(the uniform plans' case)."),
+    ("4. **What a run pays once**: `session.run` (~10 us) and waking the thread pool for its first parallel "
+     "kernel (~30 us with 2 threads and no spinning) belong to no node, so the estimate of the 50-200 us "
+     "digits MLP is 20-40% low throughout."),
+    ("5. **Noise**: the machine is shared (2 cores); between runs of this script the same plan's median moves "
+     "by up to 30%, and the table, profiled at another time, moves with the load then (three passes, medians, "
+     "soften this). Rank correlations within a model are measured in one interleaved session and suffer less."),
+]
 
 
 @dataclass
@@ -268,7 +300,7 @@ def main(argv: list[str]) -> None:
                        f"< {PROFILE_TARGET_S:.0f} s):"), "",
                   f"- empty cache: {timing['empty cache']:.1f} s ({met}): {timing['empty cache output']}",
                   f"- cached (second run, same `-o`): {timing['cached']:.1f} s: {timing['cached output']}"]
-    report = "\n".join(lines)
+    report = "\n".join([*lines, "", *FINDINGS])
     print(report)
     if not args.dry_run:
         write_section(args.output, SECTION, report)
