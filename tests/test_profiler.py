@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -126,9 +127,9 @@ def test_marginal_cost_drops_what_a_run_pays_once() -> None:
     assert timing.marginal_us(one, noisy, 3, ["node"], ["node"]) == timing.FLOOR_US
 
 
-def qinject(*args: object) -> subprocess.CompletedProcess:
+def qinject(*args: object, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qinject.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, check=False)
+                          timeout=300, check=False, env=env)
 
 
 def test_cli_profile_writes_a_table_and_refuses_another_target(tmp_path) -> None:
@@ -145,6 +146,14 @@ def test_cli_profile_writes_a_table_and_refuses_another_target(tmp_path) -> None
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "holds a table for target 'test-cpu'" in lines[0], r.stderr
     assert LatencyTable.load(out).entries == table.entries
+    # Cached: nothing to measure; --save-as-target makes the table selectable by name.
+    env = {**os.environ, "QINJECT_TARGETS": str(tmp_path / "targets")}
+    r = qinject("profile", model, "--target", "test-cpu", "-o", out, "--batch", 2, "--bits", "32/32,8/8",
+                "--save-as-target", "--no-progress", env=env)
+    assert r.returncode == 0 and "0 entries measured" in r.stdout, r.stderr
+    assert LatencyTable.load(tmp_path / "targets" / "test-cpu.json").entries == table.entries
+    r = qinject("targets", env=env)
+    assert "test-cpu" in r.stdout and "measured" in r.stdout
 
 
 def test_layout_context_and_boundary_kernels() -> None:
