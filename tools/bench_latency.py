@@ -247,7 +247,7 @@ def profile_timing(work: Path) -> dict[str, float]:
         times[run] = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"qinject profile failed: {proc.stderr.strip()}")
-        times[f"{run} output"] = proc.stdout.strip().splitlines()[-1]
+        times[f"{run} output"] = proc.stdout.strip().splitlines()[-1].split(";")[0]  # without the temporary path
     from qinject.frontends.onnx_frontend import load_onnx
 
     times["nodes"] = len(list(load_onnx(case.path).graph))
