@@ -10,7 +10,8 @@ onnxruntime do:
   integer kernel needs it: Conv), else in float;
 - every other node costs its float entry or the roofline (memory-bound; zero-copy ops such as
   Reshape only the per-op overhead); range-preserving ops (MaxPool, Reshape) on an integer tensor
-  move it at that width; an epilogue (the ReLU after a convolution, jax's bias add) runs inside the
+  move it at that width, and so does a Concat of integer tensors read quantized (QLinearConcat);
+  an epilogue (the ReLU after a convolution, jax's bias add) runs inside the
   kernel before it, float or integer, and costs nothing of its own;
 - a conversion (a QuantizeLinear, a DequantizeLinear, or a requantization between widths) is
   charged wherever a tensor crosses from one precision region to another: where a quantized node
@@ -166,7 +167,17 @@ class _Estimator:
             elif op_facts.fact(node).range_preserving and node.inputs and node.inputs[0] is not None:
                 if node.inputs[0].name in bits:
                     bits[node.outputs[0].name] = bits[node.inputs[0].name]
+            elif self._joins_integers(node, bits):
+                bits[node.outputs[0].name] = bits[node.inputs[0].name]
         return bits
+
+    def _joins_integers(self, node: ir.Node, bits: dict[str, int]) -> bool:
+        """A Concat of tensors all held at one integer width, read quantized: onnxruntime runs it on
+        the integers (QLinearConcat), with no conversion of its inputs or output."""
+        if not op_facts.fact(node).joins_integers:
+            return False
+        widths = {bits.get(v.name) for v in node.inputs if v is not None and v.const_value is None}
+        return len(widths) == 1 and None not in widths and self._read_quantized(node.outputs[0])
 
     def _read_quantized(self, value: ir.Value) -> bool:
         for use in value.uses():
@@ -229,6 +240,8 @@ class _Estimator:
                     want = choice.activations
                 elif choice is None and op_facts.fact(node).range_preserving and i == 0:
                     continue  # carried on at the same width
+                elif choice is None and node.outputs[0].name in self.bits and op_facts.fact(node).joins_integers:
+                    continue  # joined on the integers
                 else:
                     want = FLOAT_BITS  # a float op reads it
                 if have != want:

@@ -63,6 +63,8 @@ class OpFact:
             Q/DQ goes after it. A function of the consumer node.
         zero_copy: only relabels its input (Reshape, Flatten, Squeeze): a runtime moves no bytes,
             so a latency model charges it the fixed per-op overhead alone.
+        joins_integers: with every input quantized and its output read quantized, runs on the
+            integers (Concat: onnxruntime's QLinearConcat, whatever the inputs' scales).
     """
 
     quantizable: bool = False
@@ -75,6 +77,7 @@ class OpFact:
     range_preserving: bool = False
     epilogue: Callable[[ir.Node], bool] | None = None
     zero_copy: bool = False
+    joins_integers: bool = False
 
 
 def _dims(value: ir.Value | None) -> list[int] | None:
@@ -201,6 +204,7 @@ for _op in ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"
                                    zero_copy=_op not in ("MaxPool", "Transpose"))
 for _op in ("Shape", "Constant", "Size"):
     OP_FACTS[(ONNX, _op)] = OpFact(zero_copy=True)
+OP_FACTS[(ONNX, "Concat")] = OpFact(joins_integers=True)
 OP_FACTS[(ONNX, "Relu")] = OpFact(epilogue=lambda n: True)
 
 OP_FACTS.update({

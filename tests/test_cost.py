@@ -82,3 +82,29 @@ def test_symbolic_batch_takes_the_given_size():
     small = estimate(model, Plan.uniform(8, 8), LatencyTable("gpu", "analytic", ROOF), batch=1)
     large = estimate(model, Plan.uniform(8, 8), LatencyTable("gpu", "analytic", ROOF), batch=512)
     assert large.total_us > small.total_us
+
+
+def test_concat_of_quantized_tensors_runs_on_integers():
+    """Two convolutions joined by a Concat that a third reads: onnxruntime's QLinearConcat, so no
+    dequantize of the branches and no quantize of the join."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = {name: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+         for name, shape in (("wa", (4, 3, 1, 1)), ("wb", (4, 3, 3, 3)), ("wc", (2, 8, 1, 1)))}
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a"),
+             helper.make_node("Conv", ["x", "wb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["a", "b"], ["ab"], name="join", axis=1),
+             helper.make_node("Conv", ["ab", "wc"], ["y"], name="conv_c")]
+    graph = helper.make_graph(nodes, "branches", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])], list(w.values()))
+    model = load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    table = LatencyTable("gpu", "analytic", ROOF)
+    report = estimate(model, Plan.uniform(8, 8), table)
+    assert [(c.tensor, c.from_bits, c.to_bits) for c in report.conversions] == [("x", 32, 8)]  # y: float output
+    join = next(c for c in report.nodes if c.node == "join")
+    assert join.activation_bits == 8
+    # With the reader in float, the join is float: both branches are dequantized for it.
+    float_reader = estimate(model, Plan(NodeQuant(), {"conv_c": None}), table)
+    assert sorted(c.tensor for c in float_reader.conversions) == ["a", "b", "x"]
