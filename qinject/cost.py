@@ -80,9 +80,11 @@ class CostReport:
     sixteen_bit_us: float = math.nan
     notes: list[str] = field(default_factory=list)
 
+    run_overhead_us: float = 0.0
+
     @property
     def total_us(self) -> float:
-        return sum(n.latency_us for n in self.nodes) + self.conversion_us
+        return sum(n.latency_us for n in self.nodes) + self.conversion_us + self.run_overhead_us
 
     @property
     def conversion_us(self) -> float:
@@ -131,7 +133,7 @@ class _Estimator:
         self.fused = self._fused_epilogues(model)
 
     def run(self) -> CostReport:
-        report = CostReport(self.table.target, [], [])
+        report = CostReport(self.table.target, [], [], run_overhead_us=self.table.roofline.run_overhead_us)
         for node in self.graph:
             report.nodes.append(self._node(node))
         report.conversions = self._conversions()
@@ -293,6 +295,9 @@ def format_report(report: CostReport, top: int | None = None) -> str:
     if report.conversions:
         lines.append(f"{'conversions (' + str(len(report.conversions)) + ' Q/DQ)':<61} {report.conversion_us:>11.2f} "
                      f"{report.conversion_us / report.total_us if report.total_us else 0:>6.1%}")
+    if report.run_overhead_us:
+        lines.append(f"{'per-run overhead':<61} {report.run_overhead_us:>11.2f} "
+                     f"{report.run_overhead_us / report.total_us:>6.1%}")
     lines.append("")
     lines.append(f"estimated latency on {report.target}: {report.total_us / 1e3:.3f} ms")
     if not math.isnan(report.float_us):

@@ -16,7 +16,8 @@ bits 32 mean float32. Conversions between precision regions are entries too, wit
 ``roofline`` prices whatever the entries lack: a node takes ``max(2 * MACs / peak, bytes /
 bandwidth) + overhead``, where one multiply-accumulate counts as two operations (the spec-sheet
 convention). Precisions: ``fp32``, ``fp16`` (fp16 or bf16 units), ``int16``, ``int8``, ``int4``;
-``sixteen_bit`` says whether a 16-bit layer runs as ``fp16`` or ``int16``.
+``sixteen_bit`` says whether a 16-bit layer runs as ``fp16`` or ``int16``; the optional
+``run_overhead_us`` is paid once per inference (a runtime's dispatch and thread wake-up).
 
 Tables are selected by name (a built-in target in ``qinject/targets``, or one saved by
 ``qinject profile`` under the user's cache) or by path.
@@ -54,6 +55,7 @@ class Roofline:
     op_overhead_us: float = 0.0
     sixteen_bit: str = "fp16"
     notes: str = ""
+    run_overhead_us: float = 0.0  # paid once per inference, whatever the graph (a runtime's dispatch)
 
     def precision(self, weight_bits: int, activation_bits: int) -> str:
         """The compute precision a node of these bit widths runs at on this target.
@@ -87,6 +89,8 @@ class Roofline:
         out = {"peak_ops_per_s": dict(sorted(self.peak_ops_per_s.items())),
                "memory_bytes_per_s": self.memory_bytes_per_s, "op_overhead_us": self.op_overhead_us,
                "sixteen_bit": self.sixteen_bit}
+        if self.run_overhead_us:
+            out["run_overhead_us"] = self.run_overhead_us
         if self.notes:
             out["notes"] = self.notes
         return out
@@ -241,7 +245,8 @@ def _roofline(raw: object, source: str) -> Roofline:
     where = f"{source}: roofline"
     if not isinstance(raw, dict):
         raise LatencyTableError(f"{where} must be an object with peak_ops_per_s and memory_bytes_per_s")
-    unknown = set(raw) - {"peak_ops_per_s", "memory_bytes_per_s", "op_overhead_us", "sixteen_bit", "notes"}
+    unknown = set(raw) - {"peak_ops_per_s", "memory_bytes_per_s", "op_overhead_us", "sixteen_bit", "notes",
+                          "run_overhead_us"}
     if unknown:
         raise LatencyTableError(f"{where}: unknown key(s) {sorted(unknown)}")
     peaks = raw.get("peak_ops_per_s")
@@ -258,7 +263,8 @@ def _roofline(raw: object, source: str) -> Roofline:
     if not isinstance(notes, str):
         raise LatencyTableError(f"{where}: 'notes' must be a string")
     return Roofline(parsed, _number(raw, "memory_bytes_per_s", where),
-                    _number(raw, "op_overhead_us", where, positive=False, default=0.0), sixteen, notes)
+                    _number(raw, "op_overhead_us", where, positive=False, default=0.0), sixteen, notes,
+                    _number(raw, "run_overhead_us", where, positive=False, default=0.0))
 
 
 def _entry(raw: object, where: str) -> Entry:

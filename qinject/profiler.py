@@ -339,12 +339,16 @@ def fit_roofline(warmup: int = 3, repeats: int = 15) -> Roofline:
     big, chain = 1 << 23, 50
     bandwidth = 3 * 4 * big / (_marginal(*pm.elementwise_model(big), None, warmup, repeats) * 1e-6)
     overhead = _marginal(*pm.add_chain_model(chain), None, warmup, max(repeats, 30)) / chain
+    # What a run pays once, whatever its graph (session.run): a one-Add model's wall time less the Add.
+    (single,) = time_models([pm.add_chain_model(1)], warmup, max(repeats, 30))
+    per_run = max(single.wall_us - overhead, 0.0)
     notes = (f"fitted by qinject.profiler.fit_roofline: fp32 and int8 from a {m}x{k}x{n} MatMul, bandwidth from "
              f"an Add of {big} floats, overhead per op from a chain of {chain} one-element Adds; {THREADS} "
              "intra-op threads. onnxruntime has no int16 kernels (16-bit QDQ runs as dequantize + float), so "
              "16-bit is priced at fp32")
+    notes += "; run_overhead_us: a one-Add model's wall time less the Add (session.run)"
     return Roofline({p: float(f"{v:.4g}") for p, v in peaks.items()}, float(f"{bandwidth:.4g}"),
-                    round(overhead, 2), "fp16", notes)
+                    round(overhead, 2), "fp16", notes, round(per_run, 2))
 
 
 def _marginal(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], bits: tuple[int, int] | None, warmup: int,
