@@ -116,17 +116,22 @@ class _Rewrite:
     def quantize_output(self, node: ir.Node, choice: NodeQuant) -> None:
         """Quantize the node's output point when it costs no accuracy or buys an integer kernel.
 
-        Free: a quantized node downstream reads this tensor (directly or through range-preserving
-        ops), so it is quantized anyway. Otherwise only ops whose integer kernel needs a quantized
-        output (Conv) get one, and only if the predicted SQNR of that extra rounding is at least
-        ``OUTPUT_MIN_SQNR_DB``: a heavy-tailed output would cost more accuracy than the kernel saves.
+        Free: a quantized node downstream reads this tensor (directly, or through range-preserving
+        ops after an 8-bit integer kernel), so it is quantized anyway. Otherwise only 8-bit nodes whose
+        integer kernel needs a quantized output (Conv; Gemm/MatMul followed by a ReLU) get one, and
+        only if the predicted SQNR of that extra rounding is at least ``OUTPUT_MIN_SQNR_DB``: a
+        heavy-tailed output would cost more accuracy than the kernel saves.
         """
         out = output_point(node)
         if out.is_graph_output():
             return
         key = ActKey(choice.activation_qtype, choice.activation_symmetric)
-        if not self._read_quantized(out, key):
-            if not op_facts.fact(node).needs_quantized_output:
+        # Only an integer kernel keeps its output on integers; after a 4- or 16-bit node (dequantize +
+        # float op in onnxruntime) a range-preserving op fed a quantized tensor would run on integers
+        # in NCHW, which onnxruntime does 20-50x slower than in float (uint8 MaxPool).
+        kernel = op_facts.runs_on_integer_kernel(node, choice.weights, choice.activations)
+        if not self._read_quantized(out, key, through_range_preserving=kernel):
+            if not (kernel and op_facts.needs_quantized_output(node)):
                 return
             stats = out.meta.get(qir.ACT_STATS)
             if stats is not None:
@@ -151,10 +156,12 @@ class _Rewrite:
                         and self._read_quantized(node.outputs[0], key)):
                     node.replace_input_with(0, params.dequantized)
 
-    def _read_quantized(self, value: ir.Value, key: ActKey) -> bool:
+    def _read_quantized(self, value: ir.Value, key: ActKey, through_range_preserving: bool = True) -> bool:
         """Whether a quantized node reads ``value`` at ``key``, directly or through range-preserving ops."""
         if (value.name, key) in self.acts:
             return True
+        if not through_range_preserving:
+            return False
         for use in value.uses():
             consumer = use.node
             if op_facts.fact(consumer).range_preserving and use.idx == 0:

@@ -124,6 +124,10 @@ def estimate(model: ir.Model, plan: Plan, table: LatencyTable, batch: int = 1, b
 class _Estimator:
     def __init__(self, model: ir.Model, plan: Plan, table: LatencyTable) -> None:
         self.graph, self.plan, self.table = model.graph, plan, table
+        # An accelerator (an analytic table) has units for each precision it lists, so every quantized
+        # node keeps its output at its width; onnxruntime on a CPU (a measured table) has integer
+        # kernels for 8 bits only, and the rewrite quantizes outputs accordingly.
+        self.native = table.kind == "analytic"
         self.choices: dict[str, NodeQuant] = {}
         for node in qir.quantizable_nodes(model):
             choice = plan.choice(node.name)
@@ -163,8 +167,9 @@ class _Estimator:
             choice = self.choices.get(node.name)
             if choice is not None:
                 out = output_point(node)
-                if not out.is_graph_output() and (op_facts.fact(node).needs_quantized_output
-                                                  or self._read_quantized(out)):
+                kernel = self.native or op_facts.runs_on_integer_kernel(node, choice.weights, choice.activations)
+                if not out.is_graph_output() and ((kernel and op_facts.needs_quantized_output(node))
+                                                  or self._read_quantized(out, kernel)):
                     bits[out.name] = choice.activations
             elif op_facts.fact(node).range_preserving and node.inputs and node.inputs[0] is not None:
                 if node.inputs[0].name in bits:
@@ -181,12 +186,14 @@ class _Estimator:
         widths = {bits.get(v.name) for v in node.inputs if v is not None and v.const_value is None}
         return len(widths) == 1 and None not in widths and self._read_quantized(node.outputs[0])
 
-    def _read_quantized(self, value: ir.Value) -> bool:
+    def _read_quantized(self, value: ir.Value, through_range_preserving: bool = True) -> bool:
+        """As the rewrite decides: a quantized node reads it, directly or (after an integer kernel)
+        through range-preserving ops."""
         for use in value.uses():
             if use.node.name in self.choices and use.idx in op_facts.activation_inputs(use.node):
                 return True
-            if op_facts.fact(use.node).range_preserving and use.idx == 0 and self._read_quantized(
-                    use.node.outputs[0]):
+            if (through_range_preserving and op_facts.fact(use.node).range_preserving and use.idx == 0
+                    and self._read_quantized(use.node.outputs[0])):
                 return True
         return False
 

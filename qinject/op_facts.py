@@ -272,6 +272,25 @@ def channel_axis(node: ir.Node) -> int | None:
     return f.channel_axis(node)
 
 
+def runs_on_integer_kernel(node: ir.Node, weight_bits: int, activation_bits: int) -> bool:
+    """Whether onnxruntime runs ``node`` quantized at these widths as one integer kernel
+    (QLinearConv, QGemm, QLinearMatMul): 8-bit activations, and 8-bit weights if it has one. Its
+    4- and 16-bit forms run as dequantize + the float op."""
+    return activation_bits == 8 and (weight_bits == 8 or weight_of(node) is None)
+
+
+def needs_quantized_output(node: ir.Node) -> bool:
+    """Whether onnxruntime fuses ``node`` into an integer kernel only if its output is quantized:
+    Conv always (QLinearConv); Gemm/MatMul when a ReLU follows (fused with a float output they must
+    end at the op itself, so with a ReLU after them they would run in float)."""
+    if fact(node).needs_quantized_output:
+        return True
+    if node.op_type not in ("Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+        return False
+    uses = node.outputs[0].uses()
+    return len(uses) == 1 and is_epilogue(uses[0].node)
+
+
 def is_epilogue(node: ir.Node) -> bool:
     """Whether ``node`` belongs to the output stage of the quantized op before it (see OpFact)."""
     f = fact(node)

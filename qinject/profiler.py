@@ -213,7 +213,8 @@ def probes_for(model: ir.Model, bits: list[tuple[int, int]]) -> list[Probe]:
                 seen.add(full)
                 probes.append(_node_probe(full, group, model, static, (w, a)))
         if op_facts.fact(node).range_preserving and _float_input(node) and node.inputs[0].name not in static:
-            for a in act_bits:
+            # The rewrite leaves range-preserving ops on integers only after 8-bit integer kernels.
+            for a in (a for a in act_bits if a == 8):
                 full = (*key, 0, a)
                 if full not in seen:
                     seen.add(full)
