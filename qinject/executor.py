@@ -20,17 +20,19 @@ Typical use::
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import queue
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from tqdm.auto import tqdm
 
 from qinject import eval_worker
 from qinject import ir as qir
@@ -82,9 +84,19 @@ class Executor:
             (self._reference,) = self.run([self.model])
         return self._reference
 
-    def run(self, variants: Sequence[ir.Model]) -> list[np.ndarray]:
-        """Each variant's first output on the evaluation inputs, in order."""
-        blobs = [_serialise(v) for v in variants]
+    def run(self, variants: Iterable[ir.Model], progress: str | None = None, total: int | None = None
+            ) -> list[np.ndarray]:
+        """Each variant's first output on the evaluation inputs, in order. Variants may be a lazy
+        iterable (built while earlier ones run); ``progress`` names a progress bar."""
+        variants = iter(variants)
+        outputs: list[np.ndarray] = []
+        with tqdm(total=total, desc=progress, unit="eval", disable=progress is None, leave=False) as bar:
+            while batch := [_serialise(v) for v in itertools.islice(variants, 2 * self.workers)]:
+                outputs.extend(self._run_blobs(batch))
+                bar.update(len(batch))
+        return outputs
+
+    def _run_blobs(self, blobs: list[bytes]) -> list[np.ndarray]:
         self.count += len(blobs)
         if self.workers == 1 or len(blobs) == 1:
             return [eval_worker.run_model(b, self.inputs) for b in blobs]

@@ -1,0 +1,201 @@
+"""Sensitivity analysis: what the signal passes (``passes/sensitivity_*.py``) share.
+
+Each signal is an analysis pass that annotates every quantizable node, never changing the graph:
+``node.meta["qinject.sensitivity.<signal>"]`` is a ``NodeSignal``: ``score[bits]`` (higher: more
+sensitive; what a search ranks by), and the signal's own ``details`` (e.g. a weight's SQNR). The
+passes run on a *calibrated* float model (``prepare``), measure through one ``Executor`` each (its
+evaluation count is recorded in the model's meta), and are deterministic for a given seed.
+
+``report(model)`` gathers every signal present into one JSON-able dict; ``format_table`` prints a
+signal per node and bit width.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qinject import ir as qir
+from qinject.errors import QinjectError
+from qinject.executor import Executor
+from qinject.pass_manager import Pass, PassResult
+from qinject.plan import NodeQuant, Plan
+
+BITS = (16, 8, 4)
+# A bit width b quantizes weights to b bits and activations to max(b, 8): W16A16, W8A8, W4A8, the
+# usual low-bit deployment. (onnxruntime's QDQ propagation moves a 4-bit QuantizeLinear in front of a
+# MaxPool and then rejects the graph, so 4-bit activations cannot always be evaluated; their error
+# is still reported analytically by the quant-error signal.)
+MIN_ACTIVATION_BITS = 8
+
+
+def choice_for(bits: int) -> NodeQuant:
+    """The node choice a sensitivity bit width stands for."""
+    return NodeQuant(weights=bits, activations=max(bits, MIN_ACTIVATION_BITS))
+
+
+def alone(node: str, bits: int) -> Plan:
+    """The plan quantizing only ``node``, at sensitivity width ``bits``."""
+    return Plan(None, {node: choice_for(bits)})
+PREFIX = "qinject.sensitivity."
+EVALUATIONS = "qinject.sensitivity.evaluations"  # model meta: {signal: (evaluations, seconds)}
+FORMAT, VERSION = "qinject-sensitivity", 1
+
+
+@dataclass
+class AnalysisData:
+    """What the signals measure on: inputs keyed by graph input name, and labels if there are any
+    (then damage is a loss increase; without, a divergence from the float model's outputs)."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    @classmethod
+    def load(cls, source: object, model: ir.Model, limit: int | None = None) -> AnalysisData:
+        """From an ``.npz`` path (inputs keyed by name, optional ``labels``), a dict, or a bare array
+        (single-input models); at most ``limit`` samples."""
+        from pathlib import Path
+
+        if isinstance(source, AnalysisData):
+            data = source
+        else:
+            if isinstance(source, (str, Path)):
+                path = Path(source)
+                if not path.is_file():
+                    raise QinjectError(f"evaluation data {str(path)!r} does not exist")
+                try:
+                    with np.load(path) as archive:
+                        arrays = {k: archive[k] for k in archive.files}
+                except (OSError, ValueError) as exc:
+                    raise QinjectError(f"cannot read evaluation data {str(path)!r}: {exc}") from None
+            elif isinstance(source, np.ndarray):
+                names = [v.name for v in model.graph.inputs]
+                if len(names) != 1:
+                    raise QinjectError(f"a bare array feeds a single-input model; this one has inputs {names}")
+                arrays = {names[0]: source}
+            elif isinstance(source, dict):
+                arrays = dict(source)
+            else:
+                raise QinjectError(f"cannot use a {type(source).__name__} as evaluation data")
+            labels = arrays.pop("labels", None)
+            data = cls(arrays, None if labels is None else np.asarray(labels).astype(np.int64))
+        missing = [v.name for v in model.graph.inputs if v.name not in data.inputs]
+        if missing:
+            raise QinjectError(f"evaluation data lacks model input(s) {missing} (it has {sorted(data.inputs)})")
+        counts = {len(v) for v in data.inputs.values()} | ({len(data.labels)} if data.labels is not None else set())
+        if len(counts) != 1:
+            raise QinjectError(f"evaluation data: inputs and labels have different sample counts {sorted(counts)}")
+        if limit is not None:
+            data = AnalysisData({k: v[:limit] for k, v in data.inputs.items()},
+                                None if data.labels is None else data.labels[:limit])
+        return data
+
+
+@dataclass
+class NodeSignal:
+    """One node's value of one signal: ``score`` per bit width, plus what the signal measured."""
+
+    score: dict[int, float]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class SensitivityPass(Pass):
+    """Base of the signal passes: an analysis, with the evaluation data, bit widths and seed.
+
+    Subclasses set ``name`` and ``signal`` and implement ``measure(model, executor)``, returning
+    ``{node name: NodeSignal}``.
+    """
+
+    analysis = True
+    signal = "signal"
+
+    def __init__(self, data: AnalysisData | object, bits: tuple[int, ...] = BITS, *, seed: int = 0,
+                 workers: int | None = None, progress: bool = True, method: str = "minmax") -> None:
+        self.data, self.bits, self.seed = data, tuple(bits), seed
+        self.workers, self.progress, self.method = workers, progress, method
+
+    def call(self, model: ir.Model) -> PassResult:
+        data = AnalysisData.load(self.data, model)
+        start = time.perf_counter()
+        with Executor(model, data.inputs, workers=self.workers, method=self.method) as executor:
+            signals = self.measure(model, executor, data)
+            count = executor.count
+        for node in qir.quantizable_nodes(model):
+            if node.name in signals:
+                node.meta[PREFIX + self.signal] = signals[node.name]
+        model.meta.setdefault(EVALUATIONS, {})[self.signal] = (count, time.perf_counter() - start)
+        return PassResult(model, False)
+
+    def measure(self, model: ir.Model, executor: Executor, data: AnalysisData) -> dict[str, NodeSignal]:
+        raise NotImplementedError
+
+
+def signal_of(model: ir.Model, signal: str) -> dict[str, NodeSignal]:
+    """Node name -> its value of ``signal`` (the nodes the pass annotated)."""
+    return {n.name: n.meta[PREFIX + signal] for n in qir.quantizable_nodes(model) if PREFIX + signal in n.meta}
+
+
+def signals_present(model: ir.Model) -> list[str]:
+    found = {k[len(PREFIX):] for n in model.graph for k in n.meta if k.startswith(PREFIX)}
+    return sorted(found)
+
+
+def ranking(model: ir.Model, signal: str, bits: int) -> list[str]:
+    """Quantizable nodes from most to least sensitive by ``signal`` at ``bits``."""
+    values = signal_of(model, signal)
+    return sorted(values, key=lambda name: -values[name].score[bits])
+
+
+def report(model: ir.Model) -> dict:
+    """Every signal present, per node, with the evaluations and seconds each took (JSON-able)."""
+    costs = model.meta.get(EVALUATIONS, {})
+    out: dict = {"format": FORMAT, "version": VERSION, "signals": {}}
+    for signal in signals_present(model):
+        nodes = {}
+        for name, value in signal_of(model, signal).items():
+            nodes[name] = {"score": {str(b): _json(v) for b, v in sorted(value.score.items())},
+                           **({"details": _json(value.details)} if value.details else {})}
+        evaluations, seconds = costs.get(signal, (None, None))
+        out["signals"][signal] = {"evaluations": evaluations, "seconds": seconds, "nodes": nodes}
+    return out
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def format_table(model: ir.Model, signal: str) -> str:
+    """One row per node: its score at each bit width, most sensitive (at the lowest width) first."""
+    values = signal_of(model, signal)
+    if not values:
+        return f"no node has a {signal!r} signal"
+    bits = sorted({b for v in values.values() for b in v.score}, reverse=True)
+    lowest = min(bits)
+    rows = sorted(values.items(), key=lambda kv: -kv[1].score.get(lowest, 0.0))
+    width = max(len("node"), *(len(n) for n in values))
+    lines = [f"{'node':<{width}}  " + "  ".join(f"{f'{b}-bit':>11}" for b in bits)]
+    for name, value in rows:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{value.score.get(b, math.nan):>11.4g}" for b in bits))
+    evaluations, seconds = model.meta.get(EVALUATIONS, {}).get(signal, (None, None))
+    if evaluations is not None:
+        lines.append(f"{signal}: {evaluations} model evaluations, {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def iter_quantizable(model: ir.Model) -> Iterator[ir.Node]:
+    """The nodes every signal covers: the quantizable nodes, in graph order."""
+    return iter(qir.quantizable_nodes(model))
