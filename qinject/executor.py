@@ -84,13 +84,13 @@ class Executor:
             (self._reference,) = self.run([self.model])
         return self._reference
 
-    def run(self, variants: Iterable[ir.Model], progress: str | None = None, total: int | None = None
+    def run(self, variants: Iterable[ir.Model], progress: str | bool | None = None, total: int | None = None
             ) -> list[np.ndarray]:
         """Each variant's first output on the evaluation inputs, in order. Variants may be a lazy
         iterable (built while earlier ones run); ``progress`` names a progress bar."""
         variants = iter(variants)
         outputs: list[np.ndarray] = []
-        with tqdm(total=total, desc=progress, unit="eval", disable=progress is None, leave=False) as bar:
+        with tqdm(total=total, desc=progress or None, unit="eval", disable=not progress, leave=False) as bar:
             while batch := [_serialise(v) for v in itertools.islice(variants, 2 * self.workers)]:
                 outputs.extend(self._run_blobs(batch))
                 bar.update(len(batch))
