@@ -4,11 +4,12 @@ quantized ONNX out, or a jittable quantized JAX function out)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -21,7 +22,7 @@ from qinject.latency_table import LatencyTable, load_target
 from qinject.pass_manager import PassManager
 from qinject.plan import Plan
 
-__all__ = ["QuantizeResult", "estimate_latency", "export_onnx", "load_onnx", "quantize_jax", "quantize_onnx",
+__all__ = ["QuantizeResult", "analyze", "estimate_latency", "export_onnx", "load_onnx", "quantize_jax", "quantize_onnx",
            "save_onnx", "standard_pipeline", "to_jax", "trace_jax"]
 
 
@@ -169,6 +170,39 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
         if node.meta.get(qir.QUANT_NOTES):
             result.notes[node.name] = list(node.meta[qir.QUANT_NOTES])
     return result
+
+
+def analyze(model: str | os.PathLike | onnx.ModelProto | ir.Model, calib: object, metrics: Sequence[str],
+            *, eval_data: object = None, bits: tuple[int, ...] = (16, 8, 4), method: str = "minmax",
+            workers: int | None = None, seed: int = 0, limit: int | None = 512, progress: bool = True) -> ir.Model:
+    """Run sensitivity signals (``qinject.sensitivity.SIGNALS``: quant-error, noise, hessian,
+    interlayer, bit-error) and return the calibrated model with every quantizable node annotated;
+    ``qinject.sensitivity.report(model)`` gathers them.
+
+    Args:
+        calib: calibration data (as for ``quantize_onnx``); also the evaluation data when
+            ``eval_data`` is None (then damage is measured against the float model's outputs).
+        eval_data: an ``.npz`` (inputs by name, optional ``labels``), a dict or an array.
+        limit: at most this many evaluation samples.
+    """
+    from qinject.passes import Calibrate, FoldConvAffine, FoldConstantWeights, UpgradeOpset
+    from qinject.sensitivity import AnalysisData, signal_pass
+
+    ir_model = model if isinstance(model, ir.Model) else load_onnx(model)
+    ir_model = PassManager([FoldConstantWeights(), FoldConvAffine(), UpgradeOpset(21),
+                            Calibrate(calib, method=method, progress=progress)]).run(ir_model).model
+    if eval_data is None:
+        from qinject.calib_data import input_specs, open_source
+
+        batches = list(open_source(calib, input_specs(ir_model)))
+        eval_data = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    data = AnalysisData.load(eval_data, ir_model, limit)
+    wanted = list(dict.fromkeys(metrics))
+    if "interlayer" in wanted and "hessian" not in wanted:
+        wanted.insert(wanted.index("interlayer"), "hessian")  # its base order
+    passes = [signal_pass(m, data, bits=bits, seed=seed, workers=workers, progress=progress, method=method)
+              for m in wanted]
+    return PassManager(passes).run(ir_model).model
 
 
 def to_jax(model: ir.Model, mode: str = "integer") -> Callable[..., Any]:

@@ -133,6 +133,63 @@ def cost(model: Path, target: str, plan_path: Path | None, weights: str, activat
 
 
 @cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", type=click.Path(path_type=Path), required=True,
+              help="Calibration data (.npz keyed by input name, or a folder); also the evaluation data "
+                   "unless --eval is given.")
+@click.option("--metric", "metrics", multiple=True, required=True,
+              type=click.Choice(["quant-error", "noise", "hessian", "interlayer", "bit-error"]),
+              help="Sensitivity signal(s) to compute (repeat the option for several).")
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path),
+              help="Evaluation .npz: inputs by name and optional 'labels' (then damage is a loss increase).")
+@click.option("--bits", default="16,8,4", show_default=True, help="Bit widths (weights; activations at least 8).")
+@click.option("--limit", type=int, default=512, show_default=True, help="At most this many evaluation samples.")
+@click.option("--workers", type=int, help="Evaluation processes (default: every core).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--calib-method", type=click.Choice(METHODS), default="minmax", show_default=True)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every signal as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path),
+              help="Write a PNG per signal (NAME.png becomes NAME.<signal>.png when there are several).")
+def analyze(model: Path, calib: Path, metrics: tuple[str, ...], eval_path: Path | None, bits: str, limit: int,
+            workers: int | None, seed: int, calib_method: str, json_path: Path | None, plot: Path | None) -> None:
+    """Measure how sensitive each quantizable node of MODEL is, per bit width."""
+    import json
+
+    from qinject.api import analyze as run_analysis
+    from qinject import sensitivity
+
+    widths = _bit_widths(bits)
+    for out in (json_path, plot):
+        if out is not None and not out.parent.is_dir():
+            raise QinjectError(f"output folder {str(out.parent)!r} does not exist")
+    analysed = run_analysis(model, calib, metrics, eval_data=eval_path, bits=widths, method=calib_method,
+                            workers=workers, seed=seed, limit=limit)
+    present = sensitivity.signals_present(analysed)
+    for signal in present:
+        click.echo(f"\n{signal} (score per bit width; higher = more sensitive)")
+        click.echo(sensitivity.format_table(analysed, signal))
+    if json_path is not None:
+        tmp = json_path.with_name(f".{json_path.name}.tmp")
+        tmp.write_text(json.dumps(sensitivity.report(analysed), indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, json_path)
+        click.echo(f"wrote {json_path}")
+    if plot is not None:
+        for signal in present:
+            path = plot if len(present) == 1 else plot.with_name(f"{plot.stem}.{signal}{plot.suffix}")
+            click.echo(f"wrote {sensitivity.plot(analysed, signal, path)}")
+
+
+def _bit_widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise QinjectError(f"--bits must be a comma-separated list of 4, 8, 16, got {text!r}") from None
+    if not widths or any(b not in (4, 8, 16) for b in widths):
+        raise QinjectError(f"--bits must be a comma-separated list of 4, 8, 16, got {text!r}")
+    return widths
+
+
+@cli.command()
 def targets() -> None:
     """List the latency tables selectable by name (built in, and profiled into the user's cache)."""
     from qinject.latency_table import builtin_targets, load_target
