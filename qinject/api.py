@@ -189,14 +189,14 @@ def analyze(model: str | os.PathLike | onnx.ModelProto | ir.Model, calib: object
     from qinject.sensitivity import AnalysisData, signal_pass
 
     ir_model = model if isinstance(model, ir.Model) else load_onnx(model)
-    ir_model = PassManager([FoldConstantWeights(), FoldConvAffine(), UpgradeOpset(21),
-                            Calibrate(calib, method=method, progress=progress)]).run(ir_model).model
     if eval_data is None:
         from qinject.calib_data import input_specs, open_source
 
         batches = list(open_source(calib, input_specs(ir_model)))
         eval_data = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    data = AnalysisData.load(eval_data, ir_model, limit)
+    data = AnalysisData.load(eval_data, ir_model, limit)  # bad data fails before any work
+    ir_model = PassManager([FoldConstantWeights(), FoldConvAffine(), UpgradeOpset(21),
+                            Calibrate(calib, method=method, progress=progress)]).run(ir_model).model
     wanted = list(dict.fromkeys(metrics))
     if "interlayer" in wanted and "hessian" not in wanted:
         wanted.insert(wanted.index("interlayer"), "hessian")  # its base order

@@ -66,6 +66,18 @@ def test_cost_prints_the_breakdown_and_plots(model, tmp_path) -> None:
     assert (tmp_path / "nodes.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_analyze_prints_tables_and_writes_json_and_plot(model, tmp_path) -> None:
+    r = qinject("analyze", model, "--calib", tmp_path / "calib.npz", "--metric", "quant-error", "--bits", "8,4",
+                "--workers", "1", "--json", tmp_path / "s.json", "--plot", tmp_path / "s.png")
+    assert r.returncode == 0, r.stderr
+    assert "quant_error" in r.stdout and "conv1" in r.stdout and "4-bit" in r.stdout
+    import json
+
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert set(report["signals"]["quant_error"]["nodes"]) == {"conv1", "conv2", "fc"}
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_targets_lists_the_builtin_tables() -> None:
     r = qinject("targets")
     assert r.returncode == 0, r.stderr
@@ -86,6 +98,7 @@ def _bad_cases(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
     np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 3, 5, 5), np.float32))
     np.savez(tmp_path / "empty.npz")
     (tmp_path / "bad_table.json").write_text('{"format": "qinject-latency-table", ')
+    np.savez(tmp_path / "wrong_eval.npz", y=np.zeros((4, 3, 8, 8), np.float32))
     out = ["-o", str(tmp_path / "out.onnx")]
     return [
         (["quantize", str(tmp_path / "missing.onnx"), *out], "does not exist"),
@@ -102,6 +115,12 @@ def _bad_cases(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
         (["cost", str(model), "--target", str(tmp_path / "bad_table.json")], "is not valid JSON"),
         (["cost", str(model), "--target", "nvidia-a100", "--plot", str(tmp_path / "nofolder" / "p.png")],
          "does not exist"),
+        (["analyze", str(model), "--calib", str(tmp_path / "nothere.npz"), "--metric", "quant-error"],
+         "does not exist"),
+        (["analyze", str(model), "--calib", str(tmp_path / "calib.npz"), "--metric", "quant-error",
+          "--eval", str(tmp_path / "wrong_eval.npz")], "lacks model input"),
+        (["analyze", str(model), "--calib", str(tmp_path / "calib.npz"), "--metric", "quant-error", "--bits", "3"],
+         "--bits must be"),
     ]
 
 
