@@ -155,8 +155,9 @@ def analyze(model: Path, calib: Path, metrics: tuple[str, ...], eval_path: Path 
     """Measure how sensitive each quantizable node of MODEL is, per bit width."""
     import json
 
-    from qinject.api import analyze as run_analysis
     from qinject import sensitivity
+    from qinject.api import analyze as run_analysis
+    from qinject.plots import sensitivity_plot
 
     widths = _bit_widths(bits)
     for out in (json_path, plot):
@@ -176,7 +177,7 @@ def analyze(model: Path, calib: Path, metrics: tuple[str, ...], eval_path: Path 
     if plot is not None:
         for signal in present:
             path = plot if len(present) == 1 else plot.with_name(f"{plot.stem}.{signal}{plot.suffix}")
-            click.echo(f"wrote {sensitivity.plot(analysed, signal, path)}")
+            click.echo(f"wrote {sensitivity_plot(analysed, signal, path)}")
 
 
 def _bit_widths(text: str) -> tuple[int, ...]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qinject.errors import QinjectError
+from qinject.jsonfile import read_json
 
 FORMAT = "qinject-latency-table"
 VERSION = 1
@@ -179,16 +180,7 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LatencyTable:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise LatencyTableError(f"cannot read latency table {str(path)!r}: {exc.strerror or exc}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LatencyTableError(f"latency table {str(path)!r} is not valid JSON: {exc.msg} at line "
-                                    f"{exc.lineno} column {exc.colno}") from None
+        data = read_json(path, "latency table", LatencyTableError)
         return cls.from_dict(data, source=f"latency table {str(path)!r}")
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qinject.errors import PlanError
+from qinject.jsonfile import read_json
 from qinject.numerics import QType
 
 FORMAT = "qinject-plan"
@@ -135,16 +136,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise PlanError(f"cannot read plan file {str(path)!r}: {exc.strerror or exc}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan file {str(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno} "
-                            f"column {exc.colno}") from None
+        data = read_json(path, "plan file", PlanError)
         return cls.from_dict(data, source=f"plan file {str(path)!r}")
 
     def save(self, path: str | os.PathLike) -> None:

@@ -220,33 +220,3 @@ def iter_quantizable(model: ir.Model) -> Iterator[ir.Node]:
     """The nodes every signal covers: the quantizable nodes, in graph order."""
     return iter(qir.quantizable_nodes(model))
 
-
-def plot(model: ir.Model, signal: str, path: str | object) -> object:
-    """A PNG of ``signal`` per node: one bar group per node, one bar per bit width (symmetric log
-    scale: damages span decades, and a loss can also fall)."""
-    from pathlib import Path
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = signal_of(model, signal)
-    names = [n.name for n in qir.quantizable_nodes(model) if n.name in values]
-    bits = sorted({b for v in values.values() for b in v.score}, reverse=True)
-    width = 0.8 / max(len(bits), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(names) + 2), 4.2))
-    for k, b in enumerate(bits):
-        xs = [i + (k - (len(bits) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(xs, [values[n].score.get(b, 0.0) for n in names], width, label=f"{b}-bit")
-    scores = [abs(v) for n in names for v in values[n].score.values() if v]
-    ax.set_yscale("symlog", linthresh=min(scores) if scores else 1e-12)
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel(f"{signal} score")
-    ax.set_title(f"{model.graph.name or 'model'}: {signal} sensitivity per node")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
