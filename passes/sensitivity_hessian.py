@@ -70,6 +70,7 @@ class HessianTrace(SensitivityPass):
 
     name = "sensitivity-hessian"
     signal = "hessian"
+    cost_unit = "Hessian-vector products"
 
     def __init__(self, data: AnalysisData | object, bits: tuple[int, ...] = BITS, *, seed: int = 0,
                  workers: int | None = None, progress: bool = True, method: str = "minmax",

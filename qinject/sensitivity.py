@@ -44,7 +44,7 @@ def alone(node: str, bits: int) -> Plan:
     """The plan quantizing only ``node``, at sensitivity width ``bits``."""
     return Plan(None, {node: choice_for(bits)})
 PREFIX = "qinject.sensitivity."
-EVALUATIONS = "qinject.sensitivity.evaluations"  # model meta: {signal: (evaluations, seconds)}
+EVALUATIONS = "qinject.sensitivity.evaluations"  # model meta: {signal: (count, seconds)}
 FORMAT, VERSION = "qinject-sensitivity", 1
 
 
@@ -134,6 +134,7 @@ class SensitivityPass(Pass):
 
     analysis = True
     signal = "signal"
+    cost_unit = "model evaluations"  # what the recorded count counts
 
     def __init__(self, data: AnalysisData | object, bits: tuple[int, ...] = BITS, *, seed: int = 0,
                  workers: int | None = None, progress: bool = True, method: str = "minmax") -> None:
@@ -182,8 +183,19 @@ def report(model: ir.Model) -> dict:
             nodes[name] = {"score": {str(b): _json(v) for b, v in sorted(value.score.items())},
                            **({"details": _json(value.details)} if value.details else {})}
         evaluations, seconds = costs.get(signal, (None, None))
-        out["signals"][signal] = {"evaluations": evaluations, "seconds": seconds, "nodes": nodes}
+        out["signals"][signal] = {"evaluations": evaluations, "cost_unit": _cost_unit(signal), "seconds": seconds,
+                                  "nodes": nodes}
     return out
+
+
+def _cost_unit(signal: str) -> str:
+    """What a signal's recorded count counts (its pass says: evaluations, or Hessian-vector products)."""
+    import importlib
+
+    for module, cls, key in SIGNALS.values():
+        if key == signal:
+            return getattr(importlib.import_module(f"qinject.passes.{module}"), cls).cost_unit
+    return "model evaluations"
 
 
 def _json(value: Any) -> Any:
@@ -212,7 +224,7 @@ def format_table(model: ir.Model, signal: str) -> str:
         lines.append(f"{name:<{width}}  " + "  ".join(f"{value.score.get(b, math.nan):>11.4g}" for b in bits))
     evaluations, seconds = model.meta.get(EVALUATIONS, {}).get(signal, (None, None))
     if evaluations is not None:
-        lines.append(f"{signal}: {evaluations} model evaluations, {seconds:.1f} s")
+        lines.append(f"{signal}: {evaluations} {_cost_unit(signal)}, {seconds:.1f} s")
     return "\n".join(lines)
 
 
