@@ -20,7 +20,7 @@ class EstimateCost(Pass):
     """Annotate the model with the estimated latency of ``plan`` on ``target``.
 
     Options:
-        plan: the plan to price.
+        plan: the plan to price (None: the one a search pass chose).
         target: a latency table, or a target name or path (see ``qinject.latency_table.load_target``).
         batch: the size given to a symbolic batch dimension.
     """
@@ -28,10 +28,13 @@ class EstimateCost(Pass):
     name = "estimate-cost"
     analysis = True
 
-    def __init__(self, plan: Plan, target: LatencyTable | str, batch: int = 1) -> None:
+    def __init__(self, plan: Plan | None, target: LatencyTable | str, batch: int = 1) -> None:
         self.plan, self.batch = plan, batch
         self.table = target if isinstance(target, LatencyTable) else load_target(target)
 
     def call(self, model: ir.Model) -> PassResult:
-        model.meta[qir.COST_REPORT] = estimate(model, self.plan, self.table, self.batch)
+        from qinject.search import chosen_plan
+
+        plan = chosen_plan(model, self.plan)
+        model.meta[qir.COST_REPORT] = estimate(model, plan, self.table, self.batch)
         return PassResult(model, False)

@@ -52,24 +52,36 @@ class InsertQDQ(Pass):
     """Quantize weights and activations of every node the plan selects.
 
     Options:
-        plan: per-node choices (``qinject.plan.Plan``).
+        plan: per-node choices (``qinject.plan.Plan``); None applies the plan a search pass chose
+            (``qinject.search.RESULT`` in the model's meta), with the initializers it replaced
+            (AdaRound-rounded weights, corrected biases) written first.
         method: how activation ranges are chosen from calibration statistics.
         percentile: the percentile for ``method='percentile'``.
     """
 
     name = "insert-qdq"
 
-    def __init__(self, plan: Plan, method: str = "minmax", percentile: float = 99.99) -> None:
+    def __init__(self, plan: Plan | None = None, method: str = "minmax", percentile: float = 99.99) -> None:
         self.plan, self.method, self.percentile = plan, method, percentile
 
     def call(self, model: ir.Model) -> PassResult:
+        from qinject.search import search_result
+
+        plan = self.plan
+        if plan is None:
+            found = search_result(model)
+            if found is None:
+                raise QinjectError("insert-qdq was given no plan and no search pass ran before it")
+            plan = found.plan
+            for name, array in found.weights.items():  # the rounded weights the search measured
+                model.graph.initializers[name].const_value = ir.tensor(np.ascontiguousarray(array), name=name)
         graph = model.graph
         opset = model.opset_imports.get("", 1)
         nodes = qir.quantizable_nodes(model)
-        unknown = sorted(set(self.plan.nodes) - {n.name for n in nodes})
+        unknown = sorted(set(plan.nodes) - {n.name for n in nodes})
         if unknown:
             raise PlanError(f"plan names node(s) {unknown} that are not quantizable nodes of the model")
-        chosen = [(n, self.plan.choice(n.name)) for n in nodes if self.plan.choice(n.name) is not None]
+        chosen = [(n, plan.choice(n.name)) for n in nodes if plan.choice(n.name) is not None]
         if not chosen:
             return PassResult(model, False)
         need = max(c.min_opset for _, c in chosen)

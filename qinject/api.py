@@ -22,7 +22,7 @@ from qinject.latency_table import LatencyTable, load_target
 from qinject.pass_manager import PassManager
 from qinject.plan import Plan
 
-__all__ = ["QuantizeResult", "analyze", "estimate_latency", "export_onnx", "load_onnx", "quantize_jax", "quantize_onnx",
+__all__ = ["QuantizeResult", "SearchOptions", "analyze", "estimate_latency", "export_onnx", "load_onnx", "quantize_jax", "quantize_onnx",
            "save_onnx", "standard_pipeline", "to_jax", "trace_jax"]
 
 
@@ -46,6 +46,7 @@ class QuantizeResult:
     notes: dict[str, list[str]] = field(default_factory=dict)
     timings: list[tuple[str, float]] = field(default_factory=list)
     cost: CostReport | None = None
+    search: Any = None  # qinject.search.SearchResult when a search chose the plan
 
     def to_jax(self, mode: str = "integer") -> Callable[..., Any]:
         """The quantized model as a jittable JAX function of the graph inputs (see ``to_jax``)."""
@@ -56,22 +57,117 @@ class QuantizeResult:
         return export_onnx(self.model, path)
 
 
-def standard_pipeline(plan: Plan, calib: object = None, method: str = "minmax", batch_size: int = 16,
+SEARCHES = ("bisection", "greedy", "ilp", "pareto")
+
+
+@dataclass
+class SearchOptions:
+    """What ``quantize_onnx``/``quantize_jax`` need to search for a mixed-precision plan.
+
+    Attributes:
+        max_drop: the budget: "1%" (relative), "0.5pt" (absolute points) or a number (absolute).
+        eval_data: evaluation inputs (``.npz``/dict/array, optional ``labels``); None: the calibration data.
+        metric: a callable ``fn(executable) -> float`` (higher is better); None: accuracy with labels,
+            else agreement with the float model (classifiers) or output fidelity.
+        search: bisection, greedy, ilp or pareto.
+        signal: the sensitivity signal nodes are ranked by (``qinject.sensitivity.SIGNALS``).
+        adaround, bias_correction: round the 4-bit weights by AdaRound / correct their biases,
+            during the search's evaluations too.
+        pareto_plot: where the Pareto sweep draws its frontier (PNG).
+        limit: at most this many samples for the sensitivity analysis and the evaluations.
+    """
+
+    max_drop: str | float = "1%"
+    eval_data: object = None
+    metric: Callable[..., float] | None = None
+    search: str = "bisection"
+    signal: str = "quant-error"
+    adaround: bool = False
+    bias_correction: bool = False
+    pareto_plot: str | os.PathLike | None = None
+    workers: int | None = None
+    seed: int = 0
+    limit: int | None = 2048
+
+    def __post_init__(self) -> None:
+        from qinject.errors import QinjectError
+        from qinject.evaluation import Budget
+        from qinject.sensitivity import SIGNALS
+
+        if self.search not in SEARCHES:
+            raise QinjectError(f"unknown search {self.search!r} (expected one of {', '.join(SEARCHES)})")
+        if self.signal not in SIGNALS:
+            raise QinjectError(f"unknown sensitivity signal {self.signal!r} (expected one of {', '.join(SIGNALS)})")
+        Budget.parse(self.max_drop)  # a bad budget fails before any work
+
+
+def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "minmax", batch_size: int = 16,
                       percentile: float = 99.99, progress: bool = True,
-                      target: LatencyTable | str | None = None, latency_batch: int = 1) -> list:
-    """The passes of ``qinject quantize``, in order (with ``target``, the plan's latency is
-    estimated on it just before the rewrite)."""
+                      target: LatencyTable | str | None = None, latency_batch: int = 1,
+                      search: SearchOptions | None = None, analysis_data: object = None,
+                      adaround: bool = False, bias_correction: bool = False) -> list:
+    """The passes of ``qinject quantize``, in order. With ``target``, the plan's latency is estimated
+    on it just before the rewrite. With ``search``, the plan is chosen: a sensitivity signal on the
+    calibration data, then a search pass on the evaluation data (and AdaRound / bias correction of the
+    chosen 4-bit weights when asked), and ``plan`` is ignored. The analyses read ``analysis_data``
+    (arrays by input name; default: ``calib`` itself). ``adaround`` / ``bias_correction`` round the
+    plan's 4-bit weights by AdaRound / correct their biases (a search takes them in its options)."""
     from qinject.passes import Calibrate, EstimateCost, FoldConvAffine, FoldConstantWeights, InsertQDQ, UpgradeOpset
 
     passes = [
         FoldConstantWeights(),
         FoldConvAffine(),
-        UpgradeOpset(plan.min_opset()),
+        UpgradeOpset(21 if search is not None else plan.min_opset()),
         Calibrate(calib, method=method, batch_size=batch_size, progress=progress),
     ]
+    if search is not None:
+        passes += _search_passes(search, calib if analysis_data is None else analysis_data, method, percentile,
+                                 progress, target or "local-cpu", latency_batch)
+        plan = None
+    else:
+        from qinject.passes import AdaRound, BiasCorrection
+
+        data = calib if analysis_data is None else analysis_data
+        if adaround:
+            passes.append(AdaRound(data, plan, progress=progress))
+        if bias_correction:
+            passes.append(BiasCorrection(data, plan))
     if target is not None:
         passes.append(EstimateCost(plan, target, latency_batch))
     return [*passes, InsertQDQ(plan, method=method, percentile=percentile)]
+
+
+def _search_passes(options: SearchOptions, analysis: object, method: str, percentile: float, progress: bool,
+                   target: LatencyTable | str, latency_batch: int) -> list:
+    from qinject.passes import SEARCH_PASSES
+    from qinject.sensitivity import signal_pass
+
+    if analysis is None:
+        from qinject.errors import CalibrationDataError
+
+        raise CalibrationDataError("a mixed-precision search needs calibration data (random inputs would "
+                                   "rank the nodes by noise)")
+    evaluation = options.eval_data if options.eval_data is not None else analysis
+    passes = [signal_pass(options.signal, analysis, seed=options.seed, workers=options.workers,
+                          progress=progress, method=method)]
+    kwargs = {"metric": options.metric, "signal": options.signal, "batch": latency_batch,
+              "workers": options.workers, "method": method, "percentile": percentile, "limit": options.limit}
+    kwargs.update(adaround=options.adaround, bias_correction=options.bias_correction, calib=analysis,
+                  progress=progress)
+    if options.search == "pareto":
+        kwargs["plot"] = options.pareto_plot
+    passes.append(SEARCH_PASSES[options.search](evaluation, options.max_drop, target, **kwargs))
+    return passes
+
+
+def _calibration_arrays(calib: object, model: ir.Model) -> dict[str, np.ndarray] | None:
+    """Any calibration source as one dict of arrays by input name (what the analyses take)."""
+    if calib is None:
+        return None
+    from qinject.calib_data import input_specs, open_source
+
+    batches = list(open_source(calib, input_specs(model)))
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 def estimate_latency(model: str | os.PathLike | onnx.ModelProto | ir.Model, plan: Plan | None = None,
@@ -95,7 +191,9 @@ def estimate_latency(model: str | os.PathLike | onnx.ModelProto | ir.Model, plan
 def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output: str | os.PathLike | None = None,
                   *, plan: Plan | None = None, calib: object = None, method: str = "minmax",
                   batch_size: int = 16, percentile: float = 99.99, progress: bool = True,
-                  target: LatencyTable | str | None = None, latency_batch: int = 1) -> QuantizeResult:
+                  target: LatencyTable | str | None = None, latency_batch: int = 1,
+                  search: SearchOptions | None = None, adaround: bool = False,
+                  bias_correction: bool = False) -> QuantizeResult:
     """Quantize an ONNX model: fold constants, calibrate, insert Q/DQ, and optionally save.
 
     Args:
@@ -106,6 +204,11 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
         method: activation range method: minmax, percentile, mse or entropy.
         target: a latency table (or target name/path): the result's ``cost`` is the plan's
             estimated latency on it (``latency_batch`` for a symbolic batch dimension).
+        search: search for a mixed-precision plan (``SearchOptions``) minimising latency on
+            ``target`` (default local-cpu) within an accuracy budget, instead of applying ``plan``;
+            ``result.search`` says what it chose, measured and cost.
+        adaround, bias_correction: AdaRound the plan's 4-bit weights / correct their biases on the
+            calibration data (for a search, set them in ``SearchOptions``).
 
     Example:
         >>> result = quantize_onnx("models/digits_cnn/model.onnx", "/tmp/q.onnx",
@@ -116,7 +219,8 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
     if output is not None:
         onnx_backend.check_output_path(output, input_path)  # before any work, not after calibration
     ir_model = model if isinstance(model, ir.Model) else load_onnx(model)
-    result = _quantize(ir_model, plan, calib, method, batch_size, percentile, progress, target, latency_batch)
+    result = _quantize(ir_model, plan, calib, method, batch_size, percentile, progress, target, latency_batch,
+                       search, adaround, bias_correction)
     if output is not None:
         result.output = save_onnx(result.model, output, input_path=input_path)
     return result
@@ -125,7 +229,7 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
 def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | os.PathLike | None = None,
                  plan: Plan | None = None, calib: object = None, method: str = "minmax",
                  percentile: float = 99.99, progress: bool = True,
-                 target: LatencyTable | str | None = None) -> QuantizeResult:
+                 target: LatencyTable | str | None = None, search: SearchOptions | None = None) -> QuantizeResult:
     """Trace ``fn(params, *example_inputs)``, calibrate and quantize it, optionally write ONNX.
 
     The same passes as ``quantize_onnx`` run on the traced graph; calibration runs through the
@@ -142,6 +246,7 @@ def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | 
             ``quantize_onnx`` accepts. Calibration runs in batches of the example's batch size.
         target: a latency table (or target name/path): the result's ``cost`` is the plan's
             estimated latency on it.
+        search: search for a mixed-precision plan instead of applying ``plan`` (see ``quantize_onnx``).
 
     Example:
         >>> result = quantize_jax(forward, params, x[:64], calib=x_calib)  # doctest: +SKIP
@@ -152,18 +257,32 @@ def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | 
     if output is not None:
         onnx_backend.check_output_path(output)
     ir_model = trace_jax(fn, params, *example_inputs)
-    result = _quantize(ir_model, plan, calib, method, 16, percentile, progress, target)
+    result = _quantize(ir_model, plan, calib, method, 16, percentile, progress, target, 1, search)
     if output is not None:
         result.output = result.save(output)
     return result
 
 
 def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_size: int, percentile: float,
-              progress: bool, target: LatencyTable | str | None = None, latency_batch: int = 1) -> QuantizeResult:
+              progress: bool, target: LatencyTable | str | None = None, latency_batch: int = 1,
+              search: SearchOptions | None = None, adaround: bool = False,
+              bias_correction: bool = False) -> QuantizeResult:
+    from qinject.search import search_result
+
+    needs_arrays = search is not None or adaround or bias_correction
+    analysis = _calibration_arrays(calib, ir_model) if needs_arrays else None
+    if needs_arrays and analysis is None:
+        from qinject.errors import CalibrationDataError
+
+        raise CalibrationDataError("a search, AdaRound and bias correction need calibration data")
     manager = PassManager(standard_pipeline(plan, calib, method, batch_size, percentile, progress, target,
-                                            latency_batch))
+                                            latency_batch, search, analysis, adaround, bias_correction))
     ir_model = manager.run(ir_model).model
-    result = QuantizeResult(ir_model, plan, timings=manager.timings, cost=ir_model.meta.get(qir.COST_REPORT))
+    found = search_result(ir_model)
+    if found is not None:
+        plan = found.plan
+    result = QuantizeResult(ir_model, plan, timings=manager.timings, cost=ir_model.meta.get(qir.COST_REPORT),
+                            search=found)
     for node in ir_model.graph:
         if qir.QUANT_APPLIED in node.meta:
             result.quantized.append(node.name)

@@ -68,20 +68,66 @@ def cli() -> None:
               "(default: local-cpu; 'none': skip).")
 @click.option("--latency-batch", type=int, default=1, show_default=True,
               help="Batch size for the latency estimate when the model's batch is symbolic.")
+@click.option("--max-drop", help="Search a mixed-precision plan within this accuracy budget: '1%' relative, "
+              "'0.5pt' absolute points, or a number (absolute). Default 1% when --search is given.")
+@click.option("--search", "algorithm", type=click.Choice(["bisection", "greedy", "ilp", "pareto"]),
+              help="Search algorithm (default bisection when --max-drop is given).")
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path),
+              help="Evaluation .npz: inputs by name, optional 'labels' (top-1 accuracy; without: agreement "
+              "with the float model, or output fidelity). Default: the calibration data.")
+@click.option("--signal", type=click.Choice(["quant-error", "noise", "hessian", "interlayer", "bit-error"]),
+              default="quant-error", show_default=True, help="Sensitivity signal the search ranks nodes by.")
+@click.option("--adaround", is_flag=True, help="AdaRound the 4-bit weights (searched plans and plain plans).")
+@click.option("--bias-correction", is_flag=True, help="Correct the biases of 4-bit nodes for rounding.")
+@click.option("--pareto-plot", type=click.Path(path_type=Path), help="With --search pareto: the frontier as PNG.")
+@click.option("--workers", type=int, help="Evaluation processes of the search (default: every core).")
 def quantize(model: Path, output: Path, weights: str, activations: str, plan_path: Path | None,
              calib: Path | None, calib_method: str, percentile: float, per_tensor: bool, batch_size: int,
-             save_plan: Path | None, target: str, latency_batch: int) -> None:
-    """Quantize MODEL (ONNX) and write the Q/DQ model to OUTPUT."""
-    from qinject.api import quantize_onnx
+             save_plan: Path | None, target: str, latency_batch: int, max_drop: str | None, algorithm: str | None,
+             eval_path: Path | None, signal: str, adaround: bool, bias_correction: bool,
+             pareto_plot: Path | None, workers: int | None) -> None:
+    """Quantize MODEL (ONNX) and write the Q/DQ model to OUTPUT.
+
+    With --max-drop (or --search), search per-node bit widths (16/8/4) minimising the estimated
+    latency on --target within the accuracy budget; the plan and a JSON report are written next to
+    OUTPUT (OUTPUT.plan.json, OUTPUT.search.json).
+    """
+    from qinject.api import SearchOptions, quantize_onnx
     from qinject.latency_table import load_target
 
-    plan = _plan(plan_path, weights, activations, per_tensor)
-    # A bad table fails before any work is done.
+    searching = max_drop is not None or algorithm is not None
+    if pareto_plot is not None and algorithm != "pareto":
+        raise click.UsageError("--pareto-plot needs --search pareto")
+    if searching and plan_path is not None:
+        raise click.UsageError("--plan and a search (--max-drop/--search) exclude each other")
+    plan = None if searching else _plan(plan_path, weights, activations, per_tensor)
+    # A bad table, budget or data path fails before any work is done.
     table = None if target == "none" else load_target(target or "local-cpu")
+    search = None
+    if searching:
+        if table is None:
+            raise click.UsageError("a search needs a --target latency table")
+        if eval_path is not None and not eval_path.is_file():
+            raise QinjectError(f"evaluation data {str(eval_path)!r} does not exist")
+        if calib is None:
+            raise QinjectError("a search needs --calib data (random inputs would rank the nodes by noise)")
+        search = SearchOptions(max_drop=max_drop or "1%", eval_data=eval_path, search=algorithm or "bisection",
+                               signal=signal, adaround=adaround, bias_correction=bias_correction,
+                               pareto_plot=pareto_plot, workers=workers)
     result = quantize_onnx(model, output, plan=plan, calib=calib, method=calib_method, batch_size=batch_size,
-                           percentile=percentile, target=table, latency_batch=latency_batch)
+                           percentile=percentile, target=table, latency_batch=latency_batch, search=search,
+                           adaround=adaround and not searching, bias_correction=bias_correction and not searching)
+    if result.search is not None:
+        from qinject.jsonfile import write_json
+        from qinject.search import format_result
+
+        plan_file = output.with_name(output.name + ".plan.json")
+        result.plan.save(plan_file)
+        write_json(output.with_name(output.name + ".search.json"), result.search.to_dict())
+        click.echo(format_result(result.search, _metric_of(result)))
+        click.echo(f"wrote {plan_file} and {output.name}.search.json")
     if save_plan is not None:
-        plan.save(save_plan)
+        result.plan.save(save_plan)
     before, after = _size(model), _size(output)
     click.echo(f"quantized {len(result.quantized)} node(s) of {model.name} -> {output}")
     click.echo(f"file size: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({before / max(after, 1):.1f}x smaller)")
@@ -253,6 +299,12 @@ def _bits_pairs(text: str) -> list[tuple[int, int]]:
             raise QinjectError(f"--bits: {item.strip()!r} is not WEIGHTS/ACTIVATIONS (e.g. 8/8, 32/32 for float)")
         pairs.append((int(w), int(a)))
     return pairs
+
+
+def _metric_of(result: object) -> object:
+    from qinject.evaluation import Accuracy, Agreement, Fidelity
+
+    return {"accuracy": Accuracy([]), "agreement": Agreement(), "fidelity": Fidelity()}.get(result.search.metric)
 
 
 def _plan(plan_path: Path | None, weights: str, activations: str, per_tensor: bool):

@@ -26,7 +26,11 @@ def run_model(blob: bytes, inputs: dict[str, np.ndarray]) -> np.ndarray:
     options.intra_op_num_threads = 1  # one thread per model: deterministic, and the pool uses the cores
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    sess = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    return run_session(ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"]), inputs)
+
+
+def run_session(sess: object, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """A session's first output over all samples, batched as ``run_model`` describes."""
     specs = sess.get_inputs()
     n = len(next(iter(inputs.values())))
     fixed = specs[0].shape[0] if specs and isinstance(specs[0].shape[0], int) else None

@@ -62,11 +62,15 @@ class Executor:
             raise QinjectError(f"evaluation data lacks model input(s) {missing} (it has {sorted(self.inputs)})")
 
     # -- variants -----------------------------------------------------------------------------------------
-    def quantized(self, plan: Plan) -> ir.Model:
-        """The model quantized by ``plan`` with its calibrated ranges (a copy; the model is untouched)."""
+    def quantized(self, plan: Plan, weights: dict[str, np.ndarray] | None = None) -> ir.Model:
+        """The model quantized by ``plan`` with its calibrated ranges (a copy; the model is untouched),
+        initializers named in ``weights`` replaced first."""
         from qinject.passes import InsertQDQ
 
         variant = self.model.clone()
+        for name, array in (weights or {}).items():
+            value = variant.graph.initializers[name]
+            value.const_value = ir.tensor(np.ascontiguousarray(array), name=name)
         InsertQDQ(plan, method=self.method, percentile=self.percentile)(variant)
         return variant
 
@@ -163,11 +167,16 @@ class _WorkerPool:
             proc.stdout.close()
 
 
-def _serialise(model: ir.Model) -> bytes:
-    from qinject.backends import onnx_backend
-
+def as_onnx(model: ir.Model) -> ir.Model:
+    """The model with only ONNX ops (a JAX-sourced graph is lowered on a clone)."""
     if qir.has_jax_nodes(model):
         from qinject.passes import LowerJaxToOnnx
 
-        model = LowerJaxToOnnx()(model.clone()).model
-    return onnx_backend.to_proto(model).SerializeToString()
+        return LowerJaxToOnnx()(model.clone()).model
+    return model
+
+
+def _serialise(model: ir.Model) -> bytes:
+    from qinject.backends import onnx_backend
+
+    return onnx_backend.to_proto(as_onnx(model)).SerializeToString()

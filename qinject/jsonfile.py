@@ -21,3 +21,31 @@ def read_json(path: str | os.PathLike, label: str, error: type[QinjectError]) ->
     except json.JSONDecodeError as exc:
         raise error(f"{label} {str(path)!r} is not valid JSON: {exc.msg} at line {exc.lineno} "
                     f"column {exc.colno}") from None
+
+
+def write_json(path: str | os.PathLike, data: object) -> Path:
+    """Write ``data`` as indented JSON, atomically (a temporary file renamed into place)."""
+    import json
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=_plain)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _plain(value: object) -> object:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write a {type(value).__name__} as JSON")

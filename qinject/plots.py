@@ -76,3 +76,33 @@ def grouped_bars(names: list[str], bars: dict[str, list[float]], ylabel: str, ti
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def pareto_plot(result: object, path: str | os.PathLike) -> Path:
+    """A search's measured frontier: metric vs estimated latency saving vs W16A16, every evaluated
+    plan in grey, the Pareto front joined, the budget's floor dashed and the chosen plan ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    saving = lambda t: 100 * (1 - t.latency_us / result.sixteen_bit_us)  # noqa: E731
+    ax.scatter([saving(t) for t in result.trials], [t.score for t in result.trials], s=14, color="0.6",
+               label="evaluated plans")
+    front = sorted(result.frontier, key=saving)
+    ax.plot([saving(t) for t in front], [t.score for t in front], "o-", color="C0", ms=4, label="Pareto front")
+    ax.axhline(result.floor, color="C3", ls="--", lw=1, label=f"budget ({result.budget})")
+    ax.scatter([100 * result.saving_vs_16_bit], [result.score], s=120, facecolors="none", edgecolors="C2",
+               linewidths=2, label="chosen", zorder=3)
+    ax.set_xlabel(f"estimated latency saving vs W16A16 (%), {result.target}")
+    ax.set_ylabel(result.metric)
+    ax.set_title(f"accuracy vs latency ({result.algorithm}, {result.evaluations} evaluations)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

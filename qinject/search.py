@@ -1,0 +1,421 @@
+"""Mixed-precision search: what the search passes (``passes/search_*.py``) share.
+
+A search picks a bit width per quantizable node from ``LEVELS`` (16, 8, 4; width b means
+``choice_for(b)``: b-bit weights, max(b, 8)-bit activations, as the sensitivity signals measure)
+minimising the plan's estimated latency on a target table while the metric stays within the
+budget. Its inputs, gathered in a ``SearchSpace``:
+
+- the calibrated float model, each node annotated by a sensitivity signal (``passes/sensitivity_*``);
+- an ``Evaluator``: the metric on the evaluation data, each full-model evaluation counted (the float
+  reference is one of them);
+- the budget (``qinject.evaluation.Budget``) and the latency table.
+
+Candidate plans come in sequences whose damage grows (a prefix of a sensitivity order lowered, or
+ILP solutions for a shrinking sensitivity budget); ``last_passing`` finds the last one that meets
+the budget with a bisection guided by the predicted damage (regula falsi between the bracket's
+measured scores, a plain midpoint whenever a guess fails to halve the bracket). The plan a search
+returns has always been evaluated and met the budget; if none does, the float plan is returned with
+a message saying so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from qinject import ir as qir
+from qinject.cost import estimate
+from qinject.errors import QinjectError
+from qinject.evaluation import Budget, Executable, Metric, UserMetric, default_metric
+from qinject.executor import Executor
+from qinject.latency_table import LatencyTable
+from qinject.pass_manager import Pass, PassResult
+from qinject.plan import Plan
+from qinject.sensitivity import PREFIX, SIGNALS, AnalysisData, choice_for, signal_of
+
+LEVELS = (16, 8, 4)
+RESULT = "qinject.search.result"  # model meta: the SearchResult the rewrite applies
+Bits = dict[str, int]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One evaluated plan."""
+
+    label: str
+    bits: tuple[int, ...]  # per node, in the space's node order
+    score: float
+    passed: bool
+    latency_us: float
+
+
+@dataclass
+class SearchResult:
+    """What a search chose, what it measured, and what it cost."""
+
+    algorithm: str
+    plan: Plan
+    bits: dict[str, int | None]  # None: float
+    metric: str
+    budget: str
+    target: str
+    float_score: float
+    floor: float
+    score: float
+    latency_us: float
+    float_us: float
+    sixteen_bit_us: float
+    evaluations: int
+    seconds: float
+    trials: list[Trial] = field(default_factory=list)
+    message: str = ""
+    frontier: list[Trial] = field(default_factory=list)  # the Pareto sweep's points
+    weights: dict[str, np.ndarray] = field(default_factory=dict)  # initializers the plan replaces (AdaRound, ...)
+
+    @property
+    def saving_vs_16_bit(self) -> float:
+        return 1.0 - self.latency_us / self.sixteen_bit_us
+
+    @property
+    def saving_vs_float(self) -> float:
+        return 1.0 - self.latency_us / self.float_us
+
+    def to_dict(self) -> dict:
+        return {"algorithm": self.algorithm, "metric": self.metric, "budget": self.budget, "target": self.target,
+                "float_score": self.float_score, "floor": self.floor, "score": self.score,
+                "latency_us": self.latency_us, "float_us": self.float_us, "sixteen_bit_us": self.sixteen_bit_us,
+                "saving_vs_16_bit": self.saving_vs_16_bit, "evaluations": self.evaluations,
+                "seconds": self.seconds, "bits": self.bits, "message": self.message,
+                "trials": [{"label": t.label, "score": t.score, "passed": t.passed, "latency_us": t.latency_us}
+                           for t in self.trials]}
+
+
+class Evaluator:
+    """The metric of model variants on the evaluation data; every full-model evaluation is counted.
+
+    Built-in metrics score the first output, run by the ``Executor``'s worker pool; a user metric
+    receives each variant as an ``Executable`` and runs it itself.
+    """
+
+    def __init__(self, model: ir.Model, data: AnalysisData, metric: Metric | None = None,
+                 workers: int | None = None, method: str = "minmax", percentile: float = 99.99,
+                 low_bit_weights: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
+        self.model, self.data = model, data
+        self.executor = Executor(model, data.inputs, workers=workers, method=method, percentile=percentile)
+        # node -> {initializer: array} its 4-bit choice uses instead (AdaRound, bias correction)
+        self.low_bit_weights = dict(low_bit_weights or {})
+        self.user_count = 0
+        self._metric = metric
+        self._float_score: float | None = None
+
+    @property
+    def count(self) -> int:
+        return self.executor.count + self.user_count
+
+    @property
+    def metric(self) -> Metric:
+        if self._metric is None:
+            self._metric = default_metric(self.executor.reference(), self.data.labels)
+        return self._metric
+
+    def float_score(self) -> float:
+        if self._float_score is None:
+            self._float_score = self._score(self.model)
+        return self._float_score
+
+    def score(self, plan: Plan) -> float:
+        return self._score(self.executor.quantized(plan, self.replacements(plan)))
+
+    def replacements(self, plan: Plan) -> dict[str, np.ndarray]:
+        """The initializers ``plan`` replaces: those of its nodes with at most 4-bit weights."""
+        out: dict[str, np.ndarray] = {}
+        for node, arrays in self.low_bit_weights.items():
+            choice = plan.choice(node)
+            if choice is not None and choice.weights <= 4:
+                out.update(arrays)
+        return out
+
+    def _score(self, variant: ir.Model) -> float:
+        metric = self.metric
+        if isinstance(metric, UserMetric):
+            self.user_count += 1
+            return metric(Executable(variant))
+        reference = self.executor.reference()
+        (outputs,) = [reference] if variant is self.model else self.executor.run([variant])
+        return metric.score(outputs, reference)
+
+    def close(self) -> None:
+        self.executor.close()
+
+
+class SearchSpace:
+    """The nodes, their widths, the latency of any assignment on the target, the sensitivity of
+    each node at each width, and budgeted evaluation (cached: a plan is never evaluated twice)."""
+
+    def __init__(self, model: ir.Model, evaluator: Evaluator, budget: Budget, table: LatencyTable,
+                 batch: int = 1, signal: str = "quant-error", levels: Sequence[int] = LEVELS) -> None:
+        self.model, self.evaluator, self.budget, self.table, self.batch = model, evaluator, budget, table, batch
+        self.levels = tuple(sorted(levels, reverse=True))
+        self.nodes = [n.name for n in qir.quantizable_nodes(model)]
+        if not self.nodes:
+            raise QinjectError("the model has no quantizable node to search over")
+        key = SIGNALS[signal][2] if signal in SIGNALS else signal
+        values = signal_of(model, key)
+        missing = [n for n in self.nodes if n not in values]
+        if missing:
+            raise QinjectError(f"no {signal!r} sensitivity on node(s) {missing[:3]}: run that sensitivity pass "
+                               "before the search")
+        self.signal = signal
+        self.scores = {n: {b: float(max(values[n].score.get(b, 0.0), 0.0)) for b in self.levels}
+                       for n in self.nodes}
+        self.trials: list[Trial] = []
+        self._evaluated: dict[tuple, Trial] = {}
+        self._latency: dict[tuple, float] = {}
+        self.start = time.perf_counter()
+        self.float_score = evaluator.float_score()
+        self.floor = budget.floor(self.float_score, evaluator.metric)
+
+    # -- assignments --------------------------------------------------------------------------------
+    def uniform(self, bits: int) -> Bits:
+        return dict.fromkeys(self.nodes, bits)
+
+    def key(self, bits: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(bits[n] for n in self.nodes)
+
+    def plan(self, bits: Mapping[str, int]) -> Plan:
+        return Plan(None, {n: choice_for(b) for n, b in bits.items()})
+
+    def latency(self, bits: Mapping[str, int]) -> float:
+        key = self.key(bits)
+        if key not in self._latency:
+            self._latency[key] = estimate(self.model, self.plan(bits), self.table, self.batch,
+                                          baselines=False).total_us
+        return self._latency[key]
+
+    def damage(self, bits: Mapping[str, int]) -> float:
+        """The predicted damage of an assignment: the sum of its nodes' scores (additive)."""
+        return sum(self.scores[n][b] for n, b in bits.items())
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def evaluate(self, bits: Mapping[str, int], label: str) -> Trial:
+        key = self.key(bits)
+        if key not in self._evaluated:
+            score = self.evaluator.score(self.plan(bits))
+            trial = Trial(label, key, score, bool(score >= self.floor - 1e-12), self.latency(bits))
+            self._evaluated[key] = trial
+            self.trials.append(trial)
+        return self._evaluated[key]
+
+    def evaluated(self, bits: Mapping[str, int]) -> Trial | None:
+        return self._evaluated.get(self.key(bits))
+
+    def finish(self, algorithm: str, bits: Mapping[str, int], frontier: Sequence[Trial] = ()) -> SearchResult:
+        """Verify ``bits`` by a real evaluation (unless already measured); if it breaks the budget,
+        fall back to the fastest evaluated plan that met it, else to the float plan."""
+        trial = self.evaluate(bits, "final")
+        message = ""
+        if not trial.passed:
+            passing = [t for t in self.trials if t.passed]
+            if passing:
+                trial = min(passing, key=lambda t: t.latency_us)
+                message = "the chosen plan broke the budget when verified; the fastest plan that met it is used"
+            else:
+                trial = None
+        table_float = estimate(self.model, Plan(None), self.table, self.batch, baselines=False).total_us
+        sixteen = self.latency(self.uniform(16))
+        metric = self.evaluator.metric
+        if trial is None:
+            best = min(self.trials, key=lambda t: -t.score)
+            message = (f"no quantized plan meets the budget ({self.budget}: {metric.name} >= "
+                       f"{metric.format(self.floor)}); the best tried scored {metric.format(best.score)}; "
+                       "returning the float plan")
+            chosen: dict[str, int | None] = dict.fromkeys(self.nodes)
+            plan, score, latency = Plan(None), self.float_score, table_float
+        else:
+            chosen = dict(zip(self.nodes, trial.bits))
+            plan, score, latency = self.plan(chosen), trial.score, trial.latency_us
+        return SearchResult(algorithm, plan, chosen, metric.name, str(self.budget), self.table.target,
+                            self.float_score, self.floor, score, latency, table_float, sixteen,
+                            self.evaluator.count, time.perf_counter() - self.start, list(self.trials), message,
+                            list(frontier), self.evaluator.replacements(plan))
+
+    # -- orders -------------------------------------------------------------------------------------
+    def lowering_order(self, current: Mapping[str, int], high: int, low: int) -> list[str]:
+        """The nodes at ``high`` that save latency at ``low``, by sensitivity added per microsecond
+        saved (least first). A node's saving is the mean of lowering it alone from ``current`` and
+        of keeping it alone at ``high`` once every other such node is lowered, since conversions
+        make a node's saving depend on its neighbours' widths."""
+        candidates = [n for n in self.nodes if current[n] == high]
+        if not candidates:
+            return []
+        base = self.latency(current)
+        all_low = {**current, **dict.fromkeys(candidates, low)}
+        floor_latency = self.latency(all_low)
+        ratio = {}
+        for n in candidates:
+            alone = base - self.latency({**current, n: low})
+            kept = self.latency({**all_low, n: high}) - floor_latency
+            saving = (alone + kept) / 2
+            if saving > 0:
+                ratio[n] = max(self.scores[n][low] - self.scores[n][high], 0.0) / saving
+        return sorted(ratio, key=lambda n: (ratio[n], self.nodes.index(n)))
+
+
+def last_passing(space: SearchSpace, candidates: Sequence[Mapping[str, int]], label: str,
+                 guided: bool = True, first_score: float | None = None) -> int:
+    """The index of the last candidate meeting the budget, in a sequence whose damage grows.
+
+    ``candidates[0]`` is taken to pass (it is the plan already chosen, or scored ``first_score``);
+    the last candidate is tried first (the whole sequence may pass), then the bracket is narrowed.
+    ``guided`` places each probe where the predicted damage (``space.damage``) crosses the budget,
+    interpolating between the bracket's measured scores; a probe that does not halve the bracket is
+    followed by a plain midpoint, so the worst case stays about twice log2(len) evaluations.
+    """
+    n = len(candidates) - 1
+    if n <= 0:
+        return 0
+    last = space.evaluate(candidates[n], f"{label} {n}/{n}")
+    if last.passed:
+        return n
+    lo, hi = 0, n
+    s_lo = first_score if first_score is not None else (
+        t.score if (t := space.evaluated(candidates[0])) else space.float_score)
+    s_hi = last.score
+    predicted = [space.damage(c) for c in candidates]
+    midpoint_next = not guided
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if not midpoint_next and s_lo > s_hi:
+            fraction = (s_lo - space.floor) / (s_lo - s_hi)
+            target = predicted[lo] + fraction * (predicted[hi] - predicted[lo])
+            inside = [k for k in range(lo + 1, hi) if predicted[k] <= target + 1e-15]
+            mid = inside[-1] if inside else lo + 1
+        width = hi - lo
+        trial = space.evaluate(candidates[mid], f"{label} {mid}/{n}")
+        if trial.passed:
+            lo, s_lo = mid, trial.score
+        else:
+            hi, s_hi = mid, trial.score
+        midpoint_next = not guided or (hi - lo) > width // 2
+    return lo
+
+
+class SearchPass(Pass):
+    """Base of the search passes: an analysis pass that stores its ``SearchResult`` in the model's
+    meta (``RESULT``), which ``InsertQDQ`` applies when given no plan.
+
+    Args:
+        eval_data: the evaluation inputs (``.npz``/dict/array; ``labels`` make the metric accuracy).
+        max_drop: the budget (``Budget.parse``: "1%", "0.5pt", 0.005).
+        target: the latency table the plan's latency is estimated on.
+        metric: a ``Metric`` or a callable ``fn(Executable) -> float`` (default: from the data).
+        signal: the sensitivity signal nodes are ranked by (its pass must have run).
+        batch: the batch size of the latency estimate for a symbolic batch dimension.
+        limit: at most this many evaluation samples.
+        adaround, bias_correction: give every 4-bit node AdaRound-rounded weights / a corrected bias
+            (computed once per node, on ``calib``), in the search's evaluations and in the result.
+    """
+
+    analysis = True
+    algorithm = "search"
+
+    def __init__(self, eval_data: object, max_drop: str | float | Budget = "1%",
+                 target: LatencyTable | str = "local-cpu", *, metric: Metric | object = None,
+                 signal: str = "quant-error", batch: int = 1, levels: Sequence[int] = LEVELS,
+                 workers: int | None = None, method: str = "minmax", percentile: float = 99.99,
+                 limit: int | None = None, adaround: bool = False, bias_correction: bool = False,
+                 calib: object = None, progress: bool = True) -> None:
+        from qinject.latency_table import load_target
+
+        if (adaround or bias_correction) and calib is None:
+            raise QinjectError("AdaRound and bias correction need calibration data (calib)")
+        self.adaround, self.bias_correction, self.calib, self.progress = adaround, bias_correction, calib, progress
+        self.eval_data, self.budget = eval_data, Budget.parse(max_drop)
+        self.table = target if isinstance(target, LatencyTable) else load_target(target)
+        if metric is not None and not isinstance(metric, Metric):
+            if not callable(metric):
+                raise QinjectError(f"metric must be callable, got {type(metric).__name__}")
+            metric = UserMetric(metric)
+        self.metric, self.signal, self.batch, self.levels = metric, signal, batch, tuple(levels)
+        self.workers, self.method, self.percentile, self.limit = workers, method, percentile, limit
+
+    def call(self, model: ir.Model) -> PassResult:
+        data = AnalysisData.load(self.eval_data, model, self.limit)
+        evaluator = Evaluator(model, data, self.metric, self.workers, self.method, self.percentile,
+                              self.low_bit_weights(model))
+        try:
+            space = SearchSpace(model, evaluator, self.budget, self.table, self.batch, self.signal, self.levels)
+            model.meta[RESULT] = self.search(space)
+        finally:
+            evaluator.close()
+        return PassResult(model, False)
+
+    def search(self, space: SearchSpace) -> SearchResult:
+        raise NotImplementedError
+
+    def low_bit_weights(self, model: ir.Model) -> dict[str, dict[str, np.ndarray]]:
+        """Per node, the initializers AdaRound / bias correction give it at 4 bits (on a clone)."""
+        if not (self.adaround or self.bias_correction):
+            return {}
+        from qinject.passes import AdaRound, BiasCorrection
+
+        clone, four = model.clone(), Plan(choice_for(4))
+        if self.adaround:
+            AdaRound(self.calib, four, progress=self.progress)(clone)
+        if self.bias_correction:
+            BiasCorrection(self.calib, four)(clone)
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for node in qir.quantizable_nodes(clone):
+            original = next(n for n in qir.quantizable_nodes(model) if n.name == node.name)
+            for new, old in zip(node.inputs, original.inputs):
+                if new is not None and old is not None and new.const_value is not None and \
+                        new.const_value is not old.const_value and old.name in model.graph.initializers:
+                    out.setdefault(node.name, {})[old.name] = new.const_value.numpy()
+        return out
+
+
+def search_result(model: ir.Model) -> SearchResult | None:
+    return model.meta.get(RESULT)
+
+
+def chosen_plan(model: ir.Model, plan: Plan | None) -> Plan:
+    """``plan``, or (None) the plan a search pass chose for ``model``."""
+    if plan is not None:
+        return plan
+    found = search_result(model)
+    if found is None:
+        raise QinjectError("no plan was given and no search pass ran before this pass")
+    return found.plan
+
+
+def format_result(result: SearchResult, metric: Metric | None = None) -> str:
+    """The report a user reads: per-node widths, latency saving, metric vs float, evaluations."""
+    fmt = (metric.format if metric else (lambda v: f"{v:.4g}"))
+    lines = [f"search: {result.algorithm} on {result.target}, budget {result.budget} of {result.metric}"]
+    width = max(len("node"), *(len(n) for n in result.bits))
+    lines.append(f"  {'node':<{width}}  bits")
+    for name, bits in result.bits.items():
+        lines.append(f"  {name:<{width}}  {'float' if bits is None else f'W{bits}A{max(bits, 8)}'}")
+    counts: dict[str, int] = {}
+    for bits in result.bits.values():
+        label = "float" if bits is None else f"W{bits}A{max(bits, 8)}"
+        counts[label] = counts.get(label, 0) + 1
+    lines.append("  " + ", ".join(f"{v} x {k}" for k, v in sorted(counts.items())))
+    lines.append(f"  {result.metric}: float {fmt(result.float_score)} -> quantized {fmt(result.score)} "
+                 f"(floor {fmt(result.floor)})")
+    lines.append(f"  estimated latency on {result.target}: {result.latency_us:.1f} us; saving "
+                 f"{result.saving_vs_16_bit:.1%} vs W16A16 ({result.sixteen_bit_us:.1f} us), "
+                 f"{result.saving_vs_float:.1%} vs float ({result.float_us:.1f} us)")
+    lines.append(f"  full-model evaluations: {result.evaluations} (the float reference included), "
+                 f"{result.seconds:.1f} s")
+    if result.message:
+        lines.append(f"  note: {result.message}")
+    return "\n".join(lines)
+
+
+__all__ = ["LEVELS", "PREFIX", "RESULT", "Evaluator", "SearchPass", "SearchResult", "SearchSpace", "Trial",
+           "format_result", "last_passing", "search_result"]
