@@ -275,6 +275,10 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
         from qinject.errors import CalibrationDataError
 
         raise CalibrationDataError("a search, AdaRound and bias correction need calibration data")
+    if search is not None and search.eval_data is not None:
+        from qinject.sensitivity import AnalysisData
+
+        AnalysisData.load(search.eval_data, ir_model, search.limit)  # bad evaluation data fails before any work
     manager = PassManager(standard_pipeline(plan, calib, method, batch_size, percentile, progress, target,
                                             latency_batch, search, analysis, adaround, bias_correction))
     ir_model = manager.run(ir_model).model

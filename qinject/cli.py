@@ -97,16 +97,16 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
 
     searching = max_drop is not None or algorithm is not None
     if pareto_plot is not None and algorithm != "pareto":
-        raise click.UsageError("--pareto-plot needs --search pareto")
+        raise QinjectError("--pareto-plot needs --search pareto")
     if searching and plan_path is not None:
-        raise click.UsageError("--plan and a search (--max-drop/--search) exclude each other")
+        raise QinjectError("--plan and a search (--max-drop/--search) exclude each other")
     plan = None if searching else _plan(plan_path, weights, activations, per_tensor)
     # A bad table, budget or data path fails before any work is done.
     table = None if target == "none" else load_target(target or "local-cpu")
     search = None
     if searching:
         if table is None:
-            raise click.UsageError("a search needs a --target latency table")
+            raise QinjectError("a search needs a --target latency table (not 'none')")
         if eval_path is not None and not eval_path.is_file():
             raise QinjectError(f"evaluation data {str(eval_path)!r} does not exist")
         if calib is None:

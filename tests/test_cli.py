@@ -121,6 +121,16 @@ def _bad_cases(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
           "--eval", str(tmp_path / "wrong_eval.npz")], "lacks model input"),
         (["analyze", str(model), "--calib", str(tmp_path / "calib.npz"), "--metric", "quant-error", "--bits", "3"],
          "--bits must be"),
+        (["quantize", str(model), *out, "--calib", str(tmp_path / "calib.npz"), "--max-drop", "lots"],
+         "accuracy budget 'lots'"),
+        (["quantize", str(model), *out, "--max-drop", "1%"], "needs --calib"),
+        (["quantize", str(model), *out, "--calib", str(tmp_path / "calib.npz"), "--max-drop", "1%", "--eval",
+          str(tmp_path / "nothere.npz")], "does not exist"),
+        (["quantize", str(model), *out, "--calib", str(tmp_path / "calib.npz"), "--max-drop", "1%", "--eval",
+          str(tmp_path / "wrong_eval.npz")], "lacks model input"),
+        (["quantize", str(model), *out, "--search", "ilp", "--plan", str(tmp_path / "bad_plan.json")],
+         "exclude each other"),
+        (["quantize", str(model), *out, "--search", "ilp", "--target", "none"], "needs a --target"),
     ]
 
 
@@ -135,6 +145,22 @@ def test_bad_input_one_line_no_output(model, tmp_path) -> None:
         assert not (tmp_path / "out.onnx").exists()
         assert not list(tmp_path.glob(".*.tmp"))
     assert model.read_bytes() == before
+
+
+def test_quantize_searches_within_the_budget(model, tmp_path) -> None:
+    out = tmp_path / "q.onnx"
+    r = qinject("quantize", model, "-o", out, "--calib", tmp_path / "calib.npz", "--max-drop", "2%",
+                "--target", "nvidia-a100", "--search", "ilp", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "search: ilp on nvidia-a100, budget 2% relative drop of agreement" in r.stdout
+    assert "full-model evaluations:" in r.stdout and "saving" in r.stdout
+    onnx.checker.check_model(str(out), full_check=True)
+    import json
+
+    report = json.loads((tmp_path / "q.onnx.search.json").read_text())
+    assert report["score"] >= report["floor"] and report["evaluations"] >= 2
+    plan = json.loads((tmp_path / "q.onnx.plan.json").read_text())
+    assert plan["format"] == "qinject-plan"
 
 
 def test_failed_run_keeps_existing_output(model, tmp_path) -> None:
