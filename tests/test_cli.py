@@ -176,5 +176,5 @@ def test_failed_run_keeps_existing_output(model, tmp_path) -> None:
 def test_demo(tmp_path) -> None:
     r = qinject("demo", "--out", tmp_path / "demo")
     assert r.returncode == 0, r.stderr
-    assert "top-1 accuracy" in r.stdout and "QLinearConv x3" in r.stdout
-    assert (tmp_path / "demo" / "digits_cnn.w8a8.onnx").exists()
+    assert "top-1 accuracy" in r.stdout and "QLinearConv x3" in r.stdout and "search: bisection" in r.stdout
+    assert (tmp_path / "demo" / "digits_cnn.mixed.onnx").exists()

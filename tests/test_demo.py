@@ -15,3 +15,9 @@ def test_demo_report(tmp_path) -> None:
     assert report["quant_bytes"] < report["float_bytes"] / 3
     assert report["float_ms"] > 0 and report["quant_ms"] > 0  # measured, not asserted: the machine is shared
     assert any("top-1 accuracy" in line for line in lines)
+    search = report["search"]  # the mixed-precision flow: measured within budget, few evaluations
+    assert search.score >= search.floor and search.evaluations <= 6
+    assert report["quant_accuracy"] == search.score  # the written file is the plan the search measured
+    fast = report["accelerator_search"]
+    assert fast.score >= fast.floor and fast.evaluations <= 6 and fast.latency_us <= fast.sixteen_bit_us
+    assert (tmp_path / "digits_cnn.mixed.plan.json").exists() and (tmp_path / "digits_cnn.nvidia-a100.onnx").exists()
