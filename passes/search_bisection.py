@@ -8,11 +8,11 @@ from qinject.search import SearchPass, SearchResult, SearchSpace, last_passing
 class BisectionSearch(SearchPass):
     """Lower nodes 16 → 8 → 4 bits in order of sensitivity per microsecond saved, keeping the
     longest prefix that meets the budget at each level (found by ``last_passing``: about log2(N)
-    evaluations per level, fewer when the predicted damage tracks the metric).
+    evaluations per level, fewer when the predicted damage tracks the metric), or the fastest
+    shorter one.
 
     Each level starts from the previous level's plan; its candidates are that plan with the first
-    k nodes of the level's order lowered (k = 0..N). Nodes whose lowering saves nothing on the target
-    are never lowered. The first level starts from uniform W16A16.
+    k nodes of the level's order lowered (k = 0..N). The first level starts from uniform W16A16.
 
     Options (beyond ``SearchPass``'s):
         guided: place probes by the predicted damage (False: plain midpoints).
@@ -31,6 +31,9 @@ class BisectionSearch(SearchPass):
             order = space.lowering_order(current, high, low)
             candidates = [{**current, **dict.fromkeys(order[:k], low)} for k in range(len(order) + 1)]
             k = last_passing(space, candidates, f"W{low} prefix", guided=self.guided)
+            # Damage grows along the order but latency need not fall at every step (the last nodes
+            # may save nothing alone): take the fastest prefix within the boundary.
+            k = min(range(k + 1), key=lambda i: (space.latency(candidates[i]), -i))
             current = candidates[k]
             if k == 0:
                 break  # nothing could go to this width: no node can go lower either

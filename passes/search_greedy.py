@@ -8,10 +8,10 @@ from qinject.search import SearchPass, SearchResult, SearchSpace
 class GreedySearch(SearchPass):
     """Lower nodes 16 → 8 → 4 bits one at a time, in order of sensitivity per microsecond saved,
     keeping each lowering that still meets the budget (one evaluation per node and level, after
-    one for the whole level lowered at once, which settles the level when it passes).
+    one for the whole level lowered at once, which settles the level when it passes and is faster).
 
     Unlike bisection it does not assume damage grows along the order: a sensitive node that fails
-    is skipped and the walk goes on.
+    is skipped and the walk goes on. A lowering that would make the plan slower is not tried.
     """
 
     name = "search-greedy"
@@ -24,11 +24,13 @@ class GreedySearch(SearchPass):
             if not order:
                 continue
             whole = {**current, **dict.fromkeys(order, low)}
-            if space.evaluate(whole, f"all W{low}").passed:
+            if space.latency(whole) <= space.latency(current) and space.evaluate(whole, f"all W{low}").passed:
                 current = whole
                 continue
             for node in order:
                 trial = {**current, node: low}
+                if space.latency(trial) > space.latency(current):
+                    continue  # slower alone (conversions): not worth an evaluation
                 if space.evaluate(trial, f"{node} -> W{low}").passed:
                     current = trial
         return space.finish(self.algorithm, current)

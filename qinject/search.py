@@ -157,12 +157,17 @@ class SearchSpace:
     each node at each width, and budgeted evaluation (cached: a plan is never evaluated twice)."""
 
     def __init__(self, model: ir.Model, evaluator: Evaluator, budget: Budget, table: LatencyTable,
-                 batch: int = 1, signal: str = "quant-error", levels: Sequence[int] = LEVELS) -> None:
+                 batch: int = 1, signal: str = "quant-error", levels: Sequence[int] = LEVELS,
+                 latency_model: ir.Model | None = None) -> None:
         self.model, self.evaluator, self.budget, self.table, self.batch = model, evaluator, budget, table, batch
         self.levels = tuple(sorted(levels, reverse=True))
         self.nodes = [n.name for n in qir.quantizable_nodes(model)]
         if not self.nodes:
             raise QinjectError("the model has no quantizable node to search over")
+        # Plans are priced on this graph: the model itself, or the same network at its deployment batch.
+        self.priced = qir.with_batch(latency_model if latency_model is not None else model, batch)
+        if latency_model is not None and [n.name for n in qir.quantizable_nodes(self.priced)] != self.nodes:
+            raise QinjectError("the latency model's quantizable nodes differ from the model's")
         key = SIGNALS[signal][2] if signal in SIGNALS else signal
         values = signal_of(model, key)
         missing = [n for n in self.nodes if n not in values]
@@ -192,7 +197,7 @@ class SearchSpace:
     def latency(self, bits: Mapping[str, int]) -> float:
         key = self.key(bits)
         if key not in self._latency:
-            self._latency[key] = estimate(self.model, self.plan(bits), self.table, self.batch,
+            self._latency[key] = estimate(self.priced, self.plan(bits), self.table, self.batch,
                                           baselines=False).total_us
         return self._latency[key]
 
@@ -225,7 +230,7 @@ class SearchSpace:
                 message = "the chosen plan broke the budget when verified; the fastest plan that met it is used"
             else:
                 trial = None
-        table_float = estimate(self.model, Plan(None), self.table, self.batch, baselines=False).total_us
+        table_float = estimate(self.priced, Plan(None), self.table, self.batch, baselines=False).total_us
         sixteen = self.latency(self.uniform(16))
         metric = self.evaluator.metric
         if trial is None:
@@ -245,24 +250,29 @@ class SearchSpace:
 
     # -- orders -------------------------------------------------------------------------------------
     def lowering_order(self, current: Mapping[str, int], high: int, low: int) -> list[str]:
-        """The nodes at ``high`` that save latency at ``low``, by sensitivity added per microsecond
-        saved (least first). A node's saving is the mean of lowering it alone from ``current`` and
-        of keeping it alone at ``high`` once every other such node is lowered, since conversions
-        make a node's saving depend on its neighbours' widths."""
+        """The nodes at ``high``, by sensitivity added per microsecond saved at ``low`` (least first);
+        nodes whose lowering saves nothing come last, by sensitivity (lowering them can still pay
+        once their neighbours are low, since conversions disappear). A node's saving is the mean of
+        lowering it alone from ``current`` and of keeping it alone at ``high`` once every other node
+        of the level is lowered: conversions make a node's saving depend on its neighbours' widths."""
         candidates = [n for n in self.nodes if current[n] == high]
         if not candidates:
             return []
         base = self.latency(current)
         all_low = {**current, **dict.fromkeys(candidates, low)}
         floor_latency = self.latency(all_low)
-        ratio = {}
+        ratio, rest = {}, {}
         for n in candidates:
             alone = base - self.latency({**current, n: low})
             kept = self.latency({**all_low, n: high}) - floor_latency
             saving = (alone + kept) / 2
+            damage = max(self.scores[n][low] - self.scores[n][high], 0.0)
             if saving > 0:
-                ratio[n] = max(self.scores[n][low] - self.scores[n][high], 0.0) / saving
-        return sorted(ratio, key=lambda n: (ratio[n], self.nodes.index(n)))
+                ratio[n] = damage / saving
+            else:
+                rest[n] = damage
+        index = self.nodes.index
+        return sorted(ratio, key=lambda n: (ratio[n], index(n))) + sorted(rest, key=lambda n: (rest[n], index(n)))
 
 
 def last_passing(space: SearchSpace, candidates: Sequence[Mapping[str, int]], label: str,
@@ -318,6 +328,8 @@ class SearchPass(Pass):
         limit: at most this many evaluation samples.
         adaround, bias_correction: give every 4-bit node AdaRound-rounded weights / a corrected bias
             (computed once per node, on ``calib``), in the search's evaluations and in the result.
+        latency_model: price plans on this graph instead (the same network, e.g. traced at the
+            deployment batch; constants folded like the model's).
     """
 
     analysis = True
@@ -328,12 +340,13 @@ class SearchPass(Pass):
                  signal: str = "quant-error", batch: int = 1, levels: Sequence[int] = LEVELS,
                  workers: int | None = None, method: str = "minmax", percentile: float = 99.99,
                  limit: int | None = None, adaround: bool = False, bias_correction: bool = False,
-                 calib: object = None, progress: bool = True) -> None:
+                 calib: object = None, progress: bool = True, latency_model: ir.Model | None = None) -> None:
         from qinject.latency_table import load_target
 
         if (adaround or bias_correction) and calib is None:
             raise QinjectError("AdaRound and bias correction need calibration data (calib)")
         self.adaround, self.bias_correction, self.calib, self.progress = adaround, bias_correction, calib, progress
+        self.latency_model = latency_model
         self.eval_data, self.budget = eval_data, Budget.parse(max_drop)
         self.table = target if isinstance(target, LatencyTable) else load_target(target)
         if metric is not None and not isinstance(metric, Metric):
@@ -348,7 +361,8 @@ class SearchPass(Pass):
         evaluator = Evaluator(model, data, self.metric, self.workers, self.method, self.percentile,
                               self.low_bit_weights(model))
         try:
-            space = SearchSpace(model, evaluator, self.budget, self.table, self.batch, self.signal, self.levels)
+            space = SearchSpace(model, evaluator, self.budget, self.table, self.batch, self.signal, self.levels,
+                                self.latency_model)
             model.meta[RESULT] = self.search(space)
         finally:
             evaluator.close()
