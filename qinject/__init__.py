@@ -6,7 +6,7 @@ QuantizeLinear/DequantizeLinear, and emit an executable. See docs/ARCHITECTURE.m
 
 from __future__ import annotations
 
-from qinject.api import (QuantizeResult, analyze, estimate_latency, export_onnx, load_onnx, quantize_jax, quantize_onnx,
+from qinject.api import (QuantizeResult, SearchOptions, analyze, estimate_latency, export_onnx, load_onnx, quantize_jax, quantize_onnx,
                          save_onnx, to_jax, trace_jax)
 from qinject.errors import QinjectError
 from qinject.plan import NodeQuant, Plan
@@ -16,6 +16,7 @@ __all__ = [
     "Plan",
     "QinjectError",
     "QuantizeResult",
+    "SearchOptions",
     "analyze",
     "estimate_latency",
     "export_onnx",
