@@ -125,6 +125,11 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
         result.plan.save(plan_file)
         write_json(output.with_name(output.name + ".search.json"), result.search.to_dict())
         click.echo(format_result(result.search, _metric_of(result)))
+        if result.search.frontier:
+            from qinject.passes.search_pareto import format_front
+
+            click.echo("measured Pareto front:")
+            click.echo(format_front(result.search))
         click.echo(f"wrote {plan_file} and {output.name}.search.json")
     if save_plan is not None:
         result.plan.save(save_plan)

@@ -91,7 +91,9 @@ class SearchResult:
                 "saving_vs_16_bit": self.saving_vs_16_bit, "evaluations": self.evaluations,
                 "seconds": self.seconds, "bits": self.bits, "message": self.message,
                 "trials": [{"label": t.label, "score": t.score, "passed": t.passed, "latency_us": t.latency_us}
-                           for t in self.trials]}
+                           for t in self.trials],
+                "pareto_front": [{"score": t.score, "passed": t.passed, "latency_us": t.latency_us,
+                                  "bits": dict(zip(self.bits, t.bits))} for t in self.frontier]}
 
 
 class Evaluator:
