@@ -124,10 +124,12 @@ def priced_model(case: Case) -> object:
     return PassManager([FoldConstantWeights(), FoldConvAffine()]).run(qinject.load_onnx(case.latency_path)).model
 
 
-def ort_score(case: Case, work: Path, evaluator: object) -> float:
+def ort_score(case: Case, work: Path, evaluator: object) -> tuple[float, str]:
     """onnxruntime's own W8A8 static quantization of the same file and calibration data, scored by
-    the same metric on the same evaluation data."""
+    the same metric on the same evaluation data; and a note when its recommended pre-processing
+    (``quant_pre_process``) failed and it ran on the file as it is, or when it failed outright."""
     from bench_vs_ort import ort_quantizer
+    from onnxruntime import quantization as oq
 
     import qinject
 
@@ -138,10 +140,23 @@ def ort_score(case: Case, work: Path, evaluator: object) -> float:
     if fixed:  # a traced graph takes whole batches of its size only
         n = len(next(iter(arrays.values())))
         arrays = {k: v[: max(n - n % fixed, fixed)] for k, v in arrays.items()}
-    ort_quantizer()(case.path, out, arrays, fixed or 16)
+    batch, note = fixed or 16, ""
+    try:
+        ort_quantizer()(case.path, out, arrays, batch)
+    except Exception as exc:  # noqa: BLE001  (ORT's own failure, reported in the table)
+        note = f"quant_pre_process failed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]}); ran without it"
+        feeds = iter([{k: v[i:i + batch] for k, v in arrays.items()}
+                      for i in range(0, len(next(iter(arrays.values()))), batch)])
+        reader = type("Reader", (oq.CalibrationDataReader,), {"get_next": lambda self: next(feeds, None)})()
+        try:
+            oq.quantize_static(str(case.path), str(out), reader, quant_format=oq.QuantFormat.QDQ, per_channel=True,
+                               calibrate_method=oq.CalibrationMethod.MinMax, activation_type=oq.QuantType.QUInt8,
+                               weight_type=oq.QuantType.QInt8)
+        except Exception as exc2:  # noqa: BLE001
+            return float("nan"), f"ORT failed: {type(exc2).__name__}: {str(exc2).splitlines()[0][:80]}"
     model = qinject.load_onnx(out)
     (outputs,) = evaluator.executor.run([model])
-    return evaluator.metric.score(outputs, evaluator.executor.reference())
+    return evaluator.metric.score(outputs, evaluator.executor.reference()), note
 
 
 def bench_model(case: Case, targets: list[str], algorithms: list[str], work: Path, latency_batch: int,
@@ -168,12 +183,13 @@ def bench_model(case: Case, targets: list[str], algorithms: list[str], work: Pat
         w8, w4 = Plan(choice_for(8)), Plan(choice_for(4))
         uniform = {"W8A8": evaluator._score(evaluator.executor.quantized(w8)),
                    "W4A8": evaluator._score(evaluator.executor.quantized(w4)),
-                   "W4A8 AdaRound": evaluator.score(w4),
-                   "ORT quantize_static W8A8": ort_score(case, work, evaluator)}
+                   "W4A8 AdaRound": evaluator.score(w4)}
+        uniform["ORT quantize_static W8A8"], ort_note = ort_score(case, work, evaluator)
         metric = evaluator.metric.name
     finally:
         evaluator.close()
-    result = ModelResult(case.name, metric, float_score, floor, uniform, analysis=analysis, note=case.note)
+    note = "; ".join(n for n in (case.note, f"onnxruntime: {ort_note}" if ort_note else "") if n)
+    result = ModelResult(case.name, metric, float_score, floor, uniform, analysis=analysis, note=note)
     for target in targets:
         table = load_target(target)
         base = estimate(priced, Plan(None), table, latency_batch)
