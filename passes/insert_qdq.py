@@ -54,15 +54,16 @@ class InsertQDQ(Pass):
     Options:
         plan: per-node choices (``qinject.plan.Plan``); None applies the plan a search pass chose
             (``qinject.search.RESULT`` in the model's meta), with the initializers it replaced
-            (AdaRound-rounded weights, corrected biases) written first.
+            (AdaRound-rounded weights, corrected biases) written first; else ``fallback``.
         method: how activation ranges are chosen from calibration statistics.
         percentile: the percentile for ``method='percentile'``.
     """
 
     name = "insert-qdq"
 
-    def __init__(self, plan: Plan | None = None, method: str = "minmax", percentile: float = 99.99) -> None:
-        self.plan, self.method, self.percentile = plan, method, percentile
+    def __init__(self, plan: Plan | None = None, method: str = "minmax", percentile: float = 99.99,
+                 fallback: Plan | None = None) -> None:
+        self.plan, self.method, self.percentile, self.fallback = plan, method, percentile, fallback
 
     def call(self, model: ir.Model) -> PassResult:
         from qinject.search import search_result
@@ -70,10 +71,10 @@ class InsertQDQ(Pass):
         plan = self.plan
         if plan is None:
             found = search_result(model)
-            if found is None:
+            if found is None and self.fallback is None:
                 raise QinjectError("insert-qdq was given no plan and no search pass ran before it")
-            plan = found.plan
-            for name, array in found.weights.items():  # the rounded weights the search measured
+            plan = found.plan if found is not None else self.fallback
+            for name, array in (found.weights.items() if found is not None else ()):  # the rounded weights the search measured
                 model.graph.initializers[name].const_value = ir.tensor(np.ascontiguousarray(array), name=name)
         graph = model.graph
         opset = model.opset_imports.get("", 1)

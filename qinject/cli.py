@@ -1,4 +1,4 @@
-"""The ``qinject`` command line: quantize, inspect, cost, targets, profile, demo.
+"""The ``qinject`` command line: quantize, run, passes, inspect, analyze, cost, targets, profile, demo.
 
 Every error a user can cause prints one line (``error: ...``) and exits 1; no traceback, no output
 file. Set QINJECT_DEBUG=1 to see tracebacks of internal errors.
@@ -318,6 +318,85 @@ def _plan(plan_path: Path | None, weights: str, activations: str, per_tensor: bo
     if plan_path is not None:
         return Plan.load(plan_path)
     return Plan.uniform(int(weights), int(activations), per_channel=not per_tensor)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output model path.")
+@click.option("--pipeline", "text", required=True,
+              help="Passes to run, e.g. 'fold-constants,calibrate{method=mse},insert-qdq' (see `qinject passes`).")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration data for the passes that need it.")
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path), help="Evaluation data for a search.")
+@click.option("--target", default="local-cpu", show_default=True, help="Latency table for search/estimate-cost.")
+@click.option("--latency-batch", type=int, default=1, show_default=True)
+@click.option("--workers", type=int, help="Evaluation processes (default: every core).")
+@click.option("--print-ir-after", "print_after", multiple=True, help="Print the IR after this pass (repeatable).")
+@click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR after every pass into this folder.")
+@click.option("--timing", is_flag=True, help="Print the seconds each pass took.")
+@click.option("--verify-each", is_flag=True, help="Run the full verifier (onnx.checker) after every pass.")
+def run(model: Path, output: Path, text: str, calib: Path | None, eval_path: Path | None, target: str,
+        latency_batch: int, workers: int | None, print_after: tuple[str, ...], dump_ir: Path | None, timing: bool,
+        verify_each: bool) -> None:
+    """Run a textual pass PIPELINE on MODEL and write the result to OUTPUT."""
+    from qinject.api import _calibration_arrays, load_onnx, save_onnx
+    from qinject.backends import onnx_backend
+    from qinject.instrument import IRDump, PrintIRAfter, VerifyEach, timing_table
+    from qinject.latency_table import load_target
+    from qinject.pass_manager import PassManager
+    from qinject.pipeline import parse
+    from qinject.registry import Context, build, passes
+
+    pipeline = parse(text)  # a malformed pipeline fails before anything is read
+    unknown = [n for n in print_after if n not in {p.name for p in pipeline.passes} | set(passes())]
+    if unknown:
+        raise QinjectError(f"--print-ir-after: no pass named {unknown[0]!r}")
+    onnx_backend.check_output_path(output, model)
+    load_target(target)
+    ir_model = load_onnx(model)
+    context = Context(calib=calib, eval_data=eval_path, target=target, latency_batch=latency_batch, workers=workers)
+    context.extra["calib_arrays"] = _calibration_arrays(calib, ir_model) if calib is not None else None
+    manager = PassManager(build(pipeline, context))
+    if print_after:
+        manager.after.append(PrintIRAfter(_pipeline_names(pipeline, manager, print_after), click.echo))
+    if dump_ir is not None:
+        manager.after.append(IRDump(dump_ir))
+    if verify_each:
+        manager.after.append(VerifyEach())
+    ir_model = manager.run(ir_model).model
+    save_onnx(ir_model, output, input_path=model)
+    from qinject.search import format_result, search_result
+
+    found = search_result(ir_model)
+    if found is not None:
+        found.plan.save(output.with_name(output.name + ".plan.json"))
+        click.echo(format_result(found))
+    click.echo(f"ran {len(manager.passes)} pass(es): {pipeline} -> {output}")
+    if timing:
+        click.echo(timing_table(manager))
+
+
+def _pipeline_names(pipeline: object, manager: object, wanted: tuple[str, ...]) -> set[str]:
+    """The pass-instance names the user's pipeline names stand for (``sensitivity`` runs as
+    ``sensitivity-quant-error``, ``search`` as ``search-bisection``)."""
+    names = set(wanted)
+    for spec, instance in zip(pipeline.passes, manager.passes):
+        if spec.name in wanted:
+            names.add(instance.name)
+    return names
+
+
+@cli.command("passes")
+@click.argument("name", required=False)
+def list_passes(name: str | None) -> None:
+    """List every registered pass (built-in and plugins) with its options and docstring."""
+    from qinject.registry import describe, passes
+
+    registry = passes()
+    if name is not None and name not in registry:
+        raise QinjectError(f"unknown pass {name!r} (known: {', '.join(sorted(registry))})")
+    for n in [name] if name else sorted(registry):
+        click.echo(describe(n))
+        click.echo("")
 
 
 @cli.command()

@@ -211,7 +211,13 @@ def load_target(name_or_path: str | os.PathLike) -> LatencyTable:
         candidate = folder / f"{text}.json"
         if candidate.is_file():
             return LatencyTable.load(candidate)
-    raise LatencyTableError(f"unknown target {text!r}: not a file, and not one of {builtin_targets()}")
+    from qinject import plugins
+
+    plugins.load()
+    if text in plugins.TARGETS:
+        return plugins.TARGETS[text]
+    known = builtin_targets() + sorted(plugins.TARGETS)
+    raise LatencyTableError(f"unknown target {text!r}: not a file, and not one of {known}")
 
 
 # -- validation helpers -----------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from typing import Any
 
 import onnx_ir as ir
 
+from qinject.errors import QinjectError
+
 ONNX = ""
 JAX = "jax"
 JAX_EQN = "qinject.jax.eqn"  # node meta key holding the JaxEqn of a jax-domain node
@@ -224,7 +226,32 @@ _PASSTHROUGH = OpFact()
 
 def fact(node: ir.Node) -> OpFact:
     """The facts of ``node``'s op; ops not in the table get an inert entry."""
-    return OP_FACTS.get((node.domain or ONNX, node.op_type), _PASSTHROUGH)
+    found = OP_FACTS.get((node.domain or ONNX, node.op_type))
+    if found is None and not _plugins_loaded:
+        _load_plugins()
+        found = OP_FACTS.get((node.domain or ONNX, node.op_type))
+    return found if found is not None else _PASSTHROUGH
+
+
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    """Plugin op facts (``qinject.op_facts`` entry points) join the table the first time an op is
+    not found in it."""
+    global _plugins_loaded
+    _plugins_loaded = True
+    from qinject import plugins
+
+    plugins.load()
+
+
+def register_facts(facts: dict[tuple[str, str], OpFact]) -> None:
+    """Add op facts (a plugin's); an op already in the table cannot be redefined."""
+    clash = sorted(f"{d or ONNX}::{t}" for d, t in facts if (d or ONNX, t) in OP_FACTS)
+    if clash:
+        raise QinjectError(f"op facts for {clash} already exist; a plugin may add ops, not redefine them")
+    OP_FACTS.update({(d or ONNX, t): f for (d, t), f in facts.items()})
 
 
 def weight_index(node: ir.Node) -> int | None:

@@ -137,12 +137,13 @@ class SensitivityPass(Pass):
     cost_unit = "model evaluations"  # what the recorded count counts
 
     def __init__(self, data: AnalysisData | object, bits: tuple[int, ...] = BITS, *, seed: int = 0,
-                 workers: int | None = None, progress: bool = True, method: str = "minmax") -> None:
+                 workers: int | None = None, progress: bool = True, method: str = "minmax",
+                 limit: int | None = None) -> None:
         self.data, self.bits, self.seed = data, tuple(bits), seed
-        self.workers, self.progress, self.method = workers, progress, method
+        self.workers, self.progress, self.method, self.limit = workers, progress, method, limit
 
     def call(self, model: ir.Model) -> PassResult:
-        data = AnalysisData.load(self.data, model)
+        data = AnalysisData.load(self.data, model, self.limit)
         start = time.perf_counter()
         with Executor(model, data.inputs, workers=self.workers, method=self.method) as executor:
             signals = self.measure(model, executor, data)
