@@ -243,11 +243,13 @@ def _bit_widths(text: str) -> tuple[int, ...]:
 
 @cli.command()
 def targets() -> None:
-    """List the latency tables selectable by name (built in, and profiled into the user's cache)."""
+    """List the latency tables selectable by name (built in, profiled into the user's cache, plugins)."""
+    from qinject import plugins
     from qinject.latency_table import builtin_targets, load_target
 
+    plugins.load()
     rows = []
-    for name in builtin_targets():
+    for name in builtin_targets() + sorted(set(plugins.TARGETS) - set(builtin_targets())):
         table = load_target(name)
         rows.append([name, table.kind, len(table.entries), table.description[:70]])
     click.echo(_format_table(["target", "kind", "entries", "description"], rows))
