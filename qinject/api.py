@@ -75,6 +75,7 @@ class SearchOptions:
             during the search's evaluations too.
         pareto_plot: where the Pareto sweep draws its frontier (PNG).
         limit: at most this many samples for the sensitivity analysis and the evaluations.
+        rules: ``qinject.rules.Rules`` pinning the nodes they match; the search chooses the rest.
     """
 
     max_drop: str | float = "1%"
@@ -88,6 +89,7 @@ class SearchOptions:
     workers: int | None = None
     seed: int = 0
     limit: int | None = 2048
+    rules: Any = None
 
     def __post_init__(self) -> None:
         from qinject.errors import QinjectError
@@ -153,11 +155,22 @@ def _search_passes(options: SearchOptions, analysis: object, method: str, percen
     kwargs = {"metric": options.metric, "signal": options.signal, "batch": latency_batch,
               "workers": options.workers, "method": method, "percentile": percentile, "limit": options.limit}
     kwargs.update(adaround=options.adaround, bias_correction=options.bias_correction, calib=analysis,
-                  progress=progress)
+                  progress=progress, rules=options.rules)
     if options.search == "pareto":
         kwargs["plot"] = options.pareto_plot
     passes.append(SEARCH_PASSES[options.search](evaluation, options.max_drop, target, **kwargs))
     return passes
+
+
+def _plan_from_rules(rules: Any, model: ir.Model) -> Plan:
+    import warnings
+
+    from qinject.rules import describe_unmatched
+
+    plan, unmatched = rules.plan(model)
+    if unmatched:
+        warnings.warn(describe_unmatched(unmatched), stacklevel=3)
+    return plan
 
 
 def _calibration_arrays(calib: object, model: ir.Model) -> dict[str, np.ndarray] | None:
@@ -193,7 +206,7 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
                   batch_size: int = 16, percentile: float = 99.99, progress: bool = True,
                   target: LatencyTable | str | None = None, latency_batch: int = 1,
                   search: SearchOptions | None = None, adaround: bool = False,
-                  bias_correction: bool = False) -> QuantizeResult:
+                  bias_correction: bool = False, rules: Any = None) -> QuantizeResult:
     """Quantize an ONNX model: fold constants, calibrate, insert Q/DQ, and optionally save.
 
     Args:
@@ -209,6 +222,8 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
             ``result.search`` says what it chose, measured and cost.
         adaround, bias_correction: AdaRound the plan's 4-bit weights / correct their biases on the
             calibration data (for a search, set them in ``SearchOptions``).
+        rules: ``qinject.rules.Rules`` giving the plan instead of ``plan`` (rules that match no node
+            are reported as a warning).
 
     Example:
         >>> result = quantize_onnx("models/digits_cnn/model.onnx", "/tmp/q.onnx",
@@ -219,6 +234,8 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
     if output is not None:
         onnx_backend.check_output_path(output, input_path)  # before any work, not after calibration
     ir_model = model if isinstance(model, ir.Model) else load_onnx(model)
+    if rules is not None and search is None:
+        plan = _plan_from_rules(rules, ir_model)
     result = _quantize(ir_model, plan, calib, method, batch_size, percentile, progress, target, latency_batch,
                        search, adaround, bias_correction)
     if output is not None:

@@ -81,11 +81,13 @@ def cli() -> None:
 @click.option("--bias-correction", is_flag=True, help="Correct the biases of 4-bit nodes for rounding.")
 @click.option("--pareto-plot", type=click.Path(path_type=Path), help="With --search pareto: the frontier as PNG.")
 @click.option("--workers", type=int, help="Evaluation processes of the search (default: every core).")
+@click.option("--rules", "rules_path", type=click.Path(path_type=Path),
+              help="Per-node rules (JSON): the plan; with a search, they pin the nodes they match.")
 def quantize(model: Path, output: Path, weights: str, activations: str, plan_path: Path | None,
              calib: Path | None, calib_method: str, percentile: float, per_tensor: bool, batch_size: int,
              save_plan: Path | None, target: str, latency_batch: int, max_drop: str | None, algorithm: str | None,
              eval_path: Path | None, signal: str, adaround: bool, bias_correction: bool,
-             pareto_plot: Path | None, workers: int | None) -> None:
+             pareto_plot: Path | None, workers: int | None, rules_path: Path | None) -> None:
     """Quantize MODEL (ONNX) and write the Q/DQ model to OUTPUT.
 
     With --max-drop (or --search), search per-node bit widths (16/8/4) minimising the estimated
@@ -95,7 +97,12 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
     from qinject.api import SearchOptions, quantize_onnx
     from qinject.latency_table import load_target
 
+    from qinject.rules import Rules
+
     searching = max_drop is not None or algorithm is not None
+    rules = Rules.load(rules_path) if rules_path is not None else None
+    if rules is not None and plan_path is not None:
+        raise QinjectError("--plan and --rules exclude each other")
     if pareto_plot is not None and algorithm != "pareto":
         raise QinjectError("--pareto-plot needs --search pareto")
     if searching and plan_path is not None:
@@ -113,16 +120,18 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
             raise QinjectError("a search needs --calib data (random inputs would rank the nodes by noise)")
         search = SearchOptions(max_drop=max_drop or "1%", eval_data=eval_path, search=algorithm or "bisection",
                                signal=signal, adaround=adaround, bias_correction=bias_correction,
-                               pareto_plot=pareto_plot, workers=workers)
+                               pareto_plot=pareto_plot, workers=workers, rules=rules)
     result = quantize_onnx(model, output, plan=plan, calib=calib, method=calib_method, batch_size=batch_size,
                            percentile=percentile, target=table, latency_batch=latency_batch, search=search,
-                           adaround=adaround and not searching, bias_correction=bias_correction and not searching)
+                           adaround=adaround and not searching, bias_correction=bias_correction and not searching,
+                           rules=rules if not searching else None)
     if result.search is not None:
         from qinject.jsonfile import write_json
         from qinject.search import format_result
 
         plan_file = output.with_name(output.name + ".plan.json")
         result.plan.save(plan_file)
+        Rules.from_plan(result.plan, result.search.bits).save(output.with_name(output.name + ".rules.json"))
         write_json(output.with_name(output.name + ".search.json"), result.search.to_dict())
         click.echo(format_result(result.search, _metric_of(result)))
         if result.search.frontier:
@@ -130,7 +139,8 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
 
             click.echo("measured Pareto front:")
             click.echo(format_front(result.search))
-        click.echo(f"wrote {plan_file} and {output.name}.search.json")
+        click.echo(f"wrote {plan_file}, {output.name}.rules.json (edit and re-apply with --rules) and "
+                   f"{output.name}.search.json")
     if save_plan is not None:
         result.plan.save(save_plan)
     before, after = _size(model), _size(output)

@@ -75,6 +75,7 @@ class SearchResult:
     message: str = ""
     frontier: list[Trial] = field(default_factory=list)  # the Pareto sweep's points
     weights: dict[str, np.ndarray] = field(default_factory=dict)  # initializers the plan replaces (AdaRound, ...)
+    searched: list[str] = field(default_factory=list)  # the nodes the search chose (not pinned); Trial.bits order
 
     @property
     def saving_vs_16_bit(self) -> float:
@@ -93,7 +94,7 @@ class SearchResult:
                 "trials": [{"label": t.label, "score": t.score, "passed": t.passed, "latency_us": t.latency_us}
                            for t in self.trials],
                 "pareto_front": [{"score": t.score, "passed": t.passed, "latency_us": t.latency_us,
-                                  "bits": dict(zip(self.bits, t.bits))} for t in self.frontier]}
+                                  "bits": dict(zip(self.searched, t.bits))} for t in self.frontier]}
 
 
 class Evaluator:
@@ -160,12 +161,16 @@ class SearchSpace:
 
     def __init__(self, model: ir.Model, evaluator: Evaluator, budget: Budget, table: LatencyTable,
                  batch: int = 1, signal: str = "quant-error", levels: Sequence[int] = LEVELS,
-                 latency_model: ir.Model | None = None) -> None:
+                 latency_model: ir.Model | None = None, fixed: Mapping[str, int | None] | None = None) -> None:
         self.model, self.evaluator, self.budget, self.table, self.batch = model, evaluator, budget, table, batch
         self.levels = tuple(sorted(levels, reverse=True))
-        self.nodes = [n.name for n in qir.quantizable_nodes(model)]
+        # Pinned nodes (rules): their width (None: float) is given; the search chooses the rest.
+        self.fixed = dict(fixed or {})
+        self.all_nodes = [n.name for n in qir.quantizable_nodes(model)]
+        self.nodes = [n for n in self.all_nodes if n not in self.fixed]
         if not self.nodes:
-            raise QinjectError("the model has no quantizable node to search over")
+            raise QinjectError("the model has no quantizable node to search over (every one is pinned)"
+                               if self.all_nodes else "the model has no quantizable node to search over")
         # Plans are priced on this graph: the model itself, or the same network at its deployment batch.
         self.priced = qir.with_batch(latency_model if latency_model is not None else model, batch)
         if latency_model is not None and [n.name for n in qir.quantizable_nodes(self.priced)] != self.nodes:
@@ -194,7 +199,8 @@ class SearchSpace:
         return tuple(bits[n] for n in self.nodes)
 
     def plan(self, bits: Mapping[str, int]) -> Plan:
-        return Plan(None, {n: choice_for(b) for n, b in bits.items()})
+        chosen = {**self.fixed, **bits}
+        return Plan(None, {n: None if b is None else choice_for(b) for n, b in chosen.items()})
 
     def latency(self, bits: Mapping[str, int]) -> float:
         key = self.key(bits)
@@ -240,15 +246,16 @@ class SearchSpace:
             message = (f"no quantized plan meets the budget ({self.budget}: {metric.name} >= "
                        f"{metric.format(self.floor)}); the best tried scored {metric.format(best.score)}; "
                        "returning the float plan")
-            chosen: dict[str, int | None] = dict.fromkeys(self.nodes)
+            chosen: dict[str, int | None] = dict.fromkeys(self.all_nodes)
             plan, score, latency = Plan(None), self.float_score, table_float
         else:
-            chosen = dict(zip(self.nodes, trial.bits))
-            plan, score, latency = self.plan(chosen), trial.score, trial.latency_us
+            free = dict(zip(self.nodes, trial.bits))
+            chosen = {n: free[n] if n in free else self.fixed[n] for n in self.all_nodes}
+            plan, score, latency = self.plan(free), trial.score, trial.latency_us
         return SearchResult(algorithm, plan, chosen, metric.name, str(self.budget), self.table.target,
                             self.float_score, self.floor, score, latency, table_float, sixteen,
                             self.evaluator.count, time.perf_counter() - self.start, list(self.trials), message,
-                            list(frontier), self.evaluator.replacements(plan))
+                            list(frontier), self.evaluator.replacements(plan), list(self.nodes))
 
     # -- orders -------------------------------------------------------------------------------------
     def lowering_order(self, current: Mapping[str, int], high: int, low: int) -> list[str]:
@@ -332,6 +339,7 @@ class SearchPass(Pass):
             (computed once per node, on ``calib``), in the search's evaluations and in the result.
         latency_model: price plans on this graph instead (the same network, e.g. traced at the
             deployment batch; constants folded like the model's).
+        rules: ``qinject.rules.Rules`` pinning the nodes they match (the search chooses the rest).
     """
 
     analysis = True
@@ -342,13 +350,14 @@ class SearchPass(Pass):
                  signal: str = "quant-error", batch: int = 1, levels: Sequence[int] = LEVELS,
                  workers: int | None = None, method: str = "minmax", percentile: float = 99.99,
                  limit: int | None = None, adaround: bool = False, bias_correction: bool = False,
-                 calib: object = None, progress: bool = True, latency_model: ir.Model | None = None) -> None:
+                 calib: object = None, progress: bool = True, latency_model: ir.Model | None = None,
+                 rules: object = None) -> None:
         from qinject.latency_table import load_target
 
         if (adaround or bias_correction) and calib is None:
             raise QinjectError("AdaRound and bias correction need calibration data (calib)")
         self.adaround, self.bias_correction, self.calib, self.progress = adaround, bias_correction, calib, progress
-        self.latency_model = latency_model
+        self.latency_model, self.rules = latency_model, rules
         self.eval_data, self.budget = eval_data, Budget.parse(max_drop)
         self.table = target if isinstance(target, LatencyTable) else load_target(target)
         if metric is not None and not isinstance(metric, Metric):
@@ -363,8 +372,17 @@ class SearchPass(Pass):
         evaluator = Evaluator(model, data, self.metric, self.workers, self.method, self.percentile,
                               self.low_bit_weights(model))
         try:
+            fixed = None
+            if self.rules is not None:
+                import warnings
+
+                from qinject.rules import describe_unmatched
+
+                fixed, unmatched = self.rules.pins(model)
+                if unmatched:
+                    warnings.warn(describe_unmatched(unmatched), stacklevel=2)
             space = SearchSpace(model, evaluator, self.budget, self.table, self.batch, self.signal, self.levels,
-                                self.latency_model)
+                                self.latency_model, fixed)
             model.meta[RESULT] = self.search(space)
         finally:
             evaluator.close()
