@@ -46,7 +46,9 @@ class AdaRound(Pass):
         data: calibration inputs (as ``qinject.analyze`` takes them).
         plan: the plan (None: the search result in the model's meta).
         max_bits: nodes whose weights get at most this many bits are rounded (default 4).
-        iterations: optimisation steps per layer; batch: samples (activation rows) per step;
+        iterations: optimisation steps per layer; batch: samples per step (positions, for a MatMul
+            or Gemm over sequences: it acts on each row alone; fewer samples for a convolution whose
+            input exceeds ``max_elements`` per step);
         lr: Adam's learning rate; reg: the regulariser's weight λ; samples: calibration samples used.
     """
 
@@ -54,9 +56,10 @@ class AdaRound(Pass):
 
     def __init__(self, data: object, plan: Plan | None = None, *, max_bits: int = 4, iterations: int = 500,
                  batch: int = 32, lr: float = 1e-2, reg: float = 0.01, samples: int = 256, seed: int = 0,
-                 progress: bool = True) -> None:
+                 progress: bool = True, max_elements: int = 1 << 21) -> None:
         self.data, self.plan, self.max_bits, self.iterations = data, plan, max_bits, iterations
         self.batch, self.lr, self.reg, self.samples, self.seed, self.progress = batch, lr, reg, samples, seed, progress
+        self.max_elements = max_elements
 
     def call(self, model: ir.Model) -> PassResult:
         plan = chosen_plan(model, self.plan)
@@ -110,8 +113,13 @@ class AdaRound(Pass):
         v, state = jnp.asarray(v0, jnp.float32), optimiser.init(jnp.asarray(v0, jnp.float32))
         rng = np.random.default_rng(seed)
         warm = int(0.2 * self.iterations)
+        if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx") and x.ndim > 2:
+            x = x.reshape(-1, x.shape[-1])  # a dense layer acts on each row (position) alone
+            rows = 8 * self.batch
+        else:
+            rows = max(1, min(self.batch, self.max_elements // max(int(np.prod(x.shape[1:])), 1)))
         for it in range(self.iterations):
-            xb = x[rng.integers(0, len(x), size=min(self.batch, len(x)))]
+            xb = x[rng.integers(0, len(x), size=min(rows, len(x)))]
             if it < warm:
                 beta, reg = 20.0, 0.0
             else:

@@ -167,7 +167,8 @@ class IlpSearch(SearchPass):
 
     def frontier(self, space: SearchSpace) -> list[dict[str, int]]:
         """Distinct ILP solutions from W16A16 to the fastest, in order of growing summed sensitivity."""
-        pairs = adjacent_pairs(space.priced)
+        free = set(space.nodes)
+        pairs = [(u, v) for u, v in adjacent_pairs(space.priced) if u in free and v in free]
         model = LatencyModel.fit(space, pairs)
         ilp = Ilp(model, space.scores, pairs if self.tie_residuals else ())
         top, bottom = space.uniform(space.levels[0]), space.uniform(space.levels[-1])
