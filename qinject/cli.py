@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import click
+import numpy as np
 
 from qinject.errors import QinjectError
 from qinject.stats import METHODS
@@ -395,6 +396,66 @@ def _pipeline_names(pipeline: object, manager: object, wanted: tuple[str, ...]) 
         if spec.name in wanted:
             names.add(instance.name)
     return names
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", type=click.Path(path_type=Path), required=True, help="Calibration data (.npz).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="The report: .html (self-contained) or .md (plots written beside it).")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), help="The plan to review (JSON).")
+@click.option("--rules", "rules_path", type=click.Path(path_type=Path), help="Or the rules to review (JSON).")
+@click.option("--weights", type=click.Choice(["4", "8", "16"]), default="8", show_default=True)
+@click.option("--activations", type=click.Choice(["4", "8", "16"]), default="8", show_default=True)
+@click.option("--target", default="local-cpu", show_default=True, help="Latency table: a target name or a path.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size for a symbolic batch dimension.")
+@click.option("--verify", type=int, default=3, show_default=True, help="Fixes to run for real to check predictions.")
+@click.option("--limit", type=int, default=512, show_default=True, help="At most this many samples.")
+@click.option("--workers", type=int, help="Evaluation processes (default: every core).")
+def report(model: Path, calib: Path, output: Path, plan_path: Path | None, rules_path: Path | None, weights: str,
+           activations: str, target: str, batch: int, verify: int, limit: int, workers: int | None) -> None:
+    """Review a plan for MODEL: per-node SQNR, share of output error and latency, and proposed rules
+    with their predicted effect (checked against real runs for the largest ones)."""
+    from qinject.api import analyze
+    from qinject.latency_table import load_target
+    from qinject.report import build_report
+    from qinject.rules import Rules
+    from qinject.sensitivity import AnalysisData
+
+    if output.suffix.lower() not in (".html", ".htm", ".md"):
+        raise QinjectError(f"report output {str(output)!r} must end in .html or .md")
+    if not output.parent.is_dir():
+        raise QinjectError(f"output folder {str(output.parent)!r} does not exist")
+    if plan_path is not None and rules_path is not None:
+        raise QinjectError("--plan and --rules exclude each other")
+    table = load_target(target)
+    rules = Rules.load(rules_path) if rules_path is not None else None
+    plan = _plan(plan_path, weights, activations, False) if rules is None else None
+    analysed = analyze(model, calib, ["quant-error"], bits=(16, 8, 4), workers=workers, limit=limit)
+    if rules is not None:
+        from qinject.rules import describe_unmatched
+
+        plan, unmatched = rules.plan(analysed)
+        if unmatched:
+            click.echo(f"warning: {describe_unmatched(unmatched)}", err=True)
+    data = AnalysisData.load(calib, analysed, limit)
+    plots = output.parent / (output.stem + "_plots") if output.suffix.lower() == ".md" else None
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = build_report(analysed, plan, table, data.inputs, batch=batch, verify=verify, workers=workers,
+                              plot_dir=plots or tmp)
+        result.save(output)
+    click.echo(f"output SQNR {result.output_sqnr_db:.1f} dB (predicted {result.predicted_sqnr_db:.1f} dB), "
+               f"{result.latency_ms:.3f} ms on {table.target}; {result.evaluations} evaluations")
+    for row in sorted((r for r in result.rows if r.rule), key=lambda r: -r.error_share)[:5]:
+        click.echo(f"  {row.action}: {row.predicted_db:+.2f} dB output SQNR, {row.latency_ms:+.4f} ms "
+                   f"({row.error_share:.0%} of the error)")
+    errors = result.prediction_errors()
+    if errors:
+        click.echo(f"predictions checked on {len(errors)} real runs: mean error {np.mean(errors):.2f} dB, "
+                   f"largest {max(errors):.2f} dB")
+    click.echo(f"wrote {output}")
 
 
 @cli.command("passes")
