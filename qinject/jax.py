@@ -68,7 +68,9 @@ class QuantizedFunction:
     def __call__(self, *inputs: Any) -> Any:
         key = tuple((tuple(np.shape(x)), str(jax.numpy.result_type(x))) for x in inputs)
         if key not in self._compiled:
-            self._compiled[key] = self._build(inputs)
+            # Under jit every operation is staged, even on concrete data; calibration must run now.
+            with jax.ensure_compile_time_eval():
+                self._compiled[key] = self._build(inputs)
         return self._compiled[key][1](*inputs)
 
     def model_for(self, *inputs: Any) -> ir.Model:

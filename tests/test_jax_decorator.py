@@ -28,6 +28,7 @@ def test_decorator_equals_the_explicit_path_and_jits_and_vmaps(net):
         return net.forward(params, x)
 
     x = net.eval_inputs[:64]
+    np.testing.assert_array_equal(np.asarray(jax.jit(forward)(x[:16])), np.asarray(forward(x[:16])))  # jit first
     explicit = qinject.quantize_jax(net.forward, net.params, x, plan=plan, calib=net.calib_inputs, progress=False)
     expected = np.asarray(explicit.to_jax("simulated")(x))
     np.testing.assert_array_equal(np.asarray(forward(x)), expected)
@@ -36,7 +37,7 @@ def test_decorator_equals_the_explicit_path_and_jits_and_vmaps(net):
     np.testing.assert_allclose(np.asarray(jax.vmap(forward)(x)), expected, rtol=0, atol=1e-5)
     # a different batch reuses the calibration; the graph for it is traced once and cached
     np.testing.assert_array_equal(np.asarray(forward(x[:8])), expected[:8])
-    assert len(forward._compiled) == 3
+    assert len(forward._compiled) == 4
     assert sum(n.op_type == "QuantizeLinear" for n in forward.model_for(x).graph) > 0
     # the float function is untouched
     assert forward.float_fn(net.params, x).shape == (64, 10)
