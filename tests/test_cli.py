@@ -100,7 +100,33 @@ def _bad_cases(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
     (tmp_path / "bad_table.json").write_text('{"format": "qinject-latency-table", ')
     np.savez(tmp_path / "wrong_eval.npz", y=np.zeros((4, 3, 8, 8), np.float32))
     out = ["-o", str(tmp_path / "out.onnx")]
+    proto = onnx.load(str(model))
+    broken = {}
+    cycle = onnx.ModelProto()
+    cycle.CopyFrom(proto)
+    cycle.graph.node[0].input[0] = cycle.graph.node[-1].output[0]
+    broken["cycle"] = cycle
+    missing = onnx.ModelProto()
+    missing.CopyFrom(proto)
+    del missing.graph.initializer[0]
+    broken["noinit"] = missing
+    unordered = onnx.ModelProto()
+    unordered.CopyFrom(proto)
+    nodes = list(unordered.graph.node)[::-1]
+    del unordered.graph.node[:]
+    unordered.graph.node.extend(nodes)
+    broken["unordered"] = unordered
+    unknown = onnx.ModelProto()
+    unknown.CopyFrom(proto)
+    unknown.graph.node[1].op_type = "FancyOp"
+    broken["unknown"] = unknown
+    for name, bad in broken.items():
+        onnx.save(bad, str(tmp_path / f"{name}.onnx"))
     return [
+        (["quantize", str(tmp_path / "cycle.onnx"), *out], "the graph has a cycle through node(s)"),
+        (["quantize", str(tmp_path / "noinit.onnx"), *out], "which no node, graph input or initializer defines"),
+        (["quantize", str(tmp_path / "unordered.onnx"), *out], "before the node that defines it"),
+        (["quantize", str(tmp_path / "unknown.onnx"), *out], "No Op registered for FancyOp"),
         (["quantize", str(tmp_path / "missing.onnx"), *out], "does not exist"),
         (["quantize", str(tmp_path / "trunc.onnx"), *out], "not a valid ONNX"),
         (["quantize", str(tmp_path / "random.onnx"), *out], "not a valid ONNX"),
