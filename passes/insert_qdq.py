@@ -106,6 +106,7 @@ class _Rewrite:
         self.acts: dict[tuple[str, ActKey], _QParams] = {}
         self.origin: dict[str, ir.Value] = {}  # dequantized value name -> the float value it stands for
         self.weights: dict[tuple[str, numerics.QType, bool, int | None], tuple[ir.Value, np.ndarray]] = {}
+        self.collapsed: dict[tuple, str] = {}  # weight key -> a note: channels whose codes are all zero
 
     # -- per node ----------------------------------------------------------------------------------
     def quantize_node(self, node: ir.Node, choice: NodeQuant) -> None:
@@ -122,6 +123,9 @@ class _Rewrite:
             widx = op_facts.weight_index(node)
             dq, weight_scale = self.weight(node, w, choice)
             node.replace_input_with(widx, dq)
+            collapsed = self.collapsed.get((w.name, choice.weight_qtype, choice.weight_symmetric, choice.per_channel))
+            if collapsed:
+                notes.append(collapsed)
         self.bias(node, choice, act_scales, weight_scale, notes)
         node.meta[qir.QUANT_APPLIED] = choice
         node.meta[qir.QUANT_NOTES] = notes
@@ -244,10 +248,29 @@ class _Rewrite:
         lo, hi = numerics.weight_range(array, axis)
         scale, zp = numerics.scale_zero_point(lo, hi, qtype, choice.weight_symmetric)
         q = numerics.quantize(array, scale, zp, qtype, axis)
+        self._check_collapse(w, array, q, zp, qtype, axis, choice)
         suffix = "" if qtype.bits == 8 else f"_{qtype}"
         dequantized = self._dequantized_const(w, suffix, q, scale, zp, axis)
         self.weights[cache_key] = (dequantized, scale)
         return dequantized, scale
+
+    def _check_collapse(self, w: ir.Value, array: np.ndarray, q: np.ndarray, zp: np.ndarray, qtype: numerics.QType,
+                        axis: int | None, choice: NodeQuant) -> None:
+        """Note output channels that held non-zero weights but quantize to all-zero codes (a per-tensor
+        scale set by an outlier channel does that): the layer's output for them collapses to its bias."""
+        channel_axis = axis if axis is not None else (0 if array.ndim > 1 else None)
+        if channel_axis is None:
+            return
+        other = tuple(i for i in range(array.ndim) if i != channel_axis)
+        zero = np.asarray(zp).astype(np.int64)
+        codes = q.astype(np.int64) - (zero.reshape([-1 if i == channel_axis else 1 for i in range(array.ndim)])
+                                      if zero.ndim else zero)
+        dead = np.all(codes == 0, axis=other) & np.any(array != 0, axis=other)
+        if dead.any():
+            self.collapsed[(w.name, qtype, choice.weight_symmetric, choice.per_channel)] = (
+                f"{int(dead.sum())} of {dead.size} output channels of weight {w.name!r} quantize to all zeros at "
+                f"{qtype.bits} bits{'' if axis is not None else ' per tensor (try per-channel)'}: their output "
+                "collapses to the bias")
 
     def bias(self, node: ir.Node, choice: NodeQuant, act_scales: list[np.ndarray],
              weight_scale: np.ndarray | None, notes: list[str]) -> None:
