@@ -284,8 +284,14 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
               progress: bool, target: LatencyTable | str | None = None, latency_batch: int = 1,
               search: SearchOptions | None = None, adaround: bool = False,
               bias_correction: bool = False) -> QuantizeResult:
+    from qinject import op_facts
+    from qinject.errors import UnsupportedModelError
     from qinject.search import search_result
 
+    if not any(op_facts.fact(n).quantizable for n in ir_model.graph):
+        ops = sorted({n.op_type for n in ir_model.graph})
+        raise UnsupportedModelError(f"the model has no quantizable op (Conv, ConvTranspose, Gemm, MatMul, ...; it has "
+                                    f"{', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''}): nothing to quantize")
     needs_arrays = search is not None or adaround or bias_correction
     analysis = _calibration_arrays(calib, ir_model) if needs_arrays else None
     if needs_arrays and analysis is None:

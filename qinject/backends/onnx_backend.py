@@ -20,7 +20,13 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    return ir.serde.serialize_model(model)
+    proto = ir.serde.serialize_model(model)
+    inputs = {i.name for i in proto.graph.input}
+    if proto.ir_version < 4 and any(t.name not in inputs for t in proto.graph.initializer):
+        # Before IR version 4 every initializer had to be a graph input too; folding constants
+        # creates initializers, and version 4 is the same format otherwise.
+        proto.ir_version = 4
+    return proto
 
 
 def check(proto_or_path: onnx.ModelProto | str | os.PathLike) -> None:

@@ -1,0 +1,119 @@
+"""The reference models shipped inside the ``onnx`` package (``onnx/backend/test/data``), each with its
+inputs and expected outputs, run through ``qinject quantize``'s pipeline at a given plan.
+
+``run_case`` classifies each model:
+
+- ``ok``: a checker-valid quantized model that onnxruntime runs, whose outputs match the shipped
+  reference outputs within the bound (SQNR over all outputs, in dB);
+- ``refused``: a ``QinjectError`` naming the reason (no quantizable op; an op onnxruntime cannot
+  run; an opset the version converter cannot lift);
+- ``mismatch``: it ran but missed the bound;
+- ``crash``: any other exception (a bug).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+SUITES = ("simple", "pytorch-operator", "pytorch-converted")
+
+
+def data_dir() -> Path:
+    return Path(os.path.dirname(onnx.__file__)) / "backend" / "test" / "data"
+
+
+def cases(suites: tuple[str, ...] = SUITES) -> list[Path]:
+    return sorted(p for s in suites for p in (data_dir() / s).iterdir() if (p / "model.onnx").is_file())
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # ok | refused | mismatch | crash
+    detail: str = ""
+    sqnr_db: float = float("nan")
+
+
+def _load_set(case: Path, model: onnx.ModelProto) -> tuple[dict, list]:
+    sets = sorted(glob.glob(str(case / "test_data_set_*")))
+    inputs, outputs = {}, []
+    initializers = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in initializers]
+    folder = Path(sets[0])
+    for i, name in enumerate(names):
+        f = folder / f"input_{i}.pb"
+        if f.exists():
+            inputs[name] = _read(f)
+    j = 0
+    while (folder / f"output_{j}.pb").exists():
+        outputs.append(_read(folder / f"output_{j}.pb"))
+        j += 1
+    return inputs, outputs
+
+
+def _read(path: Path) -> object:
+    data = path.read_bytes()
+    tensor = onnx.TensorProto()
+    try:
+        tensor.ParseFromString(data)
+        if tensor.data_type:
+            return numpy_helper.to_array(tensor)
+    except Exception:  # noqa: BLE001  (sequences are stored as SequenceProto)
+        pass
+    seq = onnx.SequenceProto()
+    seq.ParseFromString(data)
+    return [numpy_helper.to_array(t) for t in seq.tensor_values]
+
+
+def _sqnr(refs: list, outs: list) -> float:
+    """SQNR over every float output; positions that are NaN (or the same infinity) in both agree."""
+    ref = np.concatenate([np.asarray(r, np.float64).ravel() for r in refs])
+    out = np.concatenate([np.asarray(o, np.float64).ravel() for o in outs])
+    same = (np.isnan(ref) & np.isnan(out)) | (np.isinf(ref) & (ref == out))
+    if np.any(~same & ~(np.isfinite(ref) & np.isfinite(out))):
+        return float("-inf")
+    ref, out = ref[~same], out[~same]
+    noise = float(np.sum((ref - out) ** 2))
+    signal = float(np.sum(ref**2))
+    return float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
+
+
+def run_case(case: Path, plan: object, bound_db: float) -> Outcome:
+    import qinject
+    from qinject.backends import onnx_backend
+    from qinject.errors import QinjectError
+
+    name = f"{case.parent.name}/{case.name}"
+    try:
+        proto = onnx.load(str(case / "model.onnx"))
+        inputs, refs = _load_set(case, proto)
+        if any(isinstance(v, list) for v in inputs.values()) or any(isinstance(r, list) for r in refs):
+            return Outcome(name, "refused", "sequence inputs or outputs (qinject calibrates tensors only)")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "q.onnx"
+            qinject.quantize_onnx(case / "model.onnx", out, plan=plan, calib=[inputs], progress=False)
+            onnx.checker.check_model(str(out), full_check=True)
+            sess = onnx_backend.session(out)
+            got = sess.run(None, inputs)
+        if len(got) != len(refs) or any(np.shape(g) != np.shape(r) for g, r in zip(got, refs)):
+            return Outcome(name, "mismatch", "output shapes differ")
+        floats = [(g, r) for g, r in zip(got, refs) if np.asarray(r).dtype.kind == "f"]
+        exact = [(g, r) for g, r in zip(got, refs) if np.asarray(r).dtype.kind != "f"]
+        if any(not np.array_equal(g, r) for g, r in exact):
+            return Outcome(name, "mismatch", "integer/bool outputs differ")
+        if not floats:
+            return Outcome(name, "ok", "no float output", float("inf"))
+        sqnr = _sqnr([r for _, r in floats], [g for g, _ in floats])
+        return Outcome(name, "ok" if sqnr >= bound_db else "mismatch", f"{sqnr:.1f} dB", sqnr)
+    except QinjectError as exc:
+        return Outcome(name, "refused", str(exc).splitlines()[0])
+    except Exception as exc:  # noqa: BLE001  (a crash: reported with its type)
+        return Outcome(name, "crash", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
