@@ -373,6 +373,8 @@ def export_onnx(model: ir.Model, path: str | os.PathLike) -> Path:
 
 
 def save_onnx(model: ir.Model, path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> Path:
-    """Write the model atomically after a full onnx.checker check."""
-    return onnx_backend.save(model, path, input_path=input_path)
+    """Write the model atomically after a full onnx.checker check; with external data when the
+    input model had it (or the model is too large for one protobuf)."""
+    external = True if input_path is not None and onnx_backend.uses_external_data(input_path) else None
+    return onnx_backend.save(model, path, input_path=input_path, external_data=external)
 

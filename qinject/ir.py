@@ -55,7 +55,8 @@ def weightless(model: ir.Model, threshold: int = 1024) -> Iterator[dict[str, ir.
     swapped: dict[str, ir.TensorProtocol] = {}
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
-        if tensor is not None and tensor.nbytes > threshold:
+        # External tensors always: their relative location means nothing to a proto without a folder.
+        if tensor is not None and (tensor.nbytes > threshold or isinstance(tensor, ir.ExternalTensor)):
             swapped[name] = tensor
             value.const_value = ir.ExternalTensor(PLACEHOLDER_LOCATION, 0, tensor.nbytes, tensor.dtype,
                                                   shape=tensor.shape, name=name)

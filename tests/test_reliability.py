@@ -42,3 +42,45 @@ def test_a_collapsing_layer_is_reported():
     assert note.startswith("7 of 8 output channels of weight 'w1' quantize to all zeros at 4 bits per tensor")
     per_channel = qinject.quantize_onnx(model, plan=Plan.uniform(4, 8), calib={"x": x}, progress=False)
     assert "conv1" not in per_channel.notes
+
+
+def test_symbolic_batch_and_sequence_survive_and_calibrate_on_varying_shapes(tmp_path):
+    from onnx import TensorProto, helper
+
+    from qinject.backends import onnx_backend
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                               helper.make_node("Relu", ["h"], ["y"], name="relu")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": rng.standard_normal((b, t, 16)).astype(np.float32)} for b, t in [(1, 5), (3, 7), (2, 11)]]
+    result = qinject.quantize_onnx(model, tmp_path / "q.onnx", calib=feeds, progress=False)
+    assert result.quantized == ["mm"]
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in (*q.graph.input, *q.graph.output)]
+    assert dims == [["batch", "seq", 16], ["batch", "seq", 8]]
+    session = onnx_backend.session(tmp_path / "q.onnx")
+    for b, t in [(4, 3), (1, 20)]:
+        x = rng.standard_normal((b, t, 16)).astype(np.float32)
+        y = session.run(None, {"x": x})[0]
+        assert y.shape == (b, t, 8) and np.abs(y - np.maximum(x @ w, 0)).max() < 0.25  # W8A8 on N(0,1) inputs
+
+
+def test_external_data_in_external_data_out(tmp_path):
+    model = conv_net()
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.weights", size_threshold=0)
+    x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    qinject.quantize_onnx(tmp_path / "m.onnx", tmp_path / "q.onnx", calib={"x": x}, progress=False)
+    assert (tmp_path / "q.onnx.data").stat().st_size > 0
+    proto = onnx.load(str(tmp_path / "q.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    from qinject.backends import onnx_backend
+
+    out = onnx_backend.session(tmp_path / "q.onnx").run(None, {"x": x[:2]})[0]
+    assert out.shape[0] == 2 and np.all(np.isfinite(out))

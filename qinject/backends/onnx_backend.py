@@ -75,6 +75,12 @@ def save(model: ir.Model, path: str | os.PathLike, *, input_path: str | os.PathL
     return path
 
 
+def uses_external_data(path: str | os.PathLike) -> bool:
+    """Whether the model file keeps any tensor in external data (then its output does too)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(proto))
+
+
 def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> None:
     """Refuse an output in a missing folder or on top of the input model."""
     path = Path(path)
