@@ -95,6 +95,7 @@ class InsertQDQ(Pass):
         for node, choice in chosen:
             rewrite.quantize_output(node, choice)
         rewrite.route_range_preserving_consumers()
+        _note_subgraph_nodes(graph)
         qir.drop_unused_initializers(graph)
         graph.sort()
         return PassResult(model, True)
@@ -325,6 +326,27 @@ class _Rewrite:
 
     def _const(self, name: str, array: np.ndarray) -> ir.Value:
         return qir.add_initializer(self.graph, name, array)
+
+
+def _note_subgraph_nodes(graph: ir.Graph) -> None:
+    """Quantizable nodes inside If/Loop/Scan bodies stay float (calibration sees only main-graph
+    tensors): say so on the control-flow node, naming them."""
+    for node in graph:
+        inner = [n.name or n.op_type for g in _subgraphs(node) for n in g.all_nodes() if op_facts.is_quantizable(n)]
+        if inner:
+            node.meta.setdefault(qir.QUANT_NOTES, []).append(
+                f"{len(inner)} quantizable node(s) inside its subgraph(s) left float ({', '.join(inner[:4])}"
+                f"{', ...' if len(inner) > 4 else ''}): qinject quantizes the main graph")
+
+
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    graphs = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attr.value)
+    return graphs
 
 
 def _attr(node: ir.Node, name: str, default: float) -> float:
