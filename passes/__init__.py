@@ -20,4 +20,6 @@ from qinject.passes.upgrade_opset import UpgradeOpset
 
 SEARCH_PASSES = {"bisection": BisectionSearch, "greedy": GreedySearch, "ilp": IlpSearch, "pareto": ParetoSweep}
 
-__all__ = ["SEARCH_PASSES", "AdaRound", "BiasCorrection", "BisectionSearch", "Calibrate", "EstimateCost", "FoldConstantWeights", "FoldConvAffine", "GreedySearch", "IlpSearch", "InsertQDQ", "LowerJaxToOnnx", "ParetoSweep", "UpgradeOpset"]
+__all__ = ["SEARCH_PASSES", "AdaRound", "BiasCorrection", "BisectionSearch", "Calibrate", "EstimateCost",
+           "FoldConstantWeights", "FoldConvAffine", "GreedySearch", "IlpSearch", "InsertQDQ", "LowerJaxToOnnx",
+           "ParetoSweep", "UpgradeOpset"]

@@ -71,7 +71,8 @@ class AdaRound(Pass):
         data = AnalysisData.load(self.data, model, self.samples)
         inputs = layer_inputs(model, data.inputs, nodes)
         program = Program(model)
-        for i, node in enumerate(tqdm(nodes, desc="adaround", unit="layer", disable=not self.progress, leave=False)):
+        bar = tqdm(nodes, desc="adaround", unit="layer", disable=None if self.progress else True, leave=False)
+        for i, node in enumerate(bar):
             weight = op_facts.weight_of(node)
             codes, scale, axis, before, after = self.round_layer(program, node, inputs[node.name],
                                                                   plan.choice(node.name), self.seed + i)

@@ -60,7 +60,7 @@ class Calibrate(Pass):
         run = _jax_runner(model, fetched) if qir.has_jax_nodes(model) else _onnx_runner(model, outputs)
         stats = {p.name: TensorStats(with_histogram=self.method != "minmax") for p in points}
         for feeds in tqdm(source, total=source.total, desc="calibrating", unit="batch",
-                          disable=not self.progress, leave=False):
+                          disable=None if self.progress else True, leave=False):
             for name, array in zip(fetched, run(feeds)):
                 stats[name].update(array)
             for name in inputs & stats.keys():

@@ -74,7 +74,8 @@ class InsertQDQ(Pass):
             if found is None and self.fallback is None:
                 raise QinjectError("insert-qdq was given no plan and no search pass ran before it")
             plan = found.plan if found is not None else self.fallback
-            for name, array in (found.weights.items() if found is not None else ()):  # the rounded weights the search measured
+            # the rounded weights (AdaRound, bias correction) the search measured
+            for name, array in (found.weights.items() if found is not None else ()):
                 model.graph.initializers[name].const_value = ir.tensor(np.ascontiguousarray(array), name=name)
         graph = model.graph
         opset = model.opset_imports.get("", 1)

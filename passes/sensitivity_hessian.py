@@ -123,7 +123,8 @@ class HessianTrace(SensitivityPass):
                 nodes.append((node, w))
             else:  # Ω has no weight error term to weigh (an attention MatMul): 0 at every width
                 signals[node.name] = NodeSignal(dict.fromkeys(self.bits, 0.0), {"weight": None})
-        for node, w in tqdm(nodes, desc="hessian trace", unit="node", disable=not self.progress, leave=False):
+        bar = tqdm(nodes, desc="hessian trace", unit="node", disable=None if self.progress else True, leave=False)
+        for node, w in bar:
             node_key = jax.random.fold_in(jax.random.PRNGKey(self.seed), zlib.crc32(node.name.encode()))
 
             def probe(i: int, name: str = w.name, node_key: jax.Array = node_key) -> float:

@@ -292,6 +292,12 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
         ops = sorted({n.op_type for n in ir_model.graph})
         raise UnsupportedModelError(f"the model has no quantizable op (Conv, ConvTranspose, Gemm, MatMul, ...; it has "
                                     f"{', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''}): nothing to quantize")
+    for node in qir.quantizable_nodes(ir_model):  # before any work: a NaN weight would poison every scale
+        weight = op_facts.weight_of(node)
+        if weight is not None and weight.const_value is not None:
+            array = weight.const_value.numpy()
+            if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+                raise UnsupportedModelError(f"node {node.name!r}: weight {weight.name!r} contains NaN or Inf")
     needs_arrays = search is not None or adaround or bias_correction
     analysis = _calibration_arrays(calib, ir_model) if needs_arrays else None
     if needs_arrays and analysis is None:

@@ -94,7 +94,8 @@ class Executor:
         iterable (built while earlier ones run); ``progress`` names a progress bar."""
         variants = iter(variants)
         outputs: list[np.ndarray] = []
-        with tqdm(total=total, desc=progress or None, unit="eval", disable=not progress, leave=False) as bar:
+        with tqdm(total=total, desc=progress or None, unit="eval", disable=None if progress else True,
+                  leave=False) as bar:
             while batch := [_serialise(v) for v in itertools.islice(variants, 2 * self.workers)]:
                 outputs.extend(self._run_blobs(batch))
                 bar.update(len(batch))

@@ -141,7 +141,7 @@ def run_profile(model: str | os.PathLike | onnx.ModelProto | ir.Model, table: La
     values = _input_values(ir_model, feeds) if todo else {}
     from tqdm.auto import tqdm
 
-    for probe in tqdm(todo, desc="profiling", unit="model", disable=not progress or not todo, leave=False):
+    for probe in tqdm(todo, desc="profiling", unit="model", disable=None if progress and todo else True, leave=False):
         try:
             prices = measure(probe, values, warmup, repeats)
         except QinjectError as exc:  # e.g. a node the rewrite cannot quantize at these bits

@@ -49,7 +49,8 @@ class Option:
 
     def describe(self) -> str:
         kind = "|".join(self.choices) if self.choices else self.type.__name__
-        default = "" if self.default is None else f" = {str(self.default).lower() if self.type is bool else self.default}"
+        shown = str(self.default).lower() if self.type is bool else self.default
+        default = "" if self.default is None else f" = {shown}"
         return f"{self.name}: {kind}{default}" + (f"  ({self.help})" if self.help else "")
 
 

@@ -120,6 +120,21 @@ def _bad_cases(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
     unknown.CopyFrom(proto)
     unknown.graph.node[1].op_type = "FancyOp"
     broken["unknown"] = unknown
+    nan = onnx.ModelProto()
+    nan.CopyFrom(proto)
+    w = onnx.numpy_helper.to_array(nan.graph.initializer[0]).copy()
+    w.flat[0] = np.nan
+    nan.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, nan.graph.initializer[0].name))
+    broken["nan_weight"] = nan
+    domain = onnx.ModelProto()
+    domain.CopyFrom(proto)
+    domain.graph.node[1].domain = "com.acme"
+    domain.opset_import.append(onnx.helper.make_opsetid("com.acme", 1))
+    broken["domain"] = domain
+    calib = np.load(tmp_path / "calib.npz")["x"].copy()
+    calib[0, 0, 0, 0] = np.inf
+    np.savez(tmp_path / "inf_calib.npz", x=calib)
+    np.savez(tmp_path / "int_calib.npz", x=calib.astype(np.int32))
     for name, bad in broken.items():
         onnx.save(bad, str(tmp_path / f"{name}.onnx"))
     return [
@@ -127,6 +142,11 @@ def _bad_cases(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
         (["quantize", str(tmp_path / "noinit.onnx"), *out], "which no node, graph input or initializer defines"),
         (["quantize", str(tmp_path / "unordered.onnx"), *out], "before the node that defines it"),
         (["quantize", str(tmp_path / "unknown.onnx"), *out], "No Op registered for FancyOp"),
+        (["quantize", str(tmp_path / "nan_weight.onnx"), *out], "weight 'w1' contains NaN or Inf"),
+        (["quantize", str(tmp_path / "domain.onnx"), *out, "--calib", str(tmp_path / "calib.npz")],
+         "com.acme:Relu(-1) is not a registered function/op"),
+        (["quantize", str(model), *out, "--calib", str(tmp_path / "inf_calib.npz")], "contains NaN or Inf"),
+        (["quantize", str(model), *out, "--calib", str(tmp_path / "int_calib.npz")], "has dtype int32"),
         (["quantize", str(tmp_path / "missing.onnx"), *out], "does not exist"),
         (["quantize", str(tmp_path / "trunc.onnx"), *out], "not a valid ONNX"),
         (["quantize", str(tmp_path / "random.onnx"), *out], "not a valid ONNX"),
