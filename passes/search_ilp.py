@@ -179,7 +179,9 @@ class IlpSearch(SearchPass):
         else:
             fastest = ilp.solve("latency", np.inf) or bottom
             bounds = list(np.linspace(model(top), model(fastest), self.points))
-        plans: list[dict[str, int]] = [top]
+        # The uniform plans join the frontier: the latency model is second-order, so the ILP can miss a
+        # uniform plan that the real estimate prices better (conversions among three or more nodes).
+        plans: list[dict[str, int]] = [space.uniform(b) for b in space.levels]
         for bound in bounds:
             solution = ilp.solve(self.objective, float(bound))
             if solution is not None and solution not in plans:

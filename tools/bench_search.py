@@ -107,7 +107,8 @@ def make_case(name: str, work: Path, latency_batch: int) -> Case:
         inp = onnx.load(str(path), load_external_data=False).graph.input[0].name
         images = np.random.default_rng(0).standard_normal((2 * LIGHT_SAMPLES, 3, 224, 224), dtype=np.float32)
         return Case(name, path, path, {inp: images[:LIGHT_SAMPLES]}, {inp: images[LIGHT_SAMPLES:]},
-                    "light-zoo structure, He-normal weights, random images: agreement is the metric")
+                    "light-zoo structure, He-normal weights, random images; its output is [1, 1000, 1, 1], so the metric is "
+                    "fidelity")
     from models import zoo
 
     model = zoo.load(name)
@@ -313,6 +314,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--latency-batch", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--section", default=SECTION, help="section of the output file (a partial re-run can keep "
+                        "the full run's section)")
     args = parser.parse_args(argv)
     args.models, args.targets, args.algorithms = (v.split(",") for v in (args.models, args.targets, args.algorithms))
     for value, allowed, what in ((args.models, MODELS, "model"), (args.algorithms, ALGORITHMS, "algorithm"),
@@ -328,7 +331,7 @@ def main(argv: list[str]) -> None:
             results.append(bench_model(case, args.targets, args.algorithms, Path(tmp), batch, args.workers))
     text = report(results, args, argv, (load_start, os.getloadavg()[0]), time.perf_counter() - start)
     print(text)
-    write_section(args.output, SECTION, text)
+    write_section(args.output, args.section, text)
 
 
 if __name__ == "__main__":
