@@ -264,10 +264,11 @@ class _Rewrite:
         if channel_axis is None:
             return
         other = tuple(i for i in range(array.ndim) if i != channel_axis)
-        zero = np.asarray(zp).astype(np.int64)
-        codes = q.astype(np.int64) - (zero.reshape([-1 if i == channel_axis else 1 for i in range(array.ndim)])
-                                      if zero.ndim else zero)
-        dead = np.all(codes == 0, axis=other) & np.any(array != 0, axis=other)
+        zero = np.asarray(zp, dtype=q.dtype)
+        if zero.ndim:
+            zero = zero.reshape([-1 if i == channel_axis else 1 for i in range(array.ndim)])
+        # Compared in the codes' own type: one byte per weight of temporaries, not eight.
+        dead = np.all(q == zero, axis=other) & np.any(array != 0, axis=other)
         if dead.any():
             self.collapsed[(w.name, qtype, choice.weight_symmetric, choice.per_channel)] = (
                 f"{int(dead.sum())} of {dead.size} output channels of weight {w.name!r} quantize to all zeros at "
