@@ -1,0 +1,43 @@
+"""Run one ``qinject`` command in this process and report its memory on stderr: ``PEAK`` (peak RSS,
+KiB) and ``ANON`` (peak anonymous memory, KiB, sampled every 20 ms).
+
+RSS counts a file-backed page once per mapping: weights that qinject maps and onnxruntime maps again
+count twice although they are one copy in memory. Anonymous memory is what copies and temporaries
+cost. Usage: ``python tools/measure_memory.py quantize MODEL -o OUT --calib DATA``.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+import threading
+import time
+
+_peak_anon = [0]
+
+
+def _sample() -> None:
+    while True:
+        status = open("/proc/self/status").read()
+        _peak_anon[0] = max(_peak_anon[0], int(re.search(r"RssAnon:\s+(\d+)", status).group(1)))
+        time.sleep(0.02)
+
+
+def main() -> int:
+    threading.Thread(target=_sample, daemon=True).start()
+    from qinject.cli import main as cli
+
+    sys.argv = ["qinject", *sys.argv[1:]]
+    try:
+        cli()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    print("ANON", _peak_anon[0], file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
