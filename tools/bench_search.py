@@ -304,6 +304,33 @@ def report(results: list[ModelResult], args: argparse.Namespace, argv: list[str]
     return "\n".join(lines)
 
 
+def uniform_savings(names: list[str], targets: list[str], latency_batch: int, output: Path, argv: list[str]) -> str:
+    """The estimated savings of uniform W8A8 and W4A8 vs W16A16 per model and target (no evaluation:
+    the cost model alone), written to the ``bench_search_uniform`` section."""
+    from qinject.cost import estimate
+    from qinject.latency_table import load_target
+    from qinject.plan import Plan
+    from qinject.sensitivity import choice_for
+
+    lines = ["## Uniform plans' estimated saving vs W16A16 (`tools/bench_search.py --uniform-savings`)", "",
+             f"- reproduce: `{shlex.join(['python', 'tools/bench_search.py', *argv])}`; batch {latency_batch} "
+             "(SqueezeNet 1), as in the search benchmark", "",
+             "| model | target | W8A8 | W4A8 |", "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            batch = 1 if name == "squeezenet" else latency_batch
+            priced = priced_model(make_case(name, Path(tmp), batch))
+            for target in targets:
+                table = load_target(target)
+                base = estimate(priced, Plan(None), table, batch)
+                cells = [1 - estimate(priced, Plan(choice_for(b)), table, batch, baselines=False).total_us
+                         / base.sixteen_bit_us for b in (8, 4)]
+                lines.append(f"| {name} | {target} | {_pct(cells[0])} | {_pct(cells[1])} |")
+    text = "\n".join(lines)
+    write_section(output, "bench_search_uniform", text)
+    return text
+
+
 def main(argv: list[str]) -> None:
     from qinject.latency_table import builtin_targets
 
@@ -314,6 +341,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--latency-batch", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--uniform-savings", action="store_true", help="only the uniform plans' estimated savings")
     parser.add_argument("--section", default=SECTION, help="section of the output file (a partial re-run can keep "
                         "the full run's section)")
     args = parser.parse_args(argv)
@@ -322,6 +350,9 @@ def main(argv: list[str]) -> None:
                                  (args.targets, builtin_targets(), "target")):
         if unknown := [v for v in value if v not in allowed]:
             parser.error(f"unknown {what}(s) {unknown}; choose from {','.join(allowed)}")
+    if args.uniform_savings:
+        print(uniform_savings(args.models, args.targets, args.latency_batch, args.output, argv))
+        return
     start, load_start, results = time.perf_counter(), os.getloadavg()[0], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
