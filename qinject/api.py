@@ -173,10 +173,9 @@ def _plan_from_rules(rules: Any, model: ir.Model) -> Plan:
     return plan
 
 
-def _calibration_arrays(calib: object, model: ir.Model) -> dict[str, np.ndarray] | None:
-    """Any calibration source as one dict of arrays by input name (what the analyses take)."""
-    if calib is None:
-        return None
+def _calibration_arrays(calib: object, model: ir.Model) -> dict[str, np.ndarray]:
+    """Any calibration source as one dict of arrays by input name (what the analyses take); None
+    gives random inputs with a warning, as calibration does."""
     from qinject.calib_data import input_specs, open_source
 
     batches = list(open_source(calib, input_specs(model)))
@@ -299,11 +298,11 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
             if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
                 raise UnsupportedModelError(f"node {node.name!r}: weight {weight.name!r} contains NaN or Inf")
     needs_arrays = search is not None or adaround or bias_correction
-    analysis = _calibration_arrays(calib, ir_model) if needs_arrays else None
-    if needs_arrays and analysis is None:
+    if needs_arrays and calib is None:
         from qinject.errors import CalibrationDataError
 
         raise CalibrationDataError("a search, AdaRound and bias correction need calibration data")
+    analysis = _calibration_arrays(calib, ir_model) if needs_arrays else None
     if search is not None and search.eval_data is not None:
         from qinject.sensitivity import AnalysisData
 
@@ -342,10 +341,7 @@ def analyze(model: str | os.PathLike | onnx.ModelProto | ir.Model, calib: object
 
     ir_model = model if isinstance(model, ir.Model) else load_onnx(model)
     if eval_data is None:
-        from qinject.calib_data import input_specs, open_source
-
-        batches = list(open_source(calib, input_specs(ir_model)))
-        eval_data = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+        eval_data = _calibration_arrays(calib, ir_model)
     data = AnalysisData.load(eval_data, ir_model, limit)  # bad data fails before any work
     ir_model = PassManager([FoldConstantWeights(), FoldConvAffine(), UpgradeOpset(21),
                             Calibrate(calib, method=method, progress=progress)]).run(ir_model).model

@@ -134,7 +134,7 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
         result.plan.save(plan_file)
         Rules.from_plan(result.plan, result.search.bits).save(output.with_name(output.name + ".rules.json"))
         write_json(output.with_name(output.name + ".search.json"), result.search.to_dict())
-        click.echo(format_result(result.search, _metric_of(result)))
+        click.echo(format_result(result.search))
         if result.search.frontier:
             from qinject.passes.search_pareto import format_front
 
@@ -317,12 +317,6 @@ def _bits_pairs(text: str) -> list[tuple[int, int]]:
             raise QinjectError(f"--bits: {item.strip()!r} is not WEIGHTS/ACTIVATIONS (e.g. 8/8, 32/32 for float)")
         pairs.append((int(w), int(a)))
     return pairs
-
-
-def _metric_of(result: object) -> object:
-    from qinject.evaluation import Accuracy, Agreement, Fidelity
-
-    return {"accuracy": Accuracy([]), "agreement": Agreement(), "fidelity": Fidelity()}.get(result.search.metric)
 
 
 def _plan(plan_path: Path | None, weights: str, activations: str, per_tensor: bool):

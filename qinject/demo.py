@@ -20,7 +20,6 @@ from qinject import measure
 from qinject.api import SearchOptions, quantize_onnx
 from qinject.backends import onnx_backend
 from qinject.errors import QinjectError
-from qinject.evaluation import Accuracy
 from qinject.search import format_result
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "digits_cnn"
@@ -39,7 +38,7 @@ def run_demo(out: Path, echo: Callable[[str], None] = print, model_dir: Path = M
     result = quantize_onnx(model, output, calib=calib, target="local-cpu", latency_batch=64,
                            search=SearchOptions(max_drop="1%", eval_data=evaluation, search="bisection"))
     result.plan.save(out / "digits_cnn.mixed.plan.json")
-    echo(format_result(result.search, Accuracy([])))
+    echo(format_result(result.search))
 
     with np.load(evaluation) as data:
         inputs, labels = {"input": data["input"]}, data["labels"]
@@ -62,7 +61,7 @@ def run_demo(out: Path, echo: Callable[[str], None] = print, model_dir: Path = M
     n = len(labels)
     echo("")
     echo(f"qinject demo: digits CNN, {n} held-out images")
-    widths = ", ".join(f"{v} x {k}" for k, v in sorted(_widths(result.search).items()))
+    widths = ", ".join(f"{v} x {k}" for k, v in sorted(result.search.width_counts().items()))
     echo(f"  nodes quantized      {report['nodes_quantized']} ({widths}; weights per channel)")
     echo(f"  top-1 accuracy       float {report['float_accuracy']:.2%}  ->  quantized {report['quant_accuracy']:.2%}"
          f"  ({(report['quant_accuracy'] - report['float_accuracy']) * 100:+.2f} pt)")
@@ -83,14 +82,7 @@ def run_demo(out: Path, echo: Callable[[str], None] = print, model_dir: Path = M
     fast = quantize_onnx(model, accelerator, calib=calib, target="nvidia-a100", latency_batch=256, progress=False,
                          search=SearchOptions(max_drop="1%", eval_data=evaluation, adaround=True))
     fast.plan.save(out / "digits_cnn.nvidia-a100.plan.json")
-    echo(format_result(fast.search, Accuracy([])))
+    echo(format_result(fast.search))
     report["accelerator_search"] = fast.search
     return report
 
-
-def _widths(search: object) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for bits in search.bits.values():
-        label = "float" if bits is None else f"W{bits}A{max(bits, 8)}"
-        counts[label] = counts.get(label, 0) + 1
-    return counts

@@ -66,19 +66,19 @@ class QuantizedFunction:
         self.__doc__ = getattr(fn, "__doc__", None)
 
     def __call__(self, *inputs: Any) -> Any:
+        return self._entry(inputs)[1](*inputs)
+
+    def model_for(self, *inputs: Any) -> ir.Model:
+        """The quantized IR model used for inputs shaped like these."""
+        return self._entry(inputs)[0]
+
+    def _entry(self, inputs: tuple) -> tuple[ir.Model, Callable]:
         key = tuple((tuple(np.shape(x)), str(jax.numpy.result_type(x))) for x in inputs)
         if key not in self._compiled:
             # Under jit every operation is staged, even on concrete data; calibration must run now.
             with jax.ensure_compile_time_eval():
                 self._compiled[key] = self._build(inputs)
-        return self._compiled[key][1](*inputs)
-
-    def model_for(self, *inputs: Any) -> ir.Model:
-        """The quantized IR model used for inputs shaped like these."""
-        key = tuple((tuple(np.shape(x)), str(jax.numpy.result_type(x))) for x in inputs)
-        if key not in self._compiled:
-            self._compiled[key] = self._build(inputs)
-        return self._compiled[key][0]
+        return self._compiled[key]
 
     # -- building ---------------------------------------------------------------------------------
     def _trace(self, shapes: tuple) -> ir.Model:

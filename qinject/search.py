@@ -21,7 +21,7 @@ a message saying so.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +76,15 @@ class SearchResult:
     frontier: list[Trial] = field(default_factory=list)  # the Pareto sweep's points
     weights: dict[str, np.ndarray] = field(default_factory=dict)  # initializers the plan replaces (AdaRound, ...)
     searched: list[str] = field(default_factory=list)  # the nodes the search chose (not pinned); Trial.bits order
+    score_format: Callable[[float], str] | None = field(default=None, repr=False, compare=False)  # the metric's
+
+    def width_counts(self) -> dict[str, int]:
+        """How many nodes got each choice ("W8A8", "W4A8", "float", ...)."""
+        counts: dict[str, int] = {}
+        for bits in self.bits.values():
+            label = "float" if bits is None else f"W{bits}A{max(bits, 8)}"
+            counts[label] = counts.get(label, 0) + 1
+        return counts
 
     @property
     def saving_vs_16_bit(self) -> float:
@@ -255,7 +264,7 @@ class SearchSpace:
         return SearchResult(algorithm, plan, chosen, metric.name, str(self.budget), self.table.target,
                             self.float_score, self.floor, score, latency, table_float, sixteen,
                             self.evaluator.count, time.perf_counter() - self.start, list(self.trials), message,
-                            list(frontier), self.evaluator.replacements(plan), list(self.nodes))
+                            list(frontier), self.evaluator.replacements(plan), list(self.nodes), metric.format)
 
     # -- orders -------------------------------------------------------------------------------------
     def lowering_order(self, current: Mapping[str, int], high: int, low: int) -> list[str]:
@@ -426,19 +435,15 @@ def chosen_plan(model: ir.Model, plan: Plan | None) -> Plan:
     return found.plan
 
 
-def format_result(result: SearchResult, metric: Metric | None = None) -> str:
+def format_result(result: SearchResult) -> str:
     """The report a user reads: per-node widths, latency saving, metric vs float, evaluations."""
-    fmt = (metric.format if metric else (lambda v: f"{v:.4g}"))
+    fmt = result.score_format or (lambda v: f"{v:.4g}")
     lines = [f"search: {result.algorithm} on {result.target}, budget {result.budget} of {result.metric}"]
     width = max(len("node"), *(len(n) for n in result.bits))
     lines.append(f"  {'node':<{width}}  bits")
     for name, bits in result.bits.items():
         lines.append(f"  {name:<{width}}  {'float' if bits is None else f'W{bits}A{max(bits, 8)}'}")
-    counts: dict[str, int] = {}
-    for bits in result.bits.values():
-        label = "float" if bits is None else f"W{bits}A{max(bits, 8)}"
-        counts[label] = counts.get(label, 0) + 1
-    lines.append("  " + ", ".join(f"{v} x {k}" for k, v in sorted(counts.items())))
+    lines.append("  " + ", ".join(f"{v} x {k}" for k, v in sorted(result.width_counts().items())))
     lines.append(f"  {result.metric}: float {fmt(result.float_score)} -> quantized {fmt(result.score)} "
                  f"(floor {fmt(result.floor)})")
     lines.append(f"  estimated latency on {result.target}: {result.latency_us:.1f} us; saving "

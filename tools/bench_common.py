@@ -41,3 +41,23 @@ def write_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def median_seconds(sessions: dict, feeds: dict, warmup: int, rounds: int, runs_per_round: int) -> dict[str, float]:
+    """Median wall time of one run per session, the sessions interleaved round by round (so load on
+    this shared machine hits them alike), after ``warmup`` untimed runs each."""
+    import time
+
+    import numpy as np
+
+    for sess in sessions.values():
+        for _ in range(warmup):
+            sess.run(None, feeds)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for label, sess in sessions.items():
+            for _ in range(runs_per_round):
+                start = time.perf_counter()
+                sess.run(None, feeds)
+                times[label].append(time.perf_counter() - start)
+    return {k: float(np.median(v)) for k, v in times.items()}

@@ -35,7 +35,7 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the model zoos live in the repository, not in the package
-from bench_common import machine, source_state, write_section
+from bench_common import machine, median_seconds, source_state, write_section
 
 SECTION = "bench_latency"
 SPEARMAN_TARGET, PROFILE_TARGET_S = 0.9, 60.0
@@ -160,17 +160,7 @@ def measure_all(paths: dict[str, Path], feeds: dict[str, np.ndarray]) -> dict[st
 
     sessions = {k: ort.InferenceSession(str(p), session_options(), providers=["CPUExecutionProvider"])
                 for k, p in paths.items()}
-    for sess in sessions.values():
-        for _ in range(WARMUP):
-            sess.run(None, feeds)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(ROUNDS):
-        for label, sess in sessions.items():
-            for _ in range(RUNS_PER_ROUND):
-                start = time.perf_counter()
-                sess.run(None, feeds)
-                times[label].append(time.perf_counter() - start)
-    return {k: float(np.median(v)) * 1e6 for k, v in times.items()}
+    return {k: v * 1e6 for k, v in median_seconds(sessions, feeds, WARMUP, ROUNDS, RUNS_PER_ROUND).items()}
 
 
 def estimate_all(case: Case, plans: dict, table) -> dict[str, object]:

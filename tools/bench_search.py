@@ -209,11 +209,7 @@ def bench_model(case: Case, targets: list[str], algorithms: list[str], work: Pat
                                               latency_model=priced)
             search(analysed)
             found = analysed.meta["qinject.search.result"]
-            counts: dict[str, int] = {}
-            for bits in found.bits.values():
-                key = "float" if bits is None else f"W{bits}"
-                counts[key] = counts.get(key, 0) + 1
-            mix = " ".join(f"{v}xW{k[1:]}" if k != "float" else f"{v}xfloat" for k, v in sorted(counts.items()))
+            mix = " ".join(f"{v}x{k.split('A')[0]}" for k, v in sorted(found.width_counts().items()))
             result.rows.append(Row(target, algorithm, found.evaluations, found.score, found.saving_vs_16_bit,
                                    found.saving_vs_float, mix, time.perf_counter() - t0, found.message))
     print(f"  {case.name}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)

@@ -36,7 +36,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn"
 sys.path.insert(0, str(ROOT))  # the model zoo lives in the repository, not in the package
-from bench_common import machine, source_state, write_section  # noqa: E402  (tools/ is on sys.path)
+from bench_common import machine, median_seconds, source_state, write_section  # noqa: E402  (tools/ is on sys.path)
 from models.light_zoo import materialize  # noqa: E402
 
 LIGHT = ["squeezenet", "resnet50", "inception_v1", "shufflenet", "inception_v2", "densenet121",
@@ -216,17 +216,8 @@ def latencies(paths: dict[str, Path], case: Case) -> dict[str, float]:
     # jobs): on a loaded 2-core machine the medians tripled and swapped order from run to run.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {variant: onnx_backend.session(path, options) for variant, path in paths.items()}
-    times: dict[str, list[float]] = {v: [] for v in sessions}
-    for sess in sessions.values():
-        for _ in range(5):  # warm-up: allocations, kernel selection
-            sess.run(None, feeds)
-    for _ in range(ROUNDS):
-        for variant, sess in sessions.items():
-            for _ in range(RUNS_PER_ROUND):
-                start = time.perf_counter()
-                sess.run(None, feeds)
-                times[variant].append(time.perf_counter() - start)
-    return {v: float(np.median(t)) * 1e3 for v, t in times.items()}
+    # 5 warm-up runs: allocations, kernel selection
+    return {v: t * 1e3 for v, t in median_seconds(sessions, feeds, 5, ROUNDS, RUNS_PER_ROUND).items()}
 
 
 def ratios(rows: dict) -> dict[str, float | None]:
