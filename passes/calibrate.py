@@ -7,6 +7,11 @@ Collects, for every activation the Q/DQ rewrite may quantize (``qinject.quant_po
 min/max and a fixed-size histogram (``qinject.stats.TensorStats``), stored in the value's ``meta``.
 Memory is one batch of activations plus the histograms, whatever the number of samples. The range
 itself is chosen later, by the rewrite, because the best clipping depends on the bit width.
+
+Tensors inside If/Loop/Scan bodies that feed quantizable nodes there are routed out to extra outputs
+of the calibration model (``qinject.subgraph_taps``); if onnxruntime refuses that model (a Loop body
+tensor whose shape varies by iteration), calibration warns and observes the main graph only, and
+the rewrite leaves those nodes float with a note.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from qinject import ir as qir
+from qinject import subgraph_taps
 from qinject.backends import onnx_backend
 from qinject.calib_data import QinjectWarning, input_specs, open_source
 from qinject.errors import CalibrationDataError
 from qinject.pass_manager import Pass, PassResult
-from qinject.quant_points import activation_points
+from qinject.quant_points import activation_points, subgraph_activation_points
 from qinject.stats import METHODS, TensorStats
 
 
@@ -50,19 +56,24 @@ class Calibrate(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         points = activation_points(model)
+        known = {p.name for p in points}
+        points += [p for p in subgraph_activation_points(model) if p.name not in known]
         if not points:
             return PassResult(model, False)
         specs = input_specs(model)
         source = open_source(self.data, specs, self.batch_size)
         inputs = {s.name for s in specs}
         outputs = [p for p in points if p.name not in inputs]  # graph inputs come from the feeds
-        fetched = [p.name for p in outputs]
-        run = _jax_runner(model, fetched) if qir.has_jax_nodes(model) else _onnx_runner(model, outputs)
+        if qir.has_jax_nodes(model):
+            run = _jax_runner(model, [p.name for p in outputs])
+        else:
+            run = _tapped_runner(model, outputs)
         stats = {p.name: TensorStats(with_histogram=self.method != "minmax") for p in points}
         for feeds in tqdm(source, total=source.total, desc="calibrating", unit="batch",
                           disable=None if self.progress else True, leave=False):
-            for name, array in zip(fetched, run(feeds)):
-                stats[name].update(array)
+            for value, array in zip(outputs, run(feeds)):
+                if array is not None:
+                    stats[value.name].update(array)
             for name in inputs & stats.keys():
                 stats[name].update(feeds[name])
         for p in points:
@@ -70,15 +81,55 @@ class Calibrate(Pass):
             if s.nonfinite:
                 warnings.warn(f"activation {p.name!r} had {s.nonfinite} NaN/Inf values during calibration; "
                               "they were ignored", QinjectWarning, stacklevel=2)
-            p.meta[qir.ACT_STATS] = s
+            if s.count or p.graph is model.graph:
+                p.meta[qir.ACT_STATS] = s
         return PassResult(model, False)
 
 
+def _tapped_runner(model: ir.Model, outputs: list[ir.Value]) -> Callable[[dict], list[np.ndarray | None]]:
+    """An onnxruntime runner for ``outputs``, body tensors included; if onnxruntime refuses the tapped
+    model (at load or on the first batch), one for the main-graph tensors only (body ones give None)."""
+    main = [v for v in outputs if v.graph is model.graph]
+    if len(main) == len(outputs):
+        return _onnx_runner(model, outputs)
+    state: dict = {"run": None, "first": True}
+
+    def fall_back(exc: Exception) -> Callable:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        warnings.warn(f"calibration cannot observe tensors inside control-flow bodies ({first}); "
+                      "their quantizable nodes stay float", QinjectWarning, stacklevel=4)
+        return _onnx_runner(model, main)
+
+    try:
+        state["run"] = _onnx_runner(model, outputs)
+    except Exception as exc:  # noqa: BLE001  (onnxruntime's own types; the main-graph runner re-raises)
+        state["run"], state["first"] = fall_back(exc), False
+
+    def run(feeds: dict) -> list[np.ndarray | None]:
+        try:
+            got = state["run"](feeds)
+        except Exception as exc:  # noqa: BLE001
+            if not state["first"]:
+                raise
+            state["run"] = fall_back(exc)
+            got = state["run"](feeds)
+        state["first"] = False
+        if len(got) == len(outputs):
+            return got
+        by_name = dict(zip([v.name for v in main], got))
+        return [by_name.get(v.name) for v in outputs]
+
+    return run
+
+
 def _onnx_runner(model: ir.Model, outputs: list[ir.Value]) -> Callable[[dict], list[np.ndarray]]:
-    fetched = [p.name for p in outputs]
+    """A runner returning ``outputs`` in order (body tensors through taps)."""
     with qir.weightless(model) as weights:
-        proto = _with_outputs(model, outputs)
-    sess = onnx_backend.session(proto, weights=weights)
+        proto, fetched = _with_outputs(model, outputs)
+    options = onnx_backend.session_options()
+    if fetched != [v.name for v in outputs]:
+        options.log_severity_level = 4  # a refused tap is handled (warned) by _tapped_runner: no error log
+    sess = onnx_backend.session(proto, options, weights=weights)
     return lambda feeds: sess.run(fetched, feeds)
 
 
@@ -93,13 +144,22 @@ def _jax_runner(model: ir.Model, fetched: list[str]) -> Callable[[dict], list[np
     return lambda feeds: [np.asarray(a) for a in compiled(*[feeds[n] for n in program.inputs])]
 
 
-def _with_outputs(model: ir.Model, values: list[ir.Value]) -> onnx.ModelProto:
-    """A proto of ``model`` whose graph also outputs ``values`` (so onnxruntime returns them)."""
+def _with_outputs(model: ir.Model, values: list[ir.Value]) -> tuple[onnx.ModelProto, list[str]]:
+    """A proto of ``model`` whose graph also outputs ``values`` (so onnxruntime returns them), and the
+    output name carrying each (a tap's for a tensor inside a control-flow body)."""
     proto = onnx_backend.to_proto(model)
     present = {o.name for o in proto.graph.output}
+    inner = {v.name: _elem(v) for v in values if v.graph is not model.graph}
+    routed = subgraph_taps.tap(proto, inner) if inner else {}
+    missing = sorted(set(inner) - set(routed))
+    if missing:
+        raise CalibrationDataError(f"cannot route body tensor(s) {missing} out of their control-flow node")
     for v in values:
-        if v.name in present:
+        if v.name in present or v.name in routed:
             continue
-        elem = v.dtype.value if v.dtype is not None else onnx.TensorProto.FLOAT
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(v.name, elem, None))
-    return proto
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(v.name, _elem(v), None))
+    return proto, [routed.get(v.name, v.name) for v in values]
+
+
+def _elem(value: ir.Value) -> int:
+    return value.dtype.value if value.dtype is not None else onnx.TensorProto.FLOAT

@@ -11,6 +11,11 @@ For each quantized node (see ``qinject.plan``):
   QLinearConv; with its own exact scale otherwise (see ``_Rewrite.bias``).
 A tensor quantized through range-preserving ops (MaxPool, Reshape, ...) reuses the upstream scale, so
 onnxruntime keeps those ops on integers.
+
+Quantizable nodes inside If/Loop/Scan bodies are quantized too, at the plan's choice for their name,
+when calibration observed their inputs (``qinject.subgraph_taps``): weights and input activations,
+with the Q/DQ nodes placed in the body itself so onnxruntime can fuse them there. Their outputs
+stay float. A note on the control-flow node says what was quantized inside and what was not, and why.
 """
 
 from __future__ import annotations
@@ -80,13 +85,16 @@ class InsertQDQ(Pass):
         graph = model.graph
         opset = model.opset_imports.get("", 1)
         nodes = qir.quantizable_nodes(model)
-        unknown = sorted(set(plan.nodes) - {n.name for n in nodes})
+        inner = qir.subgraph_quantizable_nodes(model)
+        unknown = sorted(set(plan.nodes) - {n.name for n in nodes + inner})
         if unknown:
             raise PlanError(f"plan names node(s) {unknown} that are not quantizable nodes of the model")
         chosen = [(n, plan.choice(n.name)) for n in nodes if plan.choice(n.name) is not None]
-        if not chosen:
+        inner_chosen = [(n, plan.choice(n.name)) for n in inner if plan.choice(n.name) is not None]
+        if not chosen and not inner_chosen:
+            _note_subgraph_nodes(model, inner, [])
             return PassResult(model, False)
-        need = max(c.min_opset for _, c in chosen)
+        need = max(c.min_opset for _, c in chosen + inner_chosen)
         if opset < need:
             raise QinjectError(f"the plan needs opset {need} but the model has {opset} (run upgrade-opset first)")
         rewrite = _Rewrite(graph, self.method, self.percentile)
@@ -96,7 +104,8 @@ class InsertQDQ(Pass):
         for node, choice in chosen:
             rewrite.quantize_output(node, choice)
         rewrite.route_range_preserving_consumers()
-        _note_subgraph_nodes(graph)
+        done = [n for n, choice in inner_chosen if rewrite.quantize_body_node(n, choice)]
+        _note_subgraph_nodes(model, inner, done)
         qir.drop_unused_initializers(graph)
         graph.sort()
         return PassResult(model, True)
@@ -109,6 +118,9 @@ class _Rewrite:
         self.origin: dict[str, ir.Value] = {}  # dequantized value name -> the float value it stands for
         self.weights: dict[tuple[str, numerics.QType, bool, int | None], tuple[ir.Value, np.ndarray]] = {}
         self.collapsed: dict[tuple, str] = {}  # weight key -> a note: channels whose codes are all zero
+        # Q/DQ pairs inside control-flow bodies: (value name, key, id(body)) -> params
+        self.body_acts: dict[tuple[str, ActKey, int], _QParams] = {}
+        self._names: set[str] | None = None  # every name in the model, once a body is rewritten
 
     # -- per node ----------------------------------------------------------------------------------
     def quantize_node(self, node: ir.Node, choice: NodeQuant) -> None:
@@ -131,6 +143,92 @@ class _Rewrite:
         self.bias(node, choice, act_scales, weight_scale, notes)
         node.meta[qir.QUANT_APPLIED] = choice
         node.meta[qir.QUANT_NOTES] = notes
+
+    def quantize_body_node(self, node: ir.Node, choice: NodeQuant) -> bool:
+        """Quantize a node inside a control-flow body: its input activations (a Q/DQ pair in the body
+        for each) and its weight and bias (DequantizeLinear in the body). False, untouched, if
+        calibration has no statistics for an input (onnxruntime could not observe it, or the
+        branch never ran)."""
+        points = [node.inputs[i] for i in op_facts.activation_inputs(node)]
+        missing = [v.name for v in points if self._range_stats(v) is None]
+        if missing:
+            node.meta.setdefault(qir.QUANT_NOTES, []).append(
+                f"left float: no calibration statistics for {', '.join(missing)} (its body never ran on the "
+                "calibration data, or onnxruntime could not observe it)")
+            return False
+        body = node.graph
+        key = ActKey(choice.activation_qtype, choice.activation_symmetric)
+        notes: list[str] = []
+        act_scales = []
+        for i in op_facts.activation_inputs(node):
+            params = self.body_activation(node.inputs[i], key, body)
+            node.replace_input_with(i, params.dequantized)
+            act_scales.append(params.scale)
+        weight_scale = None
+        w = op_facts.weight_of(node)
+        if w is not None:
+            dq, weight_scale = self.weight(node, w, choice, body)
+            node.replace_input_with(op_facts.weight_index(node), dq)
+            collapsed = self.collapsed.get((w.name, choice.weight_qtype, choice.weight_symmetric, choice.per_channel))
+            if collapsed:
+                notes.append(collapsed)
+        self.bias(node, choice, act_scales, weight_scale, notes, body)
+        node.meta[qir.QUANT_APPLIED] = choice
+        node.meta[qir.QUANT_NOTES] = notes
+        return True
+
+    def _range_stats(self, value: ir.Value) -> object:
+        source = value
+        while source is not None and source.meta.get(qir.ACT_STATS) is None:
+            source = range_source(source)
+        return None if source is None else source.meta.get(qir.ACT_STATS)
+
+    def body_activation(self, value: ir.Value, key: ActKey, body: ir.Graph) -> _QParams:
+        """A Q/DQ pair for ``value`` inside ``body`` (outer-scope values too: the pair sits beside its
+        consumer, where onnxruntime's QDQ fusion looks for it), shared by the body's consumers."""
+        cached = self.body_acts.get((value.name, key, id(body)))
+        if cached is not None:
+            return cached
+        stats = value.meta.get(qir.ACT_STATS)
+        if stats is None:  # a range-preserving op's output: quantize with its source's range
+            stats = self._range_stats(value)
+        lo, hi = select_range(stats, self.method, key.qtype, key.symmetric, self.percentile)
+        scale, zp = numerics.scale_zero_point(lo, hi, key.qtype, key.symmetric)
+        params = _QParams(scale.reshape(()), zp.reshape(()))
+        suffix = "" if key.qtype.bits == 8 else f"_{key.qtype}"
+        scale_v = self._const(f"{value.name}_scale{suffix}", params.scale)
+        zp_v = self._const(f"{value.name}_zero_point{suffix}", params.zero_point)
+        q = ir.node("QuantizeLinear", [value, scale_v, zp_v], name=self._fresh(f"{value.name}_QuantizeLinear{suffix}"))
+        q.outputs[0].name = self._fresh(f"{value.name}_quantized{suffix}")
+        q.outputs[0].shape = value.shape
+        q.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(key.qtype.numpy_dtype))
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale_v, zp_v],
+                     name=self._fresh(f"{value.name}_DequantizeLinear{suffix}"))
+        dq.outputs[0].name = self._fresh(f"{value.name}_dequantized{suffix}")
+        dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
+        body.extend([q, dq])
+        params.dequantized = dq.outputs[0]
+        self.body_acts[(value.name, key, id(body))] = params
+        return params
+
+    def _fresh(self, base: str) -> str:
+        """A value or node name not used anywhere in the model (bodies may not shadow outer names)."""
+        if self._names is None:
+            self._names = set(self.graph.initializers)
+            for node in self.graph.all_nodes():
+                self._names.add(node.name or "")
+                self._names.update(v.name for v in node.outputs)
+                self._names.update(v.name for v in node.inputs if v is not None)
+            self._names.update(v.name for v in self.graph.inputs)
+            for node in self.graph.all_nodes():  # body inputs
+                for attr in node.attributes.values():
+                    if attr.type == ir.AttributeType.GRAPH:
+                        self._names.update(v.name for v in attr.value.inputs)
+        name, i = base, 1
+        while name in self._names:
+            name, i = f"{base}_{i}", i + 1
+        self._names.add(name)
+        return name
 
     def quantize_output(self, node: ir.Node, choice: NodeQuant) -> None:
         """Quantize the node's output point when it costs no accuracy or buys an integer kernel.
@@ -236,11 +334,12 @@ class _Rewrite:
         return _QParams(scale.reshape(()), zp.reshape(()))
 
     # -- weights and bias ----------------------------------------------------------------------------
-    def weight(self, node: ir.Node, w: ir.Value, choice: NodeQuant) -> tuple[ir.Value, np.ndarray]:
+    def weight(self, node: ir.Node, w: ir.Value, choice: NodeQuant,
+               body: ir.Graph | None = None) -> tuple[ir.Value, np.ndarray]:
         qtype = choice.weight_qtype
         array = w.const_value.numpy()
         axis = op_facts.channel_axis(node) if choice.per_channel and array.ndim > 1 else None
-        cache_key = (w.name, qtype, choice.weight_symmetric, axis)
+        cache_key = (w.name, qtype, choice.weight_symmetric, axis) + ((id(body),) if body is not None else ())
         if cache_key in self.weights:
             return self.weights[cache_key]
         if array.dtype.kind != "f":
@@ -252,7 +351,7 @@ class _Rewrite:
         q = numerics.quantize(array, scale, zp, qtype, axis)
         self._check_collapse(w, array, q, zp, qtype, axis, choice)
         suffix = "" if qtype.bits == 8 else f"_{qtype}"
-        dequantized = self._dequantized_const(w, suffix, q, scale, zp, axis)
+        dequantized = self._dequantized_const(w, suffix, q, scale, zp, axis, body)
         self.weights[cache_key] = (dequantized, scale)
         return dequantized, scale
 
@@ -276,7 +375,7 @@ class _Rewrite:
                 "collapses to the bias")
 
     def bias(self, node: ir.Node, choice: NodeQuant, act_scales: list[np.ndarray],
-             weight_scale: np.ndarray | None, notes: list[str]) -> None:
+             weight_scale: np.ndarray | None, notes: list[str], body: ir.Graph | None = None) -> None:
         """Store the bias as int32 behind a DequantizeLinear.
 
         At 8 bits and fewer its scale is s_x * s_w, the layout of onnxruntime's integer kernels.
@@ -310,45 +409,56 @@ class _Rewrite:
         scale = scale.reshape(-1) if per_channel else scale.reshape(())
         q = np.clip(np.rint(bias / scale.astype(np.float64)), -INT32_MAX, INT32_MAX).astype(np.int32)
         dequantized = self._dequantized_const(b, f"_{node.name}", q, scale, np.zeros(scale.shape, np.int32),
-                                              0 if per_channel else None)
+                                              0 if per_channel else None, body)
         node.replace_input_with(idx, dequantized)
 
     def _dequantized_const(self, value: ir.Value, suffix: str, q: np.ndarray, scale: np.ndarray,
-                           zero_point: np.ndarray, axis: int | None) -> ir.Value:
-        """Integer initializer -> DequantizeLinear standing for the constant ``value``."""
+                           zero_point: np.ndarray, axis: int | None, body: ir.Graph | None = None) -> ir.Value:
+        """Integer initializer -> DequantizeLinear standing for the constant ``value`` (in ``body``
+        for a node inside a control-flow body; the initializers stay in the main graph, visible there)."""
         stem = value.name
         inputs = [self._const(f"{stem}_{part}{suffix}", array)
                   for part, array in (("quantized", q), ("scale", scale), ("zero_point", zero_point))]
         attrs = {} if axis is None else {"axis": axis}
-        dq = ir.node("DequantizeLinear", inputs, attrs, name=f"{stem}_DequantizeLinear{suffix}")
-        dq.outputs[0].name = f"{stem}_dequantized{suffix}"
+        name, out = f"{stem}_DequantizeLinear{suffix}", f"{stem}_dequantized{suffix}"
+        if body is not None:
+            name, out = self._fresh(name), self._fresh(out)
+        dq = ir.node("DequantizeLinear", inputs, attrs, name=name)
+        dq.outputs[0].name = out
         dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
-        self.graph.extend([dq])
+        (body if body is not None else self.graph).extend([dq])
         return dq.outputs[0]
 
     def _const(self, name: str, array: np.ndarray) -> ir.Value:
         return qir.add_initializer(self.graph, name, array)
 
 
-def _note_subgraph_nodes(graph: ir.Graph) -> None:
-    """Quantizable nodes inside If/Loop/Scan bodies stay float (calibration sees only main-graph
-    tensors): say so on the control-flow node, naming them."""
-    for node in graph:
-        inner = [n.name or n.op_type for g in _subgraphs(node) for n in g.all_nodes() if op_facts.is_quantizable(n)]
-        if inner:
-            node.meta.setdefault(qir.QUANT_NOTES, []).append(
-                f"{len(inner)} quantizable node(s) inside its subgraph(s) left float ({', '.join(inner[:4])}"
-                f"{', ...' if len(inner) > 4 else ''}): qinject quantizes the main graph")
+def _note_subgraph_nodes(model: ir.Model, inner: list[ir.Node], done: list[ir.Node]) -> None:
+    """Say on each control-flow node which quantizable nodes inside its bodies were quantized and
+    which stayed float (the reason is in the inner node's own notes, or: the plan leaves it float)."""
+    owners = qir.subgraph_owners(model)
+    quantized = {id(n) for n in done}
+    by_owner: dict[int, tuple[ir.Node, list[str], list[str]]] = {}
+    by_owner: dict[int, tuple[ir.Node, dict[str, list[str]]]] = {}
+    for node in inner:
+        owner = owners[id(node.graph)]
+        if id(node) in quantized:
+            outcome = "quantized"
+        elif qir.QUANT_NOTES in node.meta:
+            outcome = "left float: no calibration statistics for their inputs"
+        else:
+            outcome = "left float by the plan"
+        by_owner.setdefault(id(owner), (owner, {}))[1].setdefault(outcome, []).append(node.name or node.op_type)
+    for owner, outcomes in by_owner.values():
+        notes = owner.meta.setdefault(qir.QUANT_NOTES, [])
+        for outcome, names in outcomes.items():
+            head, _, reason = outcome.partition(": ")
+            notes.append(f"{len(names)} quantizable node(s) inside its subgraph(s) {head} ({_names(names)})"
+                         + (f": {reason}" if reason else ""))
 
 
-def _subgraphs(node: ir.Node) -> list[ir.Graph]:
-    graphs = []
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            graphs.append(attr.value)
-        elif attr.type == ir.AttributeType.GRAPHS:
-            graphs.extend(attr.value)
-    return graphs
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
 
 def _attr(node: ir.Node, name: str, default: float) -> float:

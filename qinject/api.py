@@ -315,7 +315,8 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
         plan = found.plan
     result = QuantizeResult(ir_model, plan, timings=manager.timings, cost=ir_model.meta.get(qir.COST_REPORT),
                             search=found)
-    for node in ir_model.graph:
+    inner = [n for n in ir_model.graph.all_nodes() if n.graph is not ir_model.graph]
+    for node in [*ir_model.graph, *inner]:  # main graph first, then control-flow bodies
         if qir.QUANT_APPLIED in node.meta:
             result.quantized.append(node.name)
         if node.meta.get(qir.QUANT_NOTES):

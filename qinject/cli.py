@@ -472,9 +472,9 @@ def inspect(model: Path) -> None:
     """List MODEL's quantizable nodes: name, op, weight shape, MACs, parameters."""
     from qinject.inspect import quantizable_table
 
-    rows = quantizable_table(model)
+    rows, inner = quantizable_table(model)
     click.echo(_format_table(["node", "op", "weight shape", "MACs", "params"], rows))
-    click.echo(f"{len(rows)} quantizable node(s)")
+    click.echo(f"{len(rows)} quantizable node(s)" + (f", {inner} of them inside control-flow bodies" if inner else ""))
 
 
 @cli.command()

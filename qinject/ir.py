@@ -137,6 +137,33 @@ def quantizable_nodes(model: ir.Model) -> list[ir.Node]:
     return [n for n in model.graph if op_facts.is_quantizable(n)]
 
 
+def subgraph_quantizable_nodes(model: ir.Model) -> list[ir.Node]:
+    """Quantizable nodes inside control-flow bodies (If/Loop/Scan, at any depth), in a stable order.
+
+    Searches, sensitivity and cost estimates work on the main graph; the Q/DQ rewrite also quantizes
+    these, at the plan's choice for their name (usually its default).
+    """
+    return [n for n in model.graph.all_nodes() if n.graph is not model.graph and op_facts.is_quantizable(n)]
+
+
+def subgraph_owners(model: ir.Model) -> dict[int, ir.Node]:
+    """``id(body graph) -> the main-graph node holding it`` (the outermost control-flow node)."""
+    owners: dict[int, ir.Node] = {}
+
+    def visit(node: ir.Node, top: ir.Node) -> None:
+        for attr in node.attributes.values():
+            bodies = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
+                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+            for body in bodies:
+                owners[id(body)] = top
+                for inner in body:
+                    visit(inner, top)
+
+    for node in model.graph:
+        visit(node, node)
+    return owners
+
+
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as an initializer under ``name`` (made unique) and return its value."""
     base, i = name, 1

@@ -15,7 +15,8 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from qinject import op_facts
-from qinject.ir import quantizable_nodes
+from qinject.ir import quantizable_nodes, subgraph_quantizable_nodes
+
 
 def output_point(node: ir.Node) -> ir.Value:
     out = node.outputs[0]
@@ -38,6 +39,16 @@ def activation_points(model: ir.Model) -> list[ir.Value]:
         out = output_point(node)
         if not out.is_graph_output():
             seen.setdefault(out.name, out)
+    return list(seen.values())
+
+
+def subgraph_activation_points(model: ir.Model) -> list[ir.Value]:
+    """The activation inputs of quantizable nodes inside control-flow bodies (their outputs stay
+    float: no integer kernel consumes them there), in a stable order."""
+    seen: dict[str, ir.Value] = {}
+    for node in subgraph_quantizable_nodes(model):
+        for i in op_facts.activation_inputs(node):
+            seen.setdefault(node.inputs[i].name, node.inputs[i])
     return list(seen.values())
 
 

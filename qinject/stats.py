@@ -49,7 +49,8 @@ class TensorStats:
             self.distinct = np.union1d(self.distinct, np.unique(x))
             if self.distinct.size > MAX_DISTINCT:
                 self.distinct = None
-        self.sum_squares += float(np.dot(x, x))
+        # Accumulated in float64: a float32 dot overflows once values pass ~1e19 (constant-weight nets reach that).
+        self.sum_squares += float(np.einsum("i,i->", x, x, dtype=np.float64))
         lo, hi = float(x.min()), float(x.max())
         self.minimum, self.maximum = min(self.minimum, lo), max(self.maximum, hi)
         if self.with_histogram:

@@ -1,6 +1,11 @@
 """The reference models shipped inside the ``onnx`` package (``onnx/backend/test/data``), each with its
 inputs and expected outputs, run through ``qinject quantize``'s pipeline at a given plan.
 
+``simple/``, ``pytorch-operator/`` and ``pytorch-converted/`` hold a folder per model with
+``test_data_set_0/{input,output}_N.pb``. ``light/`` holds ``light_NAME.onnx`` beside
+``light_NAME_output_0.pb`` only: onnx's backend runner feeds each float input
+``arange(n).reshape(shape) / n`` (symbolic dims as 1), and so does ``_light_set``.
+
 ``run_case`` classifies each model:
 
 - ``ok``: a checker-valid quantized model that onnxruntime runs, whose outputs match the shipped
@@ -23,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-SUITES = ("simple", "pytorch-operator", "pytorch-converted")
+SUITES = ("light", "simple", "pytorch-operator", "pytorch-converted")
 
 
 def data_dir() -> Path:
@@ -31,7 +36,17 @@ def data_dir() -> Path:
 
 
 def cases(suites: tuple[str, ...] = SUITES) -> list[Path]:
-    return sorted(p for s in suites for p in (data_dir() / s).iterdir() if (p / "model.onnx").is_file())
+    """Each model's folder, or for ``light/`` the model file itself."""
+    found = []
+    for suite in suites:
+        for p in (data_dir() / suite).iterdir():
+            if (p / "model.onnx").is_file() or (p.suffix == ".onnx" and p.name.startswith("light_")):
+                found.append(p)
+    return sorted(found)
+
+
+def model_path(case: Path) -> Path:
+    return case if case.suffix == ".onnx" else case / "model.onnx"
 
 
 @dataclass
@@ -43,6 +58,8 @@ class Outcome:
 
 
 def _load_set(case: Path, model: onnx.ModelProto) -> tuple[dict, list]:
+    if case.suffix == ".onnx":
+        return _light_set(case, model)
     sets = sorted(glob.glob(str(case / "test_data_set_*")))
     inputs, outputs = {}, []
     initializers = {t.name for t in model.graph.initializer}
@@ -56,6 +73,20 @@ def _load_set(case: Path, model: onnx.ModelProto) -> tuple[dict, list]:
     while (folder / f"output_{j}.pb").exists():
         outputs.append(_read(folder / f"output_{j}.pb"))
         j += 1
+    return inputs, outputs
+
+
+def _light_set(path: Path, model: onnx.ModelProto) -> tuple[dict, list]:
+    """The inputs onnx's backend runner generates for a light model, and its shipped outputs."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = {}
+    for x in model.graph.input:
+        if x.name in initializers:
+            continue
+        shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in x.type.tensor_type.shape.dim)
+        n = int(np.prod(shape))
+        inputs[x.name] = (np.arange(n).reshape(shape) / n).astype(np.float32)
+    outputs = [_read(path.with_name(f"{path.stem}_output_{i}.pb")) for i in range(len(model.graph.output))]
     return inputs, outputs
 
 
@@ -91,15 +122,15 @@ def run_case(case: Path, plan: object, bound_db: float) -> Outcome:
     from qinject.backends import onnx_backend
     from qinject.errors import QinjectError
 
-    name = f"{case.parent.name}/{case.name}"
+    name = f"{case.parent.name}/{case.stem if case.suffix == '.onnx' else case.name}"
     try:
-        proto = onnx.load(str(case / "model.onnx"))
+        proto = onnx.load(str(model_path(case)))
         inputs, refs = _load_set(case, proto)
         if any(isinstance(v, list) for v in inputs.values()) or any(isinstance(r, list) for r in refs):
             return Outcome(name, "refused", "sequence inputs or outputs (qinject calibrates tensors only)")
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "q.onnx"
-            qinject.quantize_onnx(case / "model.onnx", out, plan=plan, calib=[inputs], progress=False)
+            qinject.quantize_onnx(model_path(case), out, plan=plan, calib=[inputs], progress=False)
             onnx.checker.check_model(str(out), full_check=True)
             sess = onnx_backend.session(out)
             got = sess.run(None, inputs)

@@ -10,6 +10,10 @@ series and evaluation inputs beyond the 8 calibration images' range bring the lo
 here, so 25 dB (5.6% RMS noise) is the bound, with top-1 agreement on 2 of 3 inputs at least (near
 ties on random inputs may flip). At W16A16 the same noise is ~96 dB per layer; clipping of
 evaluation values beyond the calibration range dominates (66-82 dB seen), so the bound is 50 dB.
+
+VGG-19 (20 GFLOPs and 548 MB of weights per image, 40 s here) runs with ``-m long``, outside the
+default suite: AlexNet and ZFNet-512 cover the same plain conv + fully-connected structure there, and
+the shipped VGG-19 file goes through both widths in tests/zoo/test_reference_corpus.py.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def images() -> tuple[np.ndarray, np.ndarray]:
             rng.standard_normal((3, 3, 224, 224)).astype(np.float32))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long) if n == "vgg19" else n for n in NAMES])
 def test_light_model_quantizes(name, images, tmp_path) -> None:
     import onnxruntime as ort
 
