@@ -131,10 +131,14 @@ def _bad_cases(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
     domain.graph.node[1].domain = "com.acme"
     domain.opset_import.append(onnx.helper.make_opsetid("com.acme", 1))
     broken["domain"] = domain
+    future = onnx.ModelProto()
+    future.CopyFrom(proto)
+    future.opset_import[0].version = 99
+    broken["opset99"] = future
     calib = np.load(tmp_path / "calib.npz")["x"].copy()
     calib[0, 0, 0, 0] = np.inf
     np.savez(tmp_path / "inf_calib.npz", x=calib)
-    np.savez(tmp_path / "int_calib.npz", x=calib.astype(np.int32))
+    np.savez(tmp_path / "int_calib.npz", x=np.nan_to_num(calib, posinf=0).astype(np.int32))
     for name, bad in broken.items():
         onnx.save(bad, str(tmp_path / f"{name}.onnx"))
     return [
@@ -145,6 +149,7 @@ def _bad_cases(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
         (["quantize", str(tmp_path / "nan_weight.onnx"), *out], "weight 'w1' contains NaN or Inf"),
         (["quantize", str(tmp_path / "domain.onnx"), *out, "--calib", str(tmp_path / "calib.npz")],
          "com.acme:Relu(-1) is not a registered function/op"),
+        (["quantize", str(tmp_path / "opset99.onnx"), *out], "uses default-domain opset 99; supported are"),
         (["quantize", str(model), *out, "--calib", str(tmp_path / "inf_calib.npz")], "contains NaN or Inf"),
         (["quantize", str(model), *out, "--calib", str(tmp_path / "int_calib.npz")], "has dtype int32"),
         (["quantize", str(tmp_path / "missing.onnx"), *out], "does not exist"),
