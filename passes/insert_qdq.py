@@ -123,32 +123,34 @@ class _Rewrite:
         self._names: set[str] | None = None  # every name in the model, once a body is rewritten
 
     # -- per node ----------------------------------------------------------------------------------
-    def quantize_node(self, node: ir.Node, choice: NodeQuant) -> None:
+    def quantize_node(self, node: ir.Node, choice: NodeQuant, body: ir.Graph | None = None) -> None:
+        """Quantize the node's activation inputs, weight and bias; ``body``: the control-flow body
+        holding the node, where its Q/DQ nodes go."""
         key = ActKey(choice.activation_qtype, choice.activation_symmetric)
         notes: list[str] = []
         act_scales = []
         for i in op_facts.activation_inputs(node):
-            params = self.activation(node.inputs[i], key, node)
+            value = node.inputs[i]
+            params = self.activation(value, key, node) if body is None else self.body_activation(value, key, body)
             node.replace_input_with(i, params.dequantized)
             act_scales.append(params.scale)
         weight_scale = None
         w = op_facts.weight_of(node)
         if w is not None:
             widx = op_facts.weight_index(node)
-            dq, weight_scale = self.weight(node, w, choice)
+            dq, weight_scale = self.weight(node, w, choice, body)
             node.replace_input_with(widx, dq)
             collapsed = self.collapsed.get((w.name, choice.weight_qtype, choice.weight_symmetric, choice.per_channel))
             if collapsed:
                 notes.append(collapsed)
-        self.bias(node, choice, act_scales, weight_scale, notes)
+        self.bias(node, choice, act_scales, weight_scale, notes, body)
         node.meta[qir.QUANT_APPLIED] = choice
         node.meta[qir.QUANT_NOTES] = notes
 
     def quantize_body_node(self, node: ir.Node, choice: NodeQuant) -> bool:
-        """Quantize a node inside a control-flow body: its input activations (a Q/DQ pair in the body
-        for each) and its weight and bias (DequantizeLinear in the body). False, untouched, if
-        calibration has no statistics for an input (onnxruntime could not observe it, or the
-        branch never ran)."""
+        """Quantize a node inside a control-flow body (its output stays float). False, untouched, if
+        calibration has no statistics for an input (onnxruntime could not observe it, or the branch
+        never ran)."""
         points = [node.inputs[i] for i in op_facts.activation_inputs(node)]
         missing = [v.name for v in points if self._range_stats(v) is None]
         if missing:
@@ -156,25 +158,7 @@ class _Rewrite:
                 f"left float: no calibration statistics for {', '.join(missing)} (its body never ran on the "
                 "calibration data, or onnxruntime could not observe it)")
             return False
-        body = node.graph
-        key = ActKey(choice.activation_qtype, choice.activation_symmetric)
-        notes: list[str] = []
-        act_scales = []
-        for i in op_facts.activation_inputs(node):
-            params = self.body_activation(node.inputs[i], key, body)
-            node.replace_input_with(i, params.dequantized)
-            act_scales.append(params.scale)
-        weight_scale = None
-        w = op_facts.weight_of(node)
-        if w is not None:
-            dq, weight_scale = self.weight(node, w, choice, body)
-            node.replace_input_with(op_facts.weight_index(node), dq)
-            collapsed = self.collapsed.get((w.name, choice.weight_qtype, choice.weight_symmetric, choice.per_channel))
-            if collapsed:
-                notes.append(collapsed)
-        self.bias(node, choice, act_scales, weight_scale, notes, body)
-        node.meta[qir.QUANT_APPLIED] = choice
-        node.meta[qir.QUANT_NOTES] = notes
+        self.quantize_node(node, choice, node.graph)
         return True
 
     def _range_stats(self, value: ir.Value) -> object:
@@ -214,21 +198,8 @@ class _Rewrite:
     def _fresh(self, base: str) -> str:
         """A value or node name not used anywhere in the model (bodies may not shadow outer names)."""
         if self._names is None:
-            self._names = set(self.graph.initializers)
-            for node in self.graph.all_nodes():
-                self._names.add(node.name or "")
-                self._names.update(v.name for v in node.outputs)
-                self._names.update(v.name for v in node.inputs if v is not None)
-            self._names.update(v.name for v in self.graph.inputs)
-            for node in self.graph.all_nodes():  # body inputs
-                for attr in node.attributes.values():
-                    if attr.type == ir.AttributeType.GRAPH:
-                        self._names.update(v.name for v in attr.value.inputs)
-        name, i = base, 1
-        while name in self._names:
-            name, i = f"{base}_{i}", i + 1
-        self._names.add(name)
-        return name
+            self._names = qir.all_names(self.graph)
+        return qir.fresh_name(base, self._names)
 
     def quantize_output(self, node: ir.Node, choice: NodeQuant) -> None:
         """Quantize the node's output point when it costs no accuracy or buys an integer kernel.

@@ -164,11 +164,33 @@ def subgraph_owners(model: ir.Model) -> dict[int, ir.Node]:
     return owners
 
 
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: the first not in ``taken``, which it joins."""
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def all_names(graph: ir.Graph) -> set[str]:
+    """Every value and node name in ``graph`` and its bodies, at any depth."""
+    names = set(graph.initializers) | {v.name for v in graph.inputs}
+    for node in graph.all_nodes():
+        names.add(node.name or "")
+        names.update(v.name for v in node.outputs)
+        for attr in node.attributes.values():
+            bodies = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
+                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+            for body in bodies:
+                names.update(v.name for v in body.inputs)
+                names.update(body.initializers)
+    return names
+
+
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as an initializer under ``name`` (made unique) and return its value."""
-    base, i = name, 1
-    while name in graph.initializers:
-        name, i = f"{base}_{i}", i + 1
+    name = fresh_name(name, set(graph.initializers))
     array = np.asarray(array)
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
                      type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))

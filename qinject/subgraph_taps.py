@@ -16,10 +16,13 @@ onnxruntime refuses the tapped model and calibration falls back to the main grap
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx
 from onnx import helper
+
+from qinject.ir import fresh_name
 
 TAPPABLE_OPS = ("If", "Loop", "Scan")
 
@@ -42,7 +45,9 @@ def tap(proto: onnx.ModelProto, tensors: dict[str, int]) -> dict[str, str]:
     definitions: dict[str, tuple[onnx.GraphProto, list[_Scope]]] = {}
     taken: set[str] = set()
     _index(proto.graph, [], definitions, taken)
-    fresh = _Fresh(taken)
+    def fresh(base: str) -> str:
+        return fresh_name(base, taken)
+
     routed = {}
     for name, elem in tensors.items():
         found = definitions.get(name)
@@ -78,7 +83,7 @@ def _index(graph: onnx.GraphProto, scopes: list[_Scope], definitions: dict, take
                 _index(body, [*scopes, _Scope(node, attr.name, graph)], definitions, taken)
 
 
-def _add_scan_output(scope: _Scope, body: onnx.GraphProto, elem: int, fresh: _Fresh) -> None:
+def _add_scan_output(scope: _Scope, body: onnx.GraphProto, elem: int, fresh: Callable[[str], str]) -> None:
     """Keep the owner consistent with the body's new last output."""
     owner = scope.owner
     if owner.op_type == "If":
@@ -92,17 +97,3 @@ def _add_scan_output(scope: _Scope, body: onnx.GraphProto, elem: int, fresh: _Fr
         for attr in owner.attribute:
             if attr.name in ("scan_output_axes", "scan_output_directions"):
                 attr.ints.append(0)
-
-
-class _Fresh:
-    """Names not used anywhere in the model."""
-
-    def __init__(self, taken: set[str]) -> None:
-        self.taken = taken
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name

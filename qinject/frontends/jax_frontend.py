@@ -99,11 +99,7 @@ class _Builder:
 
     # -- values --------------------------------------------------------------------------------------
     def unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
+        return qir.fresh_name(base, self.names)
 
     def graph_input(self, label: str, aval: Any) -> ir.Value:
         value = ir.Value(name=self.unique(label), shape=ir.Shape(aval.shape), type=_tensor_type(aval.dtype))

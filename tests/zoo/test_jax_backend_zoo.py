@@ -25,7 +25,9 @@ QUICK = ("squeezenet", "shufflenet")
 
 
 def _light_params():
-    return [pytest.param(n, marks=() if n in QUICK else pytest.mark.slow) for n in NAMES]
+    # VGG-19 (20 GFLOPs, 548 MB of weights) runs with -m long: AlexNet and ZFNet-512 have its structure
+    return [pytest.param(n, marks=() if n in QUICK else pytest.mark.long if n == "vgg19" else pytest.mark.slow)
+            for n in NAMES]
 
 
 @pytest.mark.parametrize("name", _light_params())
