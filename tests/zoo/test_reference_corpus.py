@@ -16,6 +16,9 @@ tests/zoo/test_light_zoo.py measures fidelity on the same structures with real w
 from __future__ import annotations
 
 import collections
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 
 import pytest
 
@@ -27,7 +30,10 @@ pytestmark = pytest.mark.slow  # 149 models twice, the full-size light nets amon
 
 @pytest.mark.parametrize("bits, bound", [(16, 40.0), (8, 15.0)])
 def test_reference_corpus(bits, bound):
-    outcomes = [run_case(case, Plan.uniform(bits, bits), bound) for case in cases()]
+    # Two processes (the machine's cores): the full-size light/ nets dominate and are Python-bound.
+    # Spawned, not forked: the parent holds onnxruntime and jax threads.
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        outcomes = list(pool.map(partial(run_case, plan=Plan.uniform(bits, bits), bound_db=bound), cases()))
     counts = collections.Counter(o.status for o in outcomes)
     summary = f"W{bits}A{bits}: {dict(counts)} of {len(outcomes)} models"
     print(summary)
