@@ -87,39 +87,44 @@ class Calibrate(Pass):
 
 
 def _tapped_runner(model: ir.Model, outputs: list[ir.Value]) -> Callable[[dict], list[np.ndarray | None]]:
-    """An onnxruntime runner for ``outputs``, body tensors included; if onnxruntime refuses the tapped
-    model (at load or on the first batch), one for the main-graph tensors only (body ones give None)."""
-    main = [v for v in outputs if v.graph is model.graph]
-    if len(main) == len(outputs):
+    """An onnxruntime runner for ``outputs``, body tensors included (see ``_TappedRunner``)."""
+    if all(v.graph is model.graph for v in outputs):
         return _onnx_runner(model, outputs)
-    state: dict = {"run": None, "first": True}
+    return _TappedRunner(model, outputs)
 
-    def fall_back(exc: Exception) -> Callable:
+
+class _TappedRunner:
+    """Runs the model with its body tensors tapped; if onnxruntime refuses that (at load or on the
+    first batch), warns once and runs the main-graph tensors only, giving None for body tensors."""
+
+    def __init__(self, model: ir.Model, outputs: list[ir.Value]) -> None:
+        self.model, self.outputs = model, outputs
+        self.main = [v for v in outputs if v.graph is model.graph]
+        self.fell_back, self.ran = False, False
+        try:
+            self.run = _onnx_runner(model, outputs)
+        except Exception as exc:  # noqa: BLE001  (onnxruntime's own types; the main-graph runner re-raises)
+            self._fall_back(exc)
+
+    def _fall_back(self, exc: Exception) -> None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         warnings.warn(f"calibration cannot observe tensors inside control-flow bodies ({first}); "
-                      "their quantizable nodes stay float", QinjectWarning, stacklevel=4)
-        return _onnx_runner(model, main)
+                      "their quantizable nodes stay float", QinjectWarning, stacklevel=5)
+        self.run, self.fell_back = _onnx_runner(self.model, self.main), True
 
-    try:
-        state["run"] = _onnx_runner(model, outputs)
-    except Exception as exc:  # noqa: BLE001  (onnxruntime's own types; the main-graph runner re-raises)
-        state["run"], state["first"] = fall_back(exc), False
-
-    def run(feeds: dict) -> list[np.ndarray | None]:
+    def __call__(self, feeds: dict) -> list[np.ndarray | None]:
         try:
-            got = state["run"](feeds)
+            got = self.run(feeds)
         except Exception as exc:  # noqa: BLE001
-            if not state["first"]:
+            if self.ran or self.fell_back:
                 raise
-            state["run"] = fall_back(exc)
-            got = state["run"](feeds)
-        state["first"] = False
-        if len(got) == len(outputs):
+            self._fall_back(exc)
+            got = self.run(feeds)
+        self.ran = True
+        if not self.fell_back:
             return got
-        by_name = dict(zip([v.name for v in main], got))
-        return [by_name.get(v.name) for v in outputs]
-
-    return run
+        by_name = dict(zip([v.name for v in self.main], got))
+        return [by_name.get(v.name) for v in self.outputs]
 
 
 def _onnx_runner(model: ir.Model, outputs: list[ir.Value]) -> Callable[[dict], list[np.ndarray]]:

@@ -20,6 +20,7 @@ stay float. A note on the control-flow node says what was quantized inside and w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,8 +105,8 @@ class InsertQDQ(Pass):
         for node, choice in chosen:
             rewrite.quantize_output(node, choice)
         rewrite.route_range_preserving_consumers()
-        done = [n for n, choice in inner_chosen if rewrite.quantize_body_node(n, choice)]
-        _note_subgraph_nodes(model, inner, done)
+        unseen = [n for n, choice in inner_chosen if not rewrite.quantize_body_node(n, choice)]
+        _note_subgraph_nodes(model, inner, unseen)
         qir.drop_unused_initializers(graph)
         graph.sort()
         return PassResult(model, True)
@@ -173,25 +174,11 @@ class _Rewrite:
         cached = self.body_acts.get((value.name, key, id(body)))
         if cached is not None:
             return cached
-        stats = value.meta.get(qir.ACT_STATS)
-        if stats is None:  # a range-preserving op's output: quantize with its source's range
-            stats = self._range_stats(value)
-        lo, hi = select_range(stats, self.method, key.qtype, key.symmetric, self.percentile)
+        # a range-preserving op's output without statistics of its own takes its source's range
+        lo, hi = select_range(self._range_stats(value), self.method, key.qtype, key.symmetric, self.percentile)
         scale, zp = numerics.scale_zero_point(lo, hi, key.qtype, key.symmetric)
         params = _QParams(scale.reshape(()), zp.reshape(()))
-        suffix = "" if key.qtype.bits == 8 else f"_{key.qtype}"
-        scale_v = self._const(f"{value.name}_scale{suffix}", params.scale)
-        zp_v = self._const(f"{value.name}_zero_point{suffix}", params.zero_point)
-        q = ir.node("QuantizeLinear", [value, scale_v, zp_v], name=self._fresh(f"{value.name}_QuantizeLinear{suffix}"))
-        q.outputs[0].name = self._fresh(f"{value.name}_quantized{suffix}")
-        q.outputs[0].shape = value.shape
-        q.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(key.qtype.numpy_dtype))
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale_v, zp_v],
-                     name=self._fresh(f"{value.name}_DequantizeLinear{suffix}"))
-        dq.outputs[0].name = self._fresh(f"{value.name}_dequantized{suffix}")
-        dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
-        body.extend([q, dq])
-        params.dequantized = dq.outputs[0]
+        self._pair(value, key, params, body, self._fresh)
         self.body_acts[(value.name, key, id(body))] = params
         return params
 
@@ -265,21 +252,28 @@ class _Rewrite:
         if cached is not None:
             return cached
         params = self._params(value, key, node)
+        dq = self._pair(value, key, params, self.graph, lambda name: name)
+        self.origin[dq.name] = value
+        self.acts[(value.name, key)] = params
+        return params
+
+    def _pair(self, value: ir.Value, key: ActKey, params: _QParams, graph: ir.Graph,
+              named: Callable[[str], str]) -> ir.Value:
+        """QuantizeLinear -> DequantizeLinear of ``value`` with ``params``, appended to ``graph``
+        (node and value names through ``named``); sets and returns ``params.dequantized``."""
         suffix = "" if key.qtype.bits == 8 else f"_{key.qtype}"
         scale = self._const(f"{value.name}_scale{suffix}", params.scale)
         zp = self._const(f"{value.name}_zero_point{suffix}", params.zero_point)
-        q = ir.node("QuantizeLinear", [value, scale, zp], name=f"{value.name}_QuantizeLinear{suffix}")
-        q.outputs[0].name = f"{value.name}_quantized{suffix}"
+        q = ir.node("QuantizeLinear", [value, scale, zp], name=named(f"{value.name}_QuantizeLinear{suffix}"))
+        q.outputs[0].name = named(f"{value.name}_quantized{suffix}")
         q.outputs[0].shape = value.shape
         q.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(key.qtype.numpy_dtype))
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{value.name}_DequantizeLinear{suffix}")
-        dq.outputs[0].name = f"{value.name}_dequantized{suffix}"
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=named(f"{value.name}_DequantizeLinear{suffix}"))
+        dq.outputs[0].name = named(f"{value.name}_dequantized{suffix}")
         dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
-        self.graph.extend([q, dq])
+        graph.extend([q, dq])
         params.dequantized = dq.outputs[0]
-        self.origin[dq.outputs[0].name] = value
-        self.acts[(value.name, key)] = params
-        return params
+        return params.dequantized
 
     def output(self, value: ir.Value, key: ActKey, node: ir.Node) -> None:
         """Quantize a node's output point and route its float consumers through the Q/DQ pair,
@@ -404,28 +398,25 @@ class _Rewrite:
         return qir.add_initializer(self.graph, name, array)
 
 
-def _note_subgraph_nodes(model: ir.Model, inner: list[ir.Node], done: list[ir.Node]) -> None:
+def _note_subgraph_nodes(model: ir.Model, inner: list[ir.Node], unseen: list[ir.Node]) -> None:
     """Say on each control-flow node which quantizable nodes inside its bodies were quantized and
-    which stayed float (the reason is in the inner node's own notes, or: the plan leaves it float)."""
+    which stayed float, and why (``unseen``: calibration had no statistics for their inputs)."""
     owners = qir.subgraph_owners(model)
-    quantized = {id(n) for n in done}
-    by_owner: dict[int, tuple[ir.Node, list[str], list[str]]] = {}
-    by_owner: dict[int, tuple[ir.Node, dict[str, list[str]]]] = {}
+    unseen_ids = {id(n) for n in unseen}
+    by_owner: dict[int, tuple[ir.Node, dict[tuple[str, str], list[str]]]] = {}
     for node in inner:
-        owner = owners[id(node.graph)]
-        if id(node) in quantized:
-            outcome = "quantized"
-        elif qir.QUANT_NOTES in node.meta:
-            outcome = "left float: no calibration statistics for their inputs"
+        if qir.QUANT_APPLIED in node.meta:
+            outcome = ("quantized", "")
+        elif id(node) in unseen_ids:
+            outcome = ("left float", ": no calibration statistics for their inputs")
         else:
-            outcome = "left float by the plan"
+            outcome = ("left float by the plan", "")
+        owner = owners[id(node.graph)]
         by_owner.setdefault(id(owner), (owner, {}))[1].setdefault(outcome, []).append(node.name or node.op_type)
     for owner, outcomes in by_owner.values():
         notes = owner.meta.setdefault(qir.QUANT_NOTES, [])
-        for outcome, names in outcomes.items():
-            head, _, reason = outcome.partition(": ")
-            notes.append(f"{len(names)} quantizable node(s) inside its subgraph(s) {head} ({_names(names)})"
-                         + (f": {reason}" if reason else ""))
+        for (what, why), names in outcomes.items():
+            notes.append(f"{len(names)} quantizable node(s) inside its subgraph(s) {what} ({_names(names)}){why}")
 
 
 def _names(names: list[str]) -> str:

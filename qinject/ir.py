@@ -146,22 +146,21 @@ def subgraph_quantizable_nodes(model: ir.Model) -> list[ir.Node]:
     return [n for n in model.graph.all_nodes() if n.graph is not model.graph and op_facts.is_quantizable(n)]
 
 
+def bodies(node: ir.Node) -> list[ir.Graph]:
+    """The graphs a node's attributes hold (If branches, Loop/Scan bodies), not those nested in them."""
+    found: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            found.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            found.extend(attr.value)
+    return found
+
+
 def subgraph_owners(model: ir.Model) -> dict[int, ir.Node]:
     """``id(body graph) -> the main-graph node holding it`` (the outermost control-flow node)."""
-    owners: dict[int, ir.Node] = {}
-
-    def visit(node: ir.Node, top: ir.Node) -> None:
-        for attr in node.attributes.values():
-            bodies = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
-                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
-            for body in bodies:
-                owners[id(body)] = top
-                for inner in body:
-                    visit(inner, top)
-
-    for node in model.graph:
-        visit(node, node)
-    return owners
+    return {id(graph): node for node in model.graph for body in bodies(node)
+            for graph in (body, *body.subgraphs())}
 
 
 def fresh_name(base: str, taken: set[str]) -> str:
@@ -175,16 +174,13 @@ def fresh_name(base: str, taken: set[str]) -> str:
 
 def all_names(graph: ir.Graph) -> set[str]:
     """Every value and node name in ``graph`` and its bodies, at any depth."""
-    names = set(graph.initializers) | {v.name for v in graph.inputs}
-    for node in graph.all_nodes():
-        names.add(node.name or "")
-        names.update(v.name for v in node.outputs)
-        for attr in node.attributes.values():
-            bodies = [attr.value] if attr.type == ir.AttributeType.GRAPH else (
-                list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
-            for body in bodies:
-                names.update(v.name for v in body.inputs)
-                names.update(body.initializers)
+    names: set[str] = set()
+    for g in (graph, *graph.subgraphs()):
+        names.update(g.initializers)
+        names.update(v.name for v in g.inputs)
+        for node in g:
+            names.add(node.name or "")
+            names.update(v.name for v in node.outputs)
     return names
 
 

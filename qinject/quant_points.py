@@ -34,8 +34,7 @@ def activation_points(model: ir.Model) -> list[ir.Value]:
     """Every tensor the Q/DQ rewrite may quantize as an activation, in a stable order."""
     seen: dict[str, ir.Value] = {}
     for node in quantizable_nodes(model):
-        for i in op_facts.activation_inputs(node):
-            seen.setdefault(node.inputs[i].name, node.inputs[i])
+        _add_inputs(node, seen)
         out = output_point(node)
         if not out.is_graph_output():
             seen.setdefault(out.name, out)
@@ -47,9 +46,13 @@ def subgraph_activation_points(model: ir.Model) -> list[ir.Value]:
     float: no integer kernel consumes them there), in a stable order."""
     seen: dict[str, ir.Value] = {}
     for node in subgraph_quantizable_nodes(model):
-        for i in op_facts.activation_inputs(node):
-            seen.setdefault(node.inputs[i].name, node.inputs[i])
+        _add_inputs(node, seen)
     return list(seen.values())
+
+
+def _add_inputs(node: ir.Node, seen: dict[str, ir.Value]) -> None:
+    for i in op_facts.activation_inputs(node):
+        seen.setdefault(node.inputs[i].name, node.inputs[i])
 
 
 def range_source(value: ir.Value) -> ir.Value | None:

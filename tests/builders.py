@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+CNN = ROOT / "models" / "digits_cnn"  # the bundled default model: model.onnx, calib.npz, eval.npz
+
+
+def run_cli(*args: object, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command line as users run it: a subprocess, output captured."""
+    return subprocess.run([sys.executable, "-m", "qinject.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300, check=False)
 
 
 def conv_net(seed: int = 0, opset: int = 13, batch: int | str = "N") -> onnx.ModelProto:

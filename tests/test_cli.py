@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from tests.builders import conv_net
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def qinject(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qinject.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+from tests.builders import conv_net, run_cli
 
 
 @pytest.fixture
@@ -30,25 +23,25 @@ def model(tmp_path) -> Path:
 
 def test_quantize_writes_model_and_plan(model, tmp_path) -> None:
     out = tmp_path / "q.onnx"
-    r = qinject("quantize", model, "-o", out, "--calib", tmp_path / "calib.npz", "--calib-method", "percentile",
+    r = run_cli("quantize", model, "-o", out, "--calib", tmp_path / "calib.npz", "--calib-method", "percentile",
                 "--save-plan", tmp_path / "plan.json")
     assert r.returncode == 0, r.stderr
     assert "quantized 3 node(s)" in r.stdout
     onnx.checker.check_model(str(out), full_check=True)
-    r2 = qinject("quantize", model, "-o", tmp_path / "q2.onnx", "--plan", tmp_path / "plan.json",
+    r2 = run_cli("quantize", model, "-o", tmp_path / "q2.onnx", "--plan", tmp_path / "plan.json",
                  "--calib", tmp_path / "calib.npz", "--calib-method", "percentile")
     assert r2.returncode == 0, r2.stderr
     assert (tmp_path / "q2.onnx").read_bytes() == out.read_bytes()  # same plan, same data: same bytes
 
 
 def test_quantize_without_calibration_warns(model, tmp_path) -> None:
-    r = qinject("quantize", model, "-o", tmp_path / "q.onnx", "--per-tensor", "--weights", "4")
+    r = run_cli("quantize", model, "-o", tmp_path / "q.onnx", "--per-tensor", "--weights", "4")
     assert r.returncode == 0, r.stderr
     assert "warning: no calibration data given" in r.stderr
 
 
 def test_inspect(model) -> None:
-    r = qinject("inspect", model)
+    r = run_cli("inspect", model)
     assert r.returncode == 0
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["node", "op", "weight", "shape", "MACs", "params"]
@@ -57,7 +50,7 @@ def test_inspect(model) -> None:
 
 def test_cost_prints_the_breakdown_and_plots(model, tmp_path) -> None:
     (tmp_path / "plan.json").write_text('{"default": {"weights": 8, "activations": 8}, "nodes": {"fc": "float"}}')
-    r = qinject("cost", model, "--target", "nvidia-a100", "--plan", tmp_path / "plan.json", "--batch", "32",
+    r = run_cli("cost", model, "--target", "nvidia-a100", "--plan", tmp_path / "plan.json", "--batch", "32",
                 "--plot", tmp_path / "nodes.png")
     assert r.returncode == 0, r.stderr
     assert "conv1" in r.stdout and "estimated latency on nvidia-a100" in r.stdout and "W16A16 baseline" in r.stdout
@@ -67,11 +60,10 @@ def test_cost_prints_the_breakdown_and_plots(model, tmp_path) -> None:
 
 
 def test_analyze_prints_tables_and_writes_json_and_plot(model, tmp_path) -> None:
-    r = qinject("analyze", model, "--calib", tmp_path / "calib.npz", "--metric", "quant-error", "--bits", "8,4",
+    r = run_cli("analyze", model, "--calib", tmp_path / "calib.npz", "--metric", "quant-error", "--bits", "8,4",
                 "--workers", "1", "--json", tmp_path / "s.json", "--plot", tmp_path / "s.png")
     assert r.returncode == 0, r.stderr
     assert "quant_error" in r.stdout and "conv1" in r.stdout and "4-bit" in r.stdout
-    import json
 
     report = json.loads((tmp_path / "s.json").read_text())
     assert set(report["signals"]["quant_error"]["nodes"]) == {"conv1", "conv2", "fc"}
@@ -79,13 +71,13 @@ def test_analyze_prints_tables_and_writes_json_and_plot(model, tmp_path) -> None
 
 
 def test_targets_lists_the_builtin_tables() -> None:
-    r = qinject("targets")
+    r = run_cli("targets")
     assert r.returncode == 0, r.stderr
     assert "nvidia-a100" in r.stdout and "analytic" in r.stdout
 
 
 def test_quantize_prints_the_latency_estimate(model, tmp_path) -> None:
-    r = qinject("quantize", model, "-o", tmp_path / "q.onnx", "--calib", tmp_path / "calib.npz",
+    r = run_cli("quantize", model, "-o", tmp_path / "q.onnx", "--calib", tmp_path / "calib.npz",
                 "--target", "google-tpu-v5e")
     assert r.returncode == 0, r.stderr
     assert "estimated latency on google-tpu-v5e" in r.stdout and "saved" in r.stdout
@@ -101,38 +93,37 @@ def _bad_cases(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
     np.savez(tmp_path / "wrong_eval.npz", y=np.zeros((4, 3, 8, 8), np.float32))
     out = ["-o", str(tmp_path / "out.onnx")]
     proto = onnx.load(str(model))
+
+    def copy() -> onnx.ModelProto:
+        m = onnx.ModelProto()
+        m.CopyFrom(proto)
+        return m
+
     broken = {}
-    cycle = onnx.ModelProto()
-    cycle.CopyFrom(proto)
+    cycle = copy()
     cycle.graph.node[0].input[0] = cycle.graph.node[-1].output[0]
     broken["cycle"] = cycle
-    missing = onnx.ModelProto()
-    missing.CopyFrom(proto)
+    missing = copy()
     del missing.graph.initializer[0]
     broken["noinit"] = missing
-    unordered = onnx.ModelProto()
-    unordered.CopyFrom(proto)
+    unordered = copy()
     nodes = list(unordered.graph.node)[::-1]
     del unordered.graph.node[:]
     unordered.graph.node.extend(nodes)
     broken["unordered"] = unordered
-    unknown = onnx.ModelProto()
-    unknown.CopyFrom(proto)
+    unknown = copy()
     unknown.graph.node[1].op_type = "FancyOp"
     broken["unknown"] = unknown
-    nan = onnx.ModelProto()
-    nan.CopyFrom(proto)
+    nan = copy()
     w = onnx.numpy_helper.to_array(nan.graph.initializer[0]).copy()
     w.flat[0] = np.nan
     nan.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, nan.graph.initializer[0].name))
     broken["nan_weight"] = nan
-    domain = onnx.ModelProto()
-    domain.CopyFrom(proto)
+    domain = copy()
     domain.graph.node[1].domain = "com.acme"
     domain.opset_import.append(onnx.helper.make_opsetid("com.acme", 1))
     broken["domain"] = domain
-    future = onnx.ModelProto()
-    future.CopyFrom(proto)
+    future = copy()
     future.opset_import[0].version = 99
     broken["opset99"] = future
     calib = np.load(tmp_path / "calib.npz")["x"].copy()
@@ -199,7 +190,7 @@ def _in_process(*args: str) -> subprocess.CompletedProcess:
 def test_bad_input_one_line_no_output(model, tmp_path) -> None:
     before = model.read_bytes()
     for i, (args, message) in enumerate(_bad_cases(tmp_path, model)):
-        r = qinject(*args) if i < 4 else _in_process(*args)  # the first few as real processes
+        r = run_cli(*args) if i < 4 else _in_process(*args)  # the first few as real processes
         assert r.returncode != 0, args
         lines = [line for line in r.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)
@@ -211,13 +202,12 @@ def test_bad_input_one_line_no_output(model, tmp_path) -> None:
 
 def test_quantize_searches_within_the_budget(model, tmp_path) -> None:
     out = tmp_path / "q.onnx"
-    r = qinject("quantize", model, "-o", out, "--calib", tmp_path / "calib.npz", "--max-drop", "2%",
+    r = run_cli("quantize", model, "-o", out, "--calib", tmp_path / "calib.npz", "--max-drop", "2%",
                 "--target", "nvidia-a100", "--search", "ilp", "--workers", "1")
     assert r.returncode == 0, r.stderr
     assert "search: ilp on nvidia-a100, budget 2% relative drop of agreement" in r.stdout
     assert "full-model evaluations:" in r.stdout and "saving" in r.stdout
     onnx.checker.check_model(str(out), full_check=True)
-    import json
 
     report = json.loads((tmp_path / "q.onnx.search.json").read_text())
     assert report["score"] >= report["floor"] and report["evaluations"] >= 2
@@ -229,14 +219,14 @@ def test_failed_run_keeps_existing_output(model, tmp_path) -> None:
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous result")
     (tmp_path / "bad_plan.json").write_text('{"nodes": {"conv9": "float"}}')
-    r = qinject("quantize", model, "-o", out, "--plan", tmp_path / "bad_plan.json")
+    r = run_cli("quantize", model, "-o", out, "--plan", tmp_path / "bad_plan.json")
     assert r.returncode == 1 and "not quantizable nodes" in r.stderr
     assert out.read_bytes() == b"previous result"
 
 
 @pytest.mark.slow
 def test_demo(tmp_path) -> None:
-    r = qinject("demo", "--out", tmp_path / "demo")
+    r = run_cli("demo", "--out", tmp_path / "demo")
     assert r.returncode == 0, r.stderr
     assert "top-1 accuracy" in r.stdout and "QLinearConv x3" in r.stdout and "search: bisection" in r.stdout
     assert (tmp_path / "demo" / "digits_cnn.mixed.onnx").exists()

@@ -23,109 +23,94 @@ rng = np.random.default_rng(0)
 W = rng.standard_normal((8, 8)).astype(np.float32)
 W2 = rng.standard_normal((8, 8)).astype(np.float32)
 
-def body_graph(name, inputs, outputs, nodes, inits=()):
-    return helper.make_graph(nodes, name, inputs, outputs, list(inits))
+def _value(name, elem=TensorProto.FLOAT, shape=None):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _outer(name, nodes, inits=None, w2_scale=1.0, y_shape=(4, 8)):
+    """x [4, 8] -> mm: h = x @ W -> ``nodes`` -> y, with initializers w, w2 (W2 scaled) and ``inits``."""
+    arrays = {"w": W, "w2": W2 * np.float32(w2_scale), **(inits or {})}
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), *nodes], name,
+                          [_value("x", shape=[4, 8])], [_value("y", shape=list(y_shape))],
+                          [numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _loop_body(state, shape, nodes):
+    """A Loop body carrying ``state`` to ``{state}_out`` and passing its condition through."""
+    return helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"], name="cid"), *nodes], "body",
+                             [_value("i", TensorProto.INT64, []), _value("cond_in", TensorProto.BOOL, []),
+                              _value(state, shape=shape)],
+                             [_value("cond_out", TensorProto.BOOL, []), _value(f"{state}_out", shape=shape)])
+
+
+def _trips(n):
+    return {"trip": np.array(n, np.int64), "true": np.array(True)}
+
+
+ZERO = {"zero": np.array(0, np.float32)}
+
 
 def if_model(inner_input=False):
     # main: h = x @ W (quantizable) ; cond = ReduceSum(h) > 0 ; If: then y = h @ W2 (outer-scope W2, h) else y = Relu(h)
     # inner_input: then y = Sigmoid(h) @ W2, whose MatMul reads a tensor defined inside the branch
     mm_input = "t_sig" if inner_input else "h"
     then_nodes = [helper.make_node("Sigmoid", ["h"], ["t_sig"], name="then_sigmoid")] if inner_input else []
-    then_g = body_graph("then", [], [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)],
-                        then_nodes + [helper.make_node("MatMul", [mm_input, "w2"], ["t_out"], name="then_mm")])
-    else_g = body_graph("else", [], [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)],
-                        [helper.make_node("Relu", ["h"], ["e_out"], name="else_relu")])
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
-             helper.make_node("ReduceSum", ["h"], ["s"], name="sum", keepdims=0),
-             helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
-             helper.make_node("If", ["c"], ["y"], name="if", then_branch=then_g, else_branch=else_g)]
-    g = helper.make_graph(nodes, "if_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
-                          [numpy_helper.from_array(W, "w"), numpy_helper.from_array(W2, "w2"),
-                           numpy_helper.from_array(np.array(0, np.float32), "zero")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    then_g = helper.make_graph(then_nodes + [helper.make_node("MatMul", [mm_input, "w2"], ["t_out"], name="then_mm")],
+                               "then", [], [_value("t_out")])
+    else_g = helper.make_graph([helper.make_node("Relu", ["h"], ["e_out"], name="else_relu")], "else", [],
+                               [_value("e_out")])
+    return _outer("if_model", [helper.make_node("ReduceSum", ["h"], ["s"], name="sum", keepdims=0),
+                               helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+                               helper.make_node("If", ["c"], ["y"], name="if", then_branch=then_g, else_branch=else_g)],
+                  ZERO)
+
 
 def loop_model():
     # Loop 3 times: state = Relu(state @ W2)
-    body = body_graph("body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("st", TensorProto.FLOAT, [4, 8])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("st_out", TensorProto.FLOAT, [4, 8])],
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="cid"),
-         helper.make_node("MatMul", ["st", "w2"], ["mm_out"], name="body_mm"),
-         helper.make_node("Relu", ["mm_out"], ["st_out"], name="body_relu")])
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
-             helper.make_node("Loop", ["trip", "true", "h"], ["y"], name="loop", body=body)]
-    g = helper.make_graph(nodes, "loop_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
-                          [numpy_helper.from_array(W, "w"), numpy_helper.from_array(W2 * 0.3, "w2"),
-                           numpy_helper.from_array(np.array(3, np.int64), "trip"), numpy_helper.from_array(np.array(True), "true")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    body = _loop_body("st", [4, 8], [helper.make_node("MatMul", ["st", "w2"], ["mm_out"], name="body_mm"),
+                                     helper.make_node("Relu", ["mm_out"], ["st_out"], name="body_relu")])
+    return _outer("loop_model", [helper.make_node("Loop", ["trip", "true", "h"], ["y"], name="loop", body=body)],
+                  _trips(3), w2_scale=0.3)
+
 
 def scan_model():
     # Scan over rows of h: out_row = row @ W2 (outer scope)
-    body = body_graph("scan_body",
-        [helper.make_tensor_value_info("acc", TensorProto.FLOAT, [8]), helper.make_tensor_value_info("row", TensorProto.FLOAT, [8])],
-        [helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [8]), helper.make_tensor_value_info("row_out", TensorProto.FLOAT, [8])],
-        [helper.make_node("MatMul", ["row", "w2"], ["row_out"], name="scan_mm"),
-         helper.make_node("Add", ["acc", "row_out"], ["acc_out"], name="scan_add")])
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
-             helper.make_node("Scan", ["acc0", "h"], ["acc", "y"], name="scan", body=body, num_scan_inputs=1,
-                              scan_output_axes=[0])]  # explicit axes: a tap must extend them
-    g = helper.make_graph(nodes, "scan_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
-                          [numpy_helper.from_array(W, "w"), numpy_helper.from_array(W2, "w2"),
-                           numpy_helper.from_array(np.zeros(8, np.float32), "acc0")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-
+    body = helper.make_graph([helper.make_node("MatMul", ["row", "w2"], ["row_out"], name="scan_mm"),
+                              helper.make_node("Add", ["acc", "row_out"], ["acc_out"], name="scan_add")], "scan_body",
+                             [_value("acc", shape=[8]), _value("row", shape=[8])],
+                             [_value("acc_out", shape=[8]), _value("row_out", shape=[8])])
+    scan = helper.make_node("Scan", ["acc0", "h"], ["acc", "y"], name="scan", body=body, num_scan_inputs=1,
+                            scan_output_axes=[0])  # explicit axes: a tap must extend them
+    return _outer("scan_model", [scan], {"acc0": np.zeros(8, np.float32)})
 
 
 def nested_model():
     # Loop 2 times: If (sum(state) > 0) then state = Relu(state @ W2) else state = -state
-    then_g = body_graph("nested_then", [], [helper.make_tensor_value_info("nt_out", TensorProto.FLOAT, None)],
-                        [helper.make_node("MatMul", ["st", "w2"], ["nt_mm"], name="nested_mm"),
-                         helper.make_node("Relu", ["nt_mm"], ["nt_out"], name="nested_relu")])
-    else_g = body_graph("nested_else", [], [helper.make_tensor_value_info("ne_out", TensorProto.FLOAT, None)],
-                        [helper.make_node("Neg", ["st"], ["ne_out"], name="nested_neg")])
-    body = body_graph("body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("st", TensorProto.FLOAT, [4, 8])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("st_out", TensorProto.FLOAT, [4, 8])],
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="cid"),
-         helper.make_node("ReduceSum", ["st"], ["s"], name="bsum", keepdims=0),
-         helper.make_node("Greater", ["s", "zero"], ["c"], name="bgt"),
-         helper.make_node("If", ["c"], ["st_out"], name="inner_if", then_branch=then_g, else_branch=else_g)])
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
-             helper.make_node("Loop", ["trip", "true", "h"], ["y"], name="loop", body=body)]
-    g = helper.make_graph(nodes, "nested_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
-                          [numpy_helper.from_array(W, "w"), numpy_helper.from_array(W2 * 0.3, "w2"),
-                           numpy_helper.from_array(np.array(2, np.int64), "trip"), numpy_helper.from_array(np.array(True), "true"),
-                           numpy_helper.from_array(np.array(0, np.float32), "zero")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    then_g = helper.make_graph([helper.make_node("MatMul", ["st", "w2"], ["nt_mm"], name="nested_mm"),
+                                helper.make_node("Relu", ["nt_mm"], ["nt_out"], name="nested_relu")],
+                               "nested_then", [], [_value("nt_out")])
+    else_g = helper.make_graph([helper.make_node("Neg", ["st"], ["ne_out"], name="nested_neg")], "nested_else", [],
+                               [_value("ne_out")])
+    body = _loop_body("st", [4, 8], [
+        helper.make_node("ReduceSum", ["st"], ["s"], name="bsum", keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["c"], name="bgt"),
+        helper.make_node("If", ["c"], ["st_out"], name="inner_if", then_branch=then_g, else_branch=else_g)])
+    return _outer("nested_model", [helper.make_node("Loop", ["trip", "true", "h"], ["y"], name="loop", body=body)],
+                  {**_trips(2), **ZERO}, w2_scale=0.3)
 
 
 def growing_loop_model():
     # Loop 3 times: acc = Concat(acc, acc @ W2 rows) grows by 4 rows per iteration, so the body's
     # MatMul input has a different shape at each iteration and cannot be stacked as a scan output.
-    body = body_graph("body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc", TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, None)],
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="cid"),
-         helper.make_node("MatMul", ["acc", "w2"], ["grown"], name="grow_mm"),
-         helper.make_node("Slice", ["grown", "starts", "ends"], ["head"], name="head"),
-         helper.make_node("Concat", ["acc", "head"], ["acc_out"], name="cat", axis=0)])
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
-             helper.make_node("Loop", ["trip", "true", "h"], ["acc_final"], name="loop", body=body),
-             helper.make_node("ReduceMean", ["acc_final"], ["y"], name="mean", axes=[0], keepdims=1)]
-    g = helper.make_graph(nodes, "growing_loop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
-                          [numpy_helper.from_array(W, "w"), numpy_helper.from_array(W2 * 0.3, "w2"),
-                           numpy_helper.from_array(np.array(3, np.int64), "trip"), numpy_helper.from_array(np.array(True), "true"),
-                           numpy_helper.from_array(np.array([0], np.int64), "starts"),
-                           numpy_helper.from_array(np.array([4], np.int64), "ends")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    body = _loop_body("acc", None, [helper.make_node("MatMul", ["acc", "w2"], ["grown"], name="grow_mm"),
+                                    helper.make_node("Slice", ["grown", "starts", "ends"], ["head"], name="head"),
+                                    helper.make_node("Concat", ["acc", "head"], ["acc_out"], name="cat", axis=0)])
+    return _outer("growing_loop",
+                  [helper.make_node("Loop", ["trip", "true", "h"], ["acc_final"], name="loop", body=body),
+                   helper.make_node("ReduceMean", ["acc_final"], ["y"], name="mean", axes=[0], keepdims=1)],
+                  {**_trips(3), "starts": np.array([0], np.int64), "ends": np.array([4], np.int64)},
+                  w2_scale=0.3, y_shape=(1, 8))
 
 
 def _feeds(n=32):

@@ -146,16 +146,18 @@ def check_case(case: tuple, tmp_path_factory: pytest.TempPathFactory) -> None:
             assert np.abs(got - reference).max() <= 1e-2 * span, (blocks, channels, head, wrap)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@settings(FUZZ, max_examples=25)
 @given(case=cases())
 def test_random_graphs_and_plans(case, tmp_path_factory):
     check_case(case, tmp_path_factory)
 
 
 @pytest.mark.long
-@settings(max_examples=1000, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(FUZZ, max_examples=1000)
 @given(case=cases())
 def test_random_graphs_and_plans_long(case, tmp_path_factory):
     check_case(case, tmp_path_factory)

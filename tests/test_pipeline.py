@@ -3,9 +3,6 @@ instrumentation hooks; `qinject run` and `qinject passes`."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +12,8 @@ from qinject.instrument import IRDump, VerifyEach, timing_table
 from qinject.pass_manager import PassManager
 from qinject.pipeline import PassSpec, Pipeline, PipelineSyntaxError, parse
 from qinject.registry import Context, PipelineError, build, describe, passes
+from tests.builders import CNN, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-CNN = ROOT / "models" / "digits_cnn"
 ISSUE_EXAMPLE = "calibrate{method=mse},sensitivity{metric=hessian},search{algo=bisection,max-drop=1%},insert-qdq"
 
 
@@ -104,25 +100,20 @@ def test_the_issue_pipeline_runs_with_instrumentation(tmp_path):
     assert "insert-qdq" in timing_table(manager)
 
 
-def _cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qinject.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_cli_run_and_passes(tmp_path):
     out = tmp_path / "q.onnx"
-    r = _cli("run", CNN / "model.onnx", "-o", out, "--pipeline", "fold-constants,calibrate,insert-qdq{weights=8}",
+    r = run_cli("run", CNN / "model.onnx", "-o", out, "--pipeline", "fold-constants,calibrate,insert-qdq{weights=8}",
              "--calib", CNN / "calib.npz", "--timing", "--print-ir-after", "fold-constants")
     assert r.returncode == 0, r.stderr
     assert "IR after fold-constants" in r.stdout and "ran 3 pass(es)" in r.stdout and "total" in r.stdout
     assert out.exists()
-    bad = _cli("run", CNN / "model.onnx", "-o", tmp_path / "bad.onnx", "--pipeline", "calibrate{method=mse")
+    bad = run_cli("run", CNN / "model.onnx", "-o", tmp_path / "bad.onnx", "--pipeline", "calibrate{method=mse")
     assert bad.returncode == 1 and bad.stderr.strip() == (
         "error: pipeline column 21: expected ',' or '}' in the options of pass 'calibrate', found the end of the text")
     assert not (tmp_path / "bad.onnx").exists()
-    listed = _cli("passes")
+    listed = run_cli("passes")
     assert listed.returncode == 0 and "search\n    algo: bisection|greedy|ilp|pareto = bisection" in listed.stdout
-    assert _cli("passes", "nope").returncode == 1
+    assert run_cli("passes", "nope").returncode == 1
 
 
 def test_calibration_arrays_feed_the_sensitivity_pass():

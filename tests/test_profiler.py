@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -18,7 +16,7 @@ from qinject import profiler_timing as timing
 from qinject.latency_table import Entry, LatencyTable, Roofline
 from qinject.plan import Plan
 from qinject.quant_points import activation_points
-from tests.builders import conv_net, matmul_net
+from tests.builders import conv_net, matmul_net, run_cli
 
 BATCH = 4
 FAST = {"warmup": 1, "repeats": 3, "progress": False}
@@ -127,32 +125,29 @@ def test_marginal_cost_drops_what_a_run_pays_once() -> None:
     assert timing.marginal_us(one, noisy, 3, ["node"], ["node"]) == timing.FLOOR_US
 
 
-def qinject(*args: object, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qinject.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, check=False, env=env)
 
 
 def test_cli_profile_writes_a_table_and_refuses_another_target(tmp_path) -> None:
     model = tmp_path / "m.onnx"
     onnx.save(conv_net(), str(model))
     out = tmp_path / "table.json"
-    r = qinject("profile", model, "--target", "test-cpu", "-o", out, "--batch", 2, "--bits", "32/32,8/8",
+    r = run_cli("profile", model, "--target", "test-cpu", "-o", out, "--batch", 2, "--bits", "32/32,8/8",
                 "--repeats", 2, "--warmup", 1, "--no-progress")
     assert r.returncode == 0, r.stderr
     table = LatencyTable.load(out)
     assert table.target == "test-cpu" and table.kind == "measured" and "fp32" in table.roofline.peak_ops_per_s
     assert "entries measured, 0 reused" in r.stdout
-    r = qinject("profile", model, "--target", "other-cpu", "-o", out, "--no-progress")
+    r = run_cli("profile", model, "--target", "other-cpu", "-o", out, "--no-progress")
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "holds a table for target 'test-cpu'" in lines[0], r.stderr
     assert LatencyTable.load(out).entries == table.entries
     # Cached: nothing to measure; --save-as-target makes the table selectable by name.
     env = {**os.environ, "QINJECT_TARGETS": str(tmp_path / "targets")}
-    r = qinject("profile", model, "--target", "test-cpu", "-o", out, "--batch", 2, "--bits", "32/32,8/8",
+    r = run_cli("profile", model, "--target", "test-cpu", "-o", out, "--batch", 2, "--bits", "32/32,8/8",
                 "--save-as-target", "--no-progress", env=env)
     assert r.returncode == 0 and "0 entries measured" in r.stdout, r.stderr
     assert LatencyTable.load(tmp_path / "targets" / "test-cpu.json").entries == table.entries
-    r = qinject("targets", env=env)
+    r = run_cli("targets", env=env)
     assert "test-cpu" in r.stdout and "measured" in r.stdout
 
 

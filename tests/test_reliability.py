@@ -3,7 +3,6 @@ searched), and collapsing layers reported."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,10 +11,8 @@ from onnx import numpy_helper
 import qinject
 from qinject.api import SearchOptions
 from qinject.plan import Plan
-from tests.builders import conv_net
+from tests.builders import CNN, conv_net
 
-ROOT = Path(__file__).resolve().parents[1]
-CNN = ROOT / "models" / "digits_cnn"
 
 
 def test_same_input_data_plan_and_seed_give_byte_identical_files(tmp_path):

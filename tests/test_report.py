@@ -9,9 +9,6 @@ assumes uncorrelated errors) within 3 dB of the measured one (39.9 vs 41.5 dB).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +18,8 @@ from qinject.latency_table import load_target
 from qinject.plan import Plan
 from qinject.report import build_report
 from qinject.rules import Rule, Rules
+from tests.builders import CNN, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-CNN = ROOT / "models" / "digits_cnn"
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +58,8 @@ def test_the_rules_apply_and_the_pages_render(report, tmp_path):
 
 
 def test_cli_report(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "qinject.cli", "report", CNN / "model.onnx", "--calib", CNN / "calib.npz",
-                        "-o", tmp_path / "r.html", "--target", "nvidia-a100", "--batch", "256", "--verify", "1",
-                        "--workers", "1"], capture_output=True, text=True, timeout=300)
+    r = run_cli("report", CNN / "model.onnx", "--calib", CNN / "calib.npz", "-o", tmp_path / "r.html",
+                "--target", "nvidia-a100", "--batch", "256", "--verify", "1", "--workers", "1")
     assert r.returncode == 0, r.stderr
     assert "output SQNR" in r.stdout and "predictions checked on 1 real runs" in r.stdout
     assert (tmp_path / "r.html").stat().st_size > 20_000

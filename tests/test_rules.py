@@ -4,9 +4,6 @@ exactly from its rules file (and after a hand edit), pins respected by the searc
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,9 +12,8 @@ from qinject.api import SearchOptions
 from qinject.errors import PlanError
 from qinject.plan import NodeQuant
 from qinject.rules import Rule, Rules
+from tests.builders import CNN, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-CNN = ROOT / "models" / "digits_cnn"
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +53,9 @@ def test_json_round_trip_and_errors(tmp_path):
             Rules.load(tmp_path / "bad.json")
 
 
-def _cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qinject.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_a_searched_plan_reapplies_exactly_from_its_rules(tmp_path):
     searched = tmp_path / "s.onnx"
-    r = _cli("quantize", CNN / "model.onnx", "-o", searched, "--calib", CNN / "calib.npz", "--eval",
+    r = run_cli("quantize", CNN / "model.onnx", "-o", searched, "--calib", CNN / "calib.npz", "--eval",
              CNN / "eval.npz", "--max-drop", "1%", "--target", "nvidia-a100", "--latency-batch", "256",
              "--workers", "1")
     assert r.returncode == 0, r.stderr
@@ -72,7 +63,7 @@ def test_a_searched_plan_reapplies_exactly_from_its_rules(tmp_path):
     data = json.loads(rules_file.read_text())
     assert [rule["name"] for rule in data["rules"]] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
     again = tmp_path / "again.onnx"
-    r = _cli("quantize", CNN / "model.onnx", "-o", again, "--calib", CNN / "calib.npz", "--rules", rules_file,
+    r = run_cli("quantize", CNN / "model.onnx", "-o", again, "--calib", CNN / "calib.npz", "--rules", rules_file,
              "--target", "none")
     assert r.returncode == 0, r.stderr
     assert again.read_bytes() == searched.read_bytes()  # byte for byte the model the search wrote
@@ -82,7 +73,7 @@ def test_a_searched_plan_reapplies_exactly_from_its_rules(tmp_path):
     data["rules"].append({"name": "typo_.*", "weights": 4})
     rules_file.write_text(json.dumps(data))
     edited = tmp_path / "edited.onnx"
-    r = _cli("quantize", CNN / "model.onnx", "-o", edited, "--calib", CNN / "calib.npz", "--rules", rules_file,
+    r = run_cli("quantize", CNN / "model.onnx", "-o", edited, "--calib", CNN / "calib.npz", "--rules", rules_file,
              "--target", "none")
     assert r.returncode == 0, r.stderr
     assert "warning: rule(s) matched no node: {name='typo_.*'}" in r.stderr

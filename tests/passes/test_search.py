@@ -4,7 +4,6 @@ budgets nothing meets, and the final plan meeting the budget on the evaluation d
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +17,8 @@ from qinject.passes.search_ilp import Ilp, LatencyModel, adjacent_pairs
 from qinject.passes.search_pareto import pareto_front
 from qinject.search import Evaluator, SearchSpace, Trial, last_passing
 from qinject.sensitivity import AnalysisData
+from tests.builders import CNN
 
-ROOT = Path(__file__).resolve().parents[2]
-CNN = ROOT / "models" / "digits_cnn"
 
 # A memory-bound target: time is bytes moved, so halving a node's weight bits always saves and the
 # orders hold every node (W4A8 runs int8 arithmetic; the shipped tables leave small layers bound by

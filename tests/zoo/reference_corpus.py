@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qinject.numerics import sqnr_db
+
 SUITES = ("light", "simple", "pytorch-operator", "pytorch-converted")
 
 
@@ -111,10 +113,8 @@ def _sqnr(refs: list, outs: list) -> float:
     same = (np.isnan(ref) & np.isnan(out)) | (np.isinf(ref) & (ref == out))
     if np.any(~same & ~(np.isfinite(ref) & np.isfinite(out))):
         return float("-inf")
-    ref, out = ref[~same], out[~same]
-    noise = float(np.sum((ref - out) ** 2))
-    signal = float(np.sum(ref**2))
-    return float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
+    kept = ~same
+    return sqnr_db(ref[kept], out[kept]) if kept.any() else float("inf")
 
 
 def run_case(case: Path, plan: object, bound_db: float) -> Outcome:
