@@ -16,7 +16,6 @@ when the plan says so).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +175,3 @@ def _own_weight(node: ir.Node) -> bool:
         return False
     return True
 
-
-def applied(nodes: Iterable[ir.Node]) -> dict[str, tuple[int, float, float]]:
-    return {n.name: n.meta[APPLIED] for n in nodes if APPLIED in n.meta}

@@ -3,6 +3,7 @@ quantized ONNX out, or a jittable quantized JAX function out)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -306,7 +307,8 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
     if search is not None and search.eval_data is not None:
         from qinject.sensitivity import AnalysisData
 
-        AnalysisData.load(search.eval_data, ir_model, search.limit)  # bad evaluation data fails before any work
+        # loaded once, here: bad evaluation data fails before any work, and the search reuses it
+        search = dataclasses.replace(search, eval_data=AnalysisData.load(search.eval_data, ir_model, search.limit))
     manager = PassManager(standard_pipeline(plan, calib, method, batch_size, percentile, progress, target,
                                             latency_batch, search, analysis, adaround, bias_correction))
     ir_model = manager.run(ir_model).model

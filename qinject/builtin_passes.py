@@ -9,17 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from qinject.api import SEARCHES
 from qinject.pass_manager import Pass
 from qinject.registry import Context, Option, register
+from qinject.sensitivity import SIGNALS
 from qinject.stats import METHODS
 
-SIGNAL_NAMES = ("quant-error", "noise", "hessian", "interlayer", "bit-error")
-SEARCH_NAMES = ("bisection", "greedy", "ilp", "pareto")
+SIGNAL_NAMES = tuple(SIGNALS)
+SEARCH_NAMES = SEARCHES
 _METHOD = Option("method", str, "minmax", "how activation ranges are chosen", METHODS)
 
 
 def _calib(context: Context) -> object:
-    return context.extra.get("calib_arrays", context.calib)
+    """Calibration data as whole arrays where the CLI offers them (built on first need), else as given."""
+    arrays = context.extra.get("calib_arrays", context.calib)
+    return arrays() if callable(arrays) else arrays
 
 
 @register("fold-constants", doc="""Fold the constant chains feeding quantizable nodes' weights and biases

@@ -6,6 +6,7 @@ file. Set QINJECT_DEBUG=1 to see tracebacks of internal errors.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -361,7 +362,8 @@ def run(model: Path, output: Path, text: str, calib: Path | None, eval_path: Pat
     load_target(target)
     ir_model = load_onnx(model)
     context = Context(calib=calib, eval_data=eval_path, target=target, latency_batch=latency_batch, workers=workers)
-    context.extra["calib_arrays"] = _calibration_arrays(calib, ir_model) if calib is not None else None
+    # concatenated only if a pass needs whole arrays (sensitivity, search, AdaRound, bias correction)
+    context.extra["calib_arrays"] = functools.cache(lambda: _calibration_arrays(calib, ir_model)) if calib else None
     manager = PassManager(build(pipeline, context))
     if print_after:
         manager.after.append(PrintIRAfter(_pipeline_names(pipeline, manager, print_after), click.echo))

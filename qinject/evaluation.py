@@ -82,16 +82,12 @@ class Metric:
 
     name = "metric"
     fraction = True  # a fraction in [0, 1], shown as a percentage
-    needs_outputs = True  # scored from the first output on the evaluation inputs
 
     def score(self, outputs: np.ndarray, reference: np.ndarray) -> float:
         raise NotImplementedError
 
     def format(self, value: float) -> str:
         return f"{value:.2%}" if self.fraction else f"{value:.4g}"
-
-    def format_drop(self, drop: float) -> str:
-        return f"{drop * 100:+.2f} pt" if self.fraction else f"{drop:+.4g}"
 
 
 class Accuracy(Metric):
@@ -138,8 +134,6 @@ def sqnr_from_fidelity(value: float) -> float:
 
 class UserMetric(Metric):
     """A Python callable ``fn(executable) -> float``; higher is better."""
-
-    needs_outputs = False
 
     def __init__(self, fn: Callable[[Executable], float], name: str | None = None, fraction: bool = False) -> None:
         self.fn, self.fraction = fn, fraction

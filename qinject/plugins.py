@@ -24,7 +24,6 @@ from typing import Any
 
 from qinject.errors import QinjectError
 
-GROUPS = ("qinject.passes", "qinject.op_facts", "qinject.targets")
 _loaded = False
 TARGETS: dict[str, Any] = {}  # target name -> LatencyTable from plugins
 
@@ -50,10 +49,10 @@ def _source(ep: metadata.EntryPoint) -> str:
     return f"plugin {dist.name}" if dist is not None else f"plugin {ep.value}"
 
 
-def load(force: bool = False) -> None:
-    """Register every plugin pass, op fact and target (once per process unless ``force``)."""
+def load() -> None:
+    """Register every plugin pass, op fact and target (once per process)."""
     global _loaded
-    if _loaded and not force:
+    if _loaded:
         return
     _loaded = True
     from qinject import op_facts

@@ -166,17 +166,16 @@ class FixReport:
 
 
 def build_report(model: ir.Model, plan: Plan, table: LatencyTable, inputs: dict[str, np.ndarray], *,
-                 batch: int = 1, verify: int = 3, workers: int | None = None, plot_dir: str | os.PathLike | None = None,
-                 search_plot: str | os.PathLike | None = None) -> FixReport:
+                 batch: int = 1, verify: int = 3, workers: int | None = None,
+                 plot_dir: str | os.PathLike | None = None) -> FixReport:
     """The report for ``plan`` on the calibrated float ``model`` (``qinject.analyze`` prepares one).
 
     Args:
         inputs: the data the errors are measured on (by input name).
         verify: how many fixes (largest error shares first) to run for real.
         plot_dir: where to write the latency and sensitivity plots (None: no plots).
-        search_plot: a search's Pareto plot to embed.
     """
-    nodes = [n for n in qir.quantizable_nodes(model)]
+    nodes = qir.quantizable_nodes(model)
     choices = {n.name: plan.choice(n.name) for n in nodes}
     priced = qir.with_batch(model, batch)
     current = estimate(priced, plan, table, batch, baselines=False)
@@ -251,8 +250,6 @@ def build_report(model: ir.Model, plan: Plan, table: LatencyTable, inputs: dict[
                                                                            batch)
         for signal in signals_present(model):
             report.plots[f"{signal} sensitivity"] = sensitivity_plot(model, signal, plot_dir / f"{signal}.png")
-    if search_plot is not None:
-        report.plots["search: accuracy vs latency"] = Path(search_plot)
     return report
 
 

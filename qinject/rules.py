@@ -19,7 +19,6 @@ File format (version 1)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -189,9 +188,6 @@ class Rules:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Rules:
         return cls.from_dict(read_json(path, "rules", PlanError), str(path))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
 
 
 def describe_unmatched(unmatched: Sequence[Rule]) -> str:

@@ -35,7 +35,7 @@ from qinject.executor import Executor
 from qinject.latency_table import LatencyTable
 from qinject.pass_manager import Pass, PassResult
 from qinject.plan import Plan
-from qinject.sensitivity import PREFIX, SIGNALS, AnalysisData, choice_for, signal_of
+from qinject.sensitivity import SIGNALS, AnalysisData, choice_for, signal_of
 
 LEVELS = (16, 8, 4)
 RESULT = "qinject.search.result"  # model meta: the SearchResult the rewrite applies
@@ -294,10 +294,10 @@ class SearchSpace:
 
 
 def last_passing(space: SearchSpace, candidates: Sequence[Mapping[str, int]], label: str,
-                 guided: bool = True, first_score: float | None = None) -> int:
+                 guided: bool = True) -> int:
     """The index of the last candidate meeting the budget, in a sequence whose damage grows.
 
-    ``candidates[0]`` is taken to pass (it is the plan already chosen, or scored ``first_score``);
+    ``candidates[0]`` is taken to pass (it is the plan already chosen);
     the last candidate is tried first (the whole sequence may pass), then the bracket is narrowed.
     ``guided`` places each probe where the predicted damage (``space.damage``) crosses the budget,
     interpolating between the bracket's measured scores; a probe that does not halve the bracket is
@@ -310,8 +310,7 @@ def last_passing(space: SearchSpace, candidates: Sequence[Mapping[str, int]], la
     if last.passed:
         return n
     lo, hi = 0, n
-    s_lo = first_score if first_score is not None else (
-        t.score if (t := space.evaluated(candidates[0])) else space.float_score)
+    s_lo = t.score if (t := space.evaluated(candidates[0])) else space.float_score
     s_hi = last.score
     predicted = [space.damage(c) for c in candidates]
     midpoint_next = not guided
@@ -412,9 +411,9 @@ class SearchPass(Pass):
         if self.bias_correction:
             BiasCorrection(self.calib, four)(clone)
         out: dict[str, dict[str, np.ndarray]] = {}
+        originals = {n.name: n for n in qir.quantizable_nodes(model)}
         for node in qir.quantizable_nodes(clone):
-            original = next(n for n in qir.quantizable_nodes(model) if n.name == node.name)
-            for new, old in zip(node.inputs, original.inputs):
+            for new, old in zip(node.inputs, originals[node.name].inputs):
                 if new is not None and old is not None and new.const_value is not None and \
                         new.const_value is not old.const_value and old.name in model.graph.initializers:
                     out.setdefault(node.name, {})[old.name] = new.const_value.numpy()
@@ -456,5 +455,5 @@ def format_result(result: SearchResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LEVELS", "PREFIX", "RESULT", "Evaluator", "SearchPass", "SearchResult", "SearchSpace", "Trial",
+__all__ = ["LEVELS", "RESULT", "Evaluator", "SearchPass", "SearchResult", "SearchSpace", "Trial",
            "format_result", "last_passing", "search_result"]

@@ -81,22 +81,25 @@ def uses_external_data(path: str | os.PathLike) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(proto))
 
 
-def _session_mapping_external_data(proto: onnx.ModelProto, options: ort.SessionOptions,
-                                   weights: dict[str, ir.TensorProtocol]) -> ort.InferenceSession | None:
-    """A session whose external-data weights onnxruntime maps from their own file, or None.
+def _write_mapping_external_data(proto: onnx.ModelProto, weights: dict[str, ir.TensorProtocol]
+                                 ) -> tuple[Path, dict[str, ir.TensorProtocol]] | None:
+    """A temporary model file from which onnxruntime maps the external-data weights itself, and the
+    weights still to hand over as buffers; or None.
 
     onnxruntime copies initializers handed over as buffers (measured: a 0.77 GB model took 0.7 GB
     more), but maps external data it loads itself. So when every stubbed weight of ``proto`` lives in
     external data of one folder, the proto is written there under a hidden temporary name with the
-    stubs pointing at that data, the session is built from that file, and the file is removed. Any
-    other weights are handed over as buffers. None when there is no such data or the folder is not
-    writable (the caller hands every weight over as a buffer).
+    stubs pointing at that data (the caller removes it). None when there is no such data or the
+    folder is not writable (the caller hands every weight over as a buffer).
     """
     external = {n: t for n, t in weights.items() if isinstance(t, ir.ExternalTensor) and t.base_dir}
     folders = {str(t.base_dir) for t in external.values()}
     if not external or len(folders) != 1:
         return None
-    folder = Path(folders.pop())
+    try:
+        fd, name = tempfile.mkstemp(prefix=".qinject-session-", suffix=".onnx", dir=folders.pop())
+    except OSError:
+        return None
     mapped = onnx.ModelProto()
     mapped.CopyFrom(proto)
     for init in mapped.graph.initializer:
@@ -108,25 +111,9 @@ def _session_mapping_external_data(proto: onnx.ModelProto, options: ort.SessionO
                            ("length", str(tensor.length if tensor.length is not None else tensor.nbytes))):
             entry = init.external_data.add()
             entry.key, entry.value = key, value
-    rest = {n: t for n, t in weights.items() if n not in external}
-    arrays = [np.ascontiguousarray(t.numpy()) for t in rest.values()]
-    if rest:
-        options.add_external_initializers(list(rest), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
-    try:
-        fd, name = tempfile.mkstemp(prefix=".qinject-session-", suffix=".onnx", dir=folder)
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(mapped.SerializeToString())
-        sess = ort.InferenceSession(name, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types for unsupported models
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise QinjectError(f"onnxruntime cannot run the model: {first}") from None
-    finally:
-        Path(name).unlink(missing_ok=True)
-    sess._qinject_weights = arrays
-    return sess
+    with os.fdopen(fd, "wb") as f:
+        f.write(mapped.SerializeToString())
+    return Path(name), {n: t for n, t in weights.items() if n not in external}
 
 
 def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> None:
@@ -179,18 +166,21 @@ def session(model: ir.Model | onnx.ModelProto | str | os.PathLike,
         with qir.weightless(model) as stubbed:
             return session(to_proto(model), options, stubbed)
     options = options or session_options()
-    if weights and isinstance(model, onnx.ModelProto):
-        mapped = _session_mapping_external_data(model, options, weights)
-        if mapped is not None:
-            return mapped
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    if weights:
-        arrays = [np.ascontiguousarray(t.numpy()) for t in weights.values()]  # no copy: arrays since load
+    mapped = _write_mapping_external_data(model, weights) if weights and isinstance(model, onnx.ModelProto) else None
+    if mapped is not None:
+        source, weights = str(mapped[0]), mapped[1]
+    else:
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    arrays = [np.ascontiguousarray(t.numpy()) for t in (weights or {}).values()]  # no copy: arrays since load
+    if arrays:
         options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
     try:
         sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        sess._qinject_weights = arrays if weights else None  # read in place by onnxruntime: keep alive
+        sess._qinject_weights = arrays  # read in place by onnxruntime: keep alive
     except Exception as exc:  # onnxruntime raises its own exception types for unsupported models
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise QinjectError(f"onnxruntime cannot run the model: {first}") from None
+    finally:
+        if mapped is not None:
+            mapped[0].unlink(missing_ok=True)
     return sess

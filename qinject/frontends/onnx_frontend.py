@@ -74,20 +74,34 @@ def _check_structure(graph: onnx.GraphProto, label: str) -> None:
     """Name what is wrong with the main graph's data flow, before onnx.checker's generic
     "topologically sorted" message: a value nothing defines (a missing initializer), a cycle, or a
     value used before the node that defines it."""
-    import networkx as nx
-
     defined = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
     defined |= {t.name for t in graph.sparse_initializer}
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
     for node in graph.node:
         for name in node.input:
             if name not in defined and name not in producer:
-                kind = "an initializer" if any(node.op_type == t for t in ("Conv", "Gemm", "MatMul")) else "a value"
+                kind = "an initializer" if node.op_type in ("Conv", "Gemm", "MatMul") else "a value"
                 raise ModelLoadError(f"{label}: node {node.name or node.op_type!r} reads {name!r}, which no node, "
                                      f"graph input or initializer defines (missing {kind}?)")
     for out in graph.output:
         if out.name not in defined and out.name not in producer:
             raise ModelLoadError(f"{label}: graph output {out.name!r} is not produced by any node")
+    backward = [(i, node, name) for i, node in enumerate(graph.node) for name in node.input
+                if name in producer and producer[name] >= i and name not in defined]
+    if not backward:
+        return  # every edge points forward: in order, and no cycle is possible
+    cycle = _find_cycle(graph, producer)
+    if cycle:
+        names = [graph.node[u].name or graph.node[u].op_type for u, _ in cycle]
+        raise ModelLoadError(f"{label}: the graph has a cycle through node(s) {names[:6]}")
+    _, node, name = backward[0]
+    raise ModelLoadError(f"{label}: node {node.name or node.op_type!r} uses {name!r} before the node "
+                         f"that defines it (nodes are not in topological order)")
+
+
+def _find_cycle(graph: onnx.GraphProto, producer: dict[str, int]) -> list[tuple[int, int]]:
+    import networkx as nx  # only for graphs out of order
+
     edges = nx.DiGraph()
     edges.add_nodes_from(range(len(graph.node)))
     for i, node in enumerate(graph.node):
@@ -95,17 +109,9 @@ def _check_structure(graph: onnx.GraphProto, label: str) -> None:
             if name in producer:
                 edges.add_edge(producer[name], i)
     try:
-        cycle = nx.find_cycle(edges)
+        return nx.find_cycle(edges)
     except nx.NetworkXNoCycle:
-        cycle = None
-    if cycle:
-        names = [graph.node[u].name or graph.node[u].op_type for u, _ in cycle]
-        raise ModelLoadError(f"{label}: the graph has a cycle through node(s) {names[:6]}")
-    for i, node in enumerate(graph.node):
-        for name in node.input:
-            if name in producer and producer[name] > i and name not in defined:
-                raise ModelLoadError(f"{label}: node {node.name or node.op_type!r} uses {name!r} before the node "
-                                     f"that defines it (nodes are not in topological order)")
+        return []
 
 
 def _detach_from_proto(model: ir.Model) -> None:
