@@ -1,5 +1,7 @@
 """Run one ``qinject`` command in this process and report its memory on stderr: ``PEAK`` (peak RSS,
-KiB) and ``ANON`` (peak anonymous memory, KiB, sampled every 20 ms).
+KiB: the kernel's high-water mark of this process's own memory, ``VmHWM``) and ``ANON`` (peak
+anonymous memory, KiB, sampled every 20 ms). Not ``ru_maxrss``: Linux carries it over from the
+parent across fork and exec, so a benchmark holding large arrays would inflate it.
 
 RSS counts a file-backed page once per mapping: weights that qinject maps and onnxruntime maps again
 count twice although they are one copy in memory. Anonymous memory is what copies and temporaries
@@ -9,7 +11,6 @@ cost. Usage: ``python tools/measure_memory.py quantize MODEL -o OUT --calib DATA
 from __future__ import annotations
 
 import re
-import resource
 import sys
 import threading
 import time
@@ -34,7 +35,8 @@ def main() -> int:
         code = 0
     except SystemExit as exc:
         code = exc.code or 0
-    print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    status = open("/proc/self/status").read()
+    print("PEAK", int(re.search(r"VmHWM:\s+(\d+)", status).group(1)), file=sys.stderr)
     print("ANON", _peak_anon[0], file=sys.stderr)
     return code
 
