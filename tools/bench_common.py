@@ -61,3 +61,19 @@ def median_seconds(sessions: dict, feeds: dict, warmup: int, rounds: int, runs_p
                 sess.run(None, feeds)
                 times[label].append(time.perf_counter() - start)
     return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS since its exec.
+
+    Not ``ru_maxrss``: Linux carries the parent's RSS at fork over into the child's ``ru_maxrss``
+    (and ``RUSAGE_CHILDREN`` is a maximum over all children), so a small tool would be charged with
+    the benchmark's own memory. ``VmHWM`` belongs to the address space that exec created.
+    """
+    import resource
+
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS reports bytes

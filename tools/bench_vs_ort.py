@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn"
 sys.path.insert(0, str(ROOT))  # the model zoo lives in the repository, not in the package
-from bench_common import machine, median_seconds, source_state, write_section  # noqa: E402  (tools/ is on sys.path)
+from bench_common import machine, median_seconds, peak_rss_mib, source_state, write_section  # noqa: E402  (tools/ is on sys.path)
 from models.light_zoo import materialize  # noqa: E402
 
 LIGHT = ["squeezenet", "resnet50", "inception_v1", "shufflenet", "inception_v2", "densenet121",
@@ -110,20 +109,6 @@ def child_main(tool: str, model: str, calib: str, out: str, batch: str) -> None:
     notes = quantize(Path(model), Path(out), arrays, int(batch))
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "peak_mib": peak_rss_mib(), "start_mib": start_mib, **notes}))
-
-
-def peak_rss_mib() -> float:
-    """This process's peak RSS since its exec.
-
-    Not ``ru_maxrss``: Linux carries the parent's RSS at fork over into the child's ``ru_maxrss``
-    (and ``RUSAGE_CHILDREN`` is a maximum over all children), so a small tool would be charged with
-    the benchmark's own memory. ``VmHWM`` belongs to the address space that exec created.
-    """
-    status = Path("/proc/self/status")
-    if status.exists():
-        line = next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM:"))
-        return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS reports bytes
 
 
 def run_tool(tool: str, case: Case, out: Path) -> dict:

@@ -1,7 +1,6 @@
 """Run one ``qinject`` command in this process and report its memory on stderr: ``PEAK`` (peak RSS,
-KiB: the kernel's high-water mark of this process's own memory, ``VmHWM``) and ``ANON`` (peak
-anonymous memory, KiB, sampled every 20 ms). Not ``ru_maxrss``: Linux carries it over from the
-parent across fork and exec, so a benchmark holding large arrays would inflate it.
+KiB, ``bench_common.peak_rss_mib``: not ``ru_maxrss``, which a benchmark holding large arrays would
+inflate) and ``ANON`` (peak anonymous memory, KiB, sampled every 20 ms).
 
 RSS counts a file-backed page once per mapping: weights that qinject maps and onnxruntime maps again
 count twice although they are one copy in memory. Anonymous memory is what copies and temporaries
@@ -14,6 +13,8 @@ import re
 import sys
 import threading
 import time
+
+from bench_common import peak_rss_mib  # tools/ is on sys.path
 
 _peak_anon = [0]
 
@@ -35,8 +36,7 @@ def main() -> int:
         code = 0
     except SystemExit as exc:
         code = exc.code or 0
-    status = open("/proc/self/status").read()
-    print("PEAK", int(re.search(r"VmHWM:\s+(\d+)", status).group(1)), file=sys.stderr)
+    print("PEAK", int(peak_rss_mib() * 1024), file=sys.stderr)
     print("ANON", _peak_anon[0], file=sys.stderr)
     return code
 
