@@ -35,7 +35,7 @@ from qinject.executor import Executor
 from qinject.latency_table import LatencyTable
 from qinject.pass_manager import Pass, PassResult
 from qinject.plan import Plan
-from qinject.sensitivity import SIGNALS, AnalysisData, choice_for, signal_of
+from qinject.sensitivity import SIGNALS, AnalysisData, choice_for, signal_of, width_label
 
 LEVELS = (16, 8, 4)
 RESULT = "qinject.search.result"  # model meta: the SearchResult the rewrite applies
@@ -82,7 +82,7 @@ class SearchResult:
         """How many nodes got each choice ("W8A8", "W4A8", "float", ...)."""
         counts: dict[str, int] = {}
         for bits in self.bits.values():
-            label = "float" if bits is None else f"W{bits}A{max(bits, 8)}"
+            label = width_label(bits)
             counts[label] = counts.get(label, 0) + 1
         return counts
 
@@ -441,7 +441,7 @@ def format_result(result: SearchResult) -> str:
     width = max(len("node"), *(len(n) for n in result.bits))
     lines.append(f"  {'node':<{width}}  bits")
     for name, bits in result.bits.items():
-        lines.append(f"  {name:<{width}}  {'float' if bits is None else f'W{bits}A{max(bits, 8)}'}")
+        lines.append(f"  {name:<{width}}  {width_label(bits)}")
     lines.append("  " + ", ".join(f"{v} x {k}" for k, v in sorted(result.width_counts().items())))
     lines.append(f"  {result.metric}: float {fmt(result.float_score)} -> quantized {fmt(result.score)} "
                  f"(floor {fmt(result.floor)})")

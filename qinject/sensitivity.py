@@ -40,6 +40,14 @@ def choice_for(bits: int) -> NodeQuant:
     return NodeQuant(weights=bits, activations=max(bits, MIN_ACTIVATION_BITS))
 
 
+def width_label(bits: int | None) -> str:
+    """How a sensitivity bit width reads in reports: "W4A8", "W16A16", or "float" for None."""
+    if bits is None:
+        return "float"
+    choice = choice_for(bits)
+    return f"W{choice.weights}A{choice.activations}"
+
+
 def alone(node: str, bits: int) -> Plan:
     """The plan quantizing only ``node``, at sensitivity width ``bits``."""
     return Plan(None, {node: choice_for(bits)})
