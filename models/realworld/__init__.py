@@ -1,0 +1,1 @@
+"""Realistic inputs for ONNX models shipped in PyPI packages (see inputs.py)."""
