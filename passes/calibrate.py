@@ -28,7 +28,7 @@ from qinject import ir as qir
 from qinject import subgraph_taps
 from qinject.backends import onnx_backend
 from qinject.calib_data import QinjectWarning, input_specs, open_source
-from qinject.errors import CalibrationDataError
+from qinject.errors import CalibrationDataError, QinjectError
 from qinject.pass_manager import Pass, PassResult
 from qinject.quant_points import activation_points, subgraph_activation_points
 from qinject.stats import METHODS, TensorStats
@@ -71,7 +71,9 @@ class Calibrate(Pass):
         stats = {p.name: TensorStats(with_histogram=self.method != "minmax") for p in points}
         for feeds in tqdm(source, total=source.total, desc="calibrating", unit="batch",
                           disable=None if self.progress else True, leave=False):
-            for value, array in zip(outputs, run(feeds)):
+            if qir.SAMPLE_FEED not in model.meta:
+                _record_first_feed(model, feeds, specs)
+            for value, array in zip(outputs, _run(run, feeds, source)):
                 if array is not None:
                     stats[value.name].update(array)
             for name in inputs & stats.keys():
@@ -84,6 +86,31 @@ class Calibrate(Pass):
             if s.count or p.graph is model.graph:
                 p.meta[qir.ACT_STATS] = s
         return PassResult(model, False)
+
+
+def _record_first_feed(model: ir.Model, feeds: dict[str, np.ndarray], specs: list) -> None:
+    """Keep the shapes calibration saw (latency estimates price symbolic dims at them) and one sample
+    to run the written model on."""
+    if not model.meta.get(qir.SHAPES_GIVEN):
+        model.meta[qir.INPUT_SHAPES] = {name: tuple(a.shape) for name, a in feeds.items()}
+    symbolic_batch = {s.name for s in specs if s.batch_fixed is None}
+    model.meta[qir.SAMPLE_FEED] = {name: np.array(a[:1] if name in symbolic_batch else a)
+                                   for name, a in feeds.items()}
+
+
+def _run(run: Callable[[dict], list], feeds: dict[str, np.ndarray], source: object) -> list:
+    """One calibration batch; random inputs the model cannot run on are the data's fault, said as such."""
+    if not getattr(source, "synthetic", False):
+        return run(feeds)
+    try:
+        return run(feeds)
+    except QinjectError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (onnxruntime's and JAX's own exception types)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in feeds.items())
+        raise CalibrationDataError(f"the model does not run on random inputs ({shapes}): {first}; give real "
+                                   "calibration data with --calib") from None
 
 
 def _tapped_runner(model: ir.Model, outputs: list[ir.Value]) -> Callable[[dict], list[np.ndarray | None]]:

@@ -7,10 +7,14 @@ BatchNormalization folding, so it prices the graph the rewrite sees) and stores 
 
 from __future__ import annotations
 
+import warnings
+
 import onnx_ir as ir
 
 from qinject import ir as qir
+from qinject.calib_data import QinjectWarning
 from qinject.cost import estimate
+from qinject.errors import UnsupportedModelError
 from qinject.latency_table import LatencyTable, load_target
 from qinject.pass_manager import Pass, PassResult
 from qinject.plan import Plan
@@ -36,5 +40,8 @@ class EstimateCost(Pass):
         from qinject.search import chosen_plan
 
         plan = chosen_plan(model, self.plan)
-        model.meta[qir.COST_REPORT] = estimate(model, plan, self.table, self.batch)
+        try:
+            model.meta[qir.COST_REPORT] = estimate(model, plan, self.table, self.batch)
+        except UnsupportedModelError as exc:  # an estimate never stops a quantization
+            warnings.warn(f"latency estimate skipped: {exc}", QinjectWarning, stacklevel=2)
         return PassResult(model, False)

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -177,7 +178,7 @@ class _Rewrite:
         # a range-preserving op's output without statistics of its own takes its source's range
         lo, hi = select_range(self._range_stats(value), self.method, key.qtype, key.symmetric, self.percentile)
         scale, zp = numerics.scale_zero_point(lo, hi, key.qtype, key.symmetric)
-        params = _QParams(scale.reshape(()), zp.reshape(()))
+        params = _QParams(_representable(scale, value).reshape(()), zp.reshape(()))
         self._pair(value, key, params, body, self._fresh)
         self.body_acts[(value.name, key, id(body))] = params
         return params
@@ -262,7 +263,7 @@ class _Rewrite:
         """QuantizeLinear -> DequantizeLinear of ``value`` with ``params``, appended to ``graph``
         (node and value names through ``named``); sets and returns ``params.dequantized``."""
         suffix = "" if key.qtype.bits == 8 else f"_{key.qtype}"
-        scale = self._const(f"{value.name}_scale{suffix}", params.scale)
+        scale = self._const(f"{value.name}_scale{suffix}", _in_type(params.scale, value))
         zp = self._const(f"{value.name}_zero_point{suffix}", params.zero_point)
         q = ir.node("QuantizeLinear", [value, scale, zp], name=named(f"{value.name}_QuantizeLinear{suffix}"))
         q.outputs[0].name = named(f"{value.name}_quantized{suffix}")
@@ -296,7 +297,7 @@ class _Rewrite:
                                "(run the calibrate pass first)")
         lo, hi = select_range(stats, self.method, key.qtype, key.symmetric, self.percentile)
         scale, zp = numerics.scale_zero_point(lo, hi, key.qtype, key.symmetric)
-        return _QParams(scale.reshape(()), zp.reshape(()))
+        return _QParams(_representable(scale, value).reshape(()), zp.reshape(()))
 
     # -- weights and bias ----------------------------------------------------------------------------
     def weight(self, node: ir.Node, w: ir.Value, choice: NodeQuant,
@@ -313,6 +314,7 @@ class _Rewrite:
             raise UnsupportedModelError(f"node {node.name!r}: weight {w.name!r} contains NaN or Inf")
         lo, hi = numerics.weight_range(array, axis)
         scale, zp = numerics.scale_zero_point(lo, hi, qtype, choice.weight_symmetric)
+        scale = _representable(scale, w)
         q = numerics.quantize(array, scale, zp, qtype, axis)
         self._check_collapse(w, array, q, zp, qtype, axis, choice)
         suffix = "" if qtype.bits == 8 else f"_{qtype}"
@@ -371,7 +373,7 @@ class _Rewrite:
         if not kernel_layout:
             scale = np.asarray(max(float(np.abs(bias).max()), 1e-30) / INT32_MAX, dtype=np.float32)
         per_channel = scale.size > 1
-        scale = scale.reshape(-1) if per_channel else scale.reshape(())
+        scale = _representable(scale.reshape(-1) if per_channel else scale.reshape(()), b)
         q = np.clip(np.rint(bias / scale.astype(np.float64)), -INT32_MAX, INT32_MAX).astype(np.int32)
         dequantized = self._dequantized_const(b, f"_{node.name}", q, scale, np.zeros(scale.shape, np.int32),
                                               0 if per_channel else None, body)
@@ -383,7 +385,7 @@ class _Rewrite:
         for a node inside a control-flow body; the initializers stay in the main graph, visible there)."""
         stem = value.name
         inputs = [self._const(f"{stem}_{part}{suffix}", array)
-                  for part, array in (("quantized", q), ("scale", scale), ("zero_point", zero_point))]
+                  for part, array in (("quantized", q), ("scale", _in_type(scale, value)), ("zero_point", zero_point))]
         attrs = {} if axis is None else {"axis": axis}
         name, out = f"{stem}_DequantizeLinear{suffix}", f"{stem}_dequantized{suffix}"
         if body is not None:
@@ -396,6 +398,25 @@ class _Rewrite:
 
     def _const(self, name: str, array: np.ndarray) -> ir.Value:
         return qir.add_initializer(self.graph, name, array)
+
+
+def _float_type(value: ir.Value) -> np.dtype:
+    return np.dtype(value.dtype.numpy()) if value.dtype is not None and value.dtype.is_floating_point() \
+        else np.dtype(np.float32)
+
+
+def _representable(scale: np.ndarray, value: ir.Value) -> np.ndarray:
+    """The scale rounded to what ``value``'s float type stores (fp16, bf16: Q/DQ scales share the
+    tensor's type), never below its smallest normal number; codes are computed with this scale."""
+    dtype = _float_type(value)
+    if dtype == np.float32:
+        return scale
+    floor = float(ml_dtypes.finfo(dtype).smallest_normal)
+    return np.maximum(scale, floor).astype(dtype).astype(np.float32)
+
+
+def _in_type(scale: np.ndarray, value: ir.Value) -> np.ndarray:
+    return np.asarray(scale).astype(_float_type(value))
 
 
 def _note_subgraph_nodes(model: ir.Model, inner: list[ir.Node], unseen: list[ir.Node]) -> None:

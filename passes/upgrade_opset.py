@@ -16,8 +16,13 @@ from qinject.errors import UnsupportedModelError
 from qinject.pass_manager import Pass, PassResult
 
 
+# QuantizeLinear/DequantizeLinear take float16 and bfloat16 tensors and scales from opset 19.
+LOW_PRECISION_FLOATS_OPSET = 19
+
+
 class UpgradeOpset(Pass):
-    """Raise the default-domain opset to at least ``min_opset``; a no-op if it is already there."""
+    """Raise the default-domain opset to at least ``min_opset`` (and to 19 when a quantizable node
+    computes in float16 or bfloat16); a no-op if it is already there."""
 
     name = "upgrade-opset"
     in_place = False
@@ -27,10 +32,12 @@ class UpgradeOpset(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         current = model.opset_imports.get("", 1)
-        if current >= self.min_opset:
+        target = max(self.min_opset, LOW_PRECISION_FLOATS_OPSET if _low_precision(model) else 0)
+        if current >= target:
             return PassResult(model, False)
+
         def upgrade(proto: onnx.ModelProto) -> onnx.ModelProto:
-            upgraded = version_converter.convert_version(proto, self.min_opset)
+            upgraded = version_converter.convert_version(proto, target)
             return onnx.shape_inference.infer_shapes(upgraded, data_prop=True)
 
         try:
@@ -38,6 +45,12 @@ class UpgradeOpset(Pass):
         except Exception as exc:  # the converter raises bare RuntimeError/ValueError/C++ errors
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UnsupportedModelError(
-                f"cannot upgrade the model from opset {current} to {self.min_opset}, which the requested "
+                f"cannot upgrade the model from opset {current} to {target}, which the requested "
                 f"quantization needs: {first}") from None
         return PassResult(new_model, True)
+
+
+def _low_precision(model: ir.Model) -> bool:
+    nodes = qir.quantizable_nodes(model) + qir.subgraph_quantizable_nodes(model)
+    return any(v is not None and v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+               for n in nodes for v in n.inputs)

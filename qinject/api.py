@@ -184,9 +184,11 @@ def _calibration_arrays(calib: object, model: ir.Model) -> dict[str, np.ndarray]
 
 
 def estimate_latency(model: str | os.PathLike | onnx.ModelProto | ir.Model, plan: Plan | None = None,
-                     target: LatencyTable | str = "local-cpu", batch: int = 1) -> CostReport:
+                     target: LatencyTable | str = "local-cpu", batch: int = 1,
+                     input_shapes: dict[str, Sequence[int]] | None = None) -> CostReport:
     """Estimated latency of ``model`` quantized by ``plan`` on ``target``, per node and end to end,
     with the float and W16A16 baselines. No calibration is needed: only the plan is priced.
+    ``input_shapes`` (input name -> shape) sizes symbolic dims other than the batch.
 
     Example:
         >>> report = estimate_latency("models/digits_cnn/model.onnx", Plan.uniform(8, 8),
@@ -197,8 +199,26 @@ def estimate_latency(model: str | os.PathLike | onnx.ModelProto | ir.Model, plan
 
     table = target if isinstance(target, LatencyTable) else load_target(target)
     ir_model = model if isinstance(model, ir.Model) else load_onnx(model)
+    _give_shapes(ir_model, input_shapes)
     ir_model = PassManager([FoldConstantWeights(), FoldConvAffine()]).run(ir_model).model
     return estimate(ir_model, plan or Plan(), table, batch)
+
+
+def _give_shapes(model: ir.Model, shapes: dict[str, Sequence[int]] | None) -> None:
+    """Record the user's input shapes for latency estimates (they override what calibration sees)."""
+    if not shapes:
+        return
+    from qinject.errors import QinjectError
+
+    names = {v.name: v for v in model.graph.inputs}
+    for name, dims in shapes.items():
+        if name not in names:
+            raise QinjectError(f"--shape names {name!r}, which is not a model input (inputs: {sorted(names)})")
+        want = names[name].shape
+        if want is not None and len(want) != len(dims):
+            raise QinjectError(f"--shape {name}: {len(dims)} dims given, the input has {len(want)} ({list(want)})")
+    model.meta[qir.INPUT_SHAPES] = {n: tuple(int(d) for d in dims) for n, dims in shapes.items()}
+    model.meta[qir.SHAPES_GIVEN] = True
 
 
 def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output: str | os.PathLike | None = None,
@@ -206,7 +226,8 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
                   batch_size: int = 16, percentile: float = 99.99, progress: bool = True,
                   target: LatencyTable | str | None = None, latency_batch: int = 1,
                   search: SearchOptions | None = None, adaround: bool = False,
-                  bias_correction: bool = False, rules: Any = None) -> QuantizeResult:
+                  bias_correction: bool = False, rules: Any = None,
+                  input_shapes: dict[str, Sequence[int]] | None = None) -> QuantizeResult:
     """Quantize an ONNX model: fold constants, calibrate, insert Q/DQ, and optionally save.
 
     Args:
@@ -224,6 +245,8 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
             calibration data (for a search, set them in ``SearchOptions``).
         rules: ``qinject.rules.Rules`` giving the plan instead of ``plan`` (rules that match no node
             are reported as a warning).
+        input_shapes: input name -> shape for the latency estimate (default: the shapes the
+            calibration data had, with the batch at ``latency_batch``).
 
     Example:
         >>> result = quantize_onnx("models/digits_cnn/model.onnx", "/tmp/q.onnx",
@@ -234,13 +257,28 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
     if output is not None:
         onnx_backend.check_output_path(output, input_path)  # before any work, not after calibration
     ir_model = model if isinstance(model, ir.Model) else load_onnx(model)
+    _give_shapes(ir_model, input_shapes)
     if rules is not None and search is None:
         plan = _plan_from_rules(rules, ir_model)
+    if search is None:
+        _check_runs_on_onnxruntime(ir_model, plan)
     result = _quantize(ir_model, plan, calib, method, batch_size, percentile, progress, target, latency_batch,
                        search, adaround, bias_correction)
     if output is not None:
         result.output = save_onnx(result.model, output, input_path=input_path)
     return result
+
+
+def _check_runs_on_onnxruntime(model: ir.Model, plan: Plan) -> None:
+    """Refuse, before any work, a plan whose ONNX output onnxruntime could not load."""
+    from qinject.errors import PlanError
+
+    nodes = qir.quantizable_nodes(model) + qir.subgraph_quantizable_nodes(model)
+    four = [n.name for n in nodes if (c := plan.choice(n.name)) is not None and c.activations == 4]
+    if four:
+        raise PlanError(f"4-bit activations ({len(four)} node(s), e.g. {four[0]!r}) cannot run on onnxruntime, "
+                        "which has no uint4 activation kernels (QLinearConv, QGemm, MaxPool reject them); use "
+                        "8-bit activations, or keep the model in JAX (qinject.quantize_jax, result.to_jax())")
 
 
 def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | os.PathLike | None = None,
@@ -288,10 +326,8 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
     from qinject.errors import UnsupportedModelError
     from qinject.search import search_result
 
-    if not any(op_facts.fact(n).quantizable for n in ir_model.graph):
-        ops = sorted({n.op_type for n in ir_model.graph})
-        raise UnsupportedModelError(f"the model has no quantizable op (Conv, ConvTranspose, Gemm, MatMul, ...; it has "
-                                    f"{', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''}): nothing to quantize")
+    if not qir.quantizable_nodes(ir_model) and not qir.subgraph_quantizable_nodes(ir_model):
+        raise UnsupportedModelError(_nothing_to_quantize(ir_model))
     for node in qir.quantizable_nodes(ir_model):  # before any work: a NaN weight would poison every scale
         weight = op_facts.weight_of(node)
         if weight is not None and weight.const_value is not None:
@@ -324,6 +360,24 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
         if node.meta.get(qir.QUANT_NOTES):
             result.notes[node.name] = list(node.meta[qir.QUANT_NOTES])
     return result
+
+
+def _nothing_to_quantize(model: ir.Model) -> str:
+    """Why a model has no quantizable node: its weights are not constants, or it has no such op."""
+    from qinject import op_facts
+
+    nodes = list(model.graph.all_nodes())
+    candidates = [n for n in nodes if op_facts.fact(n).quantizable and op_facts.weight_index(n) is not None]
+    if candidates:
+        node = candidates[0]
+        weight = node.inputs[op_facts.weight_index(node)] if op_facts.weight_index(node) < len(node.inputs) else None
+        where = "a graph input" if weight is not None and weight.is_graph_input() else "computed at run time"
+        return (f"nothing to quantize: the weights of {len(candidates)} node(s) are not constants (node "
+                f"{node.name!r} ({node.op_type}) reads {weight.name if weight else 'its weight'!r}, {where}); "
+                "make the weights initializers (e.g. export with the parameters baked in)")
+    ops = sorted({n.op_type for n in nodes})
+    return (f"the model has no quantizable op (Conv, ConvTranspose, Gemm, MatMul, ...; it has "
+            f"{', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''}): nothing to quantize")
 
 
 def analyze(model: str | os.PathLike | onnx.ModelProto | ir.Model, calib: object, metrics: Sequence[str],

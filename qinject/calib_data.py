@@ -32,6 +32,8 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...]
+    # Integer inputs that index a table (token ids into an embedding): its row count, for random inputs.
+    index_bound: int | None = None
 
     @property
     def batch_fixed(self) -> int | None:
@@ -44,8 +46,23 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         if v.dtype is None or v.shape is None:
             raise CalibrationDataError(f"model input {v.name!r} has no tensor type and shape")
         shape = tuple(d if isinstance(d, int) else (str(d) if d is not None else None) for d in v.shape)
-        specs.append(InputSpec(v.name, np.dtype(v.dtype.numpy()), shape))
+        specs.append(InputSpec(v.name, np.dtype(v.dtype.numpy()), shape, _index_bound(v)))
     return specs
+
+
+def _index_bound(value: ir.Value) -> int | None:
+    """Rows of the constant table an integer input gathers from (through Casts), if any."""
+    bounds = []
+    frontier = [value]
+    while frontier:
+        for node, index in frontier.pop().uses():
+            if node.op_type == "Cast":
+                frontier.extend(node.outputs)
+            elif node.op_type == "Gather" and index == 1:
+                table = node.inputs[0]
+                if table is not None and table.shape is not None and isinstance(table.shape[0], int):
+                    bounds.append(table.shape[0])
+    return min(bounds) if bounds else None
 
 
 @dataclass
@@ -55,6 +72,7 @@ class CalibrationSource:
     batches: Iterable[dict[str, np.ndarray]]
     total: int | None
     description: str
+    synthetic: bool = False  # random inputs: a model that fails on them needs real data, not a fix
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return iter(self.batches)
@@ -66,7 +84,9 @@ def open_source(source: object, specs: list[InputSpec], batch_size: int = 16,
     if source is None:
         warnings.warn(f"no calibration data given: calibrating on {random_samples} random inputs; "
                       "the scales will not fit real data", QinjectWarning, stacklevel=2)
-        return _from_arrays(_random_arrays(specs, random_samples, seed), specs, batch_size, "random inputs")
+        source = _from_arrays(random_arrays(specs, random_samples, seed), specs, batch_size, "random inputs")
+        source.synthetic = True
+        return source
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
@@ -189,21 +209,26 @@ def _from_arrays(arrays: dict[str, np.ndarray | _LazyNpzArray], specs: list[Inpu
     if missing:
         raise CalibrationDataError(f"{label} lacks model input(s) {missing} (it has {sorted(arrays)})")
     samples = {s.name: _as_samples(arrays[s.name], s, label) for s in specs}
-    counts = {len(a) for a in samples.values()}
-    if len(counts) != 1:
+    counts = {len(a) for a in samples.values() if a.ndim}
+    if len(counts) > 1:
         raise CalibrationDataError(f"{label}: inputs have different sample counts {sorted(counts)}")
-    n = counts.pop()
+    n = counts.pop() if counts else 1
     if n == 0:
         raise CalibrationDataError(f"{label} is empty (0 samples)")
+    scalars = {s.name for s in specs if not s.shape}
+    for name in scalars:  # one value for every sample, or one per sample
+        samples[name] = np.broadcast_to(np.asarray(samples[name]), (n,))
     fixed = [s.batch_fixed for s in specs if s.batch_fixed is not None]
-    step = min(fixed) if fixed else batch_size
+    # A scalar input (an If's mode, a Loop's trip count) is one value per run: one sample per run.
+    step = min(fixed) if fixed else 1 if scalars else batch_size
     usable = n - n % step if fixed else n  # a fixed batch cannot take a short last batch
     if usable == 0:
         raise CalibrationDataError(f"{label} has {n} samples, fewer than the model's fixed batch of {step}")
 
     def batches() -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, usable, step):
-            feed = {s.name: np.ascontiguousarray(samples[s.name][start:start + step], dtype=s.dtype)
+            feed = {s.name: np.ascontiguousarray(samples[s.name][start] if s.name in scalars else
+                                                 samples[s.name][start:start + step], dtype=s.dtype)
                     for s in specs}
             _check_finite(feed, label)
             yield feed
@@ -214,6 +239,8 @@ def _from_arrays(arrays: dict[str, np.ndarray | _LazyNpzArray], specs: list[Inpu
 def _as_samples(array: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
     """Present ``array`` as [samples, *model input shape] flattened into the batch axis."""
     rank = len(spec.shape)
+    if rank == 0 and array.ndim <= 1:
+        return array  # scalar inputs: broadcast or one value per sample, by the caller
     if array.ndim == rank + 1 and spec.batch_fixed is not None:
         array = array.reshape(-1, *array.shape[2:])  # [samples, batch, ...] -> [samples*batch, ...]
     if array.ndim != rank:
@@ -249,6 +276,9 @@ def _validated(feeds: Iterator[object], specs: list[InputSpec], label: str) -> I
             if s.name not in feed:
                 raise CalibrationDataError(f"{label}: item {i} lacks model input {s.name!r}")
             array = np.asarray(feed[s.name])
+            if array.ndim and array.shape[0] == 0:
+                raise CalibrationDataError(f"{label}: item {i} input {s.name!r} has no rows (shape "
+                                           f"{list(array.shape)})")
             if array.ndim != len(s.shape):
                 raise CalibrationDataError(f"{label}: item {i} input {s.name!r} has shape {list(array.shape)}, "
                                            f"expected {list(s.shape)}")
@@ -266,17 +296,33 @@ def _reader_iter(reader: object) -> Iterator[object]:
         yield item
 
 
-def _random_arrays(specs: list[InputSpec], n: int, seed: int) -> dict[str, np.ndarray]:
+# Sizes random inputs give symbolic dims: image-like spatial dims (the last two of a rank-4 float
+# input) get a size every common stride divides; any other dim a short sequence.
+RANDOM_SPATIAL = 224
+RANDOM_LENGTH = 16
+
+
+def random_arrays(specs: list[InputSpec], n: int, seed: int) -> dict[str, np.ndarray]:
+    """``n`` random samples per input. Symbolic dims that share a name share one size across inputs
+    (``batch``, ``sequence``); token ids stay inside the table they index; masks are ones."""
     rng = np.random.default_rng(seed)
+    sizes: dict[str, int] = {}
     out = {}
     for s in specs:
-        shape = (n, *[d if isinstance(d, int) else 1 for d in s.shape[1:]])
-        if s.batch_fixed:
-            shape = (n * s.batch_fixed, *shape[1:])
+        dims = []
+        for axis, d in enumerate(s.shape[1:], start=1):
+            if isinstance(d, int):
+                dims.append(d)
+                continue
+            guess = RANDOM_SPATIAL if len(s.shape) == 4 and axis >= 2 and s.dtype.kind == "f" else RANDOM_LENGTH
+            dims.append(sizes.setdefault(d, guess) if d else guess)
+        shape = (n * (s.batch_fixed or 1), *dims) if s.shape else (n,)
         if s.dtype.kind == "f":
             out[s.name] = rng.standard_normal(shape).astype(s.dtype)
         elif s.dtype.kind == "b":
             out[s.name] = rng.integers(0, 2, shape).astype(bool)
+        elif "mask" in s.name.lower():
+            out[s.name] = np.ones(shape, s.dtype)
         else:
-            out[s.name] = rng.integers(0, 256, shape).astype(s.dtype)
+            out[s.name] = rng.integers(0, min(s.index_bound or 256, 256), shape).astype(s.dtype)
     return out

@@ -70,6 +70,8 @@ def cli() -> None:
               "(default: local-cpu; 'none': skip).")
 @click.option("--latency-batch", type=int, default=1, show_default=True,
               help="Batch size for the latency estimate when the model's batch is symbolic.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=1x3x640x640",
+              help="Input shape for latency estimates (repeatable; default: the shapes calibration saw).")
 @click.option("--max-drop", help="Search a mixed-precision plan within this accuracy budget: '1%' relative, "
               "'0.5pt' absolute points, or a number (absolute). Default 1% when --search is given.")
 @click.option("--search", "algorithm", type=click.Choice(["bisection", "greedy", "ilp", "pareto"]),
@@ -89,7 +91,8 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
              calib: Path | None, calib_method: str, percentile: float, per_tensor: bool, batch_size: int,
              save_plan: Path | None, target: str, latency_batch: int, max_drop: str | None, algorithm: str | None,
              eval_path: Path | None, signal: str, adaround: bool, bias_correction: bool,
-             pareto_plot: Path | None, workers: int | None, rules_path: Path | None) -> None:
+             pareto_plot: Path | None, workers: int | None, rules_path: Path | None,
+             shapes: tuple[str, ...]) -> None:
     """Quantize MODEL (ONNX) and write the Q/DQ model to OUTPUT.
 
     With --max-drop (or --search), search per-node bit widths (16/8/4) minimising the estimated
@@ -126,7 +129,7 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
     result = quantize_onnx(model, output, plan=plan, calib=calib, method=calib_method, batch_size=batch_size,
                            percentile=percentile, target=table, latency_batch=latency_batch, search=search,
                            adaround=adaround and not searching, bias_correction=bias_correction and not searching,
-                           rules=rules if not searching else None)
+                           rules=rules if not searching else None, input_shapes=_shapes(shapes))
     if result.search is not None:
         from qinject.jsonfile import write_json
         from qinject.search import format_result
@@ -168,11 +171,13 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
               help="Activation bits for every node (ignored with --plan).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per channel.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size for a symbolic batch dimension.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=1x3x640x640",
+              help="Input shape (repeatable), for inputs with symbolic dims other than the batch.")
 @click.option("--top", type=int, default=20, show_default=True, help="Show the N costliest nodes (0: all).")
 @click.option("--plot", type=click.Path(path_type=Path),
               help="Also write a PNG of every quantizable node's latency at each bit width.")
 def cost(model: Path, target: str, plan_path: Path | None, weights: str, activations: str, per_tensor: bool,
-         batch: int, top: int, plot: Path | None) -> None:
+         batch: int, shapes: tuple[str, ...], top: int, plot: Path | None) -> None:
     """Estimate MODEL's latency under a plan on a target: per node, conversions, savings."""
     from qinject.api import estimate_latency
     from qinject.cost import format_report
@@ -182,7 +187,7 @@ def cost(model: Path, target: str, plan_path: Path | None, weights: str, activat
     if plot is not None and not plot.parent.is_dir():
         raise QinjectError(f"output folder {str(plot.parent)!r} does not exist")
     plan = _plan(plan_path, weights, activations, per_tensor)
-    report = estimate_latency(model, plan, table, batch)
+    report = estimate_latency(model, plan, table, batch, input_shapes=_shapes(shapes))
     click.echo(f"{model.name} on {table.target} ({table.kind}; batch {batch})")
     click.echo(format_report(report, top=top or None))
     if plot is not None:
@@ -241,6 +246,20 @@ def analyze(model: Path, calib: Path, metrics: tuple[str, ...], eval_path: Path 
         for signal in present:
             path = plot if len(present) == 1 else plot.with_name(f"{plot.stem}.{signal}{plot.suffix}")
             click.echo(f"wrote {sensitivity_plot(analysed, signal, path)}")
+
+
+def _shapes(texts: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
+    """``NAME=1x3x640x640`` options as input name -> shape."""
+    shapes = {}
+    for text in texts:
+        name, _, dims = text.rpartition("=")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            name = ""
+        if not name or not shapes[name] or min(shapes[name]) < 1:
+            raise QinjectError(f"--shape {text!r}: expected NAME=DIMS with positive sizes, e.g. images=1x3x640x640")
+    return shapes or None
 
 
 def _bit_widths(text: str) -> tuple[int, ...]:

@@ -180,4 +180,14 @@ def as_onnx(model: ir.Model) -> ir.Model:
 def _serialise(model: ir.Model) -> bytes:
     from qinject.backends import onnx_backend
 
-    return onnx_backend.to_proto(as_onnx(model)).SerializeToString()
+    model = as_onnx(model)
+    # Worker sessions load from bytes, with no folder for external data to be found in: embed it.
+    external = {name: v.const_value for name, v in model.graph.initializers.items()
+                if isinstance(v.const_value, ir.ExternalTensor)}
+    try:
+        for name, tensor in external.items():
+            model.graph.initializers[name].const_value = ir.tensor(tensor.numpy(), name=name)
+        return onnx_backend.to_proto(model).SerializeToString()
+    finally:
+        for name, tensor in external.items():
+            model.graph.initializers[name].const_value = tensor

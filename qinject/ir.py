@@ -30,6 +30,12 @@ ACT_STATS = "qinject.calibration.stats"  # on values: qinject.stats.TensorStats
 QUANT_APPLIED = "qinject.quant.applied"  # on nodes: the NodeQuant the rewrite applied
 QUANT_NOTES = "qinject.quant.notes"  # on nodes: list of strings explaining refusals
 COST_REPORT = "qinject.cost.report"  # on the model: qinject.cost.CostReport of the plan applied
+# On the model: input name -> concrete shape, for latency estimates of symbolic dims. Calibration records
+# the shapes it saw (leading dim left symbolic); ``--shape`` sets them explicitly (SHAPES_GIVEN).
+INPUT_SHAPES = "qinject.input_shapes"
+SHAPES_GIVEN = "qinject.input_shapes.given"
+# On the model: one small calibration feed (input name -> array) that the written model is run on once.
+SAMPLE_FEED = "qinject.calibration.sample_feed"
 # On jax-domain nodes (op_type = the primitive's name): the JaxEqn the JAX backend re-binds.
 JAX_EQN = op_facts.JAX_EQN
 JAX_DOMAIN = op_facts.JAX
@@ -101,30 +107,45 @@ def infer_shapes(model: ir.Model) -> ir.Model:
 
 
 def with_batch(model: ir.Model, batch: int) -> ir.Model:
-    """The model with its inputs' symbolic leading (batch) dims set to ``batch`` and shapes
-    re-inferred, so MACs and latency keys are concrete; the model itself if nothing is symbolic.
+    """The model with its inputs' symbolic dims made concrete and shapes re-inferred, so MACs and
+    latency keys are concrete; the model itself if nothing is symbolic.
+
+    A leading symbolic dim becomes ``batch`` unless the shapes were given explicitly; the other
+    symbolic dims come from ``model.meta[INPUT_SHAPES]`` (the shapes calibration saw, or ``--shape``).
 
     Raises:
-        UnsupportedModelError: if an input has a symbolic dim other than the leading one.
+        UnsupportedModelError: if a symbolic dim other than the leading one has no known size.
     """
     def concrete(value: ir.Value) -> bool:
         return value.shape is not None and all(isinstance(d, int) for d in value.shape)
 
     if all(concrete(v) for v in model.graph.inputs):
         return model
+    known: dict[str, tuple[int, ...]] = model.meta.get(INPUT_SHAPES, {})
+    given = model.meta.get(SHAPES_GIVEN, False)
     model = model.clone()
     for value in model.graph.inputs:
         if value.shape is None or concrete(value):
             continue
-        dims = list(value.shape)
-        if not all(isinstance(d, int) for d in dims[1:]):
-            raise UnsupportedModelError(f"input {value.name!r} has shape {dims}: only the leading (batch) "
-                                        "dimension may be symbolic for latency estimates")
-        value.shape = ir.Shape([batch, *dims[1:]])
+        value.shape = ir.Shape(_concrete_dims(value, known.get(value.name), batch, given))
     for node in model.graph:
         for value in node.outputs:
             value.shape = None
     return infer_shapes(model)
+
+
+def _concrete_dims(value: ir.Value, seen: tuple[int, ...] | None, batch: int, given: bool) -> list[int]:
+    dims = list(value.shape)
+    if seen is not None and len(seen) == len(dims):
+        out = [d if isinstance(d, int) else int(size) for d, size in zip(dims, seen)]
+        if not given and not isinstance(dims[0], int):
+            out[0] = batch  # calibration's batch size is not the batch the latency is wanted for
+        return out
+    if not all(isinstance(d, int) for d in dims[1:]):
+        raise UnsupportedModelError(f"input {value.name!r} has shape {[str(d) for d in dims]}: the size of its "
+                                    "symbolic dims is unknown (calibrate on real data, or give --shape "
+                                    f"{value.name}=...)")
+    return [batch, *dims[1:]]
 
 
 def has_jax_nodes(model: ir.Model) -> bool:

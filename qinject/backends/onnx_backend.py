@@ -43,9 +43,12 @@ def save(model: ir.Model, path: str | os.PathLike, *, input_path: str | os.PathL
          external_data: bool | None = None) -> Path:
     """Write ``model`` to ``path`` atomically and check it; never overwrite ``input_path``.
 
-    The file is written next to its destination under a temporary name, checked, then renamed, so
-    a failure leaves no half-written output and an existing file at ``path`` is untouched.
+    The file is written next to its destination under a temporary name, checked, run once by
+    onnxruntime on the sample feed calibration kept (``qinject.ir.SAMPLE_FEED``), then renamed, so a
+    failure leaves no half-written output, an existing file at ``path`` is untouched, and no file
+    onnxruntime cannot run is ever written.
     """
+    feed = model.meta.get(qir.SAMPLE_FEED)
     path = Path(path)
     check_output_path(path, input_path)
     proto = to_proto(model)
@@ -61,11 +64,13 @@ def save(model: ir.Model, path: str | os.PathLike, *, input_path: str | os.PathL
             onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=tmp_data.name, size_threshold=1024)
             check(tmp)  # while its references still name the temporary data file
+            run_once(tmp, feed)
             _relocate_external_data(tmp, data_name)
         else:
             onnx.save_model(proto, str(tmp))
             check(tmp)
-        if external_data:
+            run_once(tmp, feed)
+        if external_data and tmp_data.exists():  # no data file when every tensor is under the threshold
             os.replace(tmp_data, path.parent / data_name)
         os.replace(tmp, path)
     finally:
@@ -73,6 +78,19 @@ def save(model: ir.Model, path: str | os.PathLike, *, input_path: str | os.PathL
             if leftover.exists():
                 leftover.unlink()
     return path
+
+
+def run_once(path: Path, feed: dict[str, np.ndarray] | None) -> None:
+    """Load the written model in onnxruntime (all optimisations, as users run it) and, given a feed,
+    run it once; a one-line QinjectError if it cannot."""
+    try:
+        sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+        if feed is not None:
+            names = {i.name for i in sess.get_inputs()}
+            sess.run(None, {k: v for k, v in feed.items() if k in names})
+    except Exception as exc:  # noqa: BLE001  (onnxruntime's own exception types)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QinjectError(f"onnxruntime cannot run the quantized model, so it was not written: {first}") from None
 
 
 def uses_external_data(path: str | os.PathLike) -> bool:
