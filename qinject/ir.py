@@ -265,9 +265,19 @@ def verify(model: ir.Model, full: bool | None = None) -> None:
             raise VerificationError(f"graph output {out.name!r} is not produced by any node")
     if full if full is not None else os.environ.get(FULL_VERIFY_ENV) == "1":
         try:
-            onnx.checker.check_model(ir.serde.serialize_model(model), full_check=True)
+            onnx.checker.check_model(_with_external_data_inlined(ir.serde.serialize_model(model)), full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise VerificationError(f"onnx.checker rejects the model: {_first_line(exc)}") from None
+
+
+def _with_external_data_inlined(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The proto with external tensors replaced by zeros of their shape: the checker would look for
+    their files relative to the working directory, and their values do not matter to it."""
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(np.zeros(tuple(tensor.dims), dtype), tensor.name))
+    return proto
 
 
 def _find_cycle(graph: ir.Graph) -> list[str]:

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -60,8 +61,11 @@ loader = _load_loader()
 
 # ---- shared helpers (numpy, onnx, onnxruntime only) ------------------------------------------
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = _ANSI.sub("", str(exc)).strip()
     line = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {line}"[:400]
 
@@ -202,8 +206,8 @@ def finalize(model: onnx.ModelProto, entry: dict[str, Any], out_dir: Path,
     entry["producer"] = f"{model.producer_name} {model.producer_version}".strip()
     entry["op_types"] = op_counts(model)
     entry["n_nodes"] = sum(entry["op_types"].values())
-    has_subgraphs = any(True for _ in graphs(model.graph)) and sum(1 for _ in graphs(model.graph)) > 1
-    entry["has_subgraphs"] = has_subgraphs
+    entry["n_functions"] = len(model.functions)
+    entry["has_subgraphs"] = sum(1 for _ in graphs(model.graph)) > 1
     if reference is not None:
         base = dict(entry["defaults"])
         batch = base.pop("batch")

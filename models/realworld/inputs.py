@@ -121,13 +121,13 @@ def _axis_lanczos4(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
 def cv2_resize(img: np.ndarray, width: int, height: int, kernel: str = "linear") -> np.ndarray:
     """``cv2.resize(img, (width, height), interpolation)`` for uint8 HWC images (to +-1 level)."""
     axis = _axis_linear if kernel == "linear" else _axis_lanczos4
-    a = img.astype(np.float32)
+    a = img
     if a.shape[0] != height:
         idx, w = axis(a.shape[0], height)
-        a = np.einsum("hk...,hk->h...", a[idx], w)
+        a = np.einsum("hk...,hk->h...", a[idx].astype(np.float32), w)  # gather rows before converting
     if a.shape[1] != width:
         idx, w = axis(a.shape[1], width)
-        a = np.einsum("hwk...,wk->hw...", a[:, idx], w)
+        a = np.einsum("hwk...,wk->hw...", a[:, idx].astype(np.float32), w)
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
@@ -155,12 +155,11 @@ def nudenet_feed(bgr_images: list[np.ndarray], height: int = 320, width: int = 3
 
 def layout_feed(bgr_images: list[np.ndarray]) -> np.ndarray:
     """rapid_layout ``PPPreProcess(img_size=(800, 608))`` -> [N, 3, 800, 608]."""
-    rows = []
-    for img in bgr_images:
+    out = np.empty((len(bgr_images), 3, 800, 608), np.float32)
+    for i, img in enumerate(bgr_images):
         r = cv2_resize(img, 608, 800, "linear").astype(np.float32)
-        r = (r * np.float32(1 / 255.0) - _MEAN) / _STD
-        rows.append(r.transpose(2, 0, 1))
-    return np.stack(rows).astype(np.float32)
+        out[i] = ((r * np.float32(1 / 255.0) - _MEAN) / _STD).transpose(2, 0, 1)
+    return out
 
 
 def orientation_feed(bgr_images: list[np.ndarray]) -> np.ndarray:

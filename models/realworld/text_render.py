@@ -185,7 +185,7 @@ def _chart(rng: np.random.Generator, w: int, h: int) -> Image.Image:
             ax.set_ylabel(sentence(rng, 1, 2))
         if rng.random() < 0.3:
             ax.grid(True, lw=0.4)
-        fig.tight_layout(pad=0.3)
+        fig.subplots_adjust(left=0.13, bottom=0.17 if kind == 1 else 0.14, right=0.97, top=0.96)
         canvas.draw()
         img = Image.frombuffer("RGBA", canvas.get_width_height(), bytes(canvas.buffer_rgba()), "raw", "RGBA", 0, 1)
     return img.convert("RGB")
@@ -252,7 +252,7 @@ def render_page(rng: np.random.Generator, photo=None) -> Image.Image:
 
     ``photo(rng, w, h)`` (optional) returns an RGB uint8 photo used for some figures.
     """
-    W = int(rng.integers(1000, 1300))
+    W = int(rng.integers(820, 1150))
     H = int(W * (1.414 if rng.random() < 0.7 else 1.294))
     paper = tuple(int(v) for v in (255 - rng.integers(0, 8), 255 - rng.integers(0, 8), 255 - rng.integers(0, 14)))
     img = Image.new("RGB", (W, H), paper)
@@ -417,22 +417,27 @@ def text_block(rng: np.random.Generator, w: int, h: int) -> Image.Image:
 
 def scan_noise(rng: np.random.Generator, img: Image.Image, max_angle: float = 1.0) -> np.ndarray:
     """Scanner/camera degradations: slight rotation, blur, uneven lighting, sensor noise, JPEG."""
-    if rng.random() < 0.6:
-        bg = img.getpixel((2, 2))
-        img = img.rotate(float(rng.uniform(-max_angle, max_angle)), resample=Image.BILINEAR, fillcolor=bg)
     if rng.random() < 0.5:
-        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.0))))
+        bg = img.getpixel((2, 2))
+        img = img.rotate(float(rng.uniform(-max_angle, max_angle)), resample=Image.NEAREST, fillcolor=bg)
+    if rng.random() < 0.4:
+        img = img.filter(ImageFilter.BoxBlur(float(rng.uniform(0.4, 1.0))))
     a = np.asarray(img, dtype=np.float32)
     h, w = a.shape[:2]
     if rng.random() < 0.6:  # uneven illumination: a smooth ramp
         gy, gx = np.linspace(-1, 1, h, dtype=np.float32)[:, None], np.linspace(-1, 1, w, dtype=np.float32)[None, :]
-        ramp = 1 - float(rng.uniform(0, 0.12)) * (float(rng.uniform(-1, 1)) * gx + float(rng.uniform(-1, 1)) * gy + 1) / 2
+        ramp = 1 - np.float32(rng.uniform(0, 0.12)) * (np.float32(rng.uniform(-1, 1)) * gx
+                                                       + np.float32(rng.uniform(-1, 1)) * gy + 1) / 2
         a *= ramp[..., None]
     sigma = float(rng.uniform(0, 6))
     if sigma > 0.5:
-        a += rng.normal(0, sigma, (h, w, 1)).astype(np.float32)
-    out = np.clip(a + 0.5, 0, 255).astype(np.uint8)
-    if rng.random() < 0.5:
+        noise = rng.standard_normal((h, w, 1), dtype=np.float32)
+        noise *= np.float32(sigma)
+        a += noise
+    a += np.float32(0.5)
+    np.clip(a, 0, 255, out=a)
+    out = a.astype(np.uint8)
+    if rng.random() < 0.4:
         buf = io.BytesIO()
         Image.fromarray(out).save(buf, format="JPEG", quality=int(rng.integers(60, 95)))
         out = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))

@@ -1,0 +1,225 @@
+"""What models from real exporters bring: symbolic dims anywhere, scalar inputs, token ids, weights
+that are not constants, float16, external data, plans onnxruntime cannot run. Each case is a small
+graph built inline with the trait a real export had (see tests/realworld for the exports themselves)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qinject
+from qinject import ir as qir
+from qinject.api import SearchOptions, standard_pipeline
+from qinject.backends import onnx_backend
+from qinject.calib_data import input_specs, open_source
+from qinject.errors import CalibrationDataError, PlanError, QinjectError, UnsupportedModelError
+from qinject.frontends.onnx_frontend import load_onnx
+from qinject.numerics import sqnr_db
+from qinject.pass_manager import PassManager
+from qinject.plan import Plan
+from tests.builders import conv_net, matmul_net, run, run_cli
+
+
+def _two_stride_detector() -> onnx.ModelProto:
+    """x[batch,3,height,width] -> a stride-1 and a stride-2 branch, the coarse one upsampled and
+    concatenated with the fine one: random inputs whose height and width differ, or are odd, break it
+    (as they broke nudenet's YOLO head)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["fine"], name="fine", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w2"], ["coarse"], name="coarse", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Resize", ["coarse", "", "scales"], ["up"], name="up", mode="nearest"),
+             helper.make_node("Concat", ["fine", "up"], ["y"], name="cat", axis=1)]
+    graph = helper.make_graph(nodes, "detector",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, "height", "width"])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _token_encoder() -> onnx.ModelProto:
+    """ids[batch,seq] -> Gather(embedding of 10 rows) * mask[batch,seq,1] -> MatMul: ids past the table
+    fail in onnxruntime, and mask and ids must share the sequence length."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((10, 8)).astype(np.float32), "emb"),
+             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+             helper.make_node("Cast", ["mask"], ["m"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "axis"], ["m3"], name="unsq"),
+             helper.make_node("Mul", ["e", "m3"], ["h"], name="mul"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="proj")]
+    inits.append(numpy_helper.from_array(np.array([2], np.int64), "axis"))
+    graph = helper.make_graph(nodes, "encoder",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"]),
+                               helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _if_only() -> onnx.ModelProto:
+    """All compute inside an If's branches, chosen by a scalar mode input (a TorchScript export)."""
+    rng = np.random.default_rng(0)
+    branches = {}
+    for name in ("then", "else"):
+        out = helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, ["N", 8])
+        branches[name] = helper.make_graph([helper.make_node("MatMul", ["x", f"w_{name}"], [f"y_{name}"],
+                                                             name=f"mm_{name}")], name, [], [out])
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), f"w_{n}") for n in branches]
+    graph = helper.make_graph(
+        [helper.make_node("If", ["mode"], ["y"], name="if", then_branch=branches["then"],
+                          else_branch=branches["else"])], "if_only",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+         helper.make_tensor_value_info("mode", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+# -- random calibration ---------------------------------------------------------------------------------
+
+def test_random_calibration_gives_one_size_per_named_dim_and_image_sizes(tmp_path):
+    result = qinject.quantize_onnx(_two_stride_detector(), tmp_path / "q.onnx", progress=False, target="local-cpu")
+    assert sorted(result.quantized) == ["coarse", "fine"]
+    assert result.cost is not None  # priced at the shapes calibration saw
+    (x,) = input_specs(load_onnx(_two_stride_detector()))
+    (feed, *_) = open_source(None, [x], batch_size=4)
+    assert feed["x"].shape[2] == feed["x"].shape[3] and feed["x"].shape[2] % 32 == 0
+
+
+def test_random_token_ids_stay_inside_their_table_and_masks_are_ones(tmp_path):
+    specs = input_specs(load_onnx(_token_encoder()))
+    assert {s.name: s.index_bound for s in specs} == {"ids": 10, "mask": None}
+    with pytest.warns(UserWarning, match="random inputs"):
+        feed = next(iter(open_source(None, specs)))
+    assert feed["ids"].max() < 10 and np.all(feed["mask"] == 1)
+    assert feed["ids"].shape == feed["mask"].shape  # "seq" is one size for both
+    assert qinject.quantize_onnx(_token_encoder(), tmp_path / "q.onnx", progress=False).quantized == ["proj"]
+
+
+def test_random_inputs_a_model_cannot_run_on_ask_for_real_data():
+    model = _token_encoder()
+    model.graph.node[0].input[1] = "ids_plus"  # index past the table: ids + 100
+    model.graph.node.insert(0, helper.make_node("Add", ["ids", "hundred"], ["ids_plus"], name="shift"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array(100, np.int64), "hundred"))
+    with pytest.raises(CalibrationDataError, match=r"does not run on random inputs \(ids \[16, 16\].*--calib"):
+        qinject.quantize_onnx(model, progress=False)
+
+
+def test_a_calibration_batch_with_no_rows_is_refused():
+    specs = input_specs(load_onnx(conv_net()))
+    feeds = [{"x": np.zeros((0, 3, 8, 8), np.float32)}]
+    with pytest.raises(CalibrationDataError, match="item 0 input 'x' has no rows"):
+        list(open_source(feeds, specs))
+
+
+# -- latency estimates of symbolic dims -------------------------------------------------------------------
+
+def test_estimates_use_calibration_shapes_or_given_shapes_and_never_stop_a_quantize(tmp_path):
+    small = {"x": np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)}
+    large = {"x": np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)}
+    at_small = qinject.quantize_onnx(_two_stride_detector(), calib=small, target="nvidia-a100", progress=False).cost
+    at_large = qinject.quantize_onnx(_two_stride_detector(), calib=small, target="nvidia-a100", progress=False,
+                                     input_shapes={"x": (1, 3, 64, 64)}).cost
+    seen_large = qinject.quantize_onnx(_two_stride_detector(), calib=large, target="nvidia-a100",
+                                       progress=False).cost
+    assert at_small.float_us < at_large.float_us == pytest.approx(seen_large.float_us)
+    with pytest.raises(UnsupportedModelError, match=r"give --shape x="):
+        qinject.estimate_latency(_two_stride_detector(), Plan(), "nvidia-a100")
+    onnx.save(_two_stride_detector(), tmp_path / "m.onnx")
+    done = run_cli("cost", tmp_path / "m.onnx", "--target", "nvidia-a100", "--shape", "x=1x3x64x64")
+    assert done.returncode == 0, done.stderr
+    bad = run_cli("cost", tmp_path / "m.onnx", "--shape", "y=1x3")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --shape names 'y', which is not a model input")
+
+
+def test_estimate_skipped_with_a_warning_when_shapes_are_unknown():
+    from qinject.passes import EstimateCost
+
+    model = load_onnx(_two_stride_detector())
+    with pytest.warns(UserWarning, match="latency estimate skipped"):
+        PassManager([EstimateCost(Plan(), "nvidia-a100")]).run(model)
+    assert qir.COST_REPORT not in model.meta
+
+
+# -- control flow with scalar inputs ---------------------------------------------------------------------
+
+def test_a_model_whose_compute_is_all_inside_if_branches_quantizes_both(tmp_path):
+    x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    calib = {"x": x, "mode": np.array([True, False] * 4)}  # a scalar input: one value per sample
+    result = qinject.quantize_onnx(_if_only(), tmp_path / "q.onnx", calib=calib, progress=False)
+    assert sorted(result.quantized) == ["mm_else", "mm_then"]
+    for mode in (True, False):
+        feeds = {"x": x, "mode": np.array(mode)}
+        (want,), (got,) = run(_if_only(), feeds), run(str(tmp_path / "q.onnx"), feeds)
+        assert sqnr_db(want, got) > 30
+
+
+# -- what cannot be quantized or run is said, never written ---------------------------------------------
+
+def test_weights_that_are_graph_inputs_are_named_and_exit_non_zero(tmp_path):
+    model = conv_net()
+    for init in [i for i in model.graph.initializer if i.name.startswith("w")]:
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        model.graph.initializer.remove(init)
+    onnx.save(model, tmp_path / "m.onnx")
+    done = run_cli("quantize", tmp_path / "m.onnx", "-o", tmp_path / "q.onnx")
+    assert done.returncode == 1
+    assert "error: nothing to quantize: the weights of 3 node(s) are not constants (node 'conv1' (Conv) reads " \
+           "'w1', a graph input)" in done.stderr
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_four_bit_activations_are_refused_up_front_because_onnxruntime_cannot_load_them(tmp_path):
+    with pytest.raises(PlanError, match="4-bit activations .* no uint4 activation kernels"):
+        qinject.quantize_onnx(conv_net(), tmp_path / "q.onnx", plan=Plan.uniform(8, 4), progress=False)
+    # The refusal stands only while onnxruntime really rejects them: the same rewrite, saved unchecked.
+    ir_model = PassManager(standard_pipeline(Plan.uniform(8, 4), calib=None, progress=False)).run(
+        load_onnx(conv_net())).model
+    with pytest.raises(Exception, match="uint4"):
+        ort.InferenceSession(onnx_backend.to_proto(ir_model).SerializeToString(), providers=["CPUExecutionProvider"])
+    # and the saver, which runs every file once, refuses to write it
+    with pytest.raises(QinjectError, match="onnxruntime cannot run the quantized model, so it was not written"):
+        onnx_backend.save(ir_model, tmp_path / "q.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- float types and external data ------------------------------------------------------------------------
+
+def test_float16_models_get_float16_scales_at_opset_19(tmp_path):
+    model = conv_net()
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    for v in [*model.graph.input, *model.graph.output]:
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float16)
+    qinject.quantize_onnx(model, tmp_path / "q.onnx", calib={"x": x}, progress=False)
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert q.opset_import[0].version == 19
+    scales = [i for i in q.graph.initializer if "_scale" in i.name]
+    assert scales and {s.data_type for s in scales} == {TensorProto.FLOAT16}
+    (want,), (got,) = run(model, {"x": x}), run(q, {"x": x})
+    assert got.dtype == np.float16 and sqnr_db(want.astype(np.float32), got.astype(np.float32)) > 30
+
+
+def test_small_external_data_models_quantize_plain_and_searched(tmp_path):
+    onnx.save(matmul_net(), tmp_path / "tiny.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="tiny.data", size_threshold=0)  # every tensor under qinject's 1 KiB threshold
+    x = {"x": np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)}
+    plain = qinject.quantize_onnx(tmp_path / "tiny.onnx", tmp_path / "q.onnx", calib=x, progress=False)
+    assert plain.quantized == ["mm1", "mm2"] and (tmp_path / "q.onnx").exists()
+    onnx.save(conv_net(), tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.data", size_threshold=0)
+    x = {"x": np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)}
+    searched = qinject.quantize_onnx(tmp_path / "ext.onnx", tmp_path / "s.onnx", calib=x, progress=False,
+                                     search=SearchOptions(max_drop="5%", workers=2))
+    assert searched.search is not None and (tmp_path / "s.onnx.data").exists()
