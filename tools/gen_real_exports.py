@@ -41,6 +41,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+try:  # the Keras environment has no torch: it uses only the shared helpers below
+    import torch
+    from torch import nn
+except ImportError:
+    torch = nn = None
+
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "models" / "realworld" / "exports"
 LOADER_PATH = REPO / "models" / "realworld" / "exports_loader.py"
@@ -174,7 +180,9 @@ def run_checks(model: onnx.ModelProto, entry: dict[str, Any]) -> dict[str, Any]:
         outs = ort_run(model, feeds)
         finite = all(bool(np.isfinite(o).all()) for o in outs if np.issubdtype(o.dtype, np.floating))
         results.append({"case": case, "input_shapes": {k: list(v.shape) for k, v in feeds.items()},
-                        "output_shapes": [list(o.shape) for o in outs], "finite": finite})
+                        "output_shapes": [list(o.shape) for o in outs],
+                        "output_absmax": [float(np.max(np.abs(o))) if o.size else 0.0 for o in outs],
+                        "finite": finite})
         if not finite:
             raise AssertionError(f"{entry['name']}: non-finite outputs on {case}")
     return {"cases": results, "passed": True}
@@ -315,6 +323,8 @@ def torchvision_spec(key: str, vit: bool = False) -> Spec:
         import torchvision
         _seed()
         model = torchvision.models.get_model(key, weights=None).eval()
+        if vit:  # torchvision zero-initialises the head: every logit would be 0, whatever the input
+            torch.nn.init.normal_(model.heads.head.weight, std=0.02)
         return model, (torch.randn(2, 3, 224, 224),)
 
     axes = {0: "batch"} if vit else {0: "batch", 2: "height", 3: "width"}
@@ -327,7 +337,9 @@ def torchvision_spec(key: str, vit: bool = False) -> Spec:
                 outputs=["logits"], output_axes={"logits": {0: "batch"}},
                 defaults=defaults, alternates=alternates,
                 description=f"torchvision.models.{key}(weights=None), random init (seed 0), eval "
-                            "mode, 1000-class ImageNet head",
+                            "mode, 1000-class ImageNet head"
+                            + (" (its zero-initialised head weight redrawn from normal(0, 0.02), so the "
+                               "logits depend on the input)" if vit else ""),
                 realistic_inputs=realistic,
                 bounds={"height": (32, 1024), "width": (32, 1024)})
 
@@ -483,7 +495,9 @@ def hf_whisper_encoder() -> Spec:
         cfg = WhisperConfig(vocab_size=VOCAB, num_mel_bins=WHISPER_MELS, d_model=64, encoder_layers=2,
                             encoder_attention_heads=4, decoder_layers=1, decoder_attention_heads=4,
                             encoder_ffn_dim=128, decoder_ffn_dim=128,
-                            max_source_positions=WHISPER_FRAMES // 2, max_target_positions=64)
+                            max_source_positions=WHISPER_FRAMES // 2, max_target_positions=64,
+                            pad_token_id=1, bos_token_id=2, eos_token_id=2, decoder_start_token_id=3,
+                            begin_suppress_tokens=None, suppress_tokens=None)
         encoder = WhisperModel(cfg).get_encoder().eval()
 
         class Wrap(torch.nn.Module):
@@ -509,9 +523,9 @@ def hf_whisper_encoder() -> Spec:
 
 # -- control flow (TorchScript)
 
-def _if_conv_modules():
-    import torch
-    from torch import nn
+if nn is not None:
+    # Module level (not inside a function): torch.jit.script resolves names through the module's
+    # globals, so the scripted classes must live here.
 
     class IfConvNet(nn.Module):
         """Two conv classifiers; the ``mode`` input picks one. All compute is inside the branches."""
@@ -539,12 +553,41 @@ def _if_conv_modules():
             return y
 
     class IfConvNetCond(IfConvNet):
-        """The same net with ``torch.cond``, the data-dependent branch that torch.export can trace."""
+        """The same net with ``torch.cond``, the data-dependent branch torch.export can trace."""
 
         def forward(self, x, mode):
             return torch.cond(mode == 0, self.branch_a, self.branch_b, (x,))
 
-    return IfConvNet, IfConvNetCond
+    class LoopMLP(nn.Module):
+        """An input projection, then ``steps`` residual Linear+tanh updates, then a head."""
+
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(16, 32)
+            self.step = nn.Linear(32, 32)
+            self.out = nn.Linear(32, 4)
+
+        def forward(self, x, steps):
+            h = torch.relu(self.inp(x))
+            for _ in range(int(steps)):
+                h = torch.tanh(self.step(h)) + h
+            return self.out(h)
+
+    class LoopMLPWhile(LoopMLP):
+        """The same net with ``while_loop``, the data-dependent loop torch.export can trace."""
+
+        def forward(self, x, steps):
+            from torch._higher_order_ops.while_loop import while_loop
+
+            def cond(i, h):
+                return i < steps
+
+            def body(i, h):
+                return i + 1, torch.tanh(self.step(h)) + h
+
+            h = torch.relu(self.inp(x))
+            _, h = while_loop(cond, body, (torch.zeros_like(steps), h))
+            return self.out(h)
 
 
 def _if_args():
@@ -555,11 +598,11 @@ def _if_args():
 def if_conv_spec() -> Spec:
     def build():
         _seed()
-        return _if_conv_modules()[0]().eval(), _if_args()
+        return IfConvNet().eval(), _if_args()
 
     def build_cond():
         _seed()
-        return _if_conv_modules()[1]().eval(), _if_args()
+        return IfConvNetCond().eval(), _if_args()
 
     return Spec(key="if_conv", source="torchscript", task="classifier", build=build, script=True,
                 dynamo_build=build_cond,
@@ -580,35 +623,24 @@ def if_conv_spec() -> Spec:
                                  "cannot trace a Python `if` on tensor data)"})
 
 
-def _loop_module():
-    import torch
-    from torch import nn
-
-    class LoopMLP(nn.Module):
-        """An input projection, then ``steps`` residual Linear+tanh updates, then a head."""
-
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Linear(16, 32)
-            self.step = nn.Linear(32, 32)
-            self.out = nn.Linear(32, 4)
-
-        def forward(self, x, steps):
-            h = torch.relu(self.inp(x))
-            for _ in range(int(steps)):
-                h = torch.tanh(self.step(h)) + h
-            return self.out(h)
-
-    return LoopMLP
+def _loop_args():
+    return torch.randn(2, 16), torch.tensor(3, dtype=torch.int64)
 
 
 def loop_spec() -> Spec:
     def build():
         import torch
         _seed()
-        return _loop_module()().eval(), (torch.randn(2, 16), torch.tensor(3, dtype=torch.int64))
+        return LoopMLP().eval(), _loop_args()
+
+    def build_while():
+        _seed()
+        return LoopMLPWhile().eval(), _loop_args()
 
     return Spec(key="loop_mlp", source="torchscript", task="regressor", build=build, script=True,
+                dynamo_build=build_while,
+                notes={"dynamo": "exported from the torch._higher_order_ops.while_loop version of the "
+                                 "module (torch.export cannot trace `range(int(steps))` on tensor data)"},
                 inputs=[{"name": "input", "kind": "float", "axes": {0: "batch"}},
                         {"name": "steps", "kind": "scalar", "default": 3, "values": [0, 1, 3, 5],
                          "axes": {}}],
@@ -708,15 +740,23 @@ def export_one(spec: Spec, exporter: str, out_dir: Path) -> dict[str, Any]:
     name = f"{spec.source}_{spec.key}_{exporter}"
     entry = base_entry(name, spec.source, exporter, spec.key, spec.task, spec.description,
                        spec.realistic_inputs, spec.defaults, spec.alternates)
-    if exporter in spec.notes:
-        entry["note"] = spec.notes[exporter]
     input_names = [i["name"] for i in spec.inputs]
     t0 = time.time()
     try:
-        build = spec.dynamo_build if (exporter == "dynamo" and spec.dynamo_build) else spec.build
-        module, args = build()
+        module, args = spec.build()
         with tempfile.TemporaryDirectory() as tmp:
             f = os.path.join(tmp, "model.onnx")
+            if exporter == "dynamo" and spec.dynamo_build is not None:
+                # First the plain module, as a user would; its failure is recorded, then the
+                # torch.cond / while_loop rewrite of the same weights is exported.
+                try:
+                    torch.onnx.export(module, args, f, dynamo=True, input_names=input_names,
+                                      output_names=spec.outputs, dynamic_shapes=_dynamic_shapes(spec))
+                except Exception as exc:  # noqa: BLE001
+                    entry["plain_module_error"] = error_record(exc)
+                    if "dynamo" in spec.notes:
+                        entry["note"] = spec.notes["dynamo"]
+                    module, args = spec.dynamo_build()
             if exporter == "torchscript":
                 target = torch.jit.script(module) if spec.script else module
                 dynamic_axes = {i["name"]: {int(a): n for a, n in i["axes"].items()}
@@ -724,7 +764,7 @@ def export_one(spec: Spec, exporter: str, out_dir: Path) -> dict[str, Any]:
                 dynamic_axes.update({o: dict(ax) for o, ax in spec.output_axes.items()})
                 torch.onnx.export(target, args, f, dynamo=False, input_names=input_names,
                                   output_names=spec.outputs, dynamic_axes=dynamic_axes)
-            else:
+            elif "plain_module_error" in entry or spec.dynamo_build is None:
                 torch.onnx.export(module, args, f, dynamo=True, input_names=input_names,
                                   output_names=spec.outputs, dynamic_shapes=_dynamic_shapes(spec))
             model = onnx.load(f)  # pulls in the dynamo exporter's external .data file
