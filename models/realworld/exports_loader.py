@@ -161,6 +161,19 @@ def feeds_for_entry(entry: dict[str, Any], batch: int = 1, seed: int = 0,
     return feeds
 
 
+def cases_for_entry(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's ``defaults``, then each named axis / scalar input moved to each alternate."""
+    base = dict(entry.get("defaults", {}))
+    cases = [dict(base)]
+    for axis, alt in entry.get("alternates", {}).items():
+        for value in alt if isinstance(alt, list) else [alt]:
+            case = dict(base)
+            case[axis] = value
+            cases.append(case)
+    return cases
+
+
 def check_cases(name: str) -> list[dict[str, Any]]:
-    """The shape cases the generator ran the model on (each a ``batch`` plus ``dims``)."""
-    return [dict(c) for c in manifest(name).get("check_cases", [])]
+    """The size cases the generator ran the model on: dicts of ``batch`` plus the other sizes,
+    ready for ``example_feeds(name, case.pop("batch"), **case)``."""
+    return cases_for_entry(manifest(name))
