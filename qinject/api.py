@@ -326,7 +326,7 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
     from qinject.errors import UnsupportedModelError
     from qinject.search import search_result
 
-    if not qir.quantizable_nodes(ir_model) and not qir.subgraph_quantizable_nodes(ir_model):
+    if not any(op_facts.fact(n).quantizable for n in ir_model.graph.all_nodes()):
         raise UnsupportedModelError(_nothing_to_quantize(ir_model))
     for node in qir.quantizable_nodes(ir_model):  # before any work: a NaN weight would poison every scale
         weight = op_facts.weight_of(node)
@@ -359,7 +359,13 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
             result.quantized.append(node.name)
         if node.meta.get(qir.QUANT_NOTES):
             result.notes[node.name] = list(node.meta[qir.QUANT_NOTES])
+    if not result.quantized and _plans_anything(plan):
+        raise UnsupportedModelError(_nothing_to_quantize(ir_model))
     return result
+
+
+def _plans_anything(plan: Plan) -> bool:
+    return plan.default is not None or any(c is not None for c in plan.nodes.values())
 
 
 def _nothing_to_quantize(model: ir.Model) -> str:

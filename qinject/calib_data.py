@@ -154,6 +154,10 @@ class _LazyNpzArray:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def read_all(self) -> np.ndarray:
+        with np.load(self.path, allow_pickle=False) as archive:
+            return archive[self.member[:-4]].reshape(self.shape)
+
     def reshape(self, *shape: int) -> _LazyNpzArray:
         rows = int(np.prod(self.shape)) // int(np.prod(shape[1:]))
         return _LazyNpzArray(self.path, self.member, (rows, *shape[1:]))
@@ -239,8 +243,8 @@ def _from_arrays(arrays: dict[str, np.ndarray | _LazyNpzArray], specs: list[Inpu
 def _as_samples(array: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
     """Present ``array`` as [samples, *model input shape] flattened into the batch axis."""
     rank = len(spec.shape)
-    if rank == 0 and array.ndim <= 1:
-        return array  # scalar inputs: broadcast or one value per sample, by the caller
+    if rank == 0 and array.ndim <= 1:  # scalar inputs: broadcast or one value per sample, by the caller
+        return array.read_all() if isinstance(array, _LazyNpzArray) else np.asarray(array)
     if array.ndim == rank + 1 and spec.batch_fixed is not None:
         array = array.reshape(-1, *array.shape[2:])  # [samples, batch, ...] -> [samples*batch, ...]
     if array.ndim != rank:

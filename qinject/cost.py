@@ -129,7 +129,8 @@ class _Estimator:
         # kernels for 8 bits only, and the rewrite quantizes outputs accordingly.
         self.native = table.kind == "analytic"
         self.choices: dict[str, NodeQuant] = {}
-        for node in qir.quantizable_nodes(model):
+        # Nodes inside If/Loop/Scan bodies are priced once each (one pass of a body, both branches).
+        for node in qir.quantizable_nodes(model) + qir.subgraph_quantizable_nodes(model):
             choice = plan.choice(node.name)
             if choice is not None:
                 self.choices[node.name] = choice
@@ -138,7 +139,7 @@ class _Estimator:
 
     def run(self) -> CostReport:
         report = CostReport(self.table.target, [], [], run_overhead_us=self.table.roofline.run_overhead_us)
-        for node in self.graph:
+        for node in self.graph.all_nodes():
             report.nodes.append(self._node(node))
         report.conversions = self._conversions()
         return report
@@ -239,7 +240,7 @@ class _Estimator:
     # -- conversions -----------------------------------------------------------------------------------------
     def _conversions(self) -> list[ConversionCost]:
         wanted: dict[tuple[str, int], tuple[ir.Value, int]] = {}
-        for node in self.graph:
+        for node in self.graph.all_nodes():  # body nodes keep float outputs: only their inputs convert
             choice = self.choices.get(node.name)
             for i, value in enumerate(node.inputs):
                 if value is None or value.const_value is not None:

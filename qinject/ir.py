@@ -161,8 +161,8 @@ def quantizable_nodes(model: ir.Model) -> list[ir.Node]:
 def subgraph_quantizable_nodes(model: ir.Model) -> list[ir.Node]:
     """Quantizable nodes inside control-flow bodies (If/Loop/Scan, at any depth), in a stable order.
 
-    Searches, sensitivity and cost estimates work on the main graph; the Q/DQ rewrite also quantizes
-    these, at the plan's choice for their name (usually its default).
+    Cost estimates price them (each body once); searches and sensitivity work on the main graph; the
+    Q/DQ rewrite quantizes these at the plan's choice for their name (usually its default).
     """
     return [n for n in model.graph.all_nodes() if n.graph is not model.graph and op_facts.is_quantizable(n)]
 

@@ -156,8 +156,11 @@ def test_estimate_skipped_with_a_warning_when_shapes_are_unknown():
 def test_a_model_whose_compute_is_all_inside_if_branches_quantizes_both(tmp_path):
     x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
     calib = {"x": x, "mode": np.array([True, False] * 4)}  # a scalar input: one value per sample
-    result = qinject.quantize_onnx(_if_only(), tmp_path / "q.onnx", calib=calib, progress=False)
+    result = qinject.quantize_onnx(_if_only(), tmp_path / "q.onnx", calib=calib, progress=False,
+                                   target="nvidia-a100")
     assert sorted(result.quantized) == ["mm_else", "mm_then"]
+    priced = {n.node: (n.weight_bits, n.activation_bits) for n in result.cost.nodes}  # bodies are priced too
+    assert priced["mm_then"] == priced["mm_else"] == (8, 8)
     for mode in (True, False):
         feeds = {"x": x, "mode": np.array(mode)}
         (want,), (got,) = run(_if_only(), feeds), run(str(tmp_path / "q.onnx"), feeds)

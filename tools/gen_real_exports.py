@@ -33,9 +33,10 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -631,7 +632,6 @@ def _loop_args():
 
 def loop_spec() -> Spec:
     def build():
-        import torch
         _seed()
         return LoopMLP().eval(), _loop_args()
 

@@ -24,9 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gen_real_exports as common  # noqa: E402
-
-import numpy as np  # noqa: E402
+import gen_real_exports as common
+import numpy as np
 
 VOCAB = 1000
 
@@ -48,13 +47,13 @@ def keras_cnn():
     model = tf.keras.Model(inp, out, name="keras_cnn")
     spec = (tf.TensorSpec((None, 32, 32, 3), tf.float32, name="input"),)
     inputs = [{"name": "input", "kind": "image", "range": [-2.0, 2.0], "axes": {0: "batch"}}]
-    return dict(model=model, spec=spec, inputs=inputs, task="classifier",
-                defaults={"batch": 1}, alternates={"batch": 2},
-                description="Keras functional CNN: Conv2D(16,3,no bias)+BatchNormalization+ReLU, "
+    return {"model": model, "spec": spec, "inputs": inputs, "task": "classifier",
+                "defaults": {"batch": 1}, "alternates": {"batch": 2},
+                "description": "Keras functional CNN: Conv2D(16,3,no bias)+BatchNormalization+ReLU, "
                             "MaxPool, DepthwiseConv2D(3), Conv2D(32,1)+relu, Conv2D(32,3,stride 2)+relu, "
                             "GlobalAveragePooling2D, Dense(64)+relu, Dense(10); random init (seed 0)",
-                realistic_inputs="float32 NHWC image [batch, 32, 32, 3] (fixed 32x32, channels last), "
-                                 "values roughly in [-2, 2] (or [0, 1] scaled)")
+                "realistic_inputs": "float32 NHWC image [batch, 32, 32, 3] (fixed 32x32, channels last), "
+                                 "values roughly in [-2, 2] (or [0, 1] scaled)"}
 
 
 def keras_text():
@@ -70,11 +69,11 @@ def keras_text():
     spec = (tf.TensorSpec((None, None), tf.int32, name="input_ids"),)
     inputs = [{"name": "input_ids", "kind": "tokens", "vocab_size": VOCAB,
                "axes": {0: "batch", 1: "sequence"}}]
-    return dict(model=model, spec=spec, inputs=inputs, task="classifier",
-                defaults={"batch": 1, "sequence": 16}, alternates={"batch": 2, "sequence": 7},
-                description=f"Keras functional text classifier: Embedding({VOCAB},32), Conv1D(32,3)+relu, "
+    return {"model": model, "spec": spec, "inputs": inputs, "task": "classifier",
+                "defaults": {"batch": 1, "sequence": 16}, "alternates": {"batch": 2, "sequence": 7},
+                "description": f"Keras functional text classifier: Embedding({VOCAB},32), Conv1D(32,3)+relu, "
                             "LSTM(32) (last state), Dense(32)+relu, Dense(4); random init (seed 0)",
-                realistic_inputs=f"int32 token ids [batch, sequence] in [0, {VOCAB}), sequence >= 1")
+                "realistic_inputs": f"int32 token ids [batch, sequence] in [0, {VOCAB}), sequence >= 1"}
 
 
 def keras_mobilenet_v2():
@@ -83,12 +82,12 @@ def keras_mobilenet_v2():
                                               classes=1000, classifier_activation=None)
     spec = (tf.TensorSpec((None, 96, 96, 3), tf.float32, name="input"),)
     inputs = [{"name": "input", "kind": "image", "range": [-1.0, 1.0], "axes": {0: "batch"}}]
-    return dict(model=model, spec=spec, inputs=inputs, task="classifier",
-                defaults={"batch": 1}, alternates={"batch": 2},
-                description="tf.keras.applications.MobileNetV2(input 96x96x3, alpha 0.35, weights=None, "
+    return {"model": model, "spec": spec, "inputs": inputs, "task": "classifier",
+                "defaults": {"batch": 1}, "alternates": {"batch": 2},
+                "description": "tf.keras.applications.MobileNetV2(input 96x96x3, alpha 0.35, weights=None, "
                             "1000 classes, no softmax); random init (seed 0)",
-                realistic_inputs="float32 NHWC image [batch, 96, 96, 3] (fixed), scaled to [-1, 1] "
-                                 "(mobilenet_v2.preprocess_input)")
+                "realistic_inputs": "float32 NHWC image [batch, 96, 96, 3] (fixed), scaled to [-1, 1] "
+                                 "(mobilenet_v2.preprocess_input)"}
 
 
 BUILDERS = {"cnn": keras_cnn, "text": keras_text, "mobilenet_v2": keras_mobilenet_v2}

@@ -42,9 +42,12 @@ def test_reference_corpus(bits, bound):
             assert o.detail, o.name  # a refusal always names its reason
     problems = [f"{o.status} {o.name}: {o.detail}" for o in outcomes if o.status in ("crash", "mismatch")]
     assert not problems, summary + "\n" + "\n".join(problems)
-    assert counts["ok"] >= 42 and len(outcomes) >= 149, summary
+    assert counts["ok"] >= 41 and len(outcomes) >= 149, summary
     light = [o for o in outcomes if o.name.startswith("light/")]
     assert len(light) == 9 and all(o.status == "ok" for o in light), light
     reasons = collections.Counter(o.detail.split(" (")[0].split(":")[0] for o in outcomes if o.status == "refused")
-    print(f"refusals by reason: {dict(reasons)}")  # 106 no quantizable op, 1 opset 6 the converter cannot lift
+    # 106 no quantizable op, 1 opset 6 the converter cannot lift, 1 Gemm of two graph inputs
+    # (test_operator_addmm: its "weight" is an input, so nothing is quantized, and that is an error)
+    print(f"refusals by reason: {dict(reasons)}")
     assert reasons["the model has no quantizable op"] >= 100
+    assert reasons["nothing to quantize"] == 1
