@@ -93,7 +93,7 @@ def _record_first_feed(model: ir.Model, feeds: dict[str, np.ndarray], specs: lis
     to run the written model on."""
     if not model.meta.get(qir.SHAPES_GIVEN):
         model.meta[qir.INPUT_SHAPES] = {name: tuple(a.shape) for name, a in feeds.items()}
-    symbolic_batch = {s.name for s in specs if s.batch_fixed is None}
+    symbolic_batch = {s.name for s in specs if s.shape and s.batch_fixed is None}
     model.meta[qir.SAMPLE_FEED] = {name: np.array(a[:1] if name in symbolic_batch else a)
                                    for name, a in feeds.items()}
 

@@ -45,31 +45,34 @@ class FoldConstantWeights(Pass):
 def fold_value(graph: ir.Graph, value: ir.Value, opset: int) -> int:
     """Fold ``value``'s producer chain into initializers; returns how many nodes were folded.
 
-    A chain that is not entirely constant is left alone."""
-    if value.const_value is not None:
+    A chain that is not entirely constant is left alone, constant parts included: an activation
+    MatMul's "weight" chain runs through shape arithmetic (Shape -> Gather -> Concat -> Reshape) that
+    must stay exactly as exported."""
+    if value.const_value is not None or not _constant_chain(graph, value):
         return 0
     producer = value.producer()
-    if producer is None or producer.domain not in ("", "ai.onnx") or producer.op_type not in FOLDABLE:
-        return 0
-    if producer.graph is not graph:
-        return 0
-    count = 0
-    for inp in producer.inputs:
-        if inp is not None:
-            count += fold_value(graph, inp, opset)
-    if not all(inp is None or (inp.const_value is not None and not inp.is_graph_input())
-               for inp in producer.inputs):
-        return count
+    count = sum(fold_value(graph, inp, opset) for inp in producer.inputs if inp is not None)
     outputs = _evaluate(producer, opset)
     for old, array in zip(producer.outputs, outputs):
         if not old.uses() and not old.is_graph_output():
             continue
         name = old.name
         old.name = f"{name}__before_fold"
-        new = qir.add_initializer(graph, name, np.ascontiguousarray(array))
+        # np.require, not np.ascontiguousarray: that one turns a 0-d index into shape [1]
+        new = qir.add_initializer(graph, name, np.require(array, requirements="C"))
         old.replace_all_uses_with(new, replace_graph_outputs=True)
     graph.remove(producer, safe=True)
     return count + 1
+
+
+def _constant_chain(graph: ir.Graph, value: ir.Value) -> bool:
+    """Whether ``value`` is computed from constants alone by foldable ops of ``graph``."""
+    if value.const_value is not None:
+        return not value.is_graph_input()
+    producer = value.producer()
+    if producer is None or producer.domain not in ("", "ai.onnx") or producer.op_type not in FOLDABLE:
+        return False
+    return producer.graph is graph and all(inp is None or _constant_chain(graph, inp) for inp in producer.inputs)
 
 
 def _evaluate(node: ir.Node, opset: int) -> list[np.ndarray]:

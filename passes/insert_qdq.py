@@ -93,6 +93,10 @@ class InsertQDQ(Pass):
             raise PlanError(f"plan names node(s) {unknown} that are not quantizable nodes of the model")
         chosen = [(n, plan.choice(n.name)) for n in nodes if plan.choice(n.name) is not None]
         inner_chosen = [(n, plan.choice(n.name)) for n in inner if plan.choice(n.name) is not None]
+        for node in graph.all_nodes():
+            reason = op_facts.fact(node).float_reason
+            if reason is not None:
+                node.meta.setdefault(qir.QUANT_NOTES, []).append(reason)
         if not chosen and not inner_chosen:
             _note_subgraph_nodes(model, inner, [])
             return PassResult(model, False)

@@ -231,8 +231,9 @@ def _from_arrays(arrays: dict[str, np.ndarray | _LazyNpzArray], specs: list[Inpu
 
     def batches() -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, usable, step):
-            feed = {s.name: np.ascontiguousarray(samples[s.name][start] if s.name in scalars else
-                                                 samples[s.name][start:start + step], dtype=s.dtype)
+            # np.require keeps a scalar input 0-d (np.ascontiguousarray would make it shape [1])
+            feed = {s.name: np.require(samples[s.name][start] if s.name in scalars else
+                                       samples[s.name][start:start + step], dtype=s.dtype, requirements="C")
                     for s in specs}
             _check_finite(feed, label)
             yield feed
@@ -287,7 +288,7 @@ def _validated(feeds: Iterator[object], specs: list[InputSpec], label: str) -> I
                 raise CalibrationDataError(f"{label}: item {i} input {s.name!r} has shape {list(array.shape)}, "
                                            f"expected {list(s.shape)}")
             _check_compatible(array, s, f"{label}: item {i}")
-            out[s.name] = np.ascontiguousarray(array, dtype=s.dtype)
+            out[s.name] = np.require(array, dtype=s.dtype, requirements="C")
         _check_finite(out, f"{label}: item {i}")
         seen = True
         yield out

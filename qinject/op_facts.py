@@ -67,6 +67,8 @@ class OpFact:
             so a latency model charges it the fixed per-op overhead alone.
         joins_integers: with every input quantized and its output read quantized, runs on the
             integers (Concat: onnxruntime's QLinearConcat, whatever the inputs' scales).
+        float_reason: an op with weights that the Q/DQ rewrite leaves float, and why (said on the
+            node, so a user sees what stayed float).
     """
 
     quantizable: bool = False
@@ -80,6 +82,7 @@ class OpFact:
     epilogue: Callable[[ir.Node], bool] | None = None
     zero_copy: bool = False
     joins_integers: bool = False
+    float_reason: str | None = None
 
 
 def _dims(value: ir.Value | None) -> list[int] | None:
@@ -207,6 +210,10 @@ for _op in ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"
 for _op in ("Shape", "Constant", "Size"):
     OP_FACTS[(ONNX, _op)] = OpFact(zero_copy=True)
 OP_FACTS[(ONNX, "Concat")] = OpFact(joins_integers=True)
+for _op in ("LSTM", "GRU", "RNN"):
+    OP_FACTS[(ONNX, _op)] = OpFact(float_reason=(
+        f"left float: onnxruntime has no Q/DQ integer kernel for {_op} (its integer recurrent kernel, "
+        "DynamicQuantizeLSTM, is reached only by dynamic quantization); the ops around it are quantized"))
 OP_FACTS[(ONNX, "Relu")] = OpFact(epilogue=lambda n: True)
 
 OP_FACTS.update({
