@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from qinject import numerics, op_facts
 from qinject.backends.jax_backend import to_jax_with_weights
+from qinject.calib_data import rows, take
 from qinject.damage import EPS, is_classifier, probabilities
 from qinject.pass_manager import PassResult
 from qinject.sensitivity import (
@@ -221,7 +222,7 @@ def _batches(model: ir.Model, data: AnalysisData, batch_size: int) -> list[tuple
     """``[(first sample, inputs in graph order, mask)]``: fixed-size batches (the graph input's fixed
     leading dim, else ``batch_size``), the last padded by repeating its last sample, masked out."""
     names = [v.name for v in model.graph.inputs]
-    n = len(data.inputs[names[0]])
+    n = rows(data.inputs)
     shape = model.graph.inputs[0].shape
     lead = shape[0] if shape is not None and len(shape) else None
     step = lead if isinstance(lead, int) else min(batch_size, n)
@@ -229,5 +230,6 @@ def _batches(model: ir.Model, data: AnalysisData, batch_size: int) -> list[tuple
     for start in range(0, n, step):
         idx = np.minimum(np.arange(start, start + step), n - 1)
         mask = (np.arange(start, start + step) < n).astype(np.float32)
-        out.append((start, tuple(jnp.asarray(data.inputs[k][idx]) for k in names), jnp.asarray(mask)))
+        feeds = take(data.inputs, idx)
+        out.append((start, tuple(jnp.asarray(feeds[k]) for k in names), jnp.asarray(mask)))
     return out

@@ -177,10 +177,16 @@ def _plan_from_rules(rules: Any, model: ir.Model) -> Plan:
 def _calibration_arrays(calib: object, model: ir.Model) -> dict[str, np.ndarray]:
     """Any calibration source as one dict of arrays by input name (what the analyses take); None
     gives random inputs with a warning, as calibration does."""
-    from qinject.calib_data import input_specs, open_source
+    import warnings
 
-    batches = list(open_source(calib, input_specs(model)))
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    from qinject.calib_data import QinjectWarning, input_specs, largest_uniform_group, open_source, rows
+
+    arrays, groups = largest_uniform_group(list(open_source(calib, input_specs(model))))
+    if groups > 1:
+        warnings.warn(f"the calibration data has {groups} input shapes; sensitivity and search measure on the "
+                      f"{rows(arrays)} samples of the most common one ({', '.join(f'{k} {list(np.shape(a))}' for k, a in arrays.items())})",
+                      QinjectWarning, stacklevel=3)
+    return arrays
 
 
 def estimate_latency(model: str | os.PathLike | onnx.ModelProto | ir.Model, plan: Plan | None = None,

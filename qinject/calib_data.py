@@ -188,6 +188,29 @@ class _LazyNpzArray:
             self._stream = None
 
 
+def rows(inputs: Mapping[str, np.ndarray]) -> int:
+    """Samples in a dict of input arrays (first axis); a 0-d array (a scalar input such as an If's
+    mode) is one value for every sample."""
+    return next((len(a) for a in inputs.values() if np.ndim(a)), 1)
+
+
+def take(inputs: Mapping[str, np.ndarray], idx: np.ndarray | slice) -> dict[str, np.ndarray]:
+    """Rows ``idx`` of every batched input; scalar inputs as they are."""
+    return {k: a[idx] if np.ndim(a) else a for k, a in inputs.items()}
+
+
+def largest_uniform_group(batches: list[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], int]:
+    """The calibration batches that share one shape (and one value of each scalar input) with the
+    most samples, concatenated; and how many groups there were. Analyses and searches measure on
+    arrays of one shape; calibration itself takes every batch."""
+    groups: dict[tuple, list[dict[str, np.ndarray]]] = {}
+    for b in batches:
+        key = tuple((k, a.shape[1:] if a.ndim else ("value", a.item())) for k, a in sorted(b.items()))
+        groups.setdefault(key, []).append(b)
+    best = max(groups.values(), key=lambda g: sum(rows(b) for b in g))
+    return {k: np.concatenate([b[k] for b in best]) if best[0][k].ndim else best[0][k] for k in best[0]}, len(groups)
+
+
 def _from_folder(path: Path, specs: list[InputSpec], batch_size: int) -> CalibrationSource:
     files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))
     if not files:

@@ -130,7 +130,7 @@ class _Estimator:
         self.native = table.kind == "analytic"
         self.choices: dict[str, NodeQuant] = {}
         # Nodes inside If/Loop/Scan bodies are priced once each (one pass of a body, both branches).
-        for node in qir.quantizable_nodes(model) + qir.subgraph_quantizable_nodes(model):
+        for node in qir.searchable_nodes(model):
             choice = plan.choice(node.name)
             if choice is not None:
                 self.choices[node.name] = choice

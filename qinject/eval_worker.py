@@ -32,7 +32,8 @@ def run_model(blob: bytes, inputs: dict[str, np.ndarray]) -> np.ndarray:
 def run_session(sess: object, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """A session's first output over all samples, batched as ``run_model`` describes."""
     specs = sess.get_inputs()
-    n = len(next(iter(inputs.values())))
+    # a 0-d input (an If's mode) is one value for every sample
+    n = next((len(a) for a in inputs.values() if np.ndim(a)), 1)
     fixed = specs[0].shape[0] if specs and isinstance(specs[0].shape[0], int) else None
     step = fixed or CHUNK
     outs = []
@@ -41,7 +42,8 @@ def run_session(sess: object, inputs: dict[str, np.ndarray]) -> np.ndarray:
             idx = np.minimum(np.arange(start, start + step), n - 1)
         else:
             idx = np.arange(start, min(start + step, n))
-        outs.append(sess.run(None, {s.name: inputs[s.name][idx] for s in specs})[0][: min(step, n - start)])
+        feeds = {s.name: inputs[s.name][idx] if np.ndim(inputs[s.name]) else inputs[s.name] for s in specs}
+        outs.append(sess.run(None, feeds)[0][: min(step, n - start)])
     return np.concatenate(outs)
 
 

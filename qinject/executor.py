@@ -51,7 +51,7 @@ class Executor:
 
     def __init__(self, model: ir.Model, inputs: dict[str, np.ndarray], workers: int | None = None,
                  method: str = "minmax", percentile: float = 99.99) -> None:
-        self.model, self.inputs = model, {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+        self.model, self.inputs = model, {k: np.require(v, requirements="C") for k, v in inputs.items()}
         self.workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
         self.method, self.percentile = method, percentile
         self.count = 0

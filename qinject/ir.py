@@ -158,11 +158,17 @@ def quantizable_nodes(model: ir.Model) -> list[ir.Node]:
     return [n for n in model.graph if op_facts.is_quantizable(n)]
 
 
+def searchable_nodes(model: ir.Model) -> list[ir.Node]:
+    """The nodes a plan chooses for, sensitivity signals measure and searches decide: the main
+    graph's quantizable nodes, then those inside If/Loop/Scan bodies."""
+    return quantizable_nodes(model) + subgraph_quantizable_nodes(model)
+
+
 def subgraph_quantizable_nodes(model: ir.Model) -> list[ir.Node]:
     """Quantizable nodes inside control-flow bodies (If/Loop/Scan, at any depth), in a stable order.
 
-    Cost estimates price them (each body once); searches and sensitivity work on the main graph; the
-    Q/DQ rewrite quantizes these at the plan's choice for their name (usually its default).
+    Cost estimates price them (each body once), sensitivity signals and searches decide them like
+    main-graph nodes, and the Q/DQ rewrite quantizes them at the plan's choice for their name.
     """
     return [n for n in model.graph.all_nodes() if n.graph is not model.graph and op_facts.is_quantizable(n)]
 

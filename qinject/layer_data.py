@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from qinject import op_facts
 from qinject.backends.jax_backend import Program
+from qinject.calib_data import rows, take
 
 
 def node_function(program: Program, node: ir.Node) -> Callable[[Any, Any], Any]:
@@ -44,13 +45,14 @@ def layer_inputs(model: ir.Model, inputs: dict[str, np.ndarray], nodes: Sequence
     fixed = model.graph.inputs[0].shape[0] if model.graph.inputs[0].shape is not None else None
     step = fixed if isinstance(fixed, int) else (batch or 64)
     run = jax.jit(lambda *xs: program.run(program.constants, xs, fetch=names)[len(program.outputs):])
-    n = len(next(iter(inputs.values())))
+    n = rows(inputs)
     stop = max(n - n % step, 1) if isinstance(fixed, int) else n
     parts: list[list[np.ndarray]] = [[] for _ in names]
     for start in range(0, stop, step):
         idx = np.minimum(np.arange(start, start + step), n - 1) if isinstance(fixed, int) else \
             np.arange(start, min(start + step, n))
-        outs = run(*[inputs[k][idx] for k in order])
+        feeds = take(inputs, idx)
+        outs = run(*[feeds[k] for k in order])
         for part, out in zip(parts, outs):
             part.append(np.asarray(out))
     return {node.name: np.concatenate(p) for node, p in zip(nodes, parts)}

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 
 from qinject.backends import onnx_backend
+from qinject.calib_data import rows, take
 from qinject.numerics import sqnr_db
 
 # onnxruntime's CPU integer kernels that a fused Q/DQ group becomes.
@@ -44,8 +45,7 @@ def latency_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], warmup:
 
 def predict(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], batch: int = 256) -> np.ndarray:
     """First output of the model over all samples, batched."""
-    n = len(next(iter(inputs.values())))
-    outs = [sess.run(None, {k: v[i:i + batch] for k, v in inputs.items()})[0] for i in range(0, n, batch)]
+    outs = [sess.run(None, take(inputs, slice(i, i + batch)))[0] for i in range(0, rows(inputs), batch)]
     return np.concatenate(outs)
 
 

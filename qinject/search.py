@@ -175,14 +175,14 @@ class SearchSpace:
         self.levels = tuple(sorted(levels, reverse=True))
         # Pinned nodes (rules): their width (None: float) is given; the search chooses the rest.
         self.fixed = dict(fixed or {})
-        self.all_nodes = [n.name for n in qir.quantizable_nodes(model)]
+        self.all_nodes = [n.name for n in qir.searchable_nodes(model)]
         self.nodes = [n for n in self.all_nodes if n not in self.fixed]
         if not self.nodes:
             raise QinjectError("the model has no quantizable node to search over (every one is pinned)"
                                if self.all_nodes else "the model has no quantizable node to search over")
         # Plans are priced on this graph: the model itself, or the same network at its deployment batch.
         self.priced = qir.with_batch(latency_model if latency_model is not None else model, batch)
-        if latency_model is not None and [n.name for n in qir.quantizable_nodes(self.priced)] != self.nodes:
+        if latency_model is not None and [n.name for n in qir.searchable_nodes(self.priced)] != self.all_nodes:
             raise QinjectError("the latency model's quantizable nodes differ from the model's")
         key = SIGNALS[signal][2] if signal in SIGNALS else signal
         values = signal_of(model, key)

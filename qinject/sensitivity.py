@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qinject import ir as qir
+from qinject.calib_data import take
 from qinject.errors import QinjectError
 from qinject.executor import Executor
 from qinject.pass_manager import Pass, PassResult
@@ -116,11 +117,12 @@ class AnalysisData:
         missing = [v.name for v in model.graph.inputs if v.name not in data.inputs]
         if missing:
             raise QinjectError(f"evaluation data lacks model input(s) {missing} (it has {sorted(data.inputs)})")
-        counts = {len(v) for v in data.inputs.values()} | ({len(data.labels)} if data.labels is not None else set())
+        counts = {len(v) for v in data.inputs.values() if np.ndim(v)} | (
+            {len(data.labels)} if data.labels is not None else set())
         if len(counts) != 1:
             raise QinjectError(f"evaluation data: inputs and labels have different sample counts {sorted(counts)}")
         if limit is not None:
-            data = AnalysisData({k: v[:limit] for k, v in data.inputs.items()},
+            data = AnalysisData(take(data.inputs, slice(None, limit)),
                                 None if data.labels is None else data.labels[:limit])
         return data
 
@@ -156,7 +158,7 @@ class SensitivityPass(Pass):
         with Executor(model, data.inputs, workers=self.workers, method=self.method) as executor:
             signals = self.measure(model, executor, data)
             count = executor.count
-        for node in qir.quantizable_nodes(model):
+        for node in qir.searchable_nodes(model):
             if node.name in signals:
                 node.meta[PREFIX + self.signal] = signals[node.name]
         model.meta.setdefault(EVALUATIONS, {})[self.signal] = (count, time.perf_counter() - start)
@@ -168,7 +170,7 @@ class SensitivityPass(Pass):
 
 def signal_of(model: ir.Model, signal: str) -> dict[str, NodeSignal]:
     """Node name -> its value of ``signal`` (the nodes the pass annotated)."""
-    return {n.name: n.meta[PREFIX + signal] for n in qir.quantizable_nodes(model) if PREFIX + signal in n.meta}
+    return {n.name: n.meta[PREFIX + signal] for n in qir.searchable_nodes(model) if PREFIX + signal in n.meta}
 
 
 def signals_present(model: ir.Model) -> list[str]:
@@ -238,6 +240,6 @@ def format_table(model: ir.Model, signal: str) -> str:
 
 
 def iter_quantizable(model: ir.Model) -> Iterator[ir.Node]:
-    """The nodes every signal covers: the quantizable nodes, in graph order."""
-    return iter(qir.quantizable_nodes(model))
+    """The nodes every signal covers: the quantizable nodes, in graph order, then those in bodies."""
+    return iter(qir.searchable_nodes(model))
 

@@ -226,3 +226,21 @@ def test_small_external_data_models_quantize_plain_and_searched(tmp_path):
     searched = qinject.quantize_onnx(tmp_path / "ext.onnx", tmp_path / "s.onnx", calib=x, progress=False,
                                      search=SearchOptions(max_drop="5%", workers=2))
     assert searched.search is not None and (tmp_path / "s.onnx.data").exists()
+
+
+def test_searches_decide_nodes_inside_bodies_and_take_scalar_inputs(tmp_path):
+    x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    calib = {"x": x, "mode": np.array(True)}  # one mode for every sample: the then branch
+    result = qinject.quantize_onnx(_if_only(), tmp_path / "q.onnx", calib=calib, progress=False,
+                                   search=SearchOptions(max_drop="5%", workers=1))
+    assert set(result.search.bits) == {"mm_then", "mm_else"}  # body nodes are searched
+    assert result.search.evaluations >= 2
+
+
+def test_searches_measure_on_the_most_common_shape_of_varying_calibration(tmp_path):
+    rng = np.random.default_rng(0)
+    feeds = [{"ids": rng.integers(0, 10, (2, t)), "mask": np.ones((2, t), np.int64)} for t in (5, 5, 9)]
+    with pytest.warns(UserWarning, match=r"has 2 input shapes; sensitivity and search measure on the 4 samples"):
+        result = qinject.quantize_onnx(_token_encoder(), tmp_path / "q.onnx", calib=feeds, progress=False,
+                                       search=SearchOptions(max_drop="5%", workers=1))
+    assert result.quantized == ["proj"] and result.search is not None
