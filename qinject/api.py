@@ -233,7 +233,7 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
                   target: LatencyTable | str | None = None, latency_batch: int = 1,
                   search: SearchOptions | None = None, adaround: bool = False,
                   bias_correction: bool = False, rules: Any = None,
-                  input_shapes: dict[str, Sequence[int]] | None = None) -> QuantizeResult:
+                  input_shapes: dict[str, Sequence[int]] | None = None, force: bool = False) -> QuantizeResult:
     """Quantize an ONNX model: fold constants, calibrate, insert Q/DQ, and optionally save.
 
     Args:
@@ -253,6 +253,9 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
             are reported as a warning).
         input_shapes: input name -> shape for the latency estimate (default: the shapes the
             calibration data had, with the batch at ``latency_batch``).
+        force: quantize every node the plan covers, also those whose integer kernel onnxruntime's
+            CPU runs slower than float (grouped convolutions), which are otherwise kept float with a
+            note unless the plan names them or ``target`` is an accelerator.
 
     Example:
         >>> result = quantize_onnx("models/digits_cnn/model.onnx", "/tmp/q.onnx",
@@ -266,13 +269,35 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
     _give_shapes(ir_model, input_shapes)
     if rules is not None and search is None:
         plan = _plan_from_rules(rules, ir_model)
+    kept_float: dict[str, str] = {}
     if search is None:
         _check_runs_on_onnxruntime(ir_model, plan)
+        if not force and not _accelerator(target):
+            plan, kept_float = _keep_slow_kernels_float(ir_model, plan)
     result = _quantize(ir_model, plan, calib, method, batch_size, percentile, progress, target, latency_batch,
-                       search, adaround, bias_correction)
+                       search, adaround, bias_correction, kept_float)
     if output is not None:
         result.output = save_onnx(result.model, output, input_path=input_path)
     return result
+
+
+def _accelerator(target: LatencyTable | str | None) -> bool:
+    if target is None:
+        return False
+    return (target if isinstance(target, LatencyTable) else load_target(target)).kind == "analytic"
+
+
+def _keep_slow_kernels_float(model: ir.Model, plan: Plan) -> tuple[Plan, dict[str, str]]:
+    """The plan with nodes whose CPU integer kernel is slower than float left float (unless the plan
+    names them), and why, per node."""
+    from qinject import op_facts
+
+    kept = {n.name: reason for n in model.graph.all_nodes()  # weights may not be folded yet: by op
+            if op_facts.fact(n).quantizable and n.name not in plan.nodes and plan.choice(n.name) is not None
+            and (reason := op_facts.slower_on_cpu(n)) is not None}
+    if not kept:
+        return plan, {}
+    return Plan(plan.default, {**plan.nodes, **dict.fromkeys(kept)}), kept
 
 
 def _check_runs_on_onnxruntime(model: ir.Model, plan: Plan) -> None:
@@ -327,7 +352,7 @@ def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | 
 def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_size: int, percentile: float,
               progress: bool, target: LatencyTable | str | None = None, latency_batch: int = 1,
               search: SearchOptions | None = None, adaround: bool = False,
-              bias_correction: bool = False) -> QuantizeResult:
+              bias_correction: bool = False, kept_float: dict[str, str] | None = None) -> QuantizeResult:
     from qinject import op_facts
     from qinject.errors import UnsupportedModelError
     from qinject.search import search_result
@@ -365,8 +390,10 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
             result.quantized.append(node.name)
         if node.meta.get(qir.QUANT_NOTES):
             result.notes[node.name] = list(node.meta[qir.QUANT_NOTES])
+    for name, reason in (kept_float or {}).items():
+        result.notes.setdefault(name, []).append(reason)
     if not result.quantized and _plans_anything(plan):
-        raise UnsupportedModelError(_nothing_to_quantize(ir_model))
+        raise UnsupportedModelError(_nothing_to_quantize(ir_model, result.notes))
     return result
 
 
@@ -374,10 +401,14 @@ def _plans_anything(plan: Plan) -> bool:
     return plan.default is not None or any(c is not None for c in plan.nodes.values())
 
 
-def _nothing_to_quantize(model: ir.Model) -> str:
-    """Why a model has no quantizable node: its weights are not constants, or it has no such op."""
+def _nothing_to_quantize(model: ir.Model, notes: dict[str, list[str]] | None = None) -> str:
+    """Why a model has no quantizable node: its weights are not constants, or it has no such op; or
+    why nothing was quantized (each node's note says why it stayed float)."""
     from qinject import op_facts
 
+    if notes:
+        node, reasons = next(iter(notes.items()))
+        return f"nothing was quantized: {len(notes)} node(s) stayed float (node {node!r}: {reasons[-1]})"
     nodes = list(model.graph.all_nodes())
     candidates = [n for n in nodes if op_facts.fact(n).quantizable and op_facts.weight_index(n) is not None]
     if candidates:

@@ -87,12 +87,15 @@ def cli() -> None:
 @click.option("--workers", type=int, help="Evaluation processes of the search (default: every core).")
 @click.option("--rules", "rules_path", type=click.Path(path_type=Path),
               help="Per-node rules (JSON): the plan; with a search, they pin the nodes they match.")
+@click.option("--force", is_flag=True, help="Also quantize nodes whose onnxruntime CPU integer kernel is slower "
+              "than float (grouped convolutions), which are otherwise kept float with a note.")
+@click.option("--no-measure", is_flag=True, help="Skip timing the written model against the float model.")
 def quantize(model: Path, output: Path, weights: str, activations: str, plan_path: Path | None,
              calib: Path | None, calib_method: str, percentile: float, per_tensor: bool, batch_size: int,
              save_plan: Path | None, target: str, latency_batch: int, max_drop: str | None, algorithm: str | None,
              eval_path: Path | None, signal: str, adaround: bool, bias_correction: bool,
              pareto_plot: Path | None, workers: int | None, rules_path: Path | None,
-             shapes: tuple[str, ...]) -> None:
+             shapes: tuple[str, ...], force: bool, no_measure: bool) -> None:
     """Quantize MODEL (ONNX) and write the Q/DQ model to OUTPUT.
 
     With --max-drop (or --search), search per-node bit widths (16/8/4) minimising the estimated
@@ -129,7 +132,7 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
     result = quantize_onnx(model, output, plan=plan, calib=calib, method=calib_method, batch_size=batch_size,
                            percentile=percentile, target=table, latency_batch=latency_batch, search=search,
                            adaround=adaround and not searching, bias_correction=bias_correction and not searching,
-                           rules=rules if not searching else None, input_shapes=_shapes(shapes))
+                           rules=rules if not searching else None, input_shapes=_shapes(shapes), force=force)
     if result.search is not None:
         from qinject.jsonfile import write_json
         from qinject.search import format_result
@@ -159,6 +162,30 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
         click.echo(f"estimated latency on {c.target}: {c.total_us / 1e3:.3f} ms vs float {c.float_us / 1e3:.3f} ms "
                    f"({c.saving_vs_float:+.1%} saved) and W16A16 {c.sixteen_bit_us / 1e3:.3f} ms "
                    f"({c.saving_vs_16_bit:+.1%}); `qinject cost` shows the breakdown")
+    if not no_measure and (table is None or table.kind == "measured"):
+        _measure(model, output, result)
+
+
+def _measure(model: Path, output: Path, result: object) -> None:
+    """Time the written model against the float one on this CPU (a few seconds), and say plainly if
+    it is slower."""
+    from qinject import ir as qir
+    from qinject.measure import compare_latency
+
+    feed = result.model.meta.get(qir.SAMPLE_FEED)
+    if feed is None:
+        return
+    float_ms, quantized_ms = compare_latency(model, output, feed)
+    ratio = quantized_ms / float_ms
+    click.echo(f"measured on this machine (onnxruntime CPU, one calibration sample): float {float_ms:.3f} ms, "
+               f"quantized {quantized_ms:.3f} ms ({ratio:.2f}x)")
+    if ratio > 1.0:
+        costliest = sorted((n for n in (result.cost.nodes if result.cost else []) if n.node in result.quantized),
+                           key=lambda n: -n.latency_us)[:3]
+        blamed = f"; the costliest quantized nodes by the estimate: {', '.join(n.node for n in costliest)}" \
+            if costliest else ""
+        click.echo(f"warning: the quantized model runs {ratio:.2f}x the float model's time here{blamed} "
+                   "(keep them float with a plan or --rules)", err=True)
 
 
 @cli.command()

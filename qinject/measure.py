@@ -49,6 +49,29 @@ def predict(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], batch: in
     return np.concatenate(outs)
 
 
+def compare_latency(float_path: str | Path, quantized_path: str | Path, feeds: dict[str, np.ndarray],
+                    budget_s: float = 3.0) -> tuple[float, float]:
+    """Median latency (ms) of the float and the quantized model on ``feeds``, runs interleaved so that
+    drift on a shared machine hits both alike; about ``budget_s`` seconds in all."""
+    sessions = [onnx_backend.session(p) for p in (float_path, quantized_path)]
+    names = [{i.name for i in s.get_inputs()} for s in sessions]
+    feeds = [{k: v for k, v in feeds.items() if k in n} for n in names]
+    first = []
+    for sess, feed in zip(sessions, feeds):  # warm-up, and the time one run takes
+        sess.run(None, feed)
+        start = time.perf_counter()
+        sess.run(None, feed)
+        first.append(time.perf_counter() - start)
+    repeats = int(min(50, max(5, budget_s / max(sum(first), 1e-6))))
+    times: list[list[float]] = [[], []]
+    for _ in range(repeats):
+        for i, (sess, feed) in enumerate(zip(sessions, feeds)):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times[i].append(time.perf_counter() - start)
+    return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
+
+
 def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
@@ -57,5 +80,5 @@ def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
 
 
-__all__ = ["INTEGER_KERNELS", "fused_kernels", "latency_ms", "predict", "sqnr_db", "top1_accuracy",
+__all__ = ["INTEGER_KERNELS", "compare_latency", "fused_kernels", "latency_ms", "predict", "sqnr_db", "top1_accuracy",
            "top1_agreement"]

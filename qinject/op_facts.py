@@ -69,6 +69,9 @@ class OpFact:
             integers (Concat: onnxruntime's QLinearConcat, whatever the inputs' scales).
         float_reason: an op with weights that the Q/DQ rewrite leaves float, and why (said on the
             node, so a user sees what stayed float).
+        slower_on_cpu: a function of the node giving why onnxruntime's CPU integer kernel for it is
+            slower than its float one (None: it is not). A plain quantize leaves such nodes float
+            unless forced, so the output is never slower than the float model for their sake.
     """
 
     quantizable: bool = False
@@ -83,6 +86,7 @@ class OpFact:
     zero_copy: bool = False
     joins_integers: bool = False
     float_reason: str | None = None
+    slower_on_cpu: Callable[[ir.Node], str | None] | None = None
 
 
 def _dims(value: ir.Value | None) -> list[int] | None:
@@ -194,8 +198,19 @@ def _jax_bias_add(node: ir.Node) -> bool:
     return len(node.inputs) == 2 and _is_const(node.inputs[1]) and not _is_const(node.inputs[0])
 
 
+def _grouped_conv(node: ir.Node) -> str | None:
+    """Measured on this machine's onnxruntime (2 threads, batch 1): MobileNetV3-small 1.28x slower than
+    fp32 with its 11 depthwise convolutions quantized, 0.27x with them float; EfficientNet-B0 0.89x
+    against 0.73x (tools/bench_realworld.py, BENCHMARKS.md)."""
+    if _attr_int(node, "group", 1) == 1:
+        return None
+    return ("kept float: onnxruntime's CPU integer kernel for grouped/depthwise convolution is slower than "
+            "its float one (quantize anyway with --force)")
+
+
 OP_FACTS: dict[tuple[str, str], OpFact] = {
-    (ONNX, "Conv"): OpFact(True, (0,), 1, 2, lambda n: 0, _conv_macs, needs_quantized_output=True),
+    (ONNX, "Conv"): OpFact(True, (0,), 1, 2, lambda n: 0, _conv_macs, needs_quantized_output=True,
+                           slower_on_cpu=_grouped_conv),
     # ConvTranspose weights are [C_in, C_out/group, k...]: output channels live on axis 1.
     (ONNX, "ConvTranspose"): OpFact(True, (0,), 1, 2, lambda n: 1, _conv_transpose_macs,
                                     needs_quantized_output=True),
@@ -304,6 +319,12 @@ def channel_axis(node: ir.Node) -> int | None:
     if f.channel_axis is None:
         raise KeyError(f"op {node.op_type!r} of node {node.name!r} has no weight channel axis in the op facts")
     return f.channel_axis(node)
+
+
+def slower_on_cpu(node: ir.Node) -> str | None:
+    """Why onnxruntime's CPU integer kernel for ``node`` is slower than float, or None."""
+    check = fact(node).slower_on_cpu
+    return check(node) if check is not None else None
 
 
 def runs_on_integer_kernel(node: ir.Node, weight_bits: int, activation_bits: int) -> bool:

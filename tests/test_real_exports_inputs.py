@@ -19,7 +19,7 @@ from qinject.errors import CalibrationDataError, PlanError, QinjectError, Unsupp
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.numerics import sqnr_db
 from qinject.pass_manager import PassManager
-from qinject.plan import Plan
+from qinject.plan import NodeQuant, Plan
 from tests.builders import conv_net, matmul_net, run, run_cli
 
 
@@ -244,3 +244,44 @@ def test_searches_measure_on_the_most_common_shape_of_varying_calibration(tmp_pa
         result = qinject.quantize_onnx(_token_encoder(), tmp_path / "q.onnx", calib=feeds, progress=False,
                                        search=SearchOptions(max_drop="5%", workers=1))
     assert result.quantized == ["proj"] and result.search is not None
+
+
+def _depthwise_net() -> onnx.ModelProto:
+    """x -> Conv 3->8 -> depthwise Conv (group 8) -> Conv 8->4: a MobileNet block."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("w1", (8, 3, 1, 1)), ("wd", (8, 1, 3, 3)), ("w2", (4, 8, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="expand"),
+             helper.make_node("Conv", ["a", "wd"], ["b"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="project")]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_grouped_convolutions_stay_float_on_cpu_unless_forced_or_named(tmp_path):
+    x = {"x": np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)}
+    plain = qinject.quantize_onnx(_depthwise_net(), progress=False, calib=x)
+    assert plain.quantized == ["expand", "project"]
+    assert "grouped/depthwise convolution is slower" in plain.notes["depthwise"][0]
+    forced = qinject.quantize_onnx(_depthwise_net(), progress=False, calib=x, force=True)
+    assert forced.quantized == ["expand", "depthwise", "project"]
+    named = qinject.quantize_onnx(_depthwise_net(), progress=False, calib=x,
+                                  plan=Plan(default=None, nodes={"depthwise": NodeQuant()}))
+    assert named.quantized == ["depthwise"]  # a plan that names the node gets what it asks for
+    accelerator = qinject.quantize_onnx(_depthwise_net(), progress=False, calib=x, target="nvidia-a100")
+    assert "depthwise" in accelerator.quantized
+
+
+def test_quantize_times_the_written_model_against_float(tmp_path):
+    onnx.save(_depthwise_net(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    done = run_cli("quantize", tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", "--calib", tmp_path / "c.npz")
+    assert done.returncode == 0, done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("measured on this machine"))
+    assert "float" in line and line.endswith("x)")  # no timing is asserted: this machine is shared
+    quiet = run_cli("quantize", tmp_path / "m.onnx", "-o", tmp_path / "q2.onnx", "--calib", tmp_path / "c.npz",
+                    "--no-measure")
+    assert "measured on this machine" not in quiet.stdout

@@ -130,7 +130,8 @@ def run_case(case: Path, plan: object, bound_db: float) -> Outcome:
             return Outcome(name, "refused", "sequence inputs or outputs (qinject calibrates tensors only)")
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "q.onnx"
-            qinject.quantize_onnx(model_path(case), out, plan=plan, calib=[inputs], progress=False)
+            # force: these check numerics, not speed (grouped convolutions would otherwise stay float)
+            qinject.quantize_onnx(model_path(case), out, plan=plan, calib=[inputs], progress=False, force=True)
             onnx.checker.check_model(str(out), full_check=True)
             sess = onnx_backend.session(out)
             got = sess.run(None, inputs)

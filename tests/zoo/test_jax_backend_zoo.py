@@ -24,9 +24,13 @@ MIN_SQNR_DB = 80.0
 QUICK = ("squeezenet", "shufflenet")
 
 
+# -m long: VGG-19 (20 GFLOPs, 548 MB of weights; AlexNet and ZFNet-512 have its structure) and
+# DenseNet-121 (27 s; Inception v1/v2 cover concatenated branches, ResNet-50 the residual joins).
+LONG = ("vgg19", "densenet121")
+
+
 def _light_params():
-    # VGG-19 (20 GFLOPs, 548 MB of weights) runs with -m long: AlexNet and ZFNet-512 have its structure
-    return [pytest.param(n, marks=() if n in QUICK else pytest.mark.long if n == "vgg19" else pytest.mark.slow)
+    return [pytest.param(n, marks=() if n in QUICK else pytest.mark.long if n in LONG else pytest.mark.slow)
             for n in NAMES]
 
 

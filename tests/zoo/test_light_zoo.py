@@ -11,9 +11,10 @@ here, so 25 dB (5.6% RMS noise) is the bound, with top-1 agreement on 2 of 3 inp
 ties on random inputs may flip). At W16A16 the same noise is ~96 dB per layer; clipping of
 evaluation values beyond the calibration range dominates (66-82 dB seen), so the bound is 50 dB.
 
-VGG-19 (20 GFLOPs and 548 MB of weights per image, 40 s here) runs with ``-m long``, outside the
-default suite: AlexNet and ZFNet-512 cover the same plain conv + fully-connected structure there, and
-the shipped VGG-19 file goes through both widths in tests/zoo/test_reference_corpus.py.
+VGG-19 (20 GFLOPs and 548 MB of weights per image, 40 s here) and ZFNet-512 (19 s) run with
+``-m long``, outside the default suite: AlexNet covers the same plain conv + fully-connected
+structure there, and the shipped VGG-19 and ZFNet-512 files go through both widths in
+tests/zoo/test_reference_corpus.py.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def images() -> tuple[np.ndarray, np.ndarray]:
             rng.standard_normal((3, 3, 224, 224)).astype(np.float32))
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long) if n == "vgg19" else n for n in NAMES])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long) if n in ("vgg19", "zfnet512") else n
+                                  for n in NAMES])
 def test_light_model_quantizes(name, images, tmp_path) -> None:
     import onnxruntime as ort
 
