@@ -77,8 +77,8 @@ def cli() -> None:
 @click.option("--search", "algorithm", type=click.Choice(["bisection", "greedy", "ilp", "pareto"]),
               help="Search algorithm (default bisection when --max-drop is given).")
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path),
-              help="Evaluation .npz: inputs by name, optional 'labels' (top-1 accuracy; without: agreement "
-              "with the float model, or output fidelity). Default: the calibration data.")
+              help="Evaluation .npz (or a folder of them): inputs by name, optional 'labels' (top-1 accuracy; "
+              "without: agreement with the float model, or output fidelity). Default: the calibration data.")
 @click.option("--signal", type=click.Choice(["quant-error", "noise", "hessian", "interlayer", "bit-error"]),
               default="quant-error", show_default=True, help="Sensitivity signal the search ranks nodes by.")
 @click.option("--adaround", is_flag=True, help="AdaRound the 4-bit weights (searched plans and plain plans).")
@@ -122,7 +122,7 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
     if searching:
         if table is None:
             raise QinjectError("a search needs a --target latency table (not 'none')")
-        if eval_path is not None and not eval_path.is_file():
+        if eval_path is not None and not eval_path.exists():
             raise QinjectError(f"evaluation data {str(eval_path)!r} does not exist")
         if calib is None:
             raise QinjectError("a search needs --calib data (random inputs would rank the nodes by noise)")

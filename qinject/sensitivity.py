@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qinject import ir as qir
-from qinject.calib_data import take
+from qinject.calib_data import QinjectWarning, largest_uniform_group, rows, take
 from qinject.errors import QinjectError
 from qinject.executor import Executor
 from qinject.pass_manager import Pass, PassResult
@@ -94,15 +95,13 @@ class AnalysisData:
         if isinstance(source, AnalysisData):
             data = source
         else:
-            if isinstance(source, (str, Path)):
+            if isinstance(source, (str, Path)) and Path(source).is_dir():
+                arrays = _read_folder(Path(source))
+            elif isinstance(source, (str, Path)):
                 path = Path(source)
                 if not path.is_file():
                     raise QinjectError(f"evaluation data {str(path)!r} does not exist")
-                try:
-                    with np.load(path) as archive:
-                        arrays = {k: archive[k] for k in archive.files}
-                except (OSError, ValueError) as exc:
-                    raise QinjectError(f"cannot read evaluation data {str(path)!r}: {exc}") from None
+                arrays = _read_npz(path)
             elif isinstance(source, np.ndarray):
                 names = [v.name for v in model.graph.inputs]
                 if len(names) != 1:
@@ -125,6 +124,27 @@ class AnalysisData:
             data = AnalysisData(take(data.inputs, slice(None, limit)),
                                 None if data.labels is None else data.labels[:limit])
         return data
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as archive:
+            return {k: archive[k] for k in archive.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise QinjectError(f"cannot read evaluation data {str(path)!r}: {exc}") from None
+
+
+def _read_folder(folder: Path) -> dict[str, np.ndarray]:
+    """A folder of .npz files (shapes may differ between files): the files of the most common shape,
+    concatenated, labels included; a warning when there were several shapes."""
+    files = sorted(folder.glob("*.npz"))
+    if not files:
+        raise QinjectError(f"evaluation folder {str(folder)!r} has no .npz files")
+    arrays, groups = largest_uniform_group([_read_npz(f) for f in files])
+    if groups > 1:
+        warnings.warn(f"evaluation folder {str(folder)!r} has {groups} input shapes; the search measures on the "
+                      f"{rows(arrays)} samples of the most common one", QinjectWarning, stacklevel=4)
+    return arrays
 
 
 @dataclass

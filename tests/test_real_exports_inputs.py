@@ -244,6 +244,12 @@ def test_searches_measure_on_the_most_common_shape_of_varying_calibration(tmp_pa
         result = qinject.quantize_onnx(_token_encoder(), tmp_path / "q.onnx", calib=feeds, progress=False,
                                        search=SearchOptions(max_drop="5%", workers=1))
     assert result.quantized == ["proj"] and result.search is not None
+    for i, feed in enumerate(feeds):  # evaluation from a folder of files whose shapes differ
+        np.savez(tmp_path / f"{i}.npz", **feed)
+    with pytest.warns(UserWarning, match=r"evaluation folder .* has 2 input shapes; the search measures on the 4"):
+        searched = qinject.quantize_onnx(_token_encoder(), calib=feeds, progress=False,
+                                         search=SearchOptions(max_drop="5%", workers=1, eval_data=tmp_path))
+    assert searched.search.evaluations >= 2
 
 
 def _depthwise_net() -> onnx.ModelProto:

@@ -17,12 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 from click.testing import CliRunner
 
 from models.realworld import corpus
-from qinject.calib_data import largest_uniform_group
 from qinject.cli import cli
 
 CALIBRATION = 16  # samples: a few batches of each shape the case's feeds take
@@ -53,10 +51,9 @@ def run_case(name: str, search: str | None = None) -> Outcome:
         args = ["quantize", str(folder / "model.onnx"), "-o", str(folder / "q.onnx"), "--calib",
                 str(folder / "calib"), "--target", "none"]
         if search is not None:
-            # --eval is one .npz of one shape: the evaluation feeds of the most common shape
-            arrays, _ = largest_uniform_group(evaluation)
-            np.savez(folder / "eval.npz", **arrays)
-            args += ["--max-drop", search, "--eval", str(folder / "eval.npz"), "--target", "local-cpu",
+            # a folder of evaluation feeds: the search measures on those of the most common shape
+            corpus.save_feeds(evaluation, folder / "eval")
+            args += ["--max-drop", search, "--eval", str(folder / "eval"), "--target", "local-cpu",
                      "--workers", "1"]
         done = CliRunner().invoke(cli, args, catch_exceptions=True)
         seconds = time.perf_counter() - start

