@@ -274,6 +274,8 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
         _check_runs_on_onnxruntime(ir_model, plan)
         if not force and not _accelerator(target):
             plan, kept_float = _keep_slow_kernels_float(ir_model, plan)
+    elif not force and not _accelerator(target or "local-cpu"):
+        search, kept_float = _pin_slow_kernels_float(ir_model, search)
     result = _quantize(ir_model, plan, calib, method, batch_size, percentile, progress, target, latency_batch,
                        search, adaround, bias_correction, kept_float)
     if output is not None:
@@ -298,6 +300,24 @@ def _keep_slow_kernels_float(model: ir.Model, plan: Plan) -> tuple[Plan, dict[st
     if not kept:
         return plan, {}
     return Plan(plan.default, {**plan.nodes, **dict.fromkeys(kept)}), kept
+
+
+def _pin_slow_kernels_float(model: ir.Model, search: SearchOptions) -> tuple[SearchOptions, dict[str, str]]:
+    """The search with the main-graph nodes whose CPU integer kernel is slower than float pinned float
+    (after the user's own rules, which win where they match)."""
+    import re
+
+    from qinject.rules import Rule, Rules
+
+    _, kept = _keep_slow_kernels_float(model, Plan())
+    kept = {name: reason for name, reason in kept.items()
+            if any(n.name == name for n in model.graph)}  # rules pin main-graph nodes
+    if not kept:
+        return search, {}
+    user = search.rules if search.rules is not None else Rules()
+    pins = tuple(Rule(name=re.escape(name), skip=True, comment="slower quantized on onnxruntime's CPU")
+                 for name in kept)
+    return dataclasses.replace(search, rules=Rules((*user.rules, *pins), user.default)), kept
 
 
 def _check_runs_on_onnxruntime(model: ir.Model, plan: Plan) -> None:

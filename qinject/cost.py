@@ -216,8 +216,24 @@ class _Estimator:
         if measured is not None:
             return NodeCost(node.name, node.op_type, w_bits, a_bits, measured, MEASURED, quantizable)
         source = MISSING if self.table.kind == "measured" else ROOFLINE
+        if choice is not None and not self.native and not op_facts.runs_on_integer_kernel(node, w_bits, a_bits):
+            # onnxruntime's CPU has no integer kernel at these widths: it dequantizes and runs the float op
+            return NodeCost(node.name, node.op_type, w_bits, a_bits, self._dequantized_float(node, w_bits), source,
+                            quantizable)
         return NodeCost(node.name, node.op_type, w_bits, a_bits, self._roofline(node, choice, a_bits), source,
                         quantizable)
+
+    def _dequantized_float(self, node: ir.Node, w_bits: int) -> float:
+        """The float op's price (as measured, else its roofline) plus dequantizing its weight."""
+        key = op_facts.latency_key(node)
+        measured = self.table.lookup(*key, FLOAT_BITS, FLOAT_BITS) if key else None
+        us = measured if measured is not None else self._roofline(node, None, FLOAT_BITS)
+        weight = op_facts.weight_of(node)
+        if weight is not None:
+            roofline = self.table.roofline
+            us += roofline.node_us(0, _elements(weight) * (_bytes(w_bits) + _bytes(FLOAT_BITS)),
+                                   "fp32" if "fp32" in roofline.peak_ops_per_s else next(iter(roofline.peak_ops_per_s)))
+        return us
 
     def _roofline(self, node: ir.Node, choice: NodeQuant | None, a_bits: int) -> float:
         roofline = self.table.roofline

@@ -108,3 +108,20 @@ def test_concat_of_quantized_tensors_runs_on_integers():
     # With the reader in float, the join is float: both branches are dequantized for it.
     float_reader = estimate(model, Plan(NodeQuant(), {"conv_c": None}), table)
     assert sorted(c.tensor for c in float_reader.conversions) == ["a", "b", "x"]
+
+
+def test_a_cpu_table_prices_widths_without_an_integer_kernel_as_dequantize_plus_float():
+    """onnxruntime's CPU runs 4- and 16-bit nodes as dequantize + the float op: a measured table's
+    fallback never prices them below float (the fitted roofline alone would call 4-bit weights fast)."""
+    model = _model()
+    cpu = LatencyTable("cpu", "measured", ROOF)
+    nodes = [n.name for n in qir.quantizable_nodes(model)]
+    floats = {c.node: c.latency_us for c in estimate(model, Plan(None), cpu).nodes}
+    for bits in ((4, 8), (16, 16)):
+        priced = {c.node: c.latency_us for c in estimate(model, Plan.uniform(*bits), cpu).nodes}
+        assert all(priced[n] > floats[n] for n in nodes), bits
+    eight = {c.node: c.latency_us for c in estimate(model, Plan.uniform(8, 8), cpu).nodes}
+    assert all(eight[n] < floats[n] for n in nodes)  # the integer kernel is priced as such
+    gpu = LatencyTable("gpu", "analytic", ROOF)  # an accelerator has 4-bit units
+    four = {c.node: c.latency_us for c in estimate(model, Plan.uniform(4, 8), gpu).nodes}
+    assert all(four[n] < {c.node: c.latency_us for c in estimate(model, Plan(None), gpu).nodes}[n] for n in nodes)
