@@ -120,10 +120,30 @@ class AnalysisData:
             {len(data.labels)} if data.labels is not None else set())
         if len(counts) != 1:
             raise QinjectError(f"evaluation data: inputs and labels have different sample counts {sorted(counts)}")
+        data = _one_value_per_scalar_input(data, model)
         if limit is not None:
             data = AnalysisData(take(data.inputs, slice(None, limit)),
                                 None if data.labels is None else data.labels[:limit])
         return data
+
+
+def _one_value_per_scalar_input(data: AnalysisData, model: ir.Model) -> AnalysisData:
+    """A scalar model input (an If's mode, a Loop's count) given one value per sample: the samples of
+    its most common value, that value as a 0-d array (a model run takes one value; warned when the
+    data had several)."""
+    scalars = [v.name for v in model.graph.inputs
+               if v.shape is not None and len(v.shape) == 0 and np.ndim(data.inputs[v.name]) == 1]
+    if not scalars:
+        return data
+    keys = np.stack([np.asarray(data.inputs[n]) for n in scalars], axis=1)
+    values, inverse, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    keep = np.flatnonzero(inverse.reshape(-1) == int(np.argmax(counts)))
+    if len(values) > 1:
+        warnings.warn(f"evaluation data gives scalar input(s) {scalars} {len(values)} different values; the search "
+                      f"measures on the {len(keep)} samples of the most common one", QinjectWarning, stacklevel=4)
+    inputs = take({k: v for k, v in data.inputs.items() if k not in scalars}, keep)
+    inputs.update({n: np.asarray(data.inputs[n])[keep[0]] for n in scalars})
+    return AnalysisData(inputs, None if data.labels is None else data.labels[keep])
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

@@ -291,3 +291,14 @@ def test_quantize_times_the_written_model_against_float(tmp_path):
     quiet = run_cli("quantize", tmp_path / "m.onnx", "-o", tmp_path / "q2.onnx", "--calib", tmp_path / "c.npz",
                     "--no-measure")
     assert "measured on this machine" not in quiet.stdout
+
+
+def test_a_search_takes_scalar_inputs_given_one_value_per_evaluation_sample():
+    x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    modes = np.array([True] * 5 + [False] * 3)  # an If's mode per sample: the search measures the 5 "then"s
+    with pytest.warns(UserWarning, match=r"scalar input\(s\) \['mode'\] 2 different values; the search measures on "
+                                         r"the 5 samples"):
+        result = qinject.quantize_onnx(_if_only(), calib={"x": x, "mode": modes}, progress=False,
+                                       search=SearchOptions(max_drop="5%", workers=1,
+                                                            eval_data={"x": x, "mode": modes}))
+    assert result.search.evaluations >= 2
