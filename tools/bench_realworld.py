@@ -6,8 +6,9 @@ the same calibration feeds:
 * ``ort_static``   onnxruntime ``quant_pre_process`` then ``quantize_static`` (QDQ, per-channel, QUInt8
                    activations, QInt8 weights, MinMax), calibrated by a CalibrationDataReader over the feeds
 * ``ort_dynamic``  onnxruntime ``quantize_dynamic`` (QInt8 weights)
-* ``qinject``      ``qinject quantize MODEL -o OUT --calib FOLDER`` (the CLI)
-* ``qinject_1pct`` ``qinject quantize MODEL -o OUT --calib FOLDER --max-drop 1% --eval EVAL.npz``
+* ``qinject``      ``qinject quantize MODEL -o OUT --calib FOLDER --no-measure`` (the CLI; ``--no-measure``
+                   skips qinject's own timing of its output, this tool's timing is the one reported)
+* ``qinject_1pct`` ``qinject quantize MODEL -o OUT --calib FOLDER --no-measure --max-drop 1% --eval EVAL.npz``
                    (``--eval`` takes a file, not a folder: EVAL.npz holds the evaluation feeds of the first
                    feed's shapes, concatenated, with their labels)
 
@@ -160,7 +161,7 @@ def ort_child(tool: str, model: str, calib: str, out: str) -> None:
 def tool_command(tool: str, model: Path, calib: Path, evalf: Path, out: Path) -> list[str]:
     if tool.startswith("ort"):
         return [sys.executable, str(Path(__file__).resolve()), "_ort", tool, str(model), str(calib), str(out)]
-    cmd = [str(QINJECT), "quantize", str(model), "-o", str(out), "--calib", str(calib)]
+    cmd = [str(QINJECT), "quantize", str(model), "-o", str(out), "--calib", str(calib), "--no-measure"]
     if tool == "qinject_1pct":
         cmd += ["--max-drop", "1%", "--eval", str(evalf)]
     return cmd
@@ -365,8 +366,9 @@ def render(records: list[dict], args, started: str, elapsed: float) -> str:
              "and the exports of `models/realworld/exports`) quantized from the same float file and the same "
              f"calibration feeds ({'4' if args.quick else '8'} feeds; shapes vary between feeds) by onnxruntime "
              "`quantize_static` (after `quant_pre_process`; QDQ, per-channel, QUInt8 activations / QInt8 weights, "
-             "MinMax), `quantize_dynamic` (QInt8 weights), `qinject quantize --calib FOLDER` and "
-             "`qinject quantize --calib FOLDER --max-drop 1% --eval EVAL.npz` (`--eval` takes a file, not a folder: "
+             "MinMax), `quantize_dynamic` (QInt8 weights), `qinject quantize --calib FOLDER --no-measure` and "
+             "`qinject quantize --calib FOLDER --no-measure --max-drop 1% --eval EVAL.npz` (`--no-measure`: this "
+             "tool's timing is the one reported; `--eval` takes a file, not a folder: "
              "EVAL.npz holds the evaluation feeds that share feed 0's shapes). Fidelity against fp32 on "
              f"{'6' if args.quick else '16'} evaluation feeds (disjoint from calibration): classifiers top-1 "
              "agreement (accuracy vs labels where known), detectors/layout the share of fp32 detections (after the "
