@@ -797,17 +797,21 @@ def export_one(spec: Spec, exporter: str, out_dir: Path) -> dict[str, Any]:
     return entry
 
 
-def torch_versions() -> dict[str, str]:
-    from importlib.metadata import version
-    pkgs = ["torch", "torchvision", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime",
-            "numpy", "protobuf"]
+def package_versions(pkgs: list[str]) -> dict[str, str]:
+    """Python's and each package's installed version ("absent" if not installed), for the manifest."""
+    from importlib.metadata import PackageNotFoundError, version
     out = {"python": platform.python_version()}
     for p in pkgs:
         try:
             out[p] = version(p)
-        except Exception:  # noqa: BLE001
+        except PackageNotFoundError:
             out[p] = "absent"
     return out
+
+
+def torch_versions() -> dict[str, str]:
+    return package_versions(["torch", "torchvision", "transformers", "onnx", "onnxscript", "onnx-ir",
+                             "onnxruntime", "numpy", "protobuf"])
 
 
 def main(argv: list[str] | None = None) -> int:

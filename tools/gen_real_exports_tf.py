@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -129,14 +128,8 @@ def export_one(key: str, out_dir: Path, opset: int | None) -> dict[str, Any]:
 
 
 def tf_versions() -> dict[str, str]:
-    from importlib.metadata import version
-    out = {"python": platform.python_version()}
-    for p in ["tensorflow-cpu", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy", "protobuf"]:
-        try:
-            out[p] = version(p)
-        except Exception:  # noqa: BLE001
-            out[p] = "absent"
-    return out
+    return common.package_versions(["tensorflow-cpu", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy",
+                                    "protobuf"])
 
 
 def main(argv: list[str] | None = None) -> int:
