@@ -18,6 +18,11 @@ onnxruntime do:
   reads a tensor held at another width, and where a float node reads an integer tensor. One per
   tensor and width, as the rewrite shares its Q/DQ pairs. No peer tool models this cost.
 
+Execution modes (``qinject.plan.MODES``) other than static read and write float: a dynamic node
+costs its int8 kernel plus the run-time quantization pass over its input; a weight-only MatMul/Gemm
+(onnxruntime's MatMulNBits) moves its packed weight and computes in float; other weight-only ops run
+the float op on a weight dequantized every run. Neither needs a conversion around it.
+
 Measured entries win over the roofline; every node's ``source`` says which one priced it, and why
 the roofline was used when the table is a measured one.
 """
@@ -32,7 +37,7 @@ import onnx_ir as ir
 from qinject import ir as qir
 from qinject import op_facts
 from qinject.latency_table import FLOAT_BITS, LatencyTable
-from qinject.plan import NodeQuant, Plan
+from qinject.plan import DYNAMIC, STATIC, WEIGHT_ONLY, NodeQuant, Plan
 from qinject.quant_points import output_point
 
 MEASURED = "measured"
@@ -51,6 +56,18 @@ class NodeCost:
     latency_us: float
     source: str
     quantizable: bool = False
+    mode: str = STATIC
+    block_size: int = 0
+
+    @property
+    def label(self) -> str:
+        """"float", "8/8", "8/8 dynamic", "4 weight-only/32" (weight bits / activation bits)."""
+        if self.activation_bits == FLOAT_BITS and self.mode != WEIGHT_ONLY:
+            return "float"
+        if self.mode == WEIGHT_ONLY:
+            return f"{self.weight_bits} weight-only/{self.block_size}"
+        text = f"{_bits(self.weight_bits)}/{self.activation_bits}"
+        return text if self.mode == STATIC else f"{text} {self.mode}"
 
 
 @dataclass(frozen=True)
@@ -166,12 +183,14 @@ class _Estimator:
         bits: dict[str, int] = {}
         for node in self.graph:
             choice = self.choices.get(node.name)
-            if choice is not None:
+            if choice is not None and choice.quantizes_activations:
                 out = output_point(node)
                 kernel = self.native or op_facts.runs_on_integer_kernel(node, choice.weights, choice.activations)
                 if not out.is_graph_output() and ((kernel and op_facts.needs_quantized_output(node))
                                                   or self._read_quantized(out, kernel)):
                     bits[out.name] = choice.activations
+            elif choice is not None:
+                pass  # dynamic / weight-only: float in, float out
             elif op_facts.fact(node).range_preserving and node.inputs and node.inputs[0] is not None:
                 if node.inputs[0].name in bits:
                     bits[node.outputs[0].name] = bits[node.inputs[0].name]
@@ -191,7 +210,8 @@ class _Estimator:
         """As the rewrite decides: a quantized node reads it, directly or (after an integer kernel)
         through range-preserving ops."""
         for use in value.uses():
-            if use.node.name in self.choices and use.idx in op_facts.activation_inputs(use.node):
+            choice = self.choices.get(use.node.name)
+            if choice is not None and choice.quantizes_activations and use.idx in op_facts.activation_inputs(use.node):
                 return True
             if (through_range_preserving and op_facts.fact(use.node).range_preserving and use.idx == 0
                     and self._read_quantized(use.node.outputs[0])):
@@ -205,6 +225,8 @@ class _Estimator:
         key = op_facts.latency_key(node)
         choice = self.choices.get(node.name)
         quantizable = op_facts.is_quantizable(node)
+        if choice is not None and choice.mode != STATIC:
+            return self._moded(node, choice, key, quantizable)
         if choice is not None:
             w_bits = choice.weights if op_facts.weight_of(node) is not None else choice.activations
             a_bits = choice.activations
@@ -223,6 +245,32 @@ class _Estimator:
         return NodeCost(node.name, node.op_type, w_bits, a_bits, self._roofline(node, choice, a_bits), source,
                         quantizable)
 
+    def _moded(self, node: ir.Node, choice: NodeQuant, key: tuple[str, str] | None, quantizable: bool
+               ) -> NodeCost:
+        """A dynamic or weight-only node: its measured entry, else the roofline of what runs."""
+        a_bits = choice.activations if choice.mode == DYNAMIC else FLOAT_BITS
+        made = dict(op=node.op_type, weight_bits=choice.weights, activation_bits=a_bits, quantizable=quantizable,
+                    mode=choice.mode, block_size=choice.block_size if choice.mode == WEIGHT_ONLY else 0)
+        measured = self.table.lookup(*key, choice.weights, a_bits, choice.mode) if key else None
+        if measured is not None:
+            return NodeCost(node.name, latency_us=measured, source=MEASURED, **made)
+        source = MISSING if self.table.kind == "measured" else ROOFLINE
+        roofline, macs, weight = self.table.roofline, op_facts.macs(node) or 0, op_facts.weight_of(node)
+        inputs = sum(_elements(node.inputs[i]) for i in op_facts.activation_inputs(node))
+        out_bytes = _elements(node.outputs[0]) * _bytes(FLOAT_BITS)
+        fp32 = _float_precision(roofline)
+        if choice.mode == DYNAMIC:
+            # the int8 kernel, then the pass that finds the input's range and quantizes it
+            us = roofline.node_us(macs, _elements(weight) * _bytes(8) + inputs + out_bytes,
+                                  roofline.precision(8, 8))
+            us += inputs * (_bytes(FLOAT_BITS) + _bytes(8)) / roofline.memory_bytes_per_s * 1e6
+        elif op_facts.fact(node).dynamic:  # weight-only MatMul/Gemm: MatMulNBits unpacks blocks in its kernel
+            packed = _elements(weight) * (_bytes(choice.weights) + _bytes(FLOAT_BITS) / choice.block_size)
+            us = roofline.node_us(macs, packed + inputs * _bytes(FLOAT_BITS) + out_bytes, fp32)
+        else:
+            us = self._dequantized_float(node, choice.weights)
+        return NodeCost(node.name, latency_us=us, source=source, **made)
+
     def _dequantized_float(self, node: ir.Node, w_bits: int) -> float:
         """The float op's price (as measured, else its roofline) plus dequantizing its weight."""
         key = op_facts.latency_key(node)
@@ -232,7 +280,7 @@ class _Estimator:
         if weight is not None:
             roofline = self.table.roofline
             us += roofline.node_us(0, _elements(weight) * (_bytes(w_bits) + _bytes(FLOAT_BITS)),
-                                   "fp32" if "fp32" in roofline.peak_ops_per_s else next(iter(roofline.peak_ops_per_s)))
+                                   _float_precision(roofline))
         return us
 
     def _roofline(self, node: ir.Node, choice: NodeQuant | None, a_bits: int) -> float:
@@ -262,7 +310,7 @@ class _Estimator:
                 if value is None or value.const_value is not None:
                     continue
                 have = self.bits.get(value.name, FLOAT_BITS)
-                if choice is not None and i in op_facts.activation_inputs(node):
+                if choice is not None and choice.quantizes_activations and i in op_facts.activation_inputs(node):
                     want = choice.activations
                 elif choice is None and op_facts.fact(node).range_preserving and i == 0:
                     continue  # carried on at the same width
@@ -286,10 +334,13 @@ class _Estimator:
         if measured is not None:
             return ConversionCost(value.name, have, want, elements, measured, MEASURED)
         roofline = self.table.roofline
-        us = roofline.node_us(0, elements * (_bytes(have) + _bytes(want)), "fp32" if "fp32" in
-                              roofline.peak_ops_per_s else next(iter(roofline.peak_ops_per_s)))
+        us = roofline.node_us(0, elements * (_bytes(have) + _bytes(want)), _float_precision(roofline))
         return ConversionCost(value.name, have, want, elements, us,
                               MISSING if self.table.kind == "measured" else ROOFLINE)
+
+
+def _float_precision(roofline) -> str:
+    return "fp32" if "fp32" in roofline.peak_ops_per_s else next(iter(roofline.peak_ops_per_s))
 
 
 def _elements(value: ir.Value | None) -> int:
@@ -308,8 +359,7 @@ def format_report(report: CostReport, top: int | None = None) -> str:
     shown = rows if top is None else rows[:top]
     lines = [f"{'node':<28} {'op':<22} {'bits w/a':>9} {'latency us':>11} {'share':>6}  source"]
     for n in shown:
-        bits = "" if n.source.startswith("fused") else "float" if n.activation_bits == FLOAT_BITS else (
-            f"{_bits(n.weight_bits)}/{n.activation_bits}")
+        bits = "" if n.source.startswith("fused") else n.label
         lines.append(f"{n.node[:28]:<28} {n.op[:22]:<22} {bits:>9} {n.latency_us:>11.2f} "
                      f"{report.share(n):>6.1%}  {n.source}")
     if len(rows) > len(shown):

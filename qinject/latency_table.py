@@ -10,8 +10,9 @@ File format (version 1, JSON)::
      "entries": [{"op": "Conv", "shape": "1x64x56x56;64x64x3x3->1x64x56x56",
                   "weight_bits": 8, "activation_bits": 8, "latency_us": 41.5}]}
 
-``entries`` are measurements keyed by (op type, shape signature, weight bits, activation bits);
-bits 32 mean float32. Conversions between precision regions are entries too, with op
+``entries`` are measurements keyed by (op type, shape signature, weight bits, activation bits,
+execution mode); bits 32 mean float32. ``mode`` (``qinject.plan.MODES``) is written only where it is
+not ``static``, so tables from before modes load unchanged; a weight-only entry has activation bits 32. Conversions between precision regions are entries too, with op
 ``QuantizeLinear`` / ``DequantizeLinear`` and shape ``x<elements>`` (weight bits 0). The
 ``roofline`` prices whatever the entries lack: a node takes ``max(2 * MACs / peak, bytes /
 bandwidth) + overhead``, where one multiply-accumulate counts as two operations (the spec-sheet
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from qinject.errors import QinjectError
 from qinject.jsonfile import read_json
+from qinject.plan import MODES, STATIC
 
 FORMAT = "qinject-latency-table"
 VERSION = 1
@@ -106,10 +108,11 @@ class Entry:
     weight_bits: int
     activation_bits: int
     latency_us: float
+    mode: str = STATIC
 
     @property
-    def key(self) -> tuple[str, str, int, int]:
-        return (self.op, self.shape, self.weight_bits, self.activation_bits)
+    def key(self) -> tuple[str, str, int, int, str]:
+        return (self.op, self.shape, self.weight_bits, self.activation_bits, self.mode)
 
 
 @dataclass
@@ -121,10 +124,11 @@ class LatencyTable:
     roofline: Roofline
     description: str = ""
     source: str = ""
-    entries: dict[tuple[str, str, int, int], Entry] = field(default_factory=dict)
+    entries: dict[tuple[str, str, int, int, str], Entry] = field(default_factory=dict)
 
-    def lookup(self, op: str, shape: str, weight_bits: int, activation_bits: int) -> float | None:
-        entry = self.entries.get((op, shape, weight_bits, activation_bits))
+    def lookup(self, op: str, shape: str, weight_bits: int, activation_bits: int, mode: str = STATIC
+               ) -> float | None:
+        entry = self.entries.get((op, shape, weight_bits, activation_bits, mode))
         return None if entry is None else entry.latency_us
 
     def add(self, entry: Entry) -> None:
@@ -138,7 +142,8 @@ class LatencyTable:
         return {"format": FORMAT, "version": VERSION, "target": self.target, "kind": self.kind,
                 "description": self.description, "source": self.source, "roofline": self.roofline.to_dict(),
                 "entries": [{"op": e.op, "shape": e.shape, "weight_bits": e.weight_bits,
-                             "activation_bits": e.activation_bits, "latency_us": e.latency_us}
+                             "activation_bits": e.activation_bits, "latency_us": e.latency_us,
+                             **({"mode": e.mode} if e.mode != STATIC else {})}
                             for e in sorted(self.entries.values(), key=lambda e: e.key)]}
 
     def to_json(self) -> str:
@@ -268,7 +273,7 @@ def _roofline(raw: object, source: str) -> Roofline:
 def _entry(raw: object, where: str) -> Entry:
     if not isinstance(raw, dict):
         raise LatencyTableError(f"{where}: expected an object")
-    unknown = set(raw) - {"op", "shape", "weight_bits", "activation_bits", "latency_us"}
+    unknown = set(raw) - {"op", "shape", "weight_bits", "activation_bits", "latency_us", "mode"}
     if unknown:
         raise LatencyTableError(f"{where}: unknown key(s) {sorted(unknown)}")
     for key in ("op", "shape"):
@@ -280,5 +285,8 @@ def _entry(raw: object, where: str) -> Entry:
         if isinstance(value, bool) or value not in (0, 4, 8, 16, 32):
             raise LatencyTableError(f"{where}: {key!r} must be 0, 4, 8, 16 or 32, got {value!r}")
         bits[key] = value
+    mode = raw.get("mode", STATIC)
+    if mode not in MODES:
+        raise LatencyTableError(f"{where}: 'mode' must be one of {list(MODES)}, got {mode!r}")
     return Entry(raw["op"], raw["shape"], bits["weight_bits"], bits["activation_bits"],
-                 _number(raw, "latency_us", where))
+                 _number(raw, "latency_us", where), mode)

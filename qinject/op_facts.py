@@ -72,6 +72,10 @@ class OpFact:
         slower_on_cpu: a function of the node giving why onnxruntime's CPU integer kernel for it is
             slower than its float one (None: it is not). A plain quantize leaves such nodes float
             unless forced, so the output is never slower than the float model for their sake.
+        dynamic: the op has a dynamic-quantization form (activations quantized at run time): MatMul
+            and Gemm with a constant weight, which onnxruntime fuses into DynamicQuantizeMatMul.
+        reduction_axis: the weight's reduction (input-channel) axis, as a function of the node:
+            weight-only blocks run along it (None: the op has no weight-only form).
     """
 
     quantizable: bool = False
@@ -87,6 +91,8 @@ class OpFact:
     joins_integers: bool = False
     float_reason: str | None = None
     slower_on_cpu: Callable[[ir.Node], str | None] | None = None
+    dynamic: bool = False
+    reduction_axis: Callable[[ir.Node], int | None] | None = None
 
 
 def _dims(value: ir.Value | None) -> list[int] | None:
@@ -210,14 +216,16 @@ def _grouped_conv(node: ir.Node) -> str | None:
 
 OP_FACTS: dict[tuple[str, str], OpFact] = {
     (ONNX, "Conv"): OpFact(True, (0,), 1, 2, lambda n: 0, _conv_macs, needs_quantized_output=True,
-                           slower_on_cpu=_grouped_conv),
+                           slower_on_cpu=_grouped_conv, reduction_axis=lambda n: 1),
     # ConvTranspose weights are [C_in, C_out/group, k...]: output channels live on axis 1.
     (ONNX, "ConvTranspose"): OpFact(True, (0,), 1, 2, lambda n: 1, _conv_transpose_macs,
                                     needs_quantized_output=True),
     # Gemm computes A' @ B' + C; B is [K, N] or, with transB, [N, K].
-    (ONNX, "Gemm"): OpFact(True, (0,), 1, 2, lambda n: 0 if _attr_int(n, "transB", 0) else 1, _gemm_macs),
+    (ONNX, "Gemm"): OpFact(True, (0,), 1, 2, lambda n: 0 if _attr_int(n, "transB", 0) else 1, _gemm_macs,
+                           dynamic=True, reduction_axis=lambda n: 1 if _attr_int(n, "transB", 0) else 0),
     # MatMul's weight (when input 1 is constant) is [..., K, N]: output channels on the last axis.
-    (ONNX, "MatMul"): OpFact(True, (0,), 1, None, lambda n: len(n.inputs[1].shape) - 1, _matmul_macs),
+    (ONNX, "MatMul"): OpFact(True, (0,), 1, None, lambda n: len(n.inputs[1].shape) - 1, _matmul_macs,
+                             dynamic=True, reduction_axis=lambda n: len(n.inputs[1].shape) - 2),
 }
 for _op in ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout"):
     OP_FACTS[(ONNX, _op)] = OpFact(range_preserving=True,
@@ -325,6 +333,22 @@ def slower_on_cpu(node: ir.Node) -> str | None:
     """Why onnxruntime's CPU integer kernel for ``node`` is slower than float, or None."""
     check = fact(node).slower_on_cpu
     return check(node) if check is not None else None
+
+
+def modes(node: ir.Node) -> tuple[str, ...]:
+    """The execution modes (``qinject.plan.MODES``) the rewrite can give ``node``: static for every
+    quantizable node; dynamic and weight-only where the op has those forms and a constant weight."""
+    if not is_quantizable(node):
+        return ()
+    f, has_weight = fact(node), weight_of(node) is not None
+    return ("static",) + (("dynamic",) if f.dynamic and has_weight else ()) + (
+        ("weight-only",) if f.reduction_axis is not None and has_weight else ())
+
+
+def reduction_axis(node: ir.Node) -> int | None:
+    """The weight's reduction axis, along which weight-only blocks run (None: no weight-only form)."""
+    f = fact(node)
+    return f.reduction_axis(node) if f.reduction_axis is not None else None
 
 
 def runs_on_integer_kernel(node: ir.Node, weight_bits: int, activation_bits: int) -> bool:

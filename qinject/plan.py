@@ -20,7 +20,22 @@ activation_signed      false    uint activations (onnxruntime's fastest CPU kern
 weight_symmetric       true     zero point 0 for weights
 activation_symmetric   false    asymmetric activations use the whole code range
 per_channel            true     one weight scale per output channel (false: per tensor)
+mode                   static   how the node runs (below)
+block_size             32       weight-only: weights per scale along the reduction axis
 =====================  =======  =====================================================
+
+Execution modes (``mode``):
+
+- ``static``: Q/DQ on weights and activations with calibrated activation scales; onnxruntime runs
+  QLinearConv / QGemm / QLinearMatMul at 8 bits.
+- ``dynamic``: int8 weights, activations quantized at run time from their own range (no calibrated
+  scale); MatMul and Gemm only, 8-bit only. Written as DynamicQuantizeLinear -> MatMulInteger, which
+  onnxruntime fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat.
+- ``weight-only``: 4- or 8-bit weights in blocks of ``block_size`` along the reduction axis,
+  activations stay float (``activations`` is ignored). For MatMul/Gemm onnxruntime fuses the
+  block-wise DequantizeLinear into MatMulNBits; other ops run the dequantized float weight.
+
+Plan files written before modes existed have no ``mode`` field and load unchanged as ``static``.
 
 Written files are canonical (sorted keys, node fields written only where they differ from the
 default), so reading and writing a plan round-trips exactly.
@@ -41,6 +56,9 @@ from qinject.numerics import QType
 FORMAT = "qinject-plan"
 VERSION = 1
 FLOAT = "float"
+STATIC, DYNAMIC, WEIGHT_ONLY = "static", "dynamic", "weight-only"
+MODES = (STATIC, DYNAMIC, WEIGHT_ONLY)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,15 +72,39 @@ class NodeQuant:
     weight_symmetric: bool = True
     activation_symmetric: bool = False
     per_channel: bool = True
+    mode: str = STATIC
+    block_size: int = 32
 
     def __post_init__(self) -> None:
         for name in ("weights", "activations"):
             bits = getattr(self, name)
             if isinstance(bits, bool) or bits not in (4, 8, 16):
                 raise PlanError(f"plan field {name!r} must be 4, 8 or 16, got {bits!r}")
-        for f in dataclasses.fields(self)[2:]:
-            if not isinstance(getattr(self, f.name), bool):
-                raise PlanError(f"plan field {f.name!r} must be true or false, got {getattr(self, f.name)!r}")
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise PlanError(f"plan field {name!r} must be true or false, got {getattr(self, name)!r}")
+        if self.mode not in MODES:
+            raise PlanError(f"plan field 'mode' must be one of {list(MODES)}, got {self.mode!r}")
+        if isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES:
+            raise PlanError(f"plan field 'block_size' must be one of {list(BLOCK_SIZES)}, got {self.block_size!r}")
+        if self.mode == DYNAMIC and (self.weights, self.activations) != (8, 8):
+            raise PlanError(f"mode 'dynamic' runs 8-bit weights and activations (onnxruntime's "
+                            f"DynamicQuantizeMatMul), got W{self.weights}A{self.activations}")
+        if self.mode == WEIGHT_ONLY and self.weights == 16:
+            raise PlanError("mode 'weight-only' takes 4- or 8-bit weights, got 16")
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """Whether calibrated Q/DQ pairs go on the activations (static mode only)."""
+        return self.mode == STATIC
+
+    @property
+    def label(self) -> str:
+        """How the choice reads in reports: "W8A8", "W8A8 dynamic", "W4 weight-only/32"."""
+        if self.mode == WEIGHT_ONLY:
+            return f"W{self.weights} weight-only/{self.block_size}"
+        text = f"W{self.weights}A{self.activations}"
+        return text if self.mode == STATIC else f"{text} {self.mode}"
 
     @property
     def weight_qtype(self) -> QType:
@@ -74,12 +116,16 @@ class NodeQuant:
 
     @property
     def min_opset(self) -> int:
-        """The default-domain opset this choice needs: per-axis Q/DQ is opset 13, int4/int16 opset 21."""
+        """The default-domain opset this choice needs: per-axis Q/DQ is opset 13, int4/int16 and
+        block-wise Q/DQ (weight-only) opset 21."""
+        if self.mode == WEIGHT_ONLY:
+            return 21
         need = max(self.weight_qtype.min_opset, self.activation_qtype.min_opset)
         return max(need, 13) if self.per_channel else need
 
 
 _FIELDS = {f.name for f in dataclasses.fields(NodeQuant)}
+_FLAGS = ("weight_signed", "activation_signed", "weight_symmetric", "activation_symmetric", "per_channel")
 
 
 @dataclass

@@ -30,10 +30,10 @@ import onnx_ir as ir
 from qinject import ir as qir
 from qinject.errors import PlanError
 from qinject.jsonfile import read_json
-from qinject.plan import NodeQuant, Plan
+from qinject.plan import STATIC, WEIGHT_ONLY, NodeQuant, Plan
 
 FORMAT, VERSION = "qinject-rules", 1
-_FIELDS = ("name", "op_types", "weights", "activations", "per_channel", "skip", "comment")
+_FIELDS = ("name", "op_types", "weights", "activations", "per_channel", "mode", "block_size", "skip", "comment")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class Rule:
     weights: int | None = None
     activations: int | None = None
     per_channel: bool | None = None
+    mode: str | None = None
+    block_size: int | None = None
     skip: bool = False
     comment: str = ""
 
@@ -54,12 +56,17 @@ class Rule:
                 re.compile(self.name)
             except re.error as exc:
                 raise PlanError(f"rule name pattern {self.name!r} is not a regular expression: {exc}") from None
-        if self.skip and (self.weights is not None or self.activations is not None):
-            raise PlanError(f"rule {self.describe()} both skips the node and sets its bits")
+        if self.skip and any(v is not None for v in (self.weights, self.activations, self.mode, self.block_size)):
+            raise PlanError(f"rule {self.describe()} both skips the node and sets how it is quantized")
         for what in ("weights", "activations"):
             bits = getattr(self, what)
             if bits is not None and (isinstance(bits, bool) or bits not in (4, 8, 16)):
                 raise PlanError(f"rule {self.describe()}: {what} must be 4, 8 or 16, got {bits!r}")
+        if not self.skip:
+            try:
+                self.choice(None)  # the mode's own constraints (dynamic: 8 bits), said once here
+            except PlanError as exc:
+                raise PlanError(f"rule {self.describe()}: {exc}") from None
 
     def matches(self, node: ir.Node) -> bool:
         if self.name is not None and not re.fullmatch(self.name, node.name):
@@ -69,11 +76,9 @@ class Rule:
     def choice(self, default: NodeQuant | None) -> NodeQuant | None:
         if self.skip:
             return None
-        base = default or NodeQuant()
-        return NodeQuant(weights=self.weights or base.weights, activations=self.activations or base.activations,
-                         per_channel=base.per_channel if self.per_channel is None else self.per_channel,
-                         weight_signed=base.weight_signed, activation_signed=base.activation_signed,
-                         weight_symmetric=base.weight_symmetric, activation_symmetric=base.activation_symmetric)
+        given = {f: getattr(self, f) for f in ("weights", "activations", "per_channel", "mode", "block_size")
+                 if getattr(self, f) is not None}
+        return dataclasses.replace(default or NodeQuant(), **given)
 
     def describe(self) -> str:
         parts = [f"name={self.name!r}"] if self.name is not None else []
@@ -116,12 +121,11 @@ class Rules:
         nodes = {n: c for n, c in choices.items() if c != self.default}
         return Plan(self.default, nodes), unmatched
 
-    def pins(self, model: ir.Model) -> tuple[dict[str, int | None], list[Rule]]:
-        """For a search: width (or None: float) of every node a rule matches, as a search width
-        (the weight bits), and the rules that matched nothing."""
+    def pins(self, model: ir.Model) -> tuple[dict[str, NodeQuant | None], list[Rule]]:
+        """For a search: the choice (None: float) of every node a rule matches, and the rules that
+        matched nothing."""
         choices, decided_by, unmatched = self.resolve(model)
-        return ({n: (None if c is None else c.weights) for n, c in choices.items() if decided_by[n] is not None},
-                unmatched)
+        return {n: c for n, c in choices.items() if decided_by[n] is not None}, unmatched
 
     @classmethod
     def from_plan(cls, plan: Plan, nodes: Iterable[str]) -> Rules:
@@ -133,13 +137,17 @@ class Rules:
                 rules.append(Rule(name=re.escape(name), skip=True))
             else:
                 rules.append(Rule(name=re.escape(name), weights=choice.weights, activations=choice.activations,
-                                  per_channel=None if choice.per_channel else False))
+                                  per_channel=None if choice.per_channel else False,
+                                  mode=None if choice.mode == STATIC else choice.mode,
+                                  block_size=choice.block_size if choice.mode == WEIGHT_ONLY else None))
         return cls(tuple(rules), None)
 
     # -- JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         default = "float" if self.default is None else {"weights": self.default.weights,
                                                           "activations": self.default.activations}
+        if self.default is not None and self.default.mode != STATIC:
+            default.update(mode=self.default.mode, block_size=self.default.block_size)
         return {"format": FORMAT, "version": VERSION, "default": default, "rules": [r.to_dict() for r in self.rules]}
 
     def save(self, path: str | os.PathLike) -> Path:

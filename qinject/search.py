@@ -16,6 +16,13 @@ the budget with a bisection guided by the predicted damage (regula falsi between
 measured scores, a plain midpoint whenever a guess fails to halve the bracket). The plan a search
 returns has always been evaluated and met the budget; if none does, the float plan is returned with
 a message saying so.
+
+Execution modes (``qinject.plan.MODES``): a width stands for the fastest mode the target prices for
+that node at that width (8 bits: static or dynamic; 4 bits: static W4A8 or weight-only), chosen once
+per node and width with every other node at the same width. Float is always a candidate: the chosen
+plan is swept node by node, and a node whose float form the target prices faster goes float (one
+more evaluation verifies the result), so a search never returns a plan its own estimate prices above
+the float model.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ from qinject.evaluation import Budget, Executable, Metric, UserMetric, default_m
 from qinject.executor import Executor
 from qinject.latency_table import LatencyTable
 from qinject.pass_manager import Pass, PassResult
-from qinject.plan import Plan
-from qinject.sensitivity import SIGNALS, AnalysisData, choice_for, signal_of, width_label
+from qinject import op_facts
+from qinject.plan import DYNAMIC, MODES, STATIC, WEIGHT_ONLY, NodeQuant, Plan
+from qinject.sensitivity import SIGNALS, AnalysisData, choice_for, signal_of
 
 LEVELS = (16, 8, 4)
 RESULT = "qinject.search.result"  # model meta: the SearchResult the rewrite applies
@@ -78,11 +86,16 @@ class SearchResult:
     searched: list[str] = field(default_factory=list)  # the nodes the search chose (not pinned); Trial.bits order
     score_format: Callable[[float], str] | None = field(default=None, repr=False, compare=False)  # the metric's
 
+    def label(self, node: str) -> str:
+        """How ``node``'s choice reads: "W8A8", "W8A8 dynamic", "W4 weight-only/32", "float"."""
+        choice = self.plan.choice(node)
+        return "float" if choice is None else choice.label
+
     def width_counts(self) -> dict[str, int]:
-        """How many nodes got each choice ("W8A8", "W4A8", "float", ...)."""
+        """How many nodes got each choice ("W8A8", "W4 weight-only/32", "float", ...)."""
         counts: dict[str, int] = {}
-        for bits in self.bits.values():
-            label = width_label(bits)
+        for node in self.bits:
+            label = self.label(node)
             counts[label] = counts.get(label, 0) + 1
         return counts
 
@@ -100,6 +113,7 @@ class SearchResult:
                 "latency_us": self.latency_us, "float_us": self.float_us, "sixteen_bit_us": self.sixteen_bit_us,
                 "saving_vs_16_bit": self.saving_vs_16_bit, "evaluations": self.evaluations,
                 "seconds": self.seconds, "bits": self.bits, "message": self.message,
+                "choices": {n: self.label(n) for n in self.bits},
                 "trials": [{"label": t.label, "score": t.score, "passed": t.passed, "latency_us": t.latency_us}
                            for t in self.trials],
                 "pareto_front": [{"score": t.score, "passed": t.passed, "latency_us": t.latency_us,
@@ -147,7 +161,7 @@ class Evaluator:
         out: dict[str, np.ndarray] = {}
         for node, arrays in self.low_bit_weights.items():
             choice = plan.choice(node)
-            if choice is not None and choice.weights <= 4:
+            if choice is not None and choice.weights <= 4 and choice.mode == STATIC:  # their grid
                 out.update(arrays)
         return out
 
@@ -170,11 +184,17 @@ class SearchSpace:
 
     def __init__(self, model: ir.Model, evaluator: Evaluator, budget: Budget, table: LatencyTable,
                  batch: int = 1, signal: str = "quant-error", levels: Sequence[int] = LEVELS,
-                 latency_model: ir.Model | None = None, fixed: Mapping[str, int | None] | None = None) -> None:
+                 latency_model: ir.Model | None = None, fixed: Mapping[str, NodeQuant | None] | None = None,
+                 modes: Sequence[str] = MODES) -> None:
         self.model, self.evaluator, self.budget, self.table, self.batch = model, evaluator, budget, table, batch
         self.levels = tuple(sorted(levels, reverse=True))
-        # Pinned nodes (rules): their width (None: float) is given; the search chooses the rest.
+        # Pinned nodes (rules): their choice (None: float) is given; the search chooses the rest.
         self.fixed = dict(fixed or {})
+        unknown = sorted(set(modes) - set(MODES))
+        if unknown or STATIC not in modes:
+            raise QinjectError(f"search modes must include 'static' and be among {list(MODES)}, got {list(modes)}")
+        self.modes = tuple(modes)
+        self._choices: dict[int, dict[str, NodeQuant]] = {}  # width -> node -> its fastest mode's choice
         self.all_nodes = [n.name for n in qir.searchable_nodes(model)]
         self.nodes = [n for n in self.all_nodes if n not in self.fixed]
         if not self.nodes:
@@ -207,9 +227,33 @@ class SearchSpace:
     def key(self, bits: Mapping[str, int]) -> tuple[int, ...]:
         return tuple(bits[n] for n in self.nodes)
 
-    def plan(self, bits: Mapping[str, int]) -> Plan:
-        chosen = {**self.fixed, **bits}
-        return Plan(None, {n: None if b is None else choice_for(b) for n, b in chosen.items()})
+    def plan(self, bits: Mapping[str, int | None]) -> Plan:
+        return Plan(None, {**self.fixed, **{n: None if b is None else self.choice(n, b) for n, b in bits.items()}})
+
+    def choice(self, node: str, bits: int) -> NodeQuant:
+        """What width ``bits`` means for ``node``: the fastest of its modes at that width."""
+        if bits not in self._choices:
+            self._choices[bits] = self._fastest_modes(bits)
+        return self._choices[bits].get(node) or choice_for(bits)
+
+    def _fastest_modes(self, bits: int) -> dict[str, NodeQuant]:
+        """Per node with a second mode at ``bits``, the mode the target prices fastest with every
+        other node at ``bits`` too (static unless another is strictly faster)."""
+        static = choice_for(bits)
+        alternatives = {8: NodeQuant(mode=DYNAMIC), 4: NodeQuant(weights=4, mode=WEIGHT_ONLY)}
+        alternative = alternatives.get(bits)
+        if alternative is None or alternative.mode not in self.modes:
+            return {}
+        nodes = {n.name: n for n in qir.searchable_nodes(self.priced)}
+        base_choices = {**self.fixed, **dict.fromkeys(self.nodes, static)}
+        base = estimate(self.priced, Plan(None, base_choices), self.table, self.batch, baselines=False).total_us
+        out = {}
+        for name in self.nodes:
+            if alternative.mode in op_facts.modes(nodes[name]):
+                trial = Plan(None, {**base_choices, name: alternative})
+                if estimate(self.priced, trial, self.table, self.batch, baselines=False).total_us < base:
+                    out[name] = alternative
+        return out
 
     def latency(self, bits: Mapping[str, int]) -> float:
         key = self.key(bits)
@@ -235,9 +279,30 @@ class SearchSpace:
     def evaluated(self, bits: Mapping[str, int]) -> Trial | None:
         return self._evaluated.get(self.key(bits))
 
+    def float_latency(self) -> float:
+        return self.latency(dict.fromkeys(self.nodes))
+
+    def without_slow_nodes(self, bits: Mapping[str, int | None]) -> dict[str, int | None]:
+        """``bits`` with every node the target prices faster in float set float (two sweeps in graph
+        order, each flip kept where it lowers the whole plan's estimate, conversions included)."""
+        current = dict(bits)
+        for _ in range(2):
+            changed = False
+            for node in self.nodes:
+                if current[node] is None:
+                    continue
+                flipped = {**current, node: None}
+                if self.latency(flipped) < self.latency(current):
+                    current, changed = flipped, True
+            if not changed:
+                break
+        return current
+
     def finish(self, algorithm: str, bits: Mapping[str, int], frontier: Sequence[Trial] = ()) -> SearchResult:
         """Verify ``bits`` by a real evaluation (unless already measured); if it breaks the budget,
-        fall back to the fastest evaluated plan that met it, else to the float plan."""
+        fall back to the fastest evaluated plan that met it, else to the float plan. Nodes the target
+        prices faster in float then go float (verified by one more evaluation); a plan still priced
+        above the float model is replaced by the float plan."""
         trial = self.evaluate(bits, "final")
         message = ""
         if not trial.passed:
@@ -247,24 +312,47 @@ class SearchSpace:
                 message = "the chosen plan broke the budget when verified; the fastest plan that met it is used"
             else:
                 trial = None
-        table_float = estimate(self.priced, Plan(None), self.table, self.batch, baselines=False).total_us
+        table_float = self.float_latency()
+        if trial is not None:
+            trial, note = self._float_where_faster(trial, table_float)
+            message = "; ".join(m for m in (message, note) if m)
         sixteen = self.latency(self.uniform(16))
         metric = self.evaluator.metric
         if trial is None:
             best = min(self.trials, key=lambda t: -t.score)
-            message = (f"no quantized plan meets the budget ({self.budget}: {metric.name} >= "
-                       f"{metric.format(self.floor)}); the best tried scored {metric.format(best.score)}; "
-                       "returning the float plan")
+            message = message or (f"no quantized plan meets the budget ({self.budget}: {metric.name} >= "
+                                  f"{metric.format(self.floor)}); the best tried scored {metric.format(best.score)}; "
+                                  "returning the float plan")
             chosen: dict[str, int | None] = dict.fromkeys(self.all_nodes)
             plan, score, latency = Plan(None), self.float_score, table_float
         else:
             free = dict(zip(self.nodes, trial.bits))
-            chosen = {n: free[n] if n in free else self.fixed[n] for n in self.all_nodes}
+            chosen = {n: free[n] if n in free else _width(self.fixed[n]) for n in self.all_nodes}
             plan, score, latency = self.plan(free), trial.score, trial.latency_us
         return SearchResult(algorithm, plan, chosen, metric.name, str(self.budget), self.table.target,
                             self.float_score, self.floor, score, latency, table_float, sixteen,
                             self.evaluator.count, time.perf_counter() - self.start, list(self.trials), message,
                             list(frontier), self.evaluator.replacements(plan), list(self.nodes), metric.format)
+
+    def _float_where_faster(self, trial: Trial, float_us: float) -> tuple[Trial | None, str]:
+        """``trial`` with the nodes priced faster in float set float, and what was done (None: no
+        quantized plan is priced below the float model)."""
+        bits = dict(zip(self.nodes, trial.bits))
+        pruned = self.without_slow_nodes(bits)
+        if pruned != bits:
+            floated = sum(1 for n in self.nodes if bits[n] is not None and pruned[n] is None)
+            checked = self.evaluate(pruned, "float where faster")
+            if checked.passed:
+                trial = checked
+                note = f"{floated} node(s) kept float: the target prices them faster in float"
+            else:
+                note = ""
+        else:
+            note = ""
+        if trial.latency_us > float_us:
+            return None, (f"no plan that meets the budget is estimated faster than the float model on "
+                          f"{self.table.target} ({trial.latency_us:.1f} us vs {float_us:.1f} us); returning the float plan")
+        return trial, note
 
     # -- orders -------------------------------------------------------------------------------------
     def lowering_order(self, current: Mapping[str, int], high: int, low: int) -> list[str]:
@@ -291,6 +379,10 @@ class SearchSpace:
                 rest[n] = damage
         index = self.nodes.index
         return sorted(ratio, key=lambda n: (ratio[n], index(n))) + sorted(rest, key=lambda n: (rest[n], index(n)))
+
+
+def _width(choice: NodeQuant | None) -> int | None:
+    return None if choice is None else choice.weights
 
 
 def last_passing(space: SearchSpace, candidates: Sequence[Mapping[str, int]], label: str,
@@ -348,6 +440,7 @@ class SearchPass(Pass):
         latency_model: price plans on this graph instead (the same network, e.g. traced at the
             deployment batch; constants folded like the model's).
         rules: ``qinject.rules.Rules`` pinning the nodes they match (the search chooses the rest).
+        modes: the execution modes a width may run in (``qinject.plan.MODES``; static always).
     """
 
     analysis = True
@@ -359,13 +452,13 @@ class SearchPass(Pass):
                  workers: int | None = None, method: str = "minmax", percentile: float = 99.99,
                  limit: int | None = None, adaround: bool = False, bias_correction: bool = False,
                  calib: object = None, progress: bool = True, latency_model: ir.Model | None = None,
-                 rules: object = None) -> None:
+                 rules: object = None, modes: Sequence[str] = MODES) -> None:
         from qinject.latency_table import load_target
 
         if (adaround or bias_correction) and calib is None:
             raise QinjectError("AdaRound and bias correction need calibration data (calib)")
         self.adaround, self.bias_correction, self.calib, self.progress = adaround, bias_correction, calib, progress
-        self.latency_model, self.rules = latency_model, rules
+        self.latency_model, self.rules, self.modes = latency_model, rules, tuple(modes)
         self.eval_data, self.budget = eval_data, Budget.parse(max_drop)
         self.table = target if isinstance(target, LatencyTable) else load_target(target)
         if metric is not None and not isinstance(metric, Metric):
@@ -390,7 +483,7 @@ class SearchPass(Pass):
                 if unmatched:
                     warnings.warn(describe_unmatched(unmatched), stacklevel=2)
             space = SearchSpace(model, evaluator, self.budget, self.table, self.batch, self.signal, self.levels,
-                                self.latency_model, fixed)
+                                self.latency_model, fixed, self.modes)
             model.meta[RESULT] = self.search(space)
         finally:
             evaluator.close()
@@ -439,9 +532,9 @@ def format_result(result: SearchResult) -> str:
     fmt = result.score_format or (lambda v: f"{v:.4g}")
     lines = [f"search: {result.algorithm} on {result.target}, budget {result.budget} of {result.metric}"]
     width = max(len("node"), *(len(n) for n in result.bits))
-    lines.append(f"  {'node':<{width}}  bits")
-    for name, bits in result.bits.items():
-        lines.append(f"  {name:<{width}}  {width_label(bits)}")
+    lines.append(f"  {'node':<{width}}  choice")
+    for name in result.bits:
+        lines.append(f"  {name:<{width}}  {result.label(name)}")
     lines.append("  " + ", ".join(f"{v} x {k}" for k, v in sorted(result.width_counts().items())))
     lines.append(f"  {result.metric}: float {fmt(result.float_score)} -> quantized {fmt(result.score)} "
                  f"(floor {fmt(result.floor)})")
