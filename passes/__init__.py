@@ -9,6 +9,7 @@ import importlib
 
 from qinject.passes.calibrate import Calibrate
 from qinject.passes.estimate_cost import EstimateCost
+from qinject.passes.fit_target import FitTarget
 from qinject.passes.fold_conv_affine import FoldConvAffine
 from qinject.passes.fold_constants import FoldConstantWeights
 from qinject.passes.insert_qdq import InsertQDQ
@@ -28,5 +29,5 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'qinject.passes' has no attribute {name!r}")
 
 __all__ = ["SEARCH_PASSES", "AdaRound", "BiasCorrection", "BisectionSearch", "Calibrate", "EstimateCost",
-           "FoldConstantWeights", "FoldConvAffine", "GreedySearch", "IlpSearch", "InsertQDQ", "LowerJaxToOnnx",
+           "FitTarget", "FoldConstantWeights", "FoldConvAffine", "GreedySearch", "IlpSearch", "InsertQDQ", "LowerJaxToOnnx",
            "ParetoSweep", "UpgradeOpset"]

@@ -77,6 +77,7 @@ class SearchOptions:
         pareto_plot: where the Pareto sweep draws its frontier (PNG).
         limit: at most this many samples for the sensitivity analysis and the evaluations.
         rules: ``qinject.rules.Rules`` pinning the nodes they match; the search chooses the rest.
+        modes: the execution modes a width may run in (``qinject.plan.MODES``; static always).
     """
 
     max_drop: str | float = "1%"
@@ -91,6 +92,7 @@ class SearchOptions:
     seed: int = 0
     limit: int | None = 2048
     rules: Any = None
+    modes: tuple[str, ...] = ("static", "dynamic", "weight-only")
 
     def __post_init__(self) -> None:
         from qinject.errors import QinjectError
@@ -108,21 +110,28 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
                       percentile: float = 99.99, progress: bool = True,
                       target: LatencyTable | str | None = None, latency_batch: int = 1,
                       search: SearchOptions | None = None, analysis_data: object = None,
-                      adaround: bool = False, bias_correction: bool = False) -> list:
+                      adaround: bool = False, bias_correction: bool = False, fit: bool = False,
+                      auto_mode: bool = False) -> list:
     """The passes of ``qinject quantize``, in order. With ``target``, the plan's latency is estimated
     on it just before the rewrite. With ``search``, the plan is chosen: a sensitivity signal on the
     calibration data, then a search pass on the evaluation data (and AdaRound / bias correction of the
     chosen 4-bit weights when asked), and ``plan`` is ignored. The analyses read ``analysis_data``
     (arrays by input name; default: ``calib`` itself). ``adaround`` / ``bias_correction`` round the
-    plan's 4-bit weights by AdaRound / correct their biases (a search takes them in its options)."""
-    from qinject.passes import Calibrate, EstimateCost, FoldConvAffine, FoldConstantWeights, InsertQDQ, UpgradeOpset
+    plan's 4-bit weights by AdaRound / correct their biases (a search takes them in its options).
+    ``fit`` fits the plan to ``target`` first (``passes/fit_target.py``: float where the target prices
+    float faster; with ``auto_mode``, each node in its fastest execution mode)."""
+    from qinject.passes import (Calibrate, EstimateCost, FitTarget, FoldConvAffine, FoldConstantWeights, InsertQDQ,
+                                UpgradeOpset)
 
     passes = [
         FoldConstantWeights(),
         FoldConvAffine(),
-        UpgradeOpset(21 if search is not None else plan.min_opset()),
+        UpgradeOpset(21 if search is not None or (fit and auto_mode) else plan.min_opset()),
         Calibrate(calib, method=method, batch_size=batch_size, progress=progress),
     ]
+    if search is None and fit and target is not None:
+        passes.append(FitTarget(plan, target, latency_batch, auto_mode))
+        plan = None  # the passes below read the fitted plan from the model
     if search is not None:
         passes += _search_passes(search, calib if analysis_data is None else analysis_data, method, percentile,
                                  progress, target or "local-cpu", latency_batch)
@@ -156,7 +165,7 @@ def _search_passes(options: SearchOptions, analysis: object, method: str, percen
     kwargs = {"metric": options.metric, "signal": options.signal, "batch": latency_batch,
               "workers": options.workers, "method": method, "percentile": percentile, "limit": options.limit}
     kwargs.update(adaround=options.adaround, bias_correction=options.bias_correction, calib=analysis,
-                  progress=progress, rules=options.rules)
+                  progress=progress, rules=options.rules, modes=options.modes)
     if options.search == "pareto":
         kwargs["plot"] = options.pareto_plot
     passes.append(SEARCH_PASSES[options.search](evaluation, options.max_drop, target, **kwargs))
@@ -233,7 +242,8 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
                   target: LatencyTable | str | None = None, latency_batch: int = 1,
                   search: SearchOptions | None = None, adaround: bool = False,
                   bias_correction: bool = False, rules: Any = None,
-                  input_shapes: dict[str, Sequence[int]] | None = None, force: bool = False) -> QuantizeResult:
+                  input_shapes: dict[str, Sequence[int]] | None = None, force: bool = False,
+                  auto_mode: bool = False) -> QuantizeResult:
     """Quantize an ONNX model: fold constants, calibrate, insert Q/DQ, and optionally save.
 
     Args:
@@ -255,7 +265,10 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
             calibration data had, with the batch at ``latency_batch``).
         force: quantize every node the plan covers, also those whose integer kernel onnxruntime's
             CPU runs slower than float (grouped convolutions), which are otherwise kept float with a
-            note unless the plan names them or ``target`` is an accelerator.
+            note unless the plan names them or ``target`` is an accelerator; and those ``target``'s
+            table prices faster in float (kept float otherwise, with a note: ``passes/fit_target.py``).
+        auto_mode: with ``target``, run each node in the execution mode its table prices fastest at
+            the plan's width (static or dynamic at 8 bits, static or weight-only at 4).
 
     Example:
         >>> result = quantize_onnx("models/digits_cnn/model.onnx", "/tmp/q.onnx",
@@ -277,7 +290,7 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
     elif not force and not _accelerator(target or "local-cpu"):
         search, kept_float = _pin_slow_kernels_float(ir_model, search)
     result = _quantize(ir_model, plan, calib, method, batch_size, percentile, progress, target, latency_batch,
-                       search, adaround, bias_correction, kept_float)
+                       search, adaround, bias_correction, kept_float, fit=not force, auto_mode=auto_mode)
     if output is not None:
         result.output = save_onnx(result.model, output, input_path=input_path)
     return result
@@ -372,7 +385,8 @@ def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | 
 def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_size: int, percentile: float,
               progress: bool, target: LatencyTable | str | None = None, latency_batch: int = 1,
               search: SearchOptions | None = None, adaround: bool = False,
-              bias_correction: bool = False, kept_float: dict[str, str] | None = None) -> QuantizeResult:
+              bias_correction: bool = False, kept_float: dict[str, str] | None = None, fit: bool = False,
+              auto_mode: bool = False) -> QuantizeResult:
     from qinject import op_facts
     from qinject.errors import UnsupportedModelError
     from qinject.search import search_result
@@ -397,11 +411,13 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
         # loaded once, here: bad evaluation data fails before any work, and the search reuses it
         search = dataclasses.replace(search, eval_data=AnalysisData.load(search.eval_data, ir_model, search.limit))
     manager = PassManager(standard_pipeline(plan, calib, method, batch_size, percentile, progress, target,
-                                            latency_batch, search, analysis, adaround, bias_correction))
+                                            latency_batch, search, analysis, adaround, bias_correction, fit,
+                                            auto_mode))
     ir_model = manager.run(ir_model).model
     found = search_result(ir_model)
     if found is not None:
         plan = found.plan
+    plan = ir_model.meta.get(qir.CHOSEN_PLAN, plan)
     result = QuantizeResult(ir_model, plan, timings=manager.timings, cost=ir_model.meta.get(qir.COST_REPORT),
                             search=found)
     inner = [n for n in ir_model.graph.all_nodes() if n.graph is not ir_model.graph]

@@ -116,6 +116,23 @@ def _estimate_cost(context: Context, o: dict[str, Any]) -> Pass:
     return EstimateCost(None, context.target, o["batch"] or context.latency_batch)
 
 
+@register("fit-target", (Option("weights", int, 8, "uniform weight bits"),
+                         Option("activations", int, 8, "uniform activation bits"),
+                         Option("per-channel", bool, True, "one weight scale per output channel"),
+                         Option("plan", str, "", "a plan file to fit instead"),
+                         Option("auto-mode", bool, False, "run each node in its fastest execution mode"),
+                         Option("batch", int, 0, "batch for a symbolic batch dimension (0: --latency-batch)")),
+          doc="""Fit the plan to the target: nodes it prices faster in float stay float, and with
+auto-mode each node runs in its fastest mode (static, dynamic, weight-only); insert-qdq applies it.""")
+def _fit_target(context: Context, o: dict[str, Any]) -> Pass:
+    from qinject.passes import FitTarget
+    from qinject.plan import Plan
+
+    plan = Plan.load(o["plan"]) if o["plan"] else Plan.uniform(o["weights"], o["activations"],
+                                                                per_channel=o["per-channel"])
+    return FitTarget(plan, context.target, o["batch"] or context.latency_batch, o["auto-mode"])
+
+
 @register("insert-qdq", (Option("weights", int, 8, "uniform weight bits when no search ran"),
                          Option("activations", int, 8, "uniform activation bits when no search ran"),
                          Option("per-channel", bool, True, "one weight scale per output channel"),

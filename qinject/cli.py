@@ -64,6 +64,14 @@ def cli() -> None:
 @click.option("--calib-method", type=click.Choice(METHODS), default="minmax", show_default=True)
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For --calib-method percentile.")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per channel.")
+@click.option("--mode", type=click.Choice(["static", "dynamic", "weight-only", "auto"]), default="static",
+              show_default=True, help="Execution mode: static Q/DQ; dynamic (activations quantized at run time, "
+              "MatMul/Gemm); weight-only (block-wise weights, float activations); auto: per node, the mode the "
+              "--target prices fastest at --weights.")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
+              help="Weights per scale for --mode weight-only.")
+@click.option("--modes", default="static,dynamic,weight-only", show_default=True,
+              help="With a search: the execution modes a width may run in.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Calibration batch size.")
 @click.option("--save-plan", type=click.Path(path_type=Path), help="Also write the plan applied, as JSON.")
 @click.option("--target", help="Latency table (name or path) to estimate the written model's latency on "
@@ -91,7 +99,8 @@ def cli() -> None:
               "than float (grouped convolutions), which are otherwise kept float with a note.")
 @click.option("--no-measure", is_flag=True, help="Skip timing the written model against the float model.")
 def quantize(model: Path, output: Path, weights: str, activations: str, plan_path: Path | None,
-             calib: Path | None, calib_method: str, percentile: float, per_tensor: bool, batch_size: int,
+             calib: Path | None, calib_method: str, percentile: float, per_tensor: bool, mode: str,
+             block_size: str, modes: str, batch_size: int,
              save_plan: Path | None, target: str, latency_batch: int, max_drop: str | None, algorithm: str | None,
              eval_path: Path | None, signal: str, adaround: bool, bias_correction: bool,
              pareto_plot: Path | None, workers: int | None, rules_path: Path | None,
@@ -115,7 +124,7 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
         raise QinjectError("--pareto-plot needs --search pareto")
     if searching and plan_path is not None:
         raise QinjectError("--plan and a search (--max-drop/--search) exclude each other")
-    plan = None if searching else _plan(plan_path, weights, activations, per_tensor)
+    plan = None if searching else _plan(plan_path, weights, activations, per_tensor, mode, block_size)
     # A bad table, budget or data path fails before any work is done.
     table = None if target == "none" else load_target(target or "local-cpu")
     search = None
@@ -128,11 +137,12 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
             raise QinjectError("a search needs --calib data (random inputs would rank the nodes by noise)")
         search = SearchOptions(max_drop=max_drop or "1%", eval_data=eval_path, search=algorithm or "bisection",
                                signal=signal, adaround=adaround, bias_correction=bias_correction,
-                               pareto_plot=pareto_plot, workers=workers, rules=rules)
+                               pareto_plot=pareto_plot, workers=workers, rules=rules, modes=_modes(modes))
     result = quantize_onnx(model, output, plan=plan, calib=calib, method=calib_method, batch_size=batch_size,
                            percentile=percentile, target=table, latency_batch=latency_batch, search=search,
                            adaround=adaround and not searching, bias_correction=bias_correction and not searching,
-                           rules=rules if not searching else None, input_shapes=_shapes(shapes), force=force)
+                           rules=rules if not searching else None, input_shapes=_shapes(shapes), force=force,
+                           auto_mode=mode == "auto")
     if result.search is not None:
         from qinject.jsonfile import write_json
         from qinject.search import format_result
@@ -197,6 +207,10 @@ def _measure(model: Path, output: Path, result: object) -> None:
 @click.option("--activations", type=click.Choice(["4", "8", "16"]), default="8", show_default=True,
               help="Activation bits for every node (ignored with --plan).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per channel.")
+@click.option("--mode", type=click.Choice(["static", "dynamic", "weight-only"]), default="static", show_default=True,
+              help="Execution mode of every node (ignored with --plan).")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
+              help="Weights per scale for --mode weight-only.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size for a symbolic batch dimension.")
 @click.option("--shape", "shapes", multiple=True, metavar="NAME=1x3x640x640",
               help="Input shape (repeatable), for inputs with symbolic dims other than the batch.")
@@ -204,7 +218,7 @@ def _measure(model: Path, output: Path, result: object) -> None:
 @click.option("--plot", type=click.Path(path_type=Path),
               help="Also write a PNG of every quantizable node's latency at each bit width.")
 def cost(model: Path, target: str, plan_path: Path | None, weights: str, activations: str, per_tensor: bool,
-         batch: int, shapes: tuple[str, ...], top: int, plot: Path | None) -> None:
+         mode: str, block_size: str, batch: int, shapes: tuple[str, ...], top: int, plot: Path | None) -> None:
     """Estimate MODEL's latency under a plan on a target: per node, conversions, savings."""
     from qinject.api import estimate_latency
     from qinject.cost import format_report
@@ -213,7 +227,7 @@ def cost(model: Path, target: str, plan_path: Path | None, weights: str, activat
     table = load_target(target)
     if plot is not None and not plot.parent.is_dir():
         raise QinjectError(f"output folder {str(plot.parent)!r} does not exist")
-    plan = _plan(plan_path, weights, activations, per_tensor)
+    plan = _plan(plan_path, weights, activations, per_tensor, mode, block_size)
     report = estimate_latency(model, plan, table, batch, input_shapes=_shapes(shapes))
     click.echo(f"{model.name} on {table.target} ({table.kind}; batch {batch})")
     click.echo(format_report(report, top=top or None))
@@ -366,12 +380,24 @@ def _bits_pairs(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def _plan(plan_path: Path | None, weights: str, activations: str, per_tensor: bool):
-    from qinject.plan import Plan
+def _plan(plan_path: Path | None, weights: str, activations: str, per_tensor: bool, mode: str = "static",
+          block_size: str = "32"):
+    from qinject.plan import STATIC, NodeQuant, Plan
 
     if plan_path is not None:
         return Plan.load(plan_path)
-    return Plan.uniform(int(weights), int(activations), per_channel=not per_tensor)
+    return Plan(NodeQuant(weights=int(weights), activations=int(activations), per_channel=not per_tensor,
+                          mode=STATIC if mode == "auto" else mode, block_size=int(block_size)))
+
+
+def _modes(text: str) -> tuple[str, ...]:
+    from qinject.plan import MODES
+
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or "static" not in modes:
+        raise QinjectError(f"--modes: {text!r} must list 'static' and any of {list(MODES)}")
+    return modes
 
 
 @cli.command()

@@ -518,13 +518,15 @@ def search_result(model: ir.Model) -> SearchResult | None:
 
 
 def chosen_plan(model: ir.Model, plan: Plan | None) -> Plan:
-    """``plan``, or (None) the plan a search pass chose for ``model``."""
+    """``plan``, or (None) the plan a search pass chose for ``model``, or the one fitted to a target."""
     if plan is not None:
         return plan
     found = search_result(model)
-    if found is None:
-        raise QinjectError("no plan was given and no search pass ran before this pass")
-    return found.plan
+    if found is not None:
+        return found.plan
+    if qir.CHOSEN_PLAN in model.meta:
+        return model.meta[qir.CHOSEN_PLAN]
+    raise QinjectError("no plan was given and no search or fit-target pass ran before this pass")
 
 
 def format_result(result: SearchResult) -> str:
