@@ -68,3 +68,27 @@ def test_min_opset() -> None:
     assert Plan.uniform(4, 8).min_opset() == 21
     assert Plan.from_dict({"default": "float"}).min_opset() == 1
     assert json.loads(Plan.uniform(16, 16).to_json())["default"] == {"activations": 16, "weights": 16}
+
+
+def test_a_plan_file_from_before_execution_modes_loads_unchanged(tmp_path):
+    old = ('{"default": {"activations": 8, "weights": 8}, "format": "qinject-plan", '
+           '"nodes": {"conv1": {"weights": 4}, "fc2": "float"}, "version": 1}\n')
+    (tmp_path / "old.json").write_text(old)
+    plan = Plan.load(tmp_path / "old.json")
+    assert plan.choice("conv1").mode == "static" and plan.choice("conv1").weights == 4
+    assert plan.choice("fc2") is None and plan.choice("other").label == "W8A8"
+    assert Plan.from_dict(json.loads(plan.to_json())) == plan and "mode" not in plan.to_json()
+
+
+def test_execution_modes_round_trip_and_refuse_what_no_kernel_runs():
+    plan = Plan(NodeQuant(), {"fc": NodeQuant(mode="dynamic"),
+                              "proj": NodeQuant(weights=4, mode="weight-only", block_size=64)})
+    again = Plan.from_dict(json.loads(plan.to_json()))
+    assert again == plan and again.choice("proj").label == "W4 weight-only/64"
+    assert again.choice("fc").label == "W8A8 dynamic" and again.min_opset() == 21
+    with pytest.raises(PlanError, match="mode 'dynamic' runs 8-bit weights and activations"):
+        Plan.from_dict({"default": {"mode": "dynamic", "weights": 4}})
+    with pytest.raises(PlanError, match="'mode' must be one of"):
+        Plan.from_dict({"nodes": {"fc": {"mode": "fast"}}})
+    with pytest.raises(PlanError, match="'block_size' must be one of"):
+        Plan.from_dict({"default": {"mode": "weight-only", "block_size": 48}})

@@ -12,7 +12,9 @@ import qinject
 from qinject.api import SearchOptions
 from qinject.backends import onnx_backend
 from qinject.evaluation import Accuracy, Budget, BudgetError, Fidelity
-from qinject.latency_table import LatencyTable
+from qinject import ir as qir
+from qinject import op_facts
+from qinject.latency_table import Entry, LatencyTable
 from qinject.passes.search_ilp import Ilp, LatencyModel, adjacent_pairs
 from qinject.passes.search_pareto import pareto_front
 from qinject.search import Evaluator, SearchSpace, Trial, last_passing
@@ -134,3 +136,30 @@ def test_pareto_front_drops_dominated_points():
     trials = [Trial("a", (4,), 0.90, True, 10.0), Trial("b", (8,), 0.95, True, 20.0),
               Trial("c", (8,), 0.93, True, 25.0), Trial("d", (16,), 0.99, True, 30.0)]
     assert [t.label for t in pareto_front(trials)] == ["a", "b", "d"]
+
+
+@pytest.mark.parametrize("algorithm", ["bisection", "greedy", "ilp", "pareto"])
+def test_no_search_returns_a_plan_its_estimate_prices_above_float(algorithm):
+    """At batch 1 on an A100, every quantized plan of the digits CNN costs more in conversions than it
+    saves (the ILP used to pick one 11% slower than float): each search returns a plan priced at or
+    below float, here the float plan, and says why."""
+    result = qinject.quantize_onnx(
+        CNN / "model.onnx", calib=CNN / "calib.npz", target="nvidia-a100", latency_batch=1, progress=False,
+        search=SearchOptions(max_drop="1%", eval_data=CNN / "eval.npz", search=algorithm, workers=1))
+    found = result.search
+    assert found.latency_us <= found.float_us
+    assert "estimated faster than the float model" in found.message or found.latency_us < found.float_us
+
+
+def test_a_search_keeps_float_the_nodes_the_target_prices_faster_in_float(analysed):
+    """On a target whose table prices one layer's 8-bit form far above its float form, the float
+    sweep keeps that layer float and the other layers quantized."""
+    priced = qir.with_batch(analysed, 64)
+    first = qir.quantizable_nodes(priced)[0]
+    table = LatencyTable("slow-first-layer", "measured", MEMORY_BOUND.roofline)
+    table.add(Entry(*op_facts.latency_key(first), 8, 8, 1e6))
+    space = _space(analysed, table=table)
+    everything = space.uniform(8)
+    pruned = space.without_slow_nodes(everything)
+    assert pruned[first.name] is None and all(pruned[n] == 8 for n in space.nodes if n != first.name)
+    assert _space(analysed).without_slow_nodes(everything) == everything  # memory-bound: every node pays

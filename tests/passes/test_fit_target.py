@@ -1,0 +1,95 @@
+"""fit-target: a plain quantize keeps float the integer-kernel nodes its target prices faster in
+float, and with auto mode runs each node in the mode the target prices fastest."""
+
+from __future__ import annotations
+
+import pytest
+
+import qinject
+from qinject import ir as qir
+from qinject import op_facts
+from qinject.frontends.onnx_frontend import load_onnx
+from qinject.latency_table import Entry, LatencyTable, Roofline
+from qinject.passes import FitTarget, FoldConstantWeights
+from qinject.plan import NodeQuant, Plan
+from tests.builders import CNN, matmul_net
+
+ROOF = Roofline({"fp32": 1e11, "int8": 4e11}, 1e10, op_overhead_us=1.0)
+
+
+def _cnn_table(slow: str | None) -> LatencyTable:
+    """A CPU table on which node ``slow`` runs 8-bit far slower than float (a grouped convolution's
+    case on onnxruntime), the other nodes as the roofline says."""
+    table = LatencyTable("test-cpu", "measured", ROOF)
+    if slow is not None:
+        model = qir.with_batch(qinject.load_onnx(CNN / "model.onnx"), 1)
+        node = next(n for n in qir.quantizable_nodes(model) if n.name == slow)
+        table.add(Entry(*op_facts.latency_key(node), 8, 8, 5000.0))
+        table.add(Entry(*op_facts.latency_key(node), 32, 32, 5.0))
+    return table
+
+
+def test_a_node_priced_faster_in_float_stays_float_with_a_note(tmp_path):
+    names = [n.name for n in qir.quantizable_nodes(qinject.load_onnx(CNN / "model.onnx"))]
+    slow = names[1]
+    table = _cnn_table(slow)
+    result = qinject.quantize_onnx(CNN / "model.onnx", tmp_path / "q.onnx", calib=CNN / "calib.npz", target=table,
+                                   progress=False)
+    assert slow not in result.quantized and result.quantized  # neighbours may follow (conversions)
+    for name in set(names) - set(result.quantized):
+        assert any("prices it" in note and "faster in float" in note for note in result.notes[name])
+    assert result.plan.choice(slow) is None
+    assert result.cost.total_us <= result.cost.float_us
+    forced = qinject.quantize_onnx(CNN / "model.onnx", tmp_path / "f.onnx", calib=CNN / "calib.npz", target=table,
+                                   progress=False, force=True)
+    assert set(forced.quantized) == set(names)
+    named = qinject.quantize_onnx(CNN / "model.onnx", tmp_path / "n.onnx", calib=CNN / "calib.npz", target=table,
+                                  progress=False, plan=Plan(NodeQuant(), {slow: NodeQuant()}))
+    assert slow in named.quantized  # a node the plan names is applied as named
+
+
+def test_widths_without_an_integer_kernel_are_kept_as_asked():
+    """4-bit static weights run as dequantize + float on a CPU: asked for their size, they are kept."""
+    table = _cnn_table(None)
+    model = load_onnx(CNN / "model.onnx")
+    FoldConstantWeights()(model)
+    model.meta[qir.INPUT_SHAPES] = {"input": (1, 1, 8, 8)}
+    FitTarget(Plan.uniform(4, 8), table)(model)
+    chosen = model.meta[qir.CHOSEN_PLAN]
+    assert all(chosen.choice(n.name) is not None for n in qir.quantizable_nodes(model))
+
+
+def test_auto_mode_picks_the_mode_the_table_prices_fastest():
+    model = load_onnx(matmul_net())
+    FoldConstantWeights()(model)
+    model.meta[qir.INPUT_SHAPES] = {"x": (64, 16)}
+    priced = qir.with_batch(model, 64)
+    mm1 = next(n for n in priced.graph if n.name == "mm1")
+    table = LatencyTable("test-cpu", "measured", ROOF)
+    key = op_facts.latency_key(mm1)
+    table.add(Entry(*key, 8, 8, 50.0))
+    table.add(Entry(*key, 8, 8, 1.0, "dynamic"))
+    table.add(Entry(*key, 32, 32, 60.0))
+    FitTarget(Plan(), table, batch=64, auto_mode=True)(model)
+    chosen = model.meta[qir.CHOSEN_PLAN]
+    assert chosen.choice("mm1").mode == "dynamic"
+    assert any("runs W8A8 dynamic" in note for note in mm1_notes(model))
+    table.entries.pop((*key, 8, 8, "dynamic"))
+    again = load_onnx(matmul_net())
+    FoldConstantWeights()(again)
+    again.meta[qir.INPUT_SHAPES] = {"x": (64, 16)}
+    FitTarget(Plan(), table, batch=64, auto_mode=False)(again)
+    assert again.meta[qir.CHOSEN_PLAN].choice("mm1").mode == "static"
+
+
+def mm1_notes(model) -> list[str]:
+    return next(n for n in model.graph if n.name == "mm1").meta.get(qir.QUANT_NOTES, [])
+
+
+@pytest.mark.parametrize("text", ["fit-target{auto-mode=true},insert-qdq"])
+def test_fit_target_runs_in_a_pipeline(text, tmp_path):
+    from qinject.registry import Context, build
+
+    passes = build("fold-constants,calibrate," + text, Context(calib=CNN / "calib.npz", target="local-cpu",
+                                                               progress=False))
+    assert [p.name for p in passes][-2:] == ["fit-target", "insert-qdq"]
