@@ -334,14 +334,19 @@ def targets() -> None:
               help="Table to write; if it exists, its entries are reused and kept (a cache).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size for a symbolic batch dimension.")
 @click.option("--bits", default="32/32,16/16,8/8,4/8", show_default=True,
-              help="Weight/activation bits to time each quantizable node at (32/32: float).")
+              help="Weight/activation bits to time each quantizable node at in static mode (32/32: float).")
+@click.option("--modes", default="static,dynamic,weight-only", show_default=True,
+              help="Execution modes to time: static at --bits, dynamic at W8A8, weight-only at W4 and W8 (blocks "
+              "of 32), each for the nodes that have it.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=1x128",
+              help="Input shape (repeatable), for inputs with symbolic dims other than the batch.")
 @click.option("--repeats", type=int, default=15, show_default=True, help="Timed runs per kernel (median kept).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs first.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--save-as-target", is_flag=True,
               help="Also copy the table into the user's target folder, selectable as --target NAME.")
-def profile(model: Path, target: str, output: Path, batch: int, bits: str, repeats: int, warmup: int,
-            no_progress: bool, save_as_target: bool) -> None:
+def profile(model: Path, target: str, output: Path, batch: int, bits: str, modes: str, shapes: tuple[str, ...],
+            repeats: int, warmup: int, no_progress: bool, save_as_target: bool) -> None:
     """Measure MODEL's latency table on this machine (onnxruntime CPU) and write it to OUTPUT."""
     import time
 
@@ -358,8 +363,9 @@ def profile(model: Path, target: str, output: Path, batch: int, bits: str, repea
         raise QinjectError(f"{str(output)!r} holds a table for target {cached.target!r}, not {target!r}: "
                            "choose another -o or the same --target")
     start = time.perf_counter()
-    run = run_profile(model, cached, batch=batch, bits=pairs, warmup=warmup, repeats=repeats,
-                      progress=not no_progress, target=target)
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    run = run_profile(model, cached, batch=batch, bits=pairs, modes=chosen, warmup=warmup, repeats=repeats,
+                      progress=not no_progress, target=target, input_shapes=_shapes(shapes))
     run.table.save(output)
     for failure in run.failed:
         click.echo(f"warning: not measured: {failure}", err=True)

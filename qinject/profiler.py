@@ -32,6 +32,16 @@ holds: the ``session.run`` call (~10 us) and waking the thread pool for the firs
 MLP came out at 35 us each, where the whole MLP runs in 45 us). The end-to-end validation of this
 choice is in ``BENCHMARKS.md`` (``bench_latency``).
 
+Execution modes (``qinject.plan.MODES``). Each quantizable node is also timed in every other mode
+it has (``op_facts.modes``), rewritten by the same pipeline with a plan that names the node alone
+(its contexts stay float), at the widths of ``MODE_BITS``: dynamic at W8A8 (onnxruntime's
+DynamicQuantizeMatMul, or DynamicQuantizeLinear + MatMulIntegerToFloat), weight-only at W4 and W8
+in blocks of ``BLOCK_SIZE`` (MatMulNBits; a Conv runs the DequantizeLinear of its weight and the float
+kernel every run), with activation bits 32 in the table. Such a node reads and writes float, so every
+kernel of its probe is its own (the run-time quantization of its input included) and it has no
+quantized output and no conversion entries of its own: conversions and integer data movement are
+measured for static widths only.
+
 Entries are medians over ``repeats`` runs after ``warmup`` runs, on onnxruntime's CPU provider
 with ``THREADS`` intra-op threads and no spinning (the options of ``tools/bench_latency.py``). An
 entry already in the given table is not measured again, and entries of other models are kept.
@@ -43,7 +53,7 @@ import datetime
 import math
 import os
 import platform
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +67,7 @@ from qinject import op_facts
 from qinject import profiler_models as pm
 from qinject.errors import QinjectError
 from qinject.latency_table import FLOAT_BITS, Entry, LatencyTable, Roofline
+from qinject.plan import DYNAMIC, MODES, STATIC, WEIGHT_ONLY, NodeQuant, Plan
 from qinject.profiler_timing import (
     COPIES,
     THREADS,
@@ -70,25 +81,33 @@ from qinject.profiler_timing import (
 from qinject.quant_points import activation_points, output_point
 
 DEFAULT_BITS = ((32, 32), (16, 16), (8, 8), (4, 8))
+# The (weight bits, activation bits) each other mode is timed at: dynamic runs W8A8 only (onnxruntime's
+# DynamicQuantizeMatMul); weight-only activations stay float (bits 32, as the table keys them).
+MODE_BITS = {DYNAMIC: ((8, 8),), WEIGHT_ONLY: ((4, FLOAT_BITS), (8, FLOAT_BITS))}
+# Weight-only entries are timed at the plan's default block size; the table keys no block size.
+BLOCK_SIZE = 32
 # onnxruntime removes these from a graph unless they read a graph input.
 _REMOVABLE = frozenset({"Dropout", "Identity"})
 
-Key = tuple[str, str, int, int]
+Key = tuple[str, str, int, int, str]  # (op, shape, weight bits, activation bits, mode): an Entry's key
 
 
 @dataclass
 class Probe:
     """One single-node model to time, and which of its kernels price which entries.
 
-    ``build`` makes the model (float for node probes: it is copied, then quantized at ``bits``);
-    ``select`` names, in onnxruntime's optimised graph, the kernels of each entry's key.
+    ``build`` makes the model (float for node probes: it is copied, then quantized as ``quant``
+    says); ``select`` names, in onnxruntime's optimised graph, the kernels of each entry's key.
     """
 
     keys: list[Key]
     build: Callable[[dict[str, np.ndarray]], tuple[onnx.ModelProto, dict[str, np.ndarray]]]
     select: Callable[[KernelTimes], dict[Key, list[str]]]
-    bits: tuple[int, int] | None = None
+    quant: NodeQuant | None = None  # None: timed as built (float, or already quantized)
     quantized_output: bool = False  # the output is read by a quantized node in the model
+    # A dynamic / weight-only probe quantizes this node alone (and its copies); static ones quantize
+    # every node, contexts included (a context on the integer side runs quantized in the model too).
+    only: str | None = None
 
 
 @dataclass
@@ -102,8 +121,9 @@ class ProfileRun:
 
 
 def profile(model: str | os.PathLike | onnx.ModelProto | ir.Model, table: LatencyTable | None = None, *,
-            batch: int = 1, bits: Iterable[tuple[int, int]] = DEFAULT_BITS, warmup: int = 3, repeats: int = 15,
-            progress: bool = True, target: str = "local-cpu", feeds: dict[str, np.ndarray] | None = None
+            batch: int = 1, bits: Iterable[tuple[int, int]] = DEFAULT_BITS, modes: Iterable[str] = MODES,
+            warmup: int = 3, repeats: int = 15, progress: bool = True, target: str = "local-cpu",
+            feeds: dict[str, np.ndarray] | None = None, input_shapes: dict[str, Sequence[int]] | None = None
             ) -> LatencyTable:
     """Measure ``model``'s latency entries on this machine (onnxruntime CPU) into a table.
 
@@ -112,29 +132,34 @@ def profile(model: str | os.PathLike | onnx.ModelProto | ir.Model, table: Latenc
         table: a table to extend; its entries are not measured again, its roofline is kept. None:
             a new table named ``target`` with a roofline fitted from microbenchmarks.
         batch: the size given to a symbolic batch dimension.
-        bits: the (weight bits, activation bits) to time every quantizable node at; (32, 32) is float.
+        bits: the (weight bits, activation bits) to time every quantizable node at statically;
+            (32, 32) is float, timed whatever ``modes`` says.
+        modes: the execution modes to time (``qinject.plan.MODES``): ``static`` at ``bits``, the
+            others at ``MODE_BITS`` for the nodes that have them.
         warmup, repeats: runs before timing, and timed runs (the median is kept).
         feeds: the model's inputs for the run that gives each node realistic input values
             (default: standard normal floats, integer inputs 0 or 1).
+        input_shapes: input name -> shape, for inputs with symbolic dims other than the batch.
 
     Returns:
         ``table`` itself with the new entries, or the new table.
     """
-    return run_profile(model, table, batch=batch, bits=bits, warmup=warmup, repeats=repeats, progress=progress,
-                       target=target, feeds=feeds).table
+    return run_profile(model, table, batch=batch, bits=bits, modes=modes, warmup=warmup, repeats=repeats,
+                       progress=progress, target=target, feeds=feeds, input_shapes=input_shapes).table
 
 
 def run_profile(model: str | os.PathLike | onnx.ModelProto | ir.Model, table: LatencyTable | None = None, *,
-                batch: int = 1, bits: Iterable[tuple[int, int]] = DEFAULT_BITS, warmup: int = 3, repeats: int = 15,
-                progress: bool = True, target: str = "local-cpu", feeds: dict[str, np.ndarray] | None = None
-                ) -> ProfileRun:
+                batch: int = 1, bits: Iterable[tuple[int, int]] = DEFAULT_BITS, modes: Iterable[str] = MODES,
+                warmup: int = 3, repeats: int = 15, progress: bool = True, target: str = "local-cpu",
+                feeds: dict[str, np.ndarray] | None = None,
+                input_shapes: dict[str, Sequence[int]] | None = None) -> ProfileRun:
     """``profile``, also saying how many entries were measured and how many were already there."""
-    bits = _check_bits(bits)
-    ir_model = _prepared(model, batch)
+    bits, modes = _check_bits(bits), _check_modes(modes)
+    ir_model = _prepared(model, batch, input_shapes)
     if table is None:
         table = LatencyTable(target, "measured", fit_roofline(warmup, repeats), *_provenance())
     run = ProfileRun(table)
-    probes = probes_for(ir_model, bits)
+    probes = probes_for(ir_model, bits, modes)
     wanted = {k for p in probes for k in p.keys}
     todo = [p for p in probes if any(k not in table.entries for k in p.keys)]
     run.reused = len(wanted & set(table.entries))
@@ -145,13 +170,18 @@ def run_profile(model: str | os.PathLike | onnx.ModelProto | ir.Model, table: La
         try:
             prices = measure(probe, values, warmup, repeats)
         except QinjectError as exc:  # e.g. a node the rewrite cannot quantize at these bits
-            run.failed.append(f"{probe.keys[0][0]} {probe.keys[0][1]}: {exc}")
+            run.failed.append(f"{_label(probe.keys[0])}: {exc}")
             continue
-        for key, us in prices.items():
-            if key not in table.entries:
-                table.add(Entry(*key, round(us, 3)))
+        for (op, shape, w, a, mode), us in prices.items():
+            if (op, shape, w, a, mode) not in table.entries:
+                table.add(Entry(op, shape, w, a, round(us, 3), mode))
                 run.measured += 1
     return run
+
+
+def _label(key: Key) -> str:
+    op, shape, w, a, mode = key
+    return f"{op} {shape} W{w}A{a}" + ("" if mode == STATIC else f" {mode}")
 
 
 def _check_bits(bits: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -164,8 +194,19 @@ def _check_bits(bits: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _prepared(model: str | os.PathLike | onnx.ModelProto | ir.Model, batch: int) -> ir.Model:
-    """The model as the cost model sees it: constants folded, Conv affines fused, batch concrete."""
+def _check_modes(modes: Iterable[str]) -> tuple[str, ...]:
+    out = tuple(modes)
+    unknown = [m for m in out if m not in MODES]
+    if unknown or not out:
+        raise QinjectError(f"modes {unknown or list(out)} are not profilable (--modes): choose some of "
+                           f"{list(MODES)}")
+    return out
+
+
+def _prepared(model: str | os.PathLike | onnx.ModelProto | ir.Model, batch: int,
+              input_shapes: dict[str, Sequence[int]] | None = None) -> ir.Model:
+    """The model as the cost model sees it: constants folded, Conv affines fused, batch (and the
+    symbolic dims ``input_shapes`` sizes) concrete."""
     from qinject.frontends.onnx_frontend import load_onnx
     from qinject.pass_manager import PassManager
     from qinject.passes import FoldConstantWeights, FoldConvAffine
@@ -175,7 +216,24 @@ def _prepared(model: str | os.PathLike | onnx.ModelProto | ir.Model, batch: int)
         raise QinjectError("the model holds jax equations, which onnxruntime cannot run: export it to ONNX "
                            "first (qinject.export_onnx)")
     ir_model = PassManager([FoldConstantWeights(), FoldConvAffine()]).run(ir_model.clone()).model
+    _give_shapes(ir_model, input_shapes or {})
     return qir.with_batch(ir_model, batch)
+
+
+def _give_shapes(model: ir.Model, shapes: dict[str, Sequence[int]]) -> None:
+    """Record the caller's input shapes where ``qir.with_batch`` reads them."""
+    inputs = {v.name: v for v in model.graph.inputs}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise QinjectError(f"input shape given for {name!r}, which is not a model input (inputs: "
+                               f"{sorted(inputs)})")
+        have = inputs[name].shape
+        if have is not None and len(have) != len(dims):
+            raise QinjectError(f"input shape for {name!r} has {len(dims)} dims, the input has {len(have)} "
+                               f"({[str(d) for d in have]})")
+    if shapes:
+        model.meta[qir.INPUT_SHAPES] = {n: tuple(int(d) for d in dims) for n, dims in shapes.items()}
+        model.meta[qir.SHAPES_GIVEN] = True
 
 
 def _provenance() -> tuple[str, str]:
@@ -194,36 +252,55 @@ def _cpu_name() -> str:
 
 
 # -- what to measure ---------------------------------------------------------------------------------------
-def probes_for(model: ir.Model, bits: list[tuple[int, int]]) -> list[Probe]:
-    """The single-node models to time for ``model`` (with concrete shapes), deduplicated by key."""
+def probes_for(model: ir.Model, bits: list[tuple[int, int]], modes: Iterable[str] = MODES) -> list[Probe]:
+    """The single-node models to time for ``model`` (with concrete shapes), deduplicated by key.
+
+    ``bits`` are the static widths (and float); without ``static`` in ``modes`` only float of them."""
     static = pm.static_values(model)
     fused = {n.name for q in qir.quantizable_nodes(model) for n in pm.node_group(q)[1:]}
-    probes, seen = [], set()
+    modes = tuple(modes)
+    bits = bits if STATIC in modes else [b for b in bits if b == (FLOAT_BITS, FLOAT_BITS)]
+    probes: dict[Key, Probe] = {}
     act_bits = sorted({a for w, a in bits if a != FLOAT_BITS})
     for node in model.graph:
         key = op_facts.latency_key(node)
         if key is None or node.name in fused:
             continue
-        group = pm.node_group(node) if op_facts.is_quantizable(node) else [node]
-        choices = bits if op_facts.is_quantizable(node) else [(FLOAT_BITS, FLOAT_BITS)]
-        for w, a in choices:
-            w_key = w if (w == FLOAT_BITS or op_facts.weight_of(node) is not None) else a
-            full = (*key, w_key, a)
-            if full not in seen:
-                seen.add(full)
-                probes.append(_node_probe(full, group, model, static, (w, a)))
+        for probe in _node_probes(node, key, model, static, bits, modes):
+            probes.setdefault(probe.keys[0], probe)
         if op_facts.fact(node).range_preserving and _float_input(node) and node.inputs[0].name not in static:
             # The rewrite leaves range-preserving ops on integers only after 8-bit integer kernels.
             for a in (a for a in act_bits if a == 8):
-                full = (*key, 0, a)
-                if full not in seen:
-                    seen.add(full)
-                    probes.append(_integer_probe(full, node, model, static, a))
+                full = (*key, 0, a, STATIC)
+                if full not in probes:
+                    probes[full] = _integer_probe(full, node, model, static, a)
+    # Only static nodes convert: a dynamic or weight-only node reads and writes float.
     for value in _conversion_values(model).values():
         for a in act_bits:
             for op in ("QuantizeLinear", "DequantizeLinear"):
-                probes.append(_conversion_probe((op, f"x{math.prod(value.shape)}", 0, a), value))
-    return probes
+                full = (op, f"x{math.prod(value.shape)}", 0, a, STATIC)
+                probes[full] = _conversion_probe(full, value)
+    return list(probes.values())
+
+
+def _node_probes(node: ir.Node, key: tuple[str, str], model: ir.Model, static: set[str],
+                 bits: list[tuple[int, int]], modes: tuple[str, ...]) -> Iterator[Probe]:
+    """``node``'s probes: float alone if it is not quantizable, else each static width of ``bits``
+    and each other mode of ``modes`` it has, at ``MODE_BITS``."""
+    if not op_facts.is_quantizable(node):
+        yield _node_probe((*key, FLOAT_BITS, FLOAT_BITS, STATIC), [node], model, static, None)
+        return
+    group = pm.node_group(node)
+    for w, a in bits:
+        # A node without a weight (activation x activation) is keyed by its activation bits twice.
+        w_key = w if (w == FLOAT_BITS or op_facts.weight_of(node) is not None) else a
+        quant = None if (w, a) == (FLOAT_BITS, FLOAT_BITS) else NodeQuant(weights=w, activations=a)
+        yield _node_probe((*key, w_key, a, STATIC), group, model, static, quant)
+    for mode in (m for m in op_facts.modes(node) if m != STATIC and m in modes):
+        for w, a in MODE_BITS[mode]:
+            # weight-only ignores the plan's activation bits: the default keeps NodeQuant valid
+            quant = NodeQuant(weights=w, mode=mode, block_size=BLOCK_SIZE)
+            yield _mode_probe((*key, w, a, mode), group, model, static, quant)
 
 
 def _float_input(node: ir.Node) -> bool:
@@ -246,7 +323,21 @@ def _conversion_values(model: ir.Model) -> dict[int, ir.Value]:
     return sizes
 
 
-def _node_probe(key: Key, group: list[ir.Node], model: ir.Model, static: set[str], wa: tuple[int, int]) -> Probe:
+def _node_probe(key: Key, group: list[ir.Node], model: ir.Model, static: set[str], quant: NodeQuant | None
+                ) -> Probe:
+    return Probe([key], _group_builder(group, model, static), lambda times: {key: own_kernels(times)},
+                 quant, _read_quantized(output_point(group[0])))
+
+
+def _mode_probe(key: Key, group: list[ir.Node], model: ir.Model, static: set[str], quant: NodeQuant) -> Probe:
+    """A dynamic or weight-only node: float in and out, so every kernel but the contexts' is its own
+    (the run-time quantization of its input, the dequantization of its weight)."""
+    return Probe([key], _group_builder(group, model, static), lambda times: {key: own_kernels(times)},
+                 quant, only=group[0].name)
+
+
+def _group_builder(group: list[ir.Node], model: ir.Model, static: set[str]
+                   ) -> Callable[[dict[str, np.ndarray]], tuple[onnx.ModelProto, dict[str, np.ndarray]]]:
     def build(values: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         proto, feeds = pm.group_model(group, model, values, static)
         inputs = [v for v in pm.group_inputs(group) if v.name in feeds]
@@ -256,8 +347,7 @@ def _node_probe(key: Key, group: list[ir.Node], model: ir.Model, static: set[str
             pm.with_contexts(proto, feeds, [v.name for v in inputs if pm.conv_fed(v)])
         return proto, feeds
 
-    return Probe([key], build, lambda times: {key: own_kernels(times)},
-                 None if wa == (FLOAT_BITS, FLOAT_BITS) else wa, _read_quantized(output_point(group[0])))
+    return build
 
 
 def _read_quantized(value: ir.Value) -> bool:
@@ -292,13 +382,27 @@ def measure(probe: Probe, values: dict[str, np.ndarray], warmup: int, repeats: i
     """Time ``probe``'s model alone and as ``COPIES`` copies; each key's marginal cost (us)."""
     proto, feeds = probe.build(values)
     (one, one_feeds), (many, many_feeds) = (pm.copies(proto, feeds, n) for n in (1, COPIES))
-    if probe.bits is not None:
-        one, many = pm.quantized(one, one_feeds, probe.bits), pm.quantized(many, many_feeds, probe.bits)
-        if probe.quantized_output:
-            one, many = pm.quantize_output(one, probe.bits[1]), pm.quantize_output(many, probe.bits[1])
+    if probe.quant is not None:
+        one, many = _quantized(probe, one, one_feeds, 1), _quantized(probe, many, many_feeds, COPIES)
     one, many = time_models([(one, one_feeds), (many, many_feeds)], warmup, repeats)
     picked_one, picked_many = probe.select(one), probe.select(many)
     return {key: marginal_us(one, many, COPIES, picked_one[key], picked_many[key]) for key in probe.keys}
+
+
+def _quantized(probe: Probe, proto: onnx.ModelProto, feeds: dict[str, np.ndarray], count: int
+               ) -> onnx.ModelProto:
+    """``count`` copies of ``probe``'s model through the quantize pipeline as the probe says."""
+    if probe.only is None:
+        out = pm.quantized(proto, feeds, Plan(probe.quant))
+        return pm.quantize_output(out, probe.quant.activations) if probe.quantized_output else out
+    names = pm.copy_names(probe.only, count)
+    out = pm.quantized(proto, feeds, Plan(None, dict.fromkeys(names, probe.quant)))
+    # The rewrite leaves a node float (with a note) where it has no such form: timing it would
+    # price float as the mode.
+    if not all(pm.mode_applied(out, name, probe.quant.mode) for name in names):
+        raise QinjectError(f"the rewrite left node {probe.only!r} float in mode {probe.quant.mode!r} "
+                           "(`qinject quantize --explain` says why): no entry")
+    return out
 
 
 def _input_values(model: ir.Model, feeds: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
@@ -336,7 +440,7 @@ def fit_roofline(warmup: int = 3, repeats: int = 15) -> Roofline:
     flops = 2.0 * m * k * n
     matmul = pm.matmul_model(m, k, n)
     peaks = {"fp32": flops / (_marginal(*matmul, None, warmup, repeats) * 1e-6),
-             "int8": flops / (_marginal(*matmul, (8, 8), warmup, repeats) * 1e-6)}
+             "int8": flops / (_marginal(*matmul, NodeQuant(), warmup, repeats) * 1e-6)}
     big, chain = 1 << 23, 50
     bandwidth = 3 * 4 * big / (_marginal(*pm.elementwise_model(big), None, warmup, repeats) * 1e-6)
     overhead = _marginal(*pm.add_chain_model(chain), None, warmup, max(repeats, 30)) / chain
@@ -352,8 +456,8 @@ def fit_roofline(warmup: int = 3, repeats: int = 15) -> Roofline:
                     round(overhead, 2), "fp16", notes, round(per_run, 2))
 
 
-def _marginal(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], bits: tuple[int, int] | None, warmup: int,
+def _marginal(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], quant: NodeQuant | None, warmup: int,
               repeats: int) -> float:
-    probe = Probe([("model", "", 0, 0)], lambda values: (proto, feeds),
-                  lambda times: {("model", "", 0, 0): own_kernels(times)}, bits)
-    return measure(probe, {}, warmup, repeats)[("model", "", 0, 0)]
+    key = ("model", "", 0, 0, STATIC)
+    probe = Probe([key], lambda values: (proto, feeds), lambda times: {key: own_kernels(times)}, quant)
+    return measure(probe, {}, warmup, repeats)[key]

@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from qinject import op_facts
+from qinject.plan import DYNAMIC, NodeQuant, Plan
 from qinject.quant_points import output_point
 
 SINK = "__profiled_output"
@@ -186,8 +187,6 @@ def conversion_model(shape: tuple[int, ...], bits: int, op: str, after_conv: boo
     The layout changes onnxruntime adds at such a precision boundary (NHWC Transposes of QLinearConv,
     ``ReorderOutput`` of a float NCHWc region) belong to the conversion; ``qinject.profiler`` times
     what runs between the contexts."""
-    from qinject.plan import NodeQuant, Plan
-
     nodes, inits, tensor = [], [], "x"
     for wanted, name in ((after_conv, f"{BEFORE}0"), (before_conv, f"{AFTER}0")):
         if wanted:
@@ -234,8 +233,6 @@ def integer_model(node: ir.Node, model: ir.Model, values: dict[str, np.ndarray],
     """A range-preserving op (MaxPool, Reshape, ...) between Q/DQ pairs of one scale, as the rewrite
     leaves it, so onnxruntime runs it on the integers (or drops it) instead of in float. Where a
     convolution writes its input, a quantized context convolution does (``QLinearConv``, NHWC)."""
-    from qinject.plan import NodeQuant, Plan
-
     proto, feeds = group_model([node], model, values, static)
     data = node.inputs[0].name
     if conv_fed(node.inputs[0]):
@@ -268,7 +265,6 @@ def quantized(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], plan: object
     activation bits) for every node), calibrated on ``feeds``."""
     from qinject.api import quantize_onnx
     from qinject.backends import onnx_backend
-    from qinject.plan import Plan
 
     plan = plan if isinstance(plan, Plan) else Plan.uniform(*plan)
     calib = {k: np.nan_to_num(v) if v.dtype.kind == "f" else v for k, v in feeds.items()}
@@ -325,7 +321,7 @@ def copies(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], count: int
     all_feeds = {}
     for i in range(count):
         def rename(name: str, i: int = i) -> str:
-            return name if i == 0 or name in shared else f"{name}__copy{i}"
+            return name if name in shared else copy_name(name, i)
 
         for node in proto.graph.node:
             copy = graph.node.add()
@@ -344,6 +340,26 @@ def copies(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], count: int
                 copy.name = rename(value.name)
         all_feeds.update({rename(k): v for k, v in feeds.items()})
     return out, all_feeds
+
+
+def copy_name(name: str, i: int) -> str:
+    """The name ``copies`` gives ``name`` in copy ``i`` (copy 0 keeps it)."""
+    return name if i == 0 else f"{name}__copy{i}"
+
+
+def copy_names(name: str, count: int) -> list[str]:
+    """The names of node ``name`` in ``count`` copies of a model."""
+    return [copy_name(name, i) for i in range(count)]
+
+
+def mode_applied(proto: onnx.ModelProto, name: str, mode: str) -> bool:
+    """Whether the rewrite gave node ``name`` of a quantized ``proto`` its ``mode`` form: the node that
+    keeps its name (MatMulInteger, the MatMul a Gemm became, the op itself) reads a
+    DynamicQuantizeLinear (dynamic) or the DequantizeLinear of its weight (weight-only)."""
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    node = next((n for n in proto.graph.node if n.name == name), None)
+    wanted = "DynamicQuantizeLinear" if mode == DYNAMIC else "DequantizeLinear"
+    return node is not None and any(producers.get(x) == wanted for x in node.input)
 
 
 def quantize_output(proto: onnx.ModelProto, bits: int) -> onnx.ModelProto:
