@@ -13,8 +13,9 @@ from qinject import cost, op_facts, profiler
 from qinject import ir as qir
 from qinject import profiler_models as pm
 from qinject import profiler_timing as timing
-from qinject.latency_table import Entry, LatencyTable, Roofline
-from qinject.plan import Plan
+from qinject.errors import QinjectError
+from qinject.latency_table import FLOAT_BITS, Entry, LatencyTable, Roofline
+from qinject.plan import DYNAMIC, STATIC, WEIGHT_ONLY, NodeQuant, Plan
 from qinject.quant_points import activation_points
 from tests.builders import conv_net, matmul_net, run_cli
 
@@ -42,6 +43,18 @@ def test_every_quantizable_node_at_every_bit_width(profiled) -> None:
             assert table.lookup(*op_facts.latency_key(node), w, a) is not None, (node.name, w, a)
 
 
+def test_every_mode_a_node_has(profiled) -> None:
+    """The Gemm runs dynamic and weight-only, the convolutions weight-only (no dynamic form)."""
+    table, model = profiled
+    for node in qir.quantizable_nodes(model):
+        have = {(e.weight_bits, e.activation_bits, e.mode) for e in table
+                if (e.op, e.shape) == op_facts.latency_key(node) and e.mode != STATIC}
+        want = {(w, a, m) for m in op_facts.modes(node) if m != STATIC for w, a in profiler.MODE_BITS[m]}
+        assert have == want, node.name
+    assert {m for e in table for m in [e.mode] if e.op == "Gemm"} == {STATIC, DYNAMIC, WEIGHT_ONLY}
+    assert {e.mode for e in table if e.op == "Conv"} == {STATIC, WEIGHT_ONLY}
+
+
 def test_conversions_float_nodes_and_integer_moves(profiled) -> None:
     table, model = profiled
     for value in activation_points(model):
@@ -64,6 +77,90 @@ def test_weightless_keys_and_matmul(tmp_path) -> None:
         assert table.lookup(*op_facts.latency_key(node), 4, 8) is not None
 
 
+@pytest.fixture(scope="module")
+def moded() -> tuple[LatencyTable, object]:
+    """A MatMul model timed in float and in its other modes only."""
+    table = profiler.profile(matmul_net(), empty_table(), batch=BATCH, bits=[(32, 32)],
+                             modes=[DYNAMIC, WEIGHT_ONLY], **FAST)
+    return table, profiler._prepared(matmul_net(), BATCH)
+
+
+def test_matmul_modes_are_measured_and_positive(moded) -> None:
+    table, model = moded
+    nodes = qir.quantizable_nodes(model)
+    assert [n.name for n in nodes] == ["mm1", "mm2"]
+    for node in nodes:
+        key = op_facts.latency_key(node)
+        for w, a, mode in ((8, 8, DYNAMIC), (4, FLOAT_BITS, WEIGHT_ONLY), (8, FLOAT_BITS, WEIGHT_ONLY)):
+            us = table.lookup(*key, w, a, mode)
+            assert us is not None and us > 0, (node.name, w, a, mode)
+    # Without static: float only, no static widths, and no conversions (moded nodes read and write float).
+    assert {(e.weight_bits, e.activation_bits) for e in table if e.mode == STATIC} == {(32, 32)}
+    assert not [e for e in table if e.op in ("QuantizeLinear", "DequantizeLinear")]
+
+
+def test_estimate_prices_modes_from_the_entries(moded, profiled) -> None:
+    table, model = moded
+    for choice in (NodeQuant(mode=DYNAMIC), NodeQuant(weights=4, mode=WEIGHT_ONLY),
+                   NodeQuant(weights=8, mode=WEIGHT_ONLY)):
+        report = cost.estimate(model, Plan(choice), table, BATCH, baselines=False)
+        by_node = {n.node: n for n in report.nodes}
+        assert by_node["relu1"].source.startswith("fused into mm1")
+        for name in ("mm1", "mm2"):
+            assert by_node[name].source == cost.MEASURED and by_node[name].mode == choice.mode, (name, choice)
+        assert report.conversions == []
+    table, model = profiled
+    plan = Plan(NodeQuant(weights=4, mode=WEIGHT_ONLY), {"fc": NodeQuant(mode=DYNAMIC)})
+    report = cost.estimate(model, plan, table, BATCH, baselines=False)
+    assert {n.node: n.source for n in report.nodes if n.quantizable} == dict.fromkeys(
+        ["conv1", "conv2", "fc"], cost.MEASURED)
+
+
+def test_a_written_table_keeps_its_modes(moded, tmp_path) -> None:
+    table, _ = moded
+    loaded = LatencyTable.load(table.save(tmp_path / "table.json"))
+    assert loaded.entries == table.entries
+    assert {e.mode for e in loaded} == {STATIC, DYNAMIC, WEIGHT_ONLY}
+
+
+def test_an_old_table_is_reused_and_only_the_modes_are_measured(profiled, monkeypatch, tmp_path) -> None:
+    """A table written before modes (no ``mode`` fields) loads as static entries: re-profiling it times
+    the dynamic and weight-only forms alone."""
+    table, _ = profiled
+    old = {k: e for k, e in table.entries.items() if e.mode == STATIC}
+    path = LatencyTable("test-cpu", "measured", table.roofline, entries=old).save(tmp_path / "old.json")
+    assert '"mode"' not in path.read_text()
+    calls = []
+    monkeypatch.setattr(profiler, "measure", lambda *args: calls.append(args[0].keys[0]) or {})
+    run = profiler.run_profile(conv_net(), LatencyTable.load(path), batch=BATCH, **FAST)
+    assert run.reused == len(old)
+    assert sorted(calls) == sorted(k for k, e in table.entries.items() if e.mode != STATIC)
+
+
+def test_modes_are_checked_and_a_refused_mode_is_reported(monkeypatch) -> None:
+    with pytest.raises(QinjectError, match="not profilable"):
+        profiler.run_profile(matmul_net(), empty_table(), batch=BATCH, modes=["fast"], **FAST)
+    # A node the rewrite leaves float in a mode gets no entry (its float time would pass for the mode).
+    monkeypatch.setattr(pm, "mode_applied", lambda *args: False)
+    run = profiler.run_profile(matmul_net(), empty_table(), batch=BATCH, bits=[], modes=[DYNAMIC], **FAST)
+    assert run.measured == 0 and len(run.failed) == 2  # mm1 (its Relu inside) and mm2
+    assert all("left node" in f and "dynamic" in f for f in run.failed), run.failed
+
+
+def test_input_shapes_size_symbolic_dims() -> None:
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "seq",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", "S", 16])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", "S", 8])],
+        [onnx.numpy_helper.from_array(np.ones((16, 8), np.float32), "w")]),
+        opset_imports=[onnx.helper.make_opsetid("", 13)])
+    prepared = profiler._prepared(model, 2, {"x": (2, 5, 16)})
+    keys = {p.keys[0] for p in profiler.probes_for(prepared, [(8, 8)], [STATIC, DYNAMIC])}
+    assert ("MatMul", "2x5x16;16x8->2x5x8", 8, 8, DYNAMIC) in keys
+    with pytest.raises(QinjectError, match="'z', which is not a model input"):
+        profiler._prepared(model, 2, {"z": (2, 5, 16)})
+
+
 def test_second_run_measures_nothing_and_keeps_other_entries(profiled, monkeypatch) -> None:
     table, _ = profiled
     other = Entry("Conv", "1x1x1x1;1x1x1x1->1x1x1x1", 8, 8, 3.0)  # another model's entry
@@ -79,12 +176,12 @@ def test_second_run_measures_nothing_and_keeps_other_entries(profiled, monkeypat
 def test_a_new_bit_width_measures_only_what_is_missing(profiled, monkeypatch) -> None:
     table, _ = profiled
     subset = LatencyTable("test-cpu", "measured", table.roofline,
-                          entries={k: e for k, e in table.entries.items() if k[2:] != (4, 8)})
+                          entries={k: e for k, e in table.entries.items() if k[2:] != (4, 8, STATIC)})
     calls = []
     real = profiler.measure
     monkeypatch.setattr(profiler, "measure", lambda *args: calls.append(args[0]) or real(*args))
     profiler.run_profile(conv_net(), subset, batch=BATCH, **FAST)
-    assert [p.keys[0][2:] for p in calls] == [(4, 8)] * 3
+    assert [p.keys[0][2:] for p in calls] == [(4, 8, STATIC)] * 3
 
 
 def test_estimate_uses_the_measured_entries(profiled) -> None:
@@ -132,10 +229,11 @@ def test_cli_profile_writes_a_table_and_refuses_another_target(tmp_path) -> None
     onnx.save(conv_net(), str(model))
     out = tmp_path / "table.json"
     r = run_cli("profile", model, "--target", "test-cpu", "-o", out, "--batch", 2, "--bits", "32/32,8/8",
-                "--repeats", 2, "--warmup", 1, "--no-progress")
+                "--modes", "static,dynamic", "--repeats", 2, "--warmup", 1, "--no-progress")
     assert r.returncode == 0, r.stderr
     table = LatencyTable.load(out)
     assert table.target == "test-cpu" and table.kind == "measured" and "fp32" in table.roofline.peak_ops_per_s
+    assert {e.mode for e in table} == {STATIC, DYNAMIC}  # the Gemm's dynamic form; no weight-only
     assert "entries measured, 0 reused" in r.stdout
     r = run_cli("profile", model, "--target", "other-cpu", "-o", out, "--no-progress")
     lines = [line for line in r.stderr.splitlines() if line.strip()]
@@ -144,11 +242,14 @@ def test_cli_profile_writes_a_table_and_refuses_another_target(tmp_path) -> None
     # Cached: nothing to measure; --save-as-target makes the table selectable by name.
     env = {**os.environ, "QINJECT_TARGETS": str(tmp_path / "targets")}
     r = run_cli("profile", model, "--target", "test-cpu", "-o", out, "--batch", 2, "--bits", "32/32,8/8",
-                "--save-as-target", "--no-progress", env=env)
+                "--modes", "static,dynamic", "--save-as-target", "--no-progress", env=env)
     assert r.returncode == 0 and "0 entries measured" in r.stdout, r.stderr
     assert LatencyTable.load(tmp_path / "targets" / "test-cpu.json").entries == table.entries
     r = run_cli("targets", env=env)
     assert "test-cpu" in r.stdout and "measured" in r.stdout
+    r = run_cli("profile", model, "--target", "test-cpu", "-o", out, "--modes", "static,fast", "--no-progress")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "'fast'" in lines[0] and "weight-only" in lines[0], r.stderr
 
 
 def test_layout_context_and_boundary_kernels() -> None:
@@ -158,7 +259,7 @@ def test_layout_context_and_boundary_kernels() -> None:
     model = profiler._prepared(conv_net(), BATCH)
     values = profiler._input_values(model, None)
     probes = {p.keys[0]: p for p in profiler.probes_for(model, [(8, 8)])}
-    pool = next(p for k, p in probes.items() if k[0] == "MaxPool" and k[2:] == (0, 8))
+    pool = next(p for k, p in probes.items() if k[0] == "MaxPool" and k[2:] == (0, 8, STATIC))
     times = timing.time_models([pool.build(values)], 0, 2)[0]
     assert [times.ops[k] for k in timing.own_kernels(times)] == ["NhwcMaxPool"]
     q = next(p for k, p in probes.items() if k[0] == "QuantizeLinear" and k[1] == f"x{BATCH * 8 * 4 * 4}")
