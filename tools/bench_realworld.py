@@ -1,13 +1,18 @@
-"""Benchmark the real-model corpus (``models/realworld/corpus.py``): onnxruntime's quantizers vs qinject.
+"""Benchmark the real-model corpus (``models/realworld/corpus.py``) and the light zoo: onnxruntime's
+quantizers vs qinject, and qinject's latency estimates against the measured latency.
 
-For every case (the 4 PyPI models and every export of ``exports_loader``), from the same float file and
-the same calibration feeds:
+For every case (the 4 PyPI models, every export of ``exports_loader``, and the light-zoo conv nets of
+``models/light_zoo.py`` as ``light_<name>``, with He-normal weights and standard-normal images), from the
+same float file and the same calibration feeds:
 
 * ``ort_static``   onnxruntime ``quant_pre_process`` then ``quantize_static`` (QDQ, per-channel, QUInt8
                    activations, QInt8 weights, MinMax), calibrated by a CalibrationDataReader over the feeds
 * ``ort_dynamic``  onnxruntime ``quantize_dynamic`` (QInt8 weights)
+* ``ort_nbits``    onnxruntime ``MatMulNBitsQuantizer`` (4-bit, block 32, symmetric, default accuracy level:
+                   MatMul with a constant weight -> MatMulNBits); a model without one is "nothing to quantize"
 * ``qinject``      ``qinject quantize MODEL -o OUT --calib FOLDER --no-measure`` (the CLI; ``--no-measure``
                    skips qinject's own timing of its output, this tool's timing is the one reported)
+* ``qinject_auto`` the same with ``--mode auto`` (per node, the execution mode the target prices fastest)
 * ``qinject_1pct`` ``qinject quantize MODEL -o OUT --calib FOLDER --no-measure --max-drop 1% --eval EVAL.npz``
                    (``--eval`` takes a file, not a folder: EVAL.npz holds the evaluation feeds of the first
                    feed's shapes, concatenated, with their labels)
@@ -15,12 +20,17 @@ the same calibration feeds:
 Each tool runs in its own process with a time limit (a failure or time-out is recorded, never fatal). Then
 one process per case loads the float model and every quantized model, measures fidelity on the evaluation
 feeds (``Case.fidelity``) and latency (onnxruntime CPU, intra_op_num_threads=2, batch 1 = evaluation feed
-0, median of >= 20 runs after warm-up, the sessions interleaved round by round). Results go to stdout, to
-``WORKDIR/results.json`` and to the "Real-model corpus vs onnxruntime's quantizers" section of BENCHMARKS.md.
+0, median of >= 20 runs after warm-up, the sessions interleaved round by round) and file size (external
+data included). Each qinject run prints its estimate on its target ("estimated latency on local-cpu: X ms vs
+float Y ms"): X / Y is set beside the measured ratio, and a summary counts the written models whose estimate
+is within 25% of the measured ratio and on the same side of 1.0. Results go to stdout, to
+``WORKDIR/results.json`` and to the ``bench_realworld`` section of BENCHMARKS.md
+(``--no-write``: not written).
 
 Usage:
-    python tools/bench_realworld.py                              # every case
+    python tools/bench_realworld.py                              # every case: corpus and light zoo
     python tools/bench_realworld.py --quick --cases nudenet,torchvision_resnet50_dynamo
+    python tools/bench_realworld.py --cases light --no-write     # "corpus" and "light" name the two sets
     python tools/bench_realworld.py --exports-rev HEAD           # the exports committed at HEAD
 """
 
@@ -39,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +60,14 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_common import machine, source_state, write_section  # noqa: E402
 
 SECTION = "bench_realworld"
-HEADING = "## Real-model corpus vs onnxruntime's quantizers"
-TOOLS = ["ort_static", "ort_dynamic", "qinject", "qinject_1pct"]
+HEADING = "## Real-model corpus and light zoo vs onnxruntime's quantizers, and qinject's latency estimates"
+TOOLS = ["ort_static", "ort_dynamic", "ort_nbits", "qinject", "qinject_auto", "qinject_1pct"]
 THREADS = 2
 QINJECT = Path(sys.executable).with_name("qinject")
+LIGHT = "light_"  # case-name prefix of the light-zoo models
+ESTIMATE_TOLERANCE = 0.25  # |estimated / measured - 1| that counts as "the estimate holds"
+# "estimated latency on local-cpu: 1.234 ms vs float 2.345 ms (...)", the CLI's last line about the estimate
+ESTIMATE_LINE = re.compile(r"estimated latency on (\S+): ([\d.]+) ms vs float ([\d.]+) ms")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -119,7 +134,104 @@ def eval_npz(feeds: list[dict[str, np.ndarray]], path: Path) -> tuple[Path, int]
     return path, int(len(next(iter(out.values()))))
 
 
+# --------------------------------------------------------------------------- cases
+
+def light_case(name: str):
+    """A corpus ``Case`` for light-zoo model ``name`` (``light_resnet50``...): the zoo structure with
+    He-normal weights at opset 13 (``models.light_zoo.materialize``, as tools/bench_vs_ort.py), fed
+    standard-normal images of the model's input shape (as tests/zoo/test_light_zoo.py); top-1 agreement."""
+    import onnx
+
+    from models import light_zoo
+    from models.realworld import corpus
+
+    zoo = name[len(LIGHT):]
+    if zoo not in light_zoo.NAMES:
+        raise KeyError(f"unknown light-zoo case {name!r}; known: {[LIGHT + n for n in light_zoo.NAMES]}")
+    # The shipped file holds its weights as ConstantOfShape fills: small, read for the input's name and shape.
+    shipped = onnx.load(str(light_zoo.light_dir() / f"light_{zoo}.onnx"), load_external_data=False)
+    inits = {t.name for t in shipped.graph.initializer}
+    x = next(i for i in shipped.graph.input if i.name not in inits)
+    shape = tuple(d.dim_value or 1 for d in x.type.tensor_type.shape.dim)
+
+    def make(split: str, n: int, seed: int) -> list[dict[str, np.ndarray]]:
+        rng = np.random.default_rng([seed, {"calibration": 1, "evaluation": 2}[split], zlib.crc32(zoo.encode())])
+        return [{x.name: rng.standard_normal(shape, dtype=np.float32)} for _ in range(n)]
+
+    return corpus.Case(name=name, task="classifier", source="onnx light zoo",
+                       _load=lambda: light_zoo.materialize(zoo, 0, opset=13), _make=make,
+                       description=f"light-zoo {zoo}, He-normal weights, standard-normal images")
+
+
+def get_case(name: str):
+    from models.realworld import corpus
+
+    return light_case(name) if name.startswith(LIGHT) else corpus.case(name)
+
+
+def case_names(spec: str | None) -> list[str]:
+    """``--cases``: comma-separated names, where ``corpus`` and ``light`` stand for those whole sets."""
+    from models import light_zoo
+    from models.realworld import corpus
+
+    sets = {"corpus": sorted(corpus.CASES), "light": [LIGHT + n for n in light_zoo.NAMES]}
+    names: list[str] = []
+    for word in (spec or "corpus,light").split(","):
+        names += sets.get(word, [word] if word else [])
+    return list(dict.fromkeys(names))
+
+
+def model_mb(path: Path) -> float:
+    """Size of an ONNX file and the external-data files it names."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    files = {path} | {path.parent / e.value for t in _get_all_tensors(model) if uses_external_data(t)
+                      for e in t.external_data if e.key == "location"}
+    return sum(f.stat().st_size for f in files if f.exists()) / 1e6
+
+
+def parse_estimate(stdout: str) -> dict:
+    """qinject's printed estimate: quantized and float latency (ms) on its target, and their ratio."""
+    found = ESTIMATE_LINE.findall(stdout)
+    if not found:
+        return {}
+    target, est_ms, float_ms = found[-1]
+    est, flt = float(est_ms), float(float_ms)
+    return {"target": target, "est_ms": est, "est_float_ms": flt, "est_ratio": est / flt if flt > 0 else math.nan}
+
+
 # --------------------------------------------------------------------------- tool processes
+
+def _all_nodes(graph):
+    """Every node of a graph and of the graphs its nodes' attributes hold."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_nodes(g)
+
+
+def nbits_child(model: str, out: str) -> None:
+    """onnxruntime's MatMulNBitsQuantizer, 4-bit, block 32, symmetric; prints a JSON line of notes
+    (``nothing`` and no file written when no MatMul became MatMulNBits)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    m = onnx.load(model)
+    n_matmul = sum(n.op_type == "MatMul" for n in _all_nodes(m.graph))
+    quantizer = MatMulNBitsQuantizer(m, bits=4, block_size=32, is_symmetric=True)
+    quantizer.process()
+    n_nbits = sum(n.op_type == "MatMulNBits" for n in _all_nodes(quantizer.model.model.graph))
+    if n_nbits == 0:
+        why = "no MatMul" if n_matmul == 0 else f"none of its {n_matmul} MatMul has a constant weight"
+        print(json.dumps({"nothing": f"nothing to quantize ({why})"}))
+        return
+    big = quantizer.model.model.ByteSize() > 2**31 - 2**26  # protobuf's 2 GB limit, with a margin
+    quantizer.model.save_model_to_file(out, use_external_data_format=big)
+    print(json.dumps({"note": f"{n_nbits} of {n_matmul} MatMul -> MatMulNBits"}))
+
 
 def ort_child(tool: str, model: str, calib: str, out: str) -> None:
     """Hidden sub-command: one onnxruntime quantization; prints a JSON line of notes."""
@@ -127,6 +239,9 @@ def ort_child(tool: str, model: str, calib: str, out: str) -> None:
     from onnxruntime import quantization as oq
 
     notes: dict[str, str] = {}
+    if tool == "ort_nbits":
+        nbits_child(model, out)
+        return
     if tool == "ort_dynamic":
         oq.quantize_dynamic(model, out, weight_type=oq.QuantType.QInt8)
         print(json.dumps(notes))
@@ -164,6 +279,8 @@ def tool_command(tool: str, model: Path, calib: Path, evalf: Path, out: Path) ->
     cmd = [str(QINJECT), "quantize", str(model), "-o", str(out), "--calib", str(calib), "--no-measure"]
     if tool == "qinject_1pct":
         cmd += ["--max-drop", "1%", "--eval", str(evalf)]
+    elif tool == "qinject_auto":
+        cmd += ["--mode", "auto"]
     return cmd
 
 
@@ -185,6 +302,11 @@ def run_tool(cmd: list[str], timeout: float, log: Path) -> dict:
             res.update(json.loads(proc.stdout.strip().splitlines()[-1]))
         except (ValueError, IndexError):
             pass
+    else:
+        res.update(parse_estimate(proc.stdout))
+        quantized = re.search(r"^quantized (\d+) node\(s\)", proc.stdout, re.MULTILINE)
+        if quantized:
+            res["quantized_nodes"] = int(quantized.group(1))
     return res
 
 
@@ -197,7 +319,7 @@ def measure_child(case_name: str, work: str, rounds: int, runs_per_round: int, e
     work_p = Path(work)
     if exports_rev:
         _use_exports_rev(exports_rev, work_p.parent)
-    c = corpus.case(case_name)
+    c = get_case(case_name)
     feeds = [dict(np.load(f)) for f in sorted((work_p / "eval").glob("*.npz"))]
     models = {"fp32": work_p / "model.onnx"}
     models.update({t: work_p / f"{t}.onnx" for t in TOOLS if (work_p / f"{t}.onnx").exists()})
@@ -205,7 +327,7 @@ def measure_child(case_name: str, work: str, rounds: int, runs_per_round: int, e
     sessions = {}
     ref = None
     for label, path in models.items():
-        r: dict = {"size_mb": path.stat().st_size / 1e6}
+        r: dict = {"size_mb": model_mb(path)}
         try:
             sess = corpus.session(path, THREADS)
             outs = corpus.run_model(sess, feeds)
@@ -239,6 +361,8 @@ def measure_child(case_name: str, work: str, rounds: int, runs_per_round: int, e
                     times[k].append(time.perf_counter() - t0)
         for k, v in times.items():
             result[k]["latency_ms"] = float(np.median(v)) * 1e3
+            result[k]["latency_min_ms"] = float(np.min(v)) * 1e3  # spread of the runs, for judging noise
+            result[k]["latency_p25_p75_ms"] = [float(x) * 1e3 for x in np.percentile(v, [25, 75])]
             result[k]["latency_runs"] = len(v)
     print(json.dumps(result, default=float))
 
@@ -248,7 +372,7 @@ def measure_child(case_name: str, work: str, rounds: int, runs_per_round: int, e
 def bench_case(name: str, args, root: Path) -> dict:
     from models.realworld import corpus
 
-    c = corpus.case(name)
+    c = get_case(name)
     work = root / name
     work.mkdir(parents=True, exist_ok=True)
     n_cal, n_eval = (4, 6) if args.quick else (8, 16)
@@ -274,10 +398,11 @@ def bench_case(name: str, args, root: Path) -> dict:
         cmd = tool_command(tool, work / "model.onnx", work / "calib", work / "eval.npz", out)
         res = run_tool(cmd, args.timeout, work / f"{tool}.log")
         res["command"] = shlex.join(cmd).replace(str(root), "$WORK")
-        if "error" not in res and not out.exists():
+        if "error" not in res and "nothing" not in res and not out.exists():
             res["error"] = "no output file written"
         rec["tools"][tool] = res
-        print(f"  {tool}: {res.get('error') or 'ok'} ({res['seconds']:.1f} s)", flush=True)
+        est = f", estimate {res['est_ratio']:.2f}x" if "est_ratio" in res else ""
+        print(f"  {tool}: {res.get('error') or res.get('nothing') or 'ok'}{est} ({res['seconds']:.1f} s)", flush=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "_measure", name, str(work),
            str(args.rounds), str(args.runs_per_round), args.exports_rev or ""]
     try:
@@ -342,6 +467,8 @@ def tool_cell(rec: dict, tool: str) -> tuple[str, str, str, str, str]:
     secs = f"{t['seconds']:.1f}" if "seconds" in t else "–"
     if "error" in t:
         return f"fails: {_short(t['error'])}", "–", "–", "–", secs
+    if "nothing" in t:
+        return t["nothing"], "–", "–", "–", secs
     if not m:
         return "? (" + _short(rec.get("measure_error", "not measured")) + ")", "–", "–", "–", secs
     q = m.get(tool, {})
@@ -350,23 +477,77 @@ def tool_cell(rec: dict, tool: str) -> tuple[str, str, str, str, str]:
         return f"fails at run: {_short(q['run_error'])}", "–", "–", size, secs
     ratio = (f"{q['latency_ms'] / fp['latency_ms']:.2f}"
              if q.get("latency_ms") and fp.get("latency_ms") else "–")
-    runs = "yes" + (f" ({_short(t['note'], 80)})" if t.get("note") else "")
+    note = t.get("note") or (f"{t['quantized_nodes']} node(s) quantized" if "quantized_nodes" in t else "")
+    runs = "yes" + (f" ({_short(note, 80)})" if note else "")
     return runs, fidelity_text(rec["task"], q.get("fidelity", {})), ratio, size, secs
+
+
+def estimate_pair(rec: dict, tool: str) -> tuple[float, float] | None:
+    """(estimated, measured) latency ratio to fp32 of a qinject output that ran, else None."""
+    est = rec["tools"].get(tool, {}).get("est_ratio")
+    m = rec.get("measure", {})
+    q, fp = m.get(tool, {}), m.get("fp32", {})
+    if est is None or not q.get("latency_ms") or not fp.get("latency_ms") or "run_error" in q:
+        return None
+    return est, q["latency_ms"] / fp["latency_ms"]
+
+
+def estimate_lines(records: list[dict], tools: list[str]) -> list[str]:
+    """The estimate-vs-measurement table and its per-tool summary."""
+    tools = [t for t in tools if t.startswith("qinject")]
+    rows, counts = [], {t: [0, 0, 0, 0] for t in tools}  # holds, within tolerance, same side, written
+    for rec in records:
+        for tool in tools:
+            pair = estimate_pair(rec, tool)
+            if pair is None:
+                continue
+            est, meas = pair
+            within = abs(est / meas - 1.0) <= ESTIMATE_TOLERANCE
+            same_side = est == 1.0 or (est < 1.0) == (meas < 1.0)
+            c = counts[tool]
+            c[0], c[1], c[2], c[3] = c[0] + (within and same_side), c[1] + within, c[2] + same_side, c[3] + 1
+            why = ([] if within else [f"{est / meas - 1.0:+.0%}"]) + ([] if same_side else ["other side of 1.0"])
+            verdict = f"no ({', '.join(why)})" if why else "yes"
+            target = rec["tools"][tool].get("target", "?")
+            rows.append(f"| {rec['case']} | {tool} | {target} | {est:.2f} | {meas:.2f} | {est / meas:.2f} | {verdict} |")
+    if not rows:
+        return []
+    intro = ("Estimates vs measurement: qinject's printed estimate on its target (quantized / float) beside the "
+             f"measured ratio above; it holds when |estimated / measured - 1| <= {ESTIMATE_TOLERANCE:.0%} and both "
+             "are on the same side of 1.0 (an estimate of exactly 1.00, nothing changed, sides with either).")
+    lines = ["", intro, ""]
+    total = [sum(c[i] for c in counts.values()) for i in range(4)]
+    for tool, (holds, within, side, n) in counts.items():
+        if n:
+            lines.append(f"- {tool}: the estimate holds on {holds} of {n} written models ({within} within "
+                         f"{ESTIMATE_TOLERANCE:.0%}, {side} on the same side of 1.0)")
+    lines.append(f"- all qinject outputs: {total[0]} of {total[3]} hold ({total[1]} within {ESTIMATE_TOLERANCE:.0%}, "
+                 f"{total[2]} on the same side of 1.0)")
+    lines += ["", "| case | tool | target | estimated | measured | est / meas | holds |",
+              "|---|---|---|---|---|---|---|", *rows]
+    return lines
 
 
 def render(records: list[dict], args, started: str, elapsed: float) -> str:
     import onnxruntime as ort
 
     cmd = "python tools/bench_realworld.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    n_light = sum(r["case"].startswith(LIGHT) for r in records)
     lines = [HEADING, "",
              f"Written by `tools/bench_realworld.py` on {started} ({elapsed / 60:.0f} min). Machine: {machine()}. "
              f"onnxruntime {ort.__version__}, Python {platform.python_version()}, {source_state()}.",
              f"Command: `{cmd.strip()}`.", "",
-             "Every case of `models/realworld/corpus.py` (4 models from PyPI packages with their own preprocessing, "
-             "and the exports of `models/realworld/exports`) quantized from the same float file and the same "
+             f"{len(records) - n_light} cases of `models/realworld/corpus.py` (models from PyPI packages with their "
+             "own preprocessing, and the exports of `models/realworld/exports`) and "
+             f"{n_light} of the light zoo (`models/light_zoo.py`: the classic conv-net structures shipped in onnx "
+             "with He-normal weights at opset 13, fed standard-normal images, named `light_*`), each "
+             "quantized from the same float file and the same "
              f"calibration feeds ({'4' if args.quick else '8'} feeds; shapes vary between feeds) by onnxruntime "
              "`quantize_static` (after `quant_pre_process`; QDQ, per-channel, QUInt8 activations / QInt8 weights, "
-             "MinMax), `quantize_dynamic` (QInt8 weights), `qinject quantize --calib FOLDER --no-measure` and "
+             "MinMax), `quantize_dynamic` (QInt8 weights), `MatMulNBitsQuantizer` (`ort_nbits`: 4-bit weights, "
+             "block 32, symmetric, default accuracy level; only MatMul with a constant weight, so a model without "
+             "one has nothing to quantize), `qinject quantize --calib FOLDER --no-measure`, the same with "
+             "`--mode auto` (`qinject_auto`), and "
              "`qinject quantize --calib FOLDER --no-measure --max-drop 1% --eval EVAL.npz` (`--no-measure`: this "
              "tool's timing is the one reported; `--eval` takes a file, not a folder: "
              "EVAL.npz holds the evaluation feeds that share feed 0's shapes). Fidelity against fp32 on "
@@ -375,41 +556,50 @@ def render(records: list[dict], args, started: str, elapsed: float) -> str:
              "package's own post-processing) matched by a same-class quantized detection with IoU >= 0.5, encoders "
              "cosine per token, otherwise the lowest output SQNR. Latency ratio = quantized / fp32 (onnxruntime CPU, "
              f"intra_op_num_threads={THREADS}, batch 1, median of {args.rounds * args.runs_per_round} runs after "
-             f"warm-up, all models of a case measured in one process, interleaved). Tool time limit {args.timeout:.0f} s.",
-             "", "Latency ratio (lower is faster) and key fidelity, side by side:", "",
-             "| case | task | fp32 ms | " + " | ".join(args.tools) + " |",
+             f"warm-up, all models of a case measured in one process, interleaved); qinject's columns also give "
+             "its own estimate of that ratio (est). File sizes include external data. "
+             f"Tool time limit {args.timeout:.0f} s.",
+             "", "Latency ratio (lower is faster), key fidelity and file size, side by side:", "",
+             "| case | task | fp32 ms · MB | " + " | ".join(args.tools) + " |",
              "|---|---|---|" + "---|" * len(args.tools)]
     for rec in records:
         fp = rec.get("measure", {}).get("fp32", {})
         fp_ms = f"{fp['latency_ms']:.2f}" if fp.get("latency_ms") else "–"
+        fp_mb = f"{fp['size_mb']:.1f}" if "size_mb" in fp else "–"
         cells = []
         for tool in args.tools:
             if "error" in rec:
                 cells.append("–")
                 continue
-            runs, _, ratio, _, _ = tool_cell(rec, tool)
+            runs, _, ratio, size, _ = tool_cell(rec, tool)
             if runs.startswith("fails"):
                 cells.append("fails")
             elif ratio == "–":
                 cells.append(_short(runs, 40))
             else:
                 f = rec["measure"].get(tool, {}).get("fidelity", {})
-                cells.append(f"{ratio}× · {key_metric(rec['task'], f)}")
-        lines.append(f"| {rec['case']} | {rec['task']} | {fp_ms} | " + " | ".join(cells) + " |")
-    lines += ["", "Details:", "", "| case | tool | runs | fidelity vs fp32 | latency ratio | size MB | tool s |",
-              "|---|---|---|---|---|---|---|"]
+                est = rec["tools"][tool].get("est_ratio")
+                est_t = f" (est {est:.2f})" if est is not None else ""
+                cells.append(f"{ratio}×{est_t} · {key_metric(rec['task'], f)} · {float(size):.1f} MB")
+        lines.append(f"| {rec['case']} | {rec['task']} | {fp_ms} · {fp_mb} | " + " | ".join(cells) + " |")
+    lines += estimate_lines(records, args.tools)
+    lines += ["", "Details:", "",
+              "| case | tool | runs | fidelity vs fp32 | latency ratio | est. ratio | size MB | tool s |",
+              "|---|---|---|---|---|---|---|---|"]
     for rec in records:
         if "error" in rec:
-            lines.append(f"| {rec['case']} | – | {_short(rec['error'])} | | | | |")
+            lines.append(f"| {rec['case']} | – | {_short(rec['error'])} | | | | | |")
             continue
         fp = rec.get("measure", {}).get("fp32", {})
         size = f"{fp['size_mb']:.2f}" if "size_mb" in fp else "–"
         lines.append(f"| {rec['case']} | fp32 | " + ("yes" if fp and "run_error" not in fp else
                                                    _short(fp.get("run_error", rec.get("measure_error", "?"))))
-                     + f" | {_short(rec.get('evaluation', ''), 120)} | 1.00 | {size} | |")
+                     + f" | {_short(rec.get('evaluation', ''), 120)} | 1.00 | | {size} | |")
         for tool in args.tools:
             runs, fidelity, ratio, size, secs = tool_cell(rec, tool)
-            lines.append(f"| {rec['case']} | {tool} | {runs} | {fidelity} | {ratio} | {size} | {secs} |")
+            est = rec["tools"].get(tool, {}).get("est_ratio")
+            est_t = f"{est:.2f}" if est is not None else ""
+            lines.append(f"| {rec['case']} | {tool} | {runs} | {fidelity} | {ratio} | {est_t} | {size} | {secs} |")
     fails = [(r["case"], t, r["tools"][t]) for r in records for t in args.tools
              if t.startswith("qinject") and "error" in r.get("tools", {}).get(t, {})]
     run_fails = [(r["case"], t, r["measure"][t]["run_error"]) for r in records if "measure" in r
@@ -434,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         measure_child(argv[1], argv[2], int(argv[3]), int(argv[4]), argv[5] if len(argv) > 5 else "")
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", help="comma-separated case names (default: every case)")
+    ap.add_argument("--cases", help="comma-separated case names; 'corpus' and 'light' name those sets "
+                    "(default: corpus,light)")
     ap.add_argument("--quick", action="store_true", help="4 calibration and 6 evaluation feeds")
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {TOOLS}")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per tool run")
@@ -449,11 +640,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("at least 20 latency runs (rounds x runs-per-round)")
     root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_realworld_"))
     root.mkdir(parents=True, exist_ok=True)
-    from models.realworld import corpus
-
     if args.exports_rev:
         _use_exports_rev(args.exports_rev, root)
-    names = args.cases.split(",") if args.cases else sorted(corpus.CASES)
+    names = case_names(args.cases)
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()
     records = []
