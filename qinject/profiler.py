@@ -159,11 +159,12 @@ def run_profile(model: str | os.PathLike | onnx.ModelProto | ir.Model, table: La
     if table is None:
         table = LatencyTable(target, "measured", fit_roofline(warmup, repeats), *_provenance())
     run = ProfileRun(table)
+    values = _input_values(ir_model, feeds)
+    _observed_shapes(ir_model, values)
     probes = probes_for(ir_model, bits, modes)
     wanted = {k for p in probes for k in p.keys}
     todo = [p for p in probes if any(k not in table.entries for k in p.keys)]
     run.reused = len(wanted & set(table.entries))
-    values = _input_values(ir_model, feeds) if todo else {}
     from tqdm.auto import tqdm
 
     for probe in tqdm(todo, desc="profiling", unit="model", disable=None if progress and todo else True, leave=False):
@@ -234,6 +235,17 @@ def _give_shapes(model: ir.Model, shapes: dict[str, Sequence[int]]) -> None:
     if shapes:
         model.meta[qir.INPUT_SHAPES] = {n: tuple(int(d) for d in dims) for n, dims in shapes.items()}
         model.meta[qir.SHAPES_GIVEN] = True
+
+
+def _observed_shapes(model: ir.Model, values: dict[str, np.ndarray]) -> None:
+    """Give the values shape inference left symbolic the shapes they had in the float run: onnx's
+    data propagation stops at shape arithmetic such as a Slice whose end comes from an input's
+    Shape (TorchScript BERT's position ids), and every node after it would have no latency key."""
+    for node in model.graph:
+        for value in node.outputs:
+            known = value.shape is not None and all(isinstance(d, int) for d in value.shape)
+            if value.name in values and not known:
+                value.shape = ir.Shape(values[value.name].shape)
 
 
 def _provenance() -> tuple[str, str]:

@@ -161,6 +161,29 @@ def test_input_shapes_size_symbolic_dims() -> None:
         profiler._prepared(model, 2, {"z": (2, 5, 16)})
 
 
+def test_shapes_inference_cannot_reach_come_from_the_float_run(monkeypatch) -> None:
+    """A Slice whose end is computed from the input's Shape (TorchScript BERT's position ids) stops
+    onnx's shape inference; the float run that feeds the probes gives the nodes after it their keys."""
+    h, nh, tp = onnx.helper, onnx.numpy_helper, onnx.TensorProto
+    nodes = [h.make_node("Shape", ["x"], ["s"], name="shape"),
+             h.make_node("Gather", ["s", "one"], ["g"], name="gather"),
+             h.make_node("Unsqueeze", ["g", "zero"], ["u"], name="unsqueeze"),
+             h.make_node("Slice", ["pos", "zero", "u", "zero"], ["p"], name="slice"),
+             h.make_node("MatMul", ["p", "w"], ["y"], name="mm")]
+    inits = [nh.from_array(np.array(1, np.int64), "one"), nh.from_array(np.array([0], np.int64), "zero"),
+             nh.from_array(np.ones((32, 16), np.float32), "pos"), nh.from_array(np.ones((16, 8), np.float32), "w")]
+    graph = h.make_graph(nodes, "positions", [h.make_tensor_value_info("x", tp.FLOAT, ["N", "S", 16])],
+                         [h.make_tensor_value_info("y", tp.FLOAT, [None, 8])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    assert op_facts.latency_key(next(n for n in profiler._prepared(model, 2, {"x": (2, 5, 16)}).graph
+                                     if n.name == "mm")) is None
+    calls = []
+    monkeypatch.setattr(profiler, "measure", lambda *args: calls.append(args[0].keys[0]) or {})
+    profiler.run_profile(model, empty_table(), batch=2, bits=[(32, 32)], modes=[DYNAMIC],
+                         input_shapes={"x": (2, 5, 16)}, **FAST)
+    assert ("MatMul", "5x16;16x8->5x8", 8, 8, DYNAMIC) in calls
+
+
 def test_second_run_measures_nothing_and_keeps_other_entries(profiled, monkeypatch) -> None:
     table, _ = profiled
     other = Entry("Conv", "1x1x1x1;1x1x1x1->1x1x1x1", 8, 8, 3.0)  # another model's entry
