@@ -8,14 +8,26 @@ calibration data (through the JAX backend), the layer-output reconstruction erro
 of 20% of the iterations without it). The result is hard rounding: codes ``floor(W / s) + [h ≥ ½]``.
 
 The rewrite writes each rounded weight back as float values that lie exactly on the quantization
-grid (``codes · s``), with each channel's largest-magnitude weight keeping its nearest code, so the
-channel's scale is unchanged and the Q/DQ rewrite at the same width reproduces exactly the learned
-codes. The scale and channel axis are those of ``InsertQDQ`` (min/max of the weight, per channel
-when the plan says so).
+grid (``(codes − z) · s``), with each channel's smallest and largest weight keeping their nearest
+codes, so the channel's range, hence its scale and zero point, is unchanged and the Q/DQ rewrite at
+the same width reproduces exactly the learned codes. The grid is that of ``InsertQDQ`` (min/max of
+the weight, per channel or per tensor as the plan says, symmetric or not). The float weight it
+replaced stays in the node's meta (``FLOAT_WEIGHT``): bias correction measures the shift of the
+rounded weight against it.
+
+Which nodes (``rounding_nodes``, shared with bias correction): those the plan runs in ``static``
+mode with per-channel weights of at most ``max_bits`` (4) bits or per-tensor weights of at most
+``per_tensor_max_bits`` (8) bits. A per-tensor scale is set by the widest channel, so at 8 bits the
+narrow channels get as few codes as at 4 bits per channel, and rounding them well pays. ``dynamic``
+and ``weight-only`` nodes are left alone with a note: the learned codes are codes of the static
+grid, and a weight-only node's blocks along the reduction axis each have their own scale, so the
+codes would not survive its rewrite. When none of the plan's weighted nodes qualifies, the pass
+refuses (the flag would change nothing), unless a search chose the plan: its widths are the search's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -27,24 +39,27 @@ from tqdm.auto import tqdm
 from qinject import numerics, op_facts
 from qinject import ir as qir
 from qinject.backends.jax_backend import Program
+from qinject.errors import QinjectError
 from qinject.layer_data import layer_inputs, node_function
 from qinject.pass_manager import Pass, PassResult
-from qinject.plan import NodeQuant, Plan
-from qinject.search import chosen_plan
+from qinject.plan import STATIC, WEIGHT_ONLY, NodeQuant, Plan
+from qinject.search import chosen_plan, search_result
 from qinject.sensitivity import AnalysisData
 
 ZETA, GAMMA = 1.1, -0.1
 NOTES = "qinject.adaround.notes"
 APPLIED = "qinject.adaround.applied"  # node meta: (bits, reconstruction MSE before, after)
+FLOAT_WEIGHT = "qinject.adaround.float_weight"  # node meta: the float weight the rounded one replaced
 
 
 class AdaRound(Pass):
-    """Replace the weights of the plan's low-bit nodes by AdaRound-rounded grid values.
+    """Replace the weights of the plan's low-bit static nodes by AdaRound-rounded grid values.
 
     Options:
         data: calibration inputs (as ``qinject.analyze`` takes them).
         plan: the plan (None: the search result in the model's meta).
-        max_bits: nodes whose weights get at most this many bits are rounded (default 4).
+        max_bits: per-channel weights of at most this many bits are rounded (default 4);
+        per_tensor_max_bits: per-tensor ones of at most this many (default 8).
         iterations: optimisation steps per layer; batch: samples per step (positions, for a MatMul
             or Gemm over sequences: it acts on each row alone; fewer samples for a convolution whose
             input exceeds ``max_elements`` per step);
@@ -53,17 +68,18 @@ class AdaRound(Pass):
 
     name = "adaround"
 
-    def __init__(self, data: object, plan: Plan | None = None, *, max_bits: int = 4, iterations: int = 500,
-                 batch: int = 32, lr: float = 1e-2, reg: float = 0.01, samples: int = 256, seed: int = 0,
-                 progress: bool = True, max_elements: int = 1 << 21) -> None:
+    def __init__(self, data: object, plan: Plan | None = None, *, max_bits: int = 4,
+                 per_tensor_max_bits: int = 8, iterations: int = 500, batch: int = 32, lr: float = 1e-2,
+                 reg: float = 0.01, samples: int = 256, seed: int = 0, progress: bool = True,
+                 max_elements: int = 1 << 21) -> None:
         self.data, self.plan, self.max_bits, self.iterations = data, plan, max_bits, iterations
+        self.per_tensor_max_bits = per_tensor_max_bits
         self.batch, self.lr, self.reg, self.samples, self.seed, self.progress = batch, lr, reg, samples, seed, progress
         self.max_elements = max_elements
 
     def call(self, model: ir.Model) -> PassResult:
-        plan = chosen_plan(model, self.plan)
-        nodes = [n for n in qir.quantizable_nodes(model)
-                 if (c := plan.choice(n.name)) is not None and c.weights <= self.max_bits and op_facts.weight_of(n)]
+        plan, nodes = rounding_nodes(model, self.plan, self.max_bits, self.per_tensor_max_bits,
+                                     "AdaRound (--adaround)", NOTES)
         nodes = [n for n in nodes if _own_weight(n)]
         if not nodes:
             return PassResult(model, False)
@@ -73,28 +89,32 @@ class AdaRound(Pass):
         bar = tqdm(nodes, desc="adaround", unit="layer", disable=None if self.progress else True, leave=False)
         for i, node in enumerate(bar):
             weight = op_facts.weight_of(node)
-            codes, scale, axis, before, after = self.round_layer(program, node, inputs[node.name],
-                                                                  plan.choice(node.name), self.seed + i)
-            rounded = numerics.dequantize(codes, scale, np.zeros_like(scale), axis).astype(np.float32)
+            choice = plan.choice(node.name)
+            codes, g, before, after = self.round_layer(program, node, inputs[node.name], choice,
+                                                       self.seed + i)
+            rounded = numerics.dequantize(codes, g.scale, g.zero_point, g.axis).astype(np.float32)
+            # the first float weight stays the reference, should the pass run twice
+            node.meta.setdefault(FLOAT_WEIGHT, weight.const_value.numpy())
             weight.const_value = ir.tensor(rounded, name=weight.name)
             program.constants[weight.name] = rounded
-            node.meta[APPLIED] = (plan.choice(node.name).weights, before, after)
+            node.meta[APPLIED] = (choice.weights, before, after)
         return PassResult(model, True)
 
     def round_layer(self, program: Program, node: ir.Node, x: np.ndarray, choice: NodeQuant, seed: int
-                    ) -> tuple[np.ndarray, np.ndarray, int | None, float, float]:
-        """(codes, scale, axis, reconstruction MSE of round-to-nearest, of AdaRound)."""
+                    ) -> tuple[np.ndarray, Grid, float, float]:
+        """(codes, grid, reconstruction MSE of round-to-nearest, of AdaRound)."""
         w = np.asarray(op_facts.weight_of(node).const_value.numpy(), dtype=np.float32)
-        axis, scale, qtype = grid(node, w, choice)
-        s = numerics._broadcastable(scale, w.ndim, axis).astype(np.float32)
-        base = np.floor(w / s)
-        rest = np.clip(w / s - base, 1e-4, 1 - 1e-4)
+        g = weight_grid(node, w, choice)
+        s = numerics._broadcastable(g.scale, w.ndim, g.axis).astype(np.float32)
+        z = numerics._broadcastable(g.zero_point, w.ndim, g.axis).astype(np.float32)
+        base = np.floor(w / s + z)  # the code below each weight
+        rest = np.clip(w / s + z - base, 1e-4, 1 - 1e-4)
         v0 = -np.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)  # h(v0) = rest: start at the float weight
         f = node_function(program, node)
-        lo, hi = float(qtype.qmin), float(qtype.qmax)
+        lo, hi = float(g.qtype.qmin), float(g.qtype.qmax)
 
         def weight_of(v: jax.Array) -> jax.Array:
-            return s * jnp.clip(base + rectified_sigmoid(v), lo, hi)
+            return s * (jnp.clip(base + rectified_sigmoid(v), lo, hi) - z)
 
         def loss(v: jax.Array, xb: jax.Array, target: jax.Array, beta: jax.Array, reg: jax.Array) -> jax.Array:
             h = rectified_sigmoid(v)
@@ -127,43 +147,97 @@ class AdaRound(Pass):
                 beta, reg = 20.0 + t * (2.0 - 20.0), self.reg
             v, state = step(v, state, xb, jnp.float32(beta), jnp.float32(reg))
         codes = np.clip(base + (np.asarray(rectified_sigmoid(v)) >= 0.5), lo, hi)
-        nearest = numerics.quantize(w, scale, np.zeros_like(scale), qtype, axis).astype(np.float32)
-        keep_max(codes, nearest, w, axis)
+        nearest = numerics.quantize(w, g.scale, g.zero_point, g.qtype, g.axis).astype(np.float32)
+        keep_extremes(codes, nearest, w, g.axis)
         evaluate = jax.jit(lambda xb, ww: jnp.mean((f(xb, ww) - f(xb, w)) ** 2))
         probe = x[: min(len(x), 256)]
-        before = float(evaluate(probe, nearest * s))
-        after = float(evaluate(probe, codes * s))
+        before = float(evaluate(probe, (nearest - z) * s))
+        after = float(evaluate(probe, (codes - z) * s))
         if after > before:  # the learned rounding did worse on these samples: keep round-to-nearest
             codes, after = nearest, before
-        return codes.astype(qtype.numpy_dtype), scale, axis, before, after
+        return codes.astype(g.qtype.numpy_dtype), g, before, after
 
 
 def rectified_sigmoid(v: jax.Array) -> jax.Array:
     return jnp.clip(jax.nn.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
-def grid(node: ir.Node, w: np.ndarray, choice: NodeQuant) -> tuple[int | None, np.ndarray, numerics.QType]:
-    """The weight's channel axis, scale and type exactly as ``InsertQDQ`` computes them."""
+@dataclass(frozen=True)
+class Grid:
+    """A weight's quantization grid: channel axis (None: per tensor), scale, zero point, type."""
+
+    axis: int | None
+    scale: np.ndarray
+    zero_point: np.ndarray
+    qtype: numerics.QType
+
+
+def weight_grid(node: ir.Node, w: np.ndarray, choice: NodeQuant) -> Grid:
+    """The weight's grid exactly as ``InsertQDQ`` computes it."""
     qtype = choice.weight_qtype
     axis = op_facts.channel_axis(node) if choice.per_channel and w.ndim > 1 else None
     lo, hi = numerics.weight_range(w, axis)
-    scale, _ = numerics.scale_zero_point(lo, hi, qtype, choice.weight_symmetric)
-    return axis, scale, qtype
+    scale, zero_point = numerics.scale_zero_point(lo, hi, qtype, choice.weight_symmetric)
+    return Grid(axis, scale, zero_point, qtype)
 
 
-def keep_max(codes: np.ndarray, nearest: np.ndarray, w: np.ndarray, axis: int | None) -> None:
-    """Give each channel's largest-magnitude weight its nearest code (in place), so the rounded
-    weight's range, hence its scale, is the original's."""
-    moved = np.moveaxis(np.abs(w), axis, 0).reshape(w.shape[axis], -1) if axis is not None else np.abs(w).reshape(1, -1)
-    flat_idx = moved.argmax(axis=1)
-    view_codes = np.moveaxis(codes, axis, 0).reshape(len(flat_idx), -1) if axis is not None else codes.reshape(1, -1)
-    view_near = np.moveaxis(nearest, axis, 0).reshape(len(flat_idx), -1) if axis is not None else nearest.reshape(1, -1)
-    rows = np.arange(len(flat_idx))
-    view_codes[rows, flat_idx] = view_near[rows, flat_idx]
-    if axis is not None:
-        codes[...] = np.moveaxis(view_codes.reshape(np.moveaxis(codes, axis, 0).shape), 0, axis)
-    else:
-        codes[...] = view_codes.reshape(codes.shape)
+def grid(node: ir.Node, w: np.ndarray, choice: NodeQuant) -> tuple[int | None, np.ndarray, numerics.QType]:
+    """The weight's channel axis, scale and type (``weight_grid`` without the zero point, which is 0
+    for symmetric weights)."""
+    g = weight_grid(node, w, choice)
+    return g.axis, g.scale, g.qtype
+
+
+def skip_reason(choice: NodeQuant, max_bits: int, per_tensor_max_bits: int) -> str | None:
+    """Why a node with this plan choice keeps its round-to-nearest weights (None: it is rounded)."""
+    if choice.mode != STATIC:
+        blocks = f" (its blocks of {choice.block_size} weights have their own scales)" \
+            if choice.mode == WEIGHT_ONLY else ""
+        return f"mode {choice.mode!r} has another weight grid than the static one this pass models{blocks}"
+    limit, kind = (max_bits, "per-channel") if choice.per_channel else (per_tensor_max_bits, "per-tensor")
+    if choice.weights > limit:
+        return f"{choice.weights}-bit {kind} weights, above the {limit}-bit limit for {kind} weights"
+    return None
+
+
+def rounding_nodes(model: ir.Model, plan: Plan | None, max_bits: int, per_tensor_max_bits: int, flag: str,
+                   notes: str) -> tuple[Plan, list[ir.Node]]:
+    """The plan (``plan``, else the one chosen before the pass) and its weighted nodes that AdaRound /
+    bias correction act on; the others get a note in ``notes``.
+
+    Raises when the plan quantizes weighted nodes but none qualifies, since the user's ``flag`` would
+    then change nothing; except for a search's plan, whose widths are the search's to choose.
+    """
+    chosen_by_search = plan is None and search_result(model) is not None
+    plan = chosen_plan(model, plan)
+    chosen = [n for n in qir.quantizable_nodes(model)
+              if plan.choice(n.name) is not None and op_facts.weight_of(n) is not None]
+    nodes, reasons = [], {}
+    for node in chosen:
+        reason = skip_reason(plan.choice(node.name), max_bits, per_tensor_max_bits)
+        if reason is None:
+            nodes.append(node)
+        else:
+            node.meta.setdefault(notes, []).append(f"{flag} skipped: {reason}")
+            reasons.setdefault(reason, node.name)
+    if chosen and not nodes and not chosen_by_search:
+        reason, name = next(iter(reasons.items()))
+        raise QinjectError(f"{flag} changes nothing: no node of the plan qualifies (node {name!r}: {reason}); "
+                           f"use static weights of at most {max_bits} bits per channel or {per_tensor_max_bits} per "
+                           "tensor, or drop the flag")
+    return plan, nodes
+
+
+def keep_extremes(codes: np.ndarray, nearest: np.ndarray, w: np.ndarray, axis: int | None) -> None:
+    """Give each channel's smallest and largest weight their nearest codes (in place), so the rounded
+    weight's range, hence its scale and zero point, is the original's."""
+    by_channel = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    rest = w.shape if axis is None else w.shape[:axis] + w.shape[axis + 1:]
+    channels = np.arange(len(by_channel))
+    for flat in (by_channel.argmin(axis=1), by_channel.argmax(axis=1)):
+        others = list(np.unravel_index(flat, rest))
+        index = tuple(others if axis is None else others[:axis] + [channels] + others[axis:])
+        codes[index] = nearest[index]
 
 
 def _own_weight(node: ir.Node) -> bool:
@@ -174,4 +248,3 @@ def _own_weight(node: ir.Node) -> bool:
         node.meta.setdefault(NOTES, []).append("weight shared with other nodes: AdaRound skipped")
         return False
     return True
-

@@ -2,9 +2,17 @@
 
 Quantizing a weight shifts each output channel's mean by ``E[f(x, Q(W)) − f(x, W)]``; with few
 bits the shift is biased, and layers downstream read it as signal. This pass measures the shift per
-output channel on calibration data (each node's float input, through the JAX backend) and subtracts
-it from the node's float bias, which the rewrite then quantizes as usual. Nodes without a bias input
-(a bias-less Conv, MatMul, a jax dot) are left alone with a note.
+output channel on calibration data (each node's input in the model as it stands, activations in
+float, through the JAX backend) and subtracts it from the node's float bias, which the rewrite then
+quantizes as usual. Nodes without a bias input (a bias-less Conv, MatMul, a jax dot) are left alone
+with a note.
+
+After AdaRound the weight already lies on the grid, so ``Q(W) = W``: the shift is measured against
+the float weight AdaRound replaced (``adaround.FLOAT_WEIGHT``), that is, for the learned rounding's
+error rather than round-to-nearest's. The nodes corrected are AdaRound's (``rounding_nodes``:
+static mode, per-channel weights of at most ``max_bits`` bits, per-tensor ones of at most
+``per_tensor_max_bits``); on a plan none of whose nodes qualifies (and that no search chose) the
+pass refuses.
 """
 
 from __future__ import annotations
@@ -14,13 +22,11 @@ import numpy as np
 import onnx_ir as ir
 
 from qinject import numerics, op_facts
-from qinject import ir as qir
 from qinject.backends.jax_backend import Program
 from qinject.layer_data import layer_inputs, node_function
 from qinject.pass_manager import Pass, PassResult
-from qinject.passes.adaround import grid
+from qinject.passes.adaround import FLOAT_WEIGHT, rounding_nodes, weight_grid
 from qinject.plan import Plan
-from qinject.search import chosen_plan
 from qinject.sensitivity import AnalysisData
 
 NOTES = "qinject.bias_correction.notes"
@@ -28,34 +34,26 @@ APPLIED = "qinject.bias_correction.applied"  # node meta: the mean |shift| remov
 
 
 class BiasCorrection(Pass):
-    """Correct the float bias of the plan's nodes for their weight-rounding shift.
+    """Correct the float bias of the plan's low-bit static nodes for their weight-rounding shift.
 
     Options:
         data: calibration inputs; plan: the plan (None: the search result in the model's meta);
-        max_bits: only nodes whose weights get at most this many bits (default 4); samples: calibration
+        max_bits: per-channel weights of at most this many bits are corrected (default 4);
+        per_tensor_max_bits: per-tensor ones of at most this many (default 8); samples: calibration
         samples used.
     """
 
     name = "bias-correction"
 
-    def __init__(self, data: object, plan: Plan | None = None, *, max_bits: int = 4, samples: int = 256) -> None:
+    def __init__(self, data: object, plan: Plan | None = None, *, max_bits: int = 4,
+                 per_tensor_max_bits: int = 8, samples: int = 256) -> None:
         self.data, self.plan, self.max_bits, self.samples = data, plan, max_bits, samples
+        self.per_tensor_max_bits = per_tensor_max_bits
 
     def call(self, model: ir.Model) -> PassResult:
-        plan = chosen_plan(model, self.plan)
-        nodes = []
-        for node in qir.quantizable_nodes(model):
-            choice = plan.choice(node.name)
-            if choice is None or choice.weights > self.max_bits or op_facts.weight_of(node) is None:
-                continue
-            b = op_facts.fact(node).bias_input
-            if b is None or b >= len(node.inputs) or node.inputs[b] is None or node.inputs[b].const_value is None:
-                node.meta.setdefault(NOTES, []).append("no constant bias input: bias correction skipped")
-                continue
-            if len({use.node for use in node.inputs[b].uses()}) > 1:
-                node.meta.setdefault(NOTES, []).append("bias shared with other nodes: bias correction skipped")
-                continue
-            nodes.append(node)
+        plan, nodes = rounding_nodes(model, self.plan, self.max_bits, self.per_tensor_max_bits,
+                                     "bias correction (--bias-correction)", NOTES)
+        nodes = [n for n in nodes if _own_bias(n)]
         if not nodes:
             return PassResult(model, False)
         data = AnalysisData.load(self.data, model, self.samples)
@@ -63,17 +61,29 @@ class BiasCorrection(Pass):
         program = Program(model)
         for node in nodes:
             w = np.asarray(op_facts.weight_of(node).const_value.numpy(), dtype=np.float32)
-            choice = plan.choice(node.name)
-            axis, scale, qtype = grid(node, w, choice)
-            wq = numerics.fake_quantize(w, scale, np.zeros_like(scale), qtype, axis)
+            g = weight_grid(node, w, plan.choice(node.name))
+            wq = numerics.fake_quantize(w, g.scale, g.zero_point, g.qtype, g.axis)
+            reference = np.asarray(node.meta.get(FLOAT_WEIGHT, w), dtype=np.float32)
             f = jax.jit(node_function(program, node))
             x = inputs[node.name]
-            shift = np.mean(np.asarray(f(x, wq)) - np.asarray(f(x, w)), axis=_non_channel_axes(node, x))
+            shift = np.mean(np.asarray(f(x, wq)) - np.asarray(f(x, reference)), axis=_non_channel_axes(node, x))
             bias = node.inputs[op_facts.fact(node).bias_input]
             old = bias.const_value.numpy()
             bias.const_value = ir.tensor((old - shift.reshape(old.shape)).astype(old.dtype), name=bias.name)
             node.meta[APPLIED] = float(np.mean(np.abs(shift)))
         return PassResult(model, True)
+
+
+def _own_bias(node: ir.Node) -> bool:
+    """Whether the node has a constant bias read by it alone, noting why not otherwise."""
+    b = op_facts.fact(node).bias_input
+    if b is None or b >= len(node.inputs) or node.inputs[b] is None or node.inputs[b].const_value is None:
+        node.meta.setdefault(NOTES, []).append("no constant bias input: bias correction skipped")
+        return False
+    if len({use.node for use in node.inputs[b].uses()}) > 1:
+        node.meta.setdefault(NOTES, []).append("bias shared with other nodes: bias correction skipped")
+        return False
+    return True
 
 
 def _non_channel_axes(node: ir.Node, x: np.ndarray) -> tuple[int, ...]:
