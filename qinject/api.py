@@ -72,7 +72,7 @@ class SearchOptions:
             else agreement with the float model (classifiers) or output fidelity.
         search: bisection, greedy, ilp or pareto.
         signal: the sensitivity signal nodes are ranked by (``qinject.sensitivity.SIGNALS``).
-        adaround, bias_correction: round the 4-bit weights by AdaRound / correct their biases,
+        adaround, bias_correction: AdaRound / bias-correct the 4-bit nodes the search chooses,
             during the search's evaluations too.
         pareto_plot: where the Pareto sweep draws its frontier (PNG).
         limit: at most this many samples for the sensitivity analysis and the evaluations.
@@ -117,7 +117,8 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
     calibration data, then a search pass on the evaluation data (and AdaRound / bias correction of the
     chosen 4-bit weights when asked), and ``plan`` is ignored. The analyses read ``analysis_data``
     (arrays by input name; default: ``calib`` itself). ``adaround`` / ``bias_correction`` round the
-    plan's 4-bit weights by AdaRound / correct their biases (a search takes them in its options).
+    plan's static nodes with at most 4-bit per-channel or 8-bit per-tensor weights by AdaRound /
+    correct their biases (a search takes them in its options).
     ``fit`` fits the plan to ``target`` first (``passes/fit_target.py``: float where the target prices
     float faster; with ``auto_mode``, each node in its fastest execution mode)."""
     from qinject.passes import (Calibrate, EstimateCost, FitTarget, FoldConvAffine, FoldConstantWeights, InsertQDQ,
@@ -257,8 +258,9 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
         search: search for a mixed-precision plan (``SearchOptions``) minimising latency on
             ``target`` (default local-cpu) within an accuracy budget, instead of applying ``plan``;
             ``result.search`` says what it chose, measured and cost.
-        adaround, bias_correction: AdaRound the plan's 4-bit weights / correct their biases on the
-            calibration data (for a search, set them in ``SearchOptions``).
+        adaround, bias_correction: AdaRound / bias-correct the plan's static nodes with at most 4-bit
+            per-channel or 8-bit per-tensor weights, on the calibration data (for a search, set them
+            in ``SearchOptions``).
         rules: ``qinject.rules.Rules`` giving the plan instead of ``plan`` (rules that match no node
             are reported as a warning).
         input_shapes: input name -> shape for the latency estimate (default: the shapes the
@@ -424,13 +426,20 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
     for node in [*ir_model.graph, *inner]:  # main graph first, then control-flow bodies
         if qir.QUANT_APPLIED in node.meta:
             result.quantized.append(node.name)
-        if node.meta.get(qir.QUANT_NOTES):
-            result.notes[node.name] = list(node.meta[qir.QUANT_NOTES])
+        for key in _NOTE_KEYS:
+            if node.meta.get(key):
+                result.notes.setdefault(node.name, []).extend(node.meta[key])
     for name, reason in (kept_float or {}).items():
         result.notes.setdefault(name, []).append(reason)
     if not result.quantized and _plans_anything(plan):
         raise UnsupportedModelError(_nothing_to_quantize(ir_model, result.notes))
     return result
+
+
+# Where passes leave notes on nodes: the rewrite's, and AdaRound's and bias correction's
+# (passes/adaround.NOTES, passes/bias_correction.NOTES; named here so a plain quantize need not
+# import jax and optax).
+_NOTE_KEYS = (qir.QUANT_NOTES, "qinject.adaround.notes", "qinject.bias_correction.notes")
 
 
 def _plans_anything(plan: Plan) -> bool:

@@ -90,22 +90,26 @@ def _search(context: Context, o: dict[str, Any]) -> Pass:
 
 
 @register("adaround", (Option("max-bits", int, 4, "round nodes with at most this many weight bits"),
+                       Option("per-tensor-max-bits", int, 8, "and per-tensor weights of at most this many bits"),
                        Option("iterations", int, 500, "optimisation steps per layer")),
           doc="""AdaRound the low-bit weights of the plan (the search's, else insert-qdq's uniform one is not
 known yet: give a search first).""")
 def _adaround(context: Context, o: dict[str, Any]) -> Pass:
     from qinject.passes import AdaRound
 
-    return AdaRound(_calib(context), None, max_bits=o["max-bits"], iterations=o["iterations"],
-                    progress=context.progress)
+    return AdaRound(_calib(context), None, max_bits=o["max-bits"], per_tensor_max_bits=o["per-tensor-max-bits"],
+                    iterations=o["iterations"], progress=context.progress)
 
 
-@register("bias-correction", (Option("max-bits", int, 4, "correct nodes with at most this many weight bits"),),
+@register("bias-correction", (Option("max-bits", int, 4, "correct nodes with at most this many weight bits"),
+                              Option("per-tensor-max-bits", int, 8,
+                                     "and per-tensor weights of at most this many bits")),
           doc="""Subtract each low-bit node's mean output shift from its float bias (the search's plan).""")
 def _bias_correction(context: Context, o: dict[str, Any]) -> Pass:
     from qinject.passes import BiasCorrection
 
-    return BiasCorrection(_calib(context), None, max_bits=o["max-bits"])
+    return BiasCorrection(_calib(context), None, max_bits=o["max-bits"],
+                          per_tensor_max_bits=o["per-tensor-max-bits"])
 
 
 @register("estimate-cost", (Option("batch", int, 0, "batch for a symbolic batch dimension (0: --latency-batch)"),),

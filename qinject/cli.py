@@ -89,8 +89,8 @@ def cli() -> None:
               "without: agreement with the float model, or output fidelity). Default: the calibration data.")
 @click.option("--signal", type=click.Choice(["quant-error", "noise", "hessian", "interlayer", "bit-error"]),
               default="quant-error", show_default=True, help="Sensitivity signal the search ranks nodes by.")
-@click.option("--adaround", is_flag=True, help="AdaRound the 4-bit weights (searched plans and plain plans).")
-@click.option("--bias-correction", is_flag=True, help="Correct the biases of 4-bit nodes for rounding.")
+@click.option("--adaround", is_flag=True, help="AdaRound the weights of static nodes: per-channel at 4 bits, per-tensor up to 8 (a search: its 4-bit nodes).")
+@click.option("--bias-correction", is_flag=True, help="Correct the biases of the nodes --adaround acts on for their rounding (after --adaround: for its rounding).")
 @click.option("--pareto-plot", type=click.Path(path_type=Path), help="With --search pareto: the frontier as PNG.")
 @click.option("--workers", type=int, help="Evaluation processes of the search (default: every core).")
 @click.option("--rules", "rules_path", type=click.Path(path_type=Path),
