@@ -12,10 +12,15 @@ For each quantized node (see ``qinject.plan``):
 A tensor quantized through range-preserving ops (MaxPool, Reshape, ...) reuses the upstream scale, so
 onnxruntime keeps those ops on integers.
 
-Quantizable nodes inside If/Loop/Scan bodies are quantized too, at the plan's choice for their name,
-when calibration observed their inputs (``qinject.subgraph_taps``): weights and input activations,
-with the Q/DQ nodes placed in the body itself so onnxruntime can fuse them there. Their outputs
-stay float. A note on the control-flow node says what was quantized inside and what was not, and why.
+Nodes whose choice is ``dynamic`` or ``weight-only`` (``qinject.plan``) get those forms instead
+(``passes/insert_qdq_modes.py``): their activations stay float, with no calibrated Q/DQ, so they need
+no calibration statistics; a node without such a form stays float with a note.
+
+Quantizable nodes inside If/Loop/Scan bodies are quantized too, at the plan's choice for their name
+(dynamic and weight-only included), static ones when calibration observed their inputs
+(``qinject.subgraph_taps``): weights and input activations, with the Q/DQ nodes placed in the body
+itself so onnxruntime can fuse them there. Their outputs stay float. A note on the control-flow node
+says what was quantized inside and what was not, and why.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from qinject import ir as qir
 from qinject import numerics, op_facts
 from qinject.errors import PlanError, QinjectError, UnsupportedModelError
 from qinject.pass_manager import Pass, PassResult
-from qinject.plan import NodeQuant, Plan
+from qinject.passes import insert_qdq_modes
+from qinject.plan import WEIGHT_ONLY, NodeQuant, Plan
 from qinject.quant_points import output_point, range_source
 from qinject.stats import expected_sqnr_db, select_range
 
@@ -78,9 +84,10 @@ class InsertQDQ(Pass):
         plan = self.plan
         if plan is None:
             found = search_result(model)
-            if found is None and self.fallback is None:
+            fallback = model.meta.get(qir.CHOSEN_PLAN, self.fallback)  # fitted to a target (passes/fit_target.py)
+            if found is None and fallback is None:
                 raise QinjectError("insert-qdq was given no plan and no search pass ran before it")
-            plan = found.plan if found is not None else self.fallback
+            plan = found.plan if found is not None else fallback
             # the rounded weights (AdaRound, bias correction) the search measured
             for name, array in (found.weights.items() if found is not None else ()):
                 model.graph.initializers[name].const_value = ir.tensor(np.ascontiguousarray(array), name=name)
@@ -97,22 +104,30 @@ class InsertQDQ(Pass):
             reason = op_facts.fact(node).float_reason
             if reason is not None:
                 node.meta.setdefault(qir.QUANT_NOTES, []).append(reason)
+        # Before the rewrite: a lowered body node leaves its graph, but its owner still gets the note.
+        owners = {id(n): qir.subgraph_owners(model)[id(n.graph)] for n in inner}
         if not chosen and not inner_chosen:
-            _note_subgraph_nodes(model, inner, [])
+            _note_subgraph_nodes(inner, owners, {})
             return PassResult(model, False)
         need = max(c.min_opset for _, c in chosen + inner_chosen)
         if opset < need:
             raise QinjectError(f"the plan needs opset {need} but the model has {opset} (run upgrade-opset first)")
         rewrite = _Rewrite(graph, self.method, self.percentile)
         for node, choice in chosen:
-            rewrite.quantize_node(node, choice)
+            if choice.quantizes_activations:
+                rewrite.quantize_node(node, choice)
+            else:
+                rewrite.lower_mode(node, choice)
         # Outputs last: whether an output point is free depends on which inputs got quantized.
         for node, choice in chosen:
-            rewrite.quantize_output(node, choice)
+            if choice.quantizes_activations:
+                rewrite.quantize_output(node, choice)
         rewrite.route_range_preserving_consumers()
-        unseen = [n for n, choice in inner_chosen if not rewrite.quantize_body_node(n, choice)]
-        _note_subgraph_nodes(model, inner, unseen)
-        qir.drop_unused_initializers(graph)
+        kept_float = {id(n): why for n, choice in inner_chosen if (why := rewrite.quantize_body_node(n, choice))}
+        _note_subgraph_nodes(inner, owners, kept_float)
+        rewrite.note_unfused()
+        for g in (graph, *graph.subgraphs()):  # a lowered body node's float weight may live in its body
+            qir.drop_unused_initializers(g)
         graph.sort()
         return PassResult(model, True)
 
@@ -127,6 +142,7 @@ class _Rewrite:
         # Q/DQ pairs inside control-flow bodies: (value name, key, id(body)) -> params
         self.body_acts: dict[tuple[str, ActKey, int], _QParams] = {}
         self._names: set[str] | None = None  # every name in the model, once a body is rewritten
+        self.weight_only: list[ir.Node] = []  # the nodes standing for weight-only nodes
 
     # -- per node ----------------------------------------------------------------------------------
     def quantize_node(self, node: ir.Node, choice: NodeQuant, body: ir.Graph | None = None) -> None:
@@ -153,19 +169,43 @@ class _Rewrite:
         node.meta[qir.QUANT_APPLIED] = choice
         node.meta[qir.QUANT_NOTES] = notes
 
-    def quantize_body_node(self, node: ir.Node, choice: NodeQuant) -> bool:
-        """Quantize a node inside a control-flow body (its output stays float). False, untouched, if
-        calibration has no statistics for an input (onnxruntime could not observe it, or the branch
-        never ran)."""
+    def lower_mode(self, node: ir.Node, choice: NodeQuant) -> bool:
+        """Give the node its dynamic or weight-only form, in the graph (or body) that holds it. False,
+        untouched but for a note, where it has none (``insert_qdq_modes.refusal``)."""
+        why = insert_qdq_modes.refusal(node, choice)
+        if why is not None:
+            node.meta.setdefault(qir.QUANT_NOTES, []).append(why)
+            return False
+        node.meta[qir.QUANT_APPLIED] = choice
+        node.meta[qir.QUANT_NOTES] = []
+        core = insert_qdq_modes.lower(node, choice, self)
+        core.meta.update({qir.QUANT_APPLIED: choice, qir.QUANT_NOTES: node.meta[qir.QUANT_NOTES]})
+        if choice.mode == WEIGHT_ONLY:
+            self.weight_only.append(core)
+        return True
+
+    def note_unfused(self) -> None:
+        """Note the weight-only nodes onnxruntime will not fuse, now that every consumer is rewritten."""
+        for node in self.weight_only:
+            why = insert_qdq_modes.unfused_note(node)
+            if why is not None:
+                node.meta[qir.QUANT_NOTES].append(why)
+
+    def quantize_body_node(self, node: ir.Node, choice: NodeQuant) -> str | None:
+        """Quantize a node inside a control-flow body (its output stays float). Untouched, and why for
+        the owner's note, if it has no form for a dynamic / weight-only choice, or a static node has no
+        calibration statistics for an input (onnxruntime could not observe it, or the branch never ran)."""
+        if not choice.quantizes_activations:
+            return None if self.lower_mode(node, choice) else f"no {choice.mode} form"
         points = [node.inputs[i] for i in op_facts.activation_inputs(node)]
         missing = [v.name for v in points if self._range_stats(v) is None]
         if missing:
             node.meta.setdefault(qir.QUANT_NOTES, []).append(
                 f"left float: no calibration statistics for {', '.join(missing)} (its body never ran on the "
                 "calibration data, or onnxruntime could not observe it)")
-            return False
+            return "no calibration statistics for their inputs"
         self.quantize_node(node, choice, node.graph)
-        return True
+        return None
 
     def _range_stats(self, value: ir.Value) -> object:
         source = value
@@ -183,15 +223,19 @@ class _Rewrite:
         lo, hi = select_range(self._range_stats(value), self.method, key.qtype, key.symmetric, self.percentile)
         scale, zp = numerics.scale_zero_point(lo, hi, key.qtype, key.symmetric)
         params = _QParams(_representable(scale, value).reshape(()), zp.reshape(()))
-        self._pair(value, key, params, body, self._fresh)
+        self._pair(value, key, params, body, self.fresh)
         self.body_acts[(value.name, key, id(body))] = params
         return params
 
-    def _fresh(self, base: str) -> str:
+    def fresh(self, base: str) -> str:
         """A value or node name not used anywhere in the model (bodies may not shadow outer names)."""
         if self._names is None:
             self._names = qir.all_names(self.graph)
         return qir.fresh_name(base, self._names)
+
+    @staticmethod
+    def representable(scale: np.ndarray, value: ir.Value) -> np.ndarray:
+        return _representable(scale, value)
 
     def quantize_output(self, node: ir.Node, choice: NodeQuant) -> None:
         """Quantize the node's output point when it costs no accuracy or buys an integer kernel.
@@ -393,7 +437,7 @@ class _Rewrite:
         attrs = {} if axis is None else {"axis": axis}
         name, out = f"{stem}_DequantizeLinear{suffix}", f"{stem}_dequantized{suffix}"
         if body is not None:
-            name, out = self._fresh(name), self._fresh(out)
+            name, out = self.fresh(name), self.fresh(out)
         dq = ir.node("DequantizeLinear", inputs, attrs, name=name)
         dq.outputs[0].name = out
         dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
@@ -423,20 +467,18 @@ def _in_type(scale: np.ndarray, value: ir.Value) -> np.ndarray:
     return np.asarray(scale).astype(_float_type(value))
 
 
-def _note_subgraph_nodes(model: ir.Model, inner: list[ir.Node], unseen: list[ir.Node]) -> None:
-    """Say on each control-flow node which quantizable nodes inside its bodies were quantized and
-    which stayed float, and why (``unseen``: calibration had no statistics for their inputs)."""
-    owners = qir.subgraph_owners(model)
-    unseen_ids = {id(n) for n in unseen}
+def _note_subgraph_nodes(inner: list[ir.Node], owners: dict[int, ir.Node], kept_float: dict[int, str]) -> None:
+    """Say on each control-flow node (``owners``: by id of a body node) which quantizable nodes inside
+    its bodies were quantized and which stayed float, and why (``kept_float``: by id of a node)."""
     by_owner: dict[int, tuple[ir.Node, dict[tuple[str, str], list[str]]]] = {}
     for node in inner:
         if qir.QUANT_APPLIED in node.meta:
             outcome = ("quantized", "")
-        elif id(node) in unseen_ids:
-            outcome = ("left float", ": no calibration statistics for their inputs")
+        elif id(node) in kept_float:
+            outcome = ("left float", f": {kept_float[id(node)]}")
         else:
             outcome = ("left float by the plan", "")
-        owner = owners[id(node.graph)]
+        owner = owners[id(node)]
         by_owner.setdefault(id(owner), (owner, {}))[1].setdefault(outcome, []).append(node.name or node.op_type)
     for owner, outcomes in by_owner.values():
         notes = owner.meta.setdefault(qir.QUANT_NOTES, [])
