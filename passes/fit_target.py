@@ -89,12 +89,24 @@ class _Fitter:
         return saved
 
     def fastest_modes(self) -> None:
-        for name in self.free:
-            choice = self.choices[name]
-            other = _other_mode(choice, op_facts.modes(self.nodes[name]))
-            if other is not None and (saved := self._try(name, other)) is not None:
+        """Every node that has one switched to its other mode at once where that is cheaper (neighbours
+        in one mode share conversions, so single switches can miss it), then node by node either way."""
+        given = {name: self.choices[name] for name in self.free}
+        others = {name: other for name, c in given.items()
+                  if (other := _other_mode(c, op_facts.modes(self.nodes[name]))) is not None}
+        if not others:
+            return
+        together = {**self.choices, **others}
+        if (us := self._price(together)) < self.current:
+            self.choices, self.current = together, us
+        for name, other in others.items():
+            current = self.choices[name]
+            self._try(name, given[name] if current == other else other)
+        for name in others:
+            if self.choices[name] == others[name]:
                 self.notes.setdefault(name, []).append(
-                    f"runs {other.label}: {self.table.target} prices it {saved:.1f} us faster than {choice.label}")
+                    f"runs {others[name].label}: {self.table.target} prices the plan faster than with "
+                    f"{given[name].label} here")
 
     def float_where_faster(self) -> None:
         for _ in range(2):

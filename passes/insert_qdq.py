@@ -149,7 +149,7 @@ class _Rewrite:
         """Quantize the node's activation inputs, weight and bias; ``body``: the control-flow body
         holding the node, where its Q/DQ nodes go."""
         key = ActKey(choice.activation_qtype, choice.activation_symmetric)
-        notes: list[str] = []
+        notes = node.meta.setdefault(qir.QUANT_NOTES, [])  # after earlier passes' notes (fit-target)
         act_scales = []
         for i in op_facts.activation_inputs(node):
             value = node.inputs[i]
@@ -167,7 +167,6 @@ class _Rewrite:
                 notes.append(collapsed)
         self.bias(node, choice, act_scales, weight_scale, notes, body)
         node.meta[qir.QUANT_APPLIED] = choice
-        node.meta[qir.QUANT_NOTES] = notes
 
     def lower_mode(self, node: ir.Node, choice: NodeQuant) -> bool:
         """Give the node its dynamic or weight-only form, in the graph (or body) that holds it. False,
@@ -177,7 +176,7 @@ class _Rewrite:
             node.meta.setdefault(qir.QUANT_NOTES, []).append(why)
             return False
         node.meta[qir.QUANT_APPLIED] = choice
-        node.meta[qir.QUANT_NOTES] = []
+        node.meta.setdefault(qir.QUANT_NOTES, [])
         core = insert_qdq_modes.lower(node, choice, self)
         core.meta.update({qir.QUANT_APPLIED: choice, qir.QUANT_NOTES: node.meta[qir.QUANT_NOTES]})
         if choice.mode == WEIGHT_ONLY:

@@ -149,7 +149,8 @@ class _Estimator:
         # Nodes inside If/Loop/Scan bodies are priced once each (one pass of a body, both branches).
         for node in qir.searchable_nodes(model):
             choice = plan.choice(node.name)
-            if choice is not None:
+            # a mode the op lacks leaves the node float in the rewrite (insert_qdq_modes.refusal)
+            if choice is not None and (choice.mode == STATIC or choice.mode in op_facts.modes(node)):
                 self.choices[node.name] = choice
         self.bits = self._integer_tensors()
         self.fused = self._fused_epilogues(model)
@@ -264,7 +265,9 @@ class _Estimator:
             us = roofline.node_us(macs, _elements(weight) * _bytes(8) + inputs + out_bytes,
                                   roofline.precision(8, 8))
             us += inputs * (_bytes(FLOAT_BITS) + _bytes(8)) / roofline.memory_bytes_per_s * 1e6
-        elif op_facts.fact(node).dynamic:  # weight-only MatMul/Gemm: MatMulNBits unpacks blocks in its kernel
+        elif op_facts.fact(node).dynamic and not self._read_quantized(node.outputs[0], False):
+            # weight-only MatMul/Gemm: MatMulNBits unpacks blocks in its kernel (onnxruntime does not
+            # fuse it when a static node reads its output directly: then dequantize + float)
             packed = _elements(weight) * (_bytes(choice.weights) + _bytes(FLOAT_BITS) / choice.block_size)
             us = roofline.node_us(macs, packed + inputs * _bytes(FLOAT_BITS) + out_bytes, fp32)
         else:

@@ -245,15 +245,20 @@ class SearchSpace:
         if alternative is None or alternative.mode not in self.modes:
             return {}
         nodes = {n.name: n for n in qir.searchable_nodes(self.priced)}
-        base_choices = {**self.fixed, **dict.fromkeys(self.nodes, static)}
-        base = estimate(self.priced, Plan(None, base_choices), self.table, self.batch, baselines=False).total_us
-        out = {}
-        for name in self.nodes:
-            if alternative.mode in op_facts.modes(nodes[name]):
-                trial = Plan(None, {**base_choices, name: alternative})
-                if estimate(self.priced, trial, self.table, self.batch, baselines=False).total_us < base:
-                    out[name] = alternative
-        return out
+        eligible = [n for n in self.nodes if alternative.mode in op_facts.modes(nodes[n])]
+
+        def price(switched: set[str]) -> float:
+            choices = {**self.fixed, **{n: alternative if n in switched else static for n in self.nodes}}
+            return estimate(self.priced, Plan(None, choices), self.table, self.batch, baselines=False).total_us
+
+        # all switched at once first (neighbours in one mode share conversions), then node by node
+        switched = set(eligible) if price(set(eligible)) < price(set()) else set()
+        current = price(switched)
+        for name in eligible:
+            trial = switched ^ {name}
+            if (us := price(trial)) < current:
+                switched, current = trial, us
+        return dict.fromkeys(switched, alternative)
 
     def latency(self, bits: Mapping[str, int]) -> float:
         key = self.key(bits)

@@ -93,3 +93,24 @@ def test_fit_target_runs_in_a_pipeline(text, tmp_path):
     passes = build("fold-constants,calibrate," + text, Context(calib=CNN / "calib.npz", target="local-cpu",
                                                                progress=False))
     assert [p.name for p in passes][-2:] == ["fit-target", "insert-qdq"]
+
+
+def test_auto_mode_end_to_end_writes_what_onnxruntime_fuses(tmp_path):
+    """A compute-bound CPU whose conversions are dear: both MatMuls switch to dynamic together (one at
+    a time, each would pay a conversion to its static neighbour), and onnxruntime runs them as
+    DynamicQuantizeMatMul; the notes reach the result."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    table = LatencyTable("test-cpu", "measured", Roofline({"fp32": 1e9, "int8": 1e12}, 1e12, op_overhead_us=10.0))
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    out = tmp_path / "q.onnx"
+    result = qinject.quantize_onnx(matmul_net(), out, calib={"x": x}, target=table, auto_mode=True, progress=False,
+                                   latency_batch=64)
+    assert {result.plan.choice(n).mode for n in ("mm1", "mm2")} == {"dynamic"}
+    assert all(any("runs W8A8 dynamic" in note for note in result.notes[n]) for n in ("mm1", "mm2"))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node].count("DynamicQuantizeMatMul") == 2
