@@ -175,8 +175,23 @@ def _dot_macs(node: ir.Node) -> int | None:
     return math.prod(out) * math.prod(lhs[d] for d in contract_l)
 
 
+def _dot_reduction_axis(node: ir.Node) -> int | None:
+    """The weight's last contracting dimension: weight-only blocks may run along any contracted
+    dimension (the weight is dequantized before the dot), and ONNX's block-wise DequantizeLinear
+    takes one axis. None when the weight contracts nothing (an outer product) or there is no weight."""
+    w = _dot_weight(node)
+    if w is None:
+        return None
+    contract = jax_params(node)["dimension_numbers"][0][w]
+    return max(contract) if contract else None
+
+
 def _conv_out_feature_axis(node: ir.Node) -> int:
     return jax_params(node)["dimension_numbers"].rhs_spec[0]
+
+
+def _conv_in_feature_axis(node: ir.Node) -> int:
+    return jax_params(node)["dimension_numbers"].rhs_spec[1]
 
 
 def _jax_conv_macs(node: ir.Node) -> int | None:
@@ -240,10 +255,11 @@ for _op in ("LSTM", "GRU", "RNN"):
 OP_FACTS[(ONNX, "Relu")] = OpFact(epilogue=lambda n: True)
 
 OP_FACTS.update({
-    (JAX, "dot_general"): OpFact(True, _dot_activations, _dot_weight, None, _dot_channel_axis, _dot_macs),
+    (JAX, "dot_general"): OpFact(True, _dot_activations, _dot_weight, None, _dot_channel_axis, _dot_macs,
+                                 dynamic=True, reduction_axis=_dot_reduction_axis),
     # Quantized output like ONNX Conv, so a JAX graph exported to ONNX fuses into QLinearConv.
     (JAX, "conv_general_dilated"): OpFact(True, (0,), 1, None, _conv_out_feature_axis, _jax_conv_macs,
-                                          needs_quantized_output=True),
+                                          needs_quantized_output=True, reduction_axis=_conv_in_feature_axis),
     (JAX, "max"): OpFact(epilogue=_jax_relu),
     (JAX, "add"): OpFact(epilogue=_jax_bias_add),
 })
