@@ -129,7 +129,8 @@ class QuantizedFunction:
 
 def _points(model: ir.Model) -> dict[tuple, ir.Value]:
     """Every activation point by a shape-independent key: ("in", node, input index) for the
-    activation inputs of quantizable nodes, ("out", node) for their output points."""
+    activation inputs of quantizable nodes, ("out", node) for their output points, except those
+    that are graph outputs (never quantized, so calibration does not observe them either)."""
     from qinject import op_facts
     from qinject.quant_points import output_point
 
@@ -138,6 +139,6 @@ def _points(model: ir.Model) -> dict[tuple, ir.Value]:
         for i in op_facts.activation_inputs(node):
             points[("in", node.name, i)] = node.inputs[i]
         out = output_point(node)
-        if out is not None:
+        if out is not None and not out.is_graph_output():
             points[("out", node.name)] = out
     return points

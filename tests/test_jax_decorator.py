@@ -55,3 +55,12 @@ def test_decorator_takes_rules_and_integer_mode(net):
     assert weighted == {"fc1", "fc2"}
     accuracy = np.mean(np.asarray(jax.jit(forward)(x)).argmax(1) == net.eval_labels[:64])
     assert accuracy >= 0.95
+
+
+def test_a_function_ending_in_a_quantized_dot(rng):
+    """The last dot's output is the function's output: never quantized, nor calibrated."""
+    w = rng.standard_normal((8, 3)).astype(np.float32)
+    calib = rng.standard_normal((32, 8)).astype(np.float32)
+    forward = qjax.quantize(Plan(), params={"fc": w}, calib=calib)(lambda p, x: x @ p["fc"])
+    x = calib[:4]  # inside the calibrated range: no clipping
+    np.testing.assert_allclose(np.asarray(jax.jit(forward)(x)), x @ w, atol=0.1)
