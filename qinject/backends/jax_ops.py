@@ -651,6 +651,57 @@ def _matmul(node: ir.Node, a: Any, b: Any) -> Any:
     return matmul(a, b)
 
 
+@onnx_op("MatMulInteger")
+def _matmul_integer(node: ir.Node, a: Any, b: Any, a_zero: Any = None, b_zero: Any = None) -> Any:
+    """``(A - a_zero_point) @ (B - b_zero_point)`` in int32; a zero point is a scalar, or one per
+    row of A / per column of B.
+
+    Integer codes run as int8 x int8 -> int32 (uint8 shifted down by 128, zero points with them)
+    with the zero points factored out of the sum: row and column sums times the zero points.
+    Codes held in float (the simulated backend's) are multiplied in float32 and stay float.
+    """
+    if np.ndim(a) == 1:  # numpy's matmul: a vector is a one-row matrix, dropped from the result
+        return _matmul_integer(node, a[None], b, a_zero, b_zero)[..., 0, :]
+    if np.ndim(b) == 1:
+        return _matmul_integer(node, a, b[:, None], a_zero, b_zero)[..., 0]
+    a_zero = _zero_point(a_zero, rows=True)
+    b_zero = _zero_point(b_zero, rows=False)
+    if any(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in (a, b)):
+        return matmul(jnp.asarray(a, jnp.float32) - a_zero, jnp.asarray(b, jnp.float32) - b_zero)
+    (a8, za), (b8, zb) = _int8(a, a_zero), _int8(b, b_zero)
+    acc = jnp.matmul(a8, b8, preferred_element_type=jnp.int32)
+    if may_be_nonzero(za):
+        column_sums = xp_of(b8).sum(b8, axis=-2, keepdims=True, dtype=np.int32)  # once, for a constant weight
+        acc = acc - za * column_sums
+    if may_be_nonzero(zb):
+        acc = acc - jnp.sum(a8, axis=-1, keepdims=True, dtype=jnp.int32) * zb
+        if may_be_nonzero(za):
+            acc = acc + np.int32(np.shape(a)[-1]) * za * zb
+    return acc
+
+
+def _zero_point(zero: Any, rows: bool) -> Any:
+    """A MatMulInteger zero point shaped to broadcast: a per-row one as a column ``[M, 1]``."""
+    if zero is None:
+        return np.zeros((), np.int32)
+    return zero.reshape(-1, 1) if rows and np.ndim(zero) == 1 else zero
+
+
+def _int8(codes: Any, zero: Any) -> tuple[Any, Any]:
+    """8-bit codes as int8 and their zero point as int32: uint8 shifted down by 128, both (the same
+    product, one operand type). numpy stays numpy, so a constant weight is converted once."""
+    xp = xp_of(codes, zero)
+    shift = 128 if np.dtype(codes.dtype) == np.uint8 else 0
+    codes = xp.asarray(codes)
+    codes8 = (codes.astype(np.int16) - shift).astype(np.int8) if shift else codes.astype(np.int8)
+    return codes8, xp_of(zero).asarray(zero).astype(np.int32) - shift
+
+
+def may_be_nonzero(zero: Any) -> bool:
+    """Whether a zero point needs its correction term: always for one known only at run time."""
+    return isinstance(zero, jax.core.Tracer) or bool(np.any(np.asarray(zero) != 0))
+
+
 @onnx_op("Gemm")
 def _gemm(node: ir.Node, a: Any, b: Any, c: Any = None) -> Any:
     a = a.T if attr(node, "transA", 0) else a

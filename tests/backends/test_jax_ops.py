@@ -49,6 +49,14 @@ def ints(*shape: int, low: int = -10, high: int = 10, dtype: Any = np.int64) -> 
     return RNG.integers(low, high, shape).astype(dtype)
 
 
+def u8(*shape: int) -> np.ndarray:
+    return ints(*shape, low=0, high=256, dtype=np.uint8)
+
+
+def s8(*shape: int) -> np.ndarray:
+    return ints(*shape, low=-128, high=128, dtype=np.int8)
+
+
 def bools(*shape: int) -> np.ndarray:
     return RNG.random(shape) < 0.5
 
@@ -256,6 +264,10 @@ CASES = [
     case("Gemm", f32(2, 6), f32(4, 6), f32(4), opset=9, transB=1, id="fc"),
     case("Gemm", f32(6, 2), f32(6, 4), f32(2, 4), opset=13, transA=1, alpha=0.5, beta=2.0, id="alpha"),
     case("Gemm", f32(2, 6), f32(6, 4), opset=13, id="no-c"),
+    case("MatMulInteger", u8(3, 40), s8(40, 5), np.array(131, np.uint8), opset=10, id="u8s8"),
+    case("MatMulInteger", u8(3, 4), u8(4, 5), np.array([200], np.uint8), u8(5), opset=10, id="per-column"),
+    case("MatMulInteger", s8(2, 3, 4), s8(4, 5), None, np.array(-7, np.int8), opset=10, id="s8s8-batch"),
+    case("MatMulInteger", u8(4), s8(4, 5), opset=10, id="vec-mat"),
     case("Einsum", f32(2, 3, 4), f32(2, 4, 5), opset=13, equation="bij,bjk->bik"),
     case("Einsum", f32(2, 2, 3, 4), f32(2, 2, 5, 4), opset=13, equation="bhqd, bhkd -> bhqk", id="attn"),
     case("Einsum", f32(3, 4), opset=13, equation="ij->ji", id="transpose"),
