@@ -13,15 +13,25 @@ numerics module shared with the ONNX path. Two modes:
   ``dot_general`` / ``conv_general_dilated`` followed by one rescale (``qinject.backends.jax_integer``).
   Other nodes run as in simulated mode.
 
+The plan's execution modes (``qinject.plan``) are shapes of the rewritten graph, run the same way
+(``qinject.backends.jax_modes`` checks each node's applied mode against its graph first):
+
+- dynamic: DynamicQuantizeLinear computes uint8 codes, scale and zero point from the tensor's own
+  range inside the program, per call; simulated holds the codes in float, integer mode runs the
+  dot on int8 (a DequantizeLinear-fed dot through ``jax_integer``, or MatMulInteger) and rescales
+  by the run-time scale.
+- weight-only: a block-wise DequantizeLinear of int4/int8 weight codes. Simulated mode folds it into
+  a float constant at trace time (fake-quantized weight); integer mode keeps the codes and block
+  scales in the program and dequantizes there, then runs the float op.
+
 A node whose inputs are all concrete (weights, shapes) is evaluated once at trace time
 (``jax.ensure_compile_time_eval``), so shape arithmetic stays static under ``jit`` and dequantized
-weights become constants of the compiled program.
+weights become constants of the compiled program (except integer mode's weight-only weights).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -30,8 +40,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qinject import numerics, op_facts
-from qinject.backends import jax_integer
+from qinject.backends import jax_integer, jax_modes
 from qinject.backends.jax_ops import ONNX_OPS, attr
+from qinject.backends.jax_qdq import dynamic_quantize, expand_blocks, param_axis, qparams
 from qinject.errors import UnsupportedModelError
 
 MODES = ("simulated", "integer")
@@ -79,16 +90,6 @@ def to_jax_with_weights(model: ir.Model, mode: str = "simulated"
     return fn, floats
 
 
-@dataclass(frozen=True)
-class _QParams:
-    """The static parameters of a QuantizeLinear/DequantizeLinear node."""
-
-    scale: np.ndarray
-    zero_point: np.ndarray
-    axis: int | None
-    qtype: numerics.QType | None  # None for int32 (bias) codes, which are never quantized here
-
-
 class Program:
     """A graph prepared for interpretation: nodes in order, constants as numpy arrays."""
 
@@ -108,9 +109,13 @@ class Program:
         other = sorted({n.domain for n in self.nodes if n.domain not in (*_ONNX_DOMAINS, op_facts.JAX)})
         if other:
             raise UnsupportedModelError(f"the JAX backend cannot run nodes of domain(s) {other}")
+        for node in self.nodes:
+            jax_modes.check(node)
         self.kernels = {}  # node name -> its integer kernel (integer mode)
+        self.run_time_dequantize: set[int] = set()  # ids of weight-only DequantizeLinear nodes (integer mode)
         if mode == "integer":
             self.kernels = {n.name: k for n in self.nodes if (k := jax_integer.plan_for(n)) is not None}
+            self.run_time_dequantize = {id(n) for n in self.nodes if jax_modes.dequantizes_at_run_time(n)}
 
     def run(self, constants: dict[str, Any], inputs: Sequence[Any], fetch: Sequence[str] = ()) -> list[Any]:
         """Compute the graph outputs (then the values named in ``fetch``) for positional ``inputs``."""
@@ -130,7 +135,7 @@ class Program:
 
     # -- nodes -----------------------------------------------------------------------------------------
     def _evaluate(self, node: ir.Node, args: list[Any], env: dict[str, Any]) -> list[Any]:
-        if all(not isinstance(a, jax.core.Tracer) for a in args):
+        if all(not isinstance(a, jax.core.Tracer) for a in args) and id(node) not in self.run_time_dequantize:
             with jax.ensure_compile_time_eval():
                 return self._dispatch(node, args, env)
         return self._dispatch(node, args, env)
@@ -148,20 +153,34 @@ class Program:
             return list(out) if eqn.primitive.multiple_results else [out]
         builtin = _BUILTIN.get(node.op_type)
         if builtin is not None:
-            return [builtin(self, node, args)]
+            out = builtin(self, node, args)
+            return list(out) if isinstance(out, tuple) else [out]
         out = ONNX_OPS[node.op_type](node, *args)
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
     def _quantize(self, node: ir.Node, args: list[Any]) -> Any:
         q = qparams(node, self.constants)
+        scale, zero, axis = _per_element(q.scale, q.zero_point, q.axis, q.block_size, np.shape(args[0]))
         if self.mode == "integer":
-            return numerics.quantize(args[0], q.scale, q.zero_point, q.qtype, q.axis, xp=jnp)
+            return numerics.quantize(args[0], scale, zero, q.qtype, axis, xp=jnp)
         # Codes held in float32 so gradients can flow (straight-through rounding).
-        return numerics.quantize_codes(args[0], q.scale, q.zero_point, q.qtype, q.axis, xp=jnp, rint=_rint_ste)
+        return numerics.quantize_codes(args[0], scale, zero, q.qtype, axis, xp=jnp, rint=_rint_ste)
 
     def _dequantize(self, node: ir.Node, args: list[Any]) -> Any:
-        q = qparams(node, self.constants)
-        return numerics.dequantize(jnp.asarray(args[0]), q.scale, q.zero_point, q.axis, xp=jnp)
+        # Scale and zero point from the arguments: constants, or values of the program where
+        # DynamicQuantizeLinear computed them.
+        codes, scale = jnp.asarray(args[0]), args[1]
+        zero = args[2] if len(args) > 2 and args[2] is not None else np.zeros((), np.uint8)
+        axis = param_axis(node, np.ndim(scale), np.size(scale))
+        scale, zero, axis = _per_element(scale, zero, axis, attr(node, "block_size", 0), codes.shape)
+        return numerics.dequantize(codes, scale, zero, axis, xp=jnp)
+
+    def _dynamic_quantize(self, node: ir.Node, args: list[Any]) -> tuple[Any, Any, Any]:
+        if self.mode == "integer":
+            codes, scale, zero = dynamic_quantize(args[0], xp=jnp)
+            return codes.astype(jnp.uint8), scale, zero.astype(jnp.uint8)
+        # Codes and zero point held in float32 so gradients can flow (straight-through rounding).
+        return dynamic_quantize(args[0], xp=jnp, rint=_rint_ste)
 
     def _constant(self, node: ir.Node, args: list[Any]) -> Any:
         value = node.attributes.get("value")
@@ -179,40 +198,22 @@ class Program:
 _BUILTIN: dict[str, Callable[[Program, ir.Node, list[Any]], Any]] = {
     "QuantizeLinear": Program._quantize,
     "DequantizeLinear": Program._dequantize,
+    "DynamicQuantizeLinear": Program._dynamic_quantize,
     "Constant": Program._constant,
 }
 
 
-def qparams(node: ir.Node, constants: dict[str, np.ndarray]) -> _QParams:
-    """Scale, zero point, axis and integer type of a QuantizeLinear/DequantizeLinear node.
-
-    Raises:
-        UnsupportedModelError: if the scale or zero point is not a constant.
-    """
-    def const(i: int) -> np.ndarray | None:
-        if i >= len(node.inputs) or node.inputs[i] is None:
-            return None
-        array = constants.get(node.inputs[i].name)
-        if array is None:
-            raise UnsupportedModelError(f"node {node.name!r}: input {i} ({node.inputs[i].name!r}) must be a "
-                                        "constant for the JAX backend")
-        return np.asarray(array)
-
-    scale, zero_point = const(1), const(2)
-    if zero_point is None:
-        zero_point = np.zeros((), np.uint8)
-    axis = attr(node, "axis", 1) if scale.ndim == 1 and scale.size > 1 else None
-    qtype = _qtype_of(zero_point.dtype)
-    if node.op_type == "QuantizeLinear" and qtype is None:
-        raise UnsupportedModelError(f"node {node.name!r}: quantizing to {zero_point.dtype} is not supported")
-    return _QParams(scale.astype(np.float32), zero_point, axis, qtype)
-
-
-def _qtype_of(dtype: np.dtype) -> numerics.QType | None:
-    for (bits, signed), np_dtype in numerics._NUMPY_DTYPES.items():
-        if np.dtype(np_dtype) == dtype:
-            return numerics.QType(bits, signed)
-    return None
+def _per_element(scale: Any, zero: Any, axis: int | None, block_size: int,
+                 shape: tuple[int, ...]) -> tuple[Any, Any, int | None]:
+    """Block-wise scale and zero point repeated to the quantized tensor's shape (then applied
+    elementwise, axis None); per-tensor and per-axis parameters unchanged. Repeated with jax.numpy,
+    so a program that dequantizes at run time holds the block scales, not one scale per weight."""
+    if not block_size or axis is None:
+        return scale, zero, axis
+    length = shape[axis]
+    zero = jnp.broadcast_to(jnp.asarray(zero), np.shape(scale))  # an omitted zero point is one scalar 0
+    return (expand_blocks(scale, axis, block_size, length, xp=jnp),
+            expand_blocks(zero, axis, block_size, length, xp=jnp), None)
 
 
 def _check_shape(value: ir.Value, array: Any) -> None:

@@ -13,9 +13,15 @@ dimensions of a dot), so it broadcasts. uint8 codes are shifted to int8 (``q - 1
 so both operands share one 8-bit type. The int32 result is rescaled once by ``s_x s_w`` (per
 output channel when the weight is quantized per channel) and the bias, if any, added in float.
 
+An activation quantized at run time (the plan's dynamic mode: DynamicQuantizeLinear ->
+DequantizeLinear) is an operand like any other, except that its scale and zero point are values of
+the program, not constants: the zero-point corrections are always computed and the rescale multiplies
+by the run-time scale.
+
 A node runs here only when every quantized operand is DequantizeLinear-fed with at most 8 bits and
-per-tensor activation scales; otherwise ``plan_for`` returns None and the node runs in float on
-dequantized operands (simulated), which is always correct.
+per-tensor activation scales (not block-wise: weight-only nodes keep float activations); otherwise
+``plan_for`` returns None and the node runs in float on dequantized operands (simulated), which is
+always correct.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ import onnx_ir as ir
 from jax import lax
 
 from qinject import numerics, op_facts
-from qinject.backends.jax_ops import attr
+from qinject.backends.jax_ops import attr, may_be_nonzero
 from qinject.backends.jax_ops_nn import explicit_padding
+from qinject.backends.jax_qdq import param_axis, qparams
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class Operand:
     codes: str  # name of the value holding the integer codes (a QuantizeLinear output or a constant)
     dequantize: ir.Node
     quantize: ir.Node | None = None  # the QuantizeLinear producing the codes at run time, if any
+    dynamic: ir.Node | None = None  # the DynamicQuantizeLinear producing codes, scale and zero point, if any
 
 
 @dataclass(frozen=True)
@@ -85,13 +93,14 @@ def plan_for(node: ir.Node) -> Kernel | None:
 def run(kernel: Kernel, node: ir.Node, args: list[Any], env: dict[str, Any],
         constants: dict[str, np.ndarray]) -> Any:
     """Compute the node on integers; returns its float output."""
-    from qinject.backends.jax_backend import qparams  # the backend imports this module
-
     ndim = len(node.outputs[0].shape)
     sides = []
     for k, operand in enumerate((kernel.lhs, kernel.rhs)):
-        q = qparams(operand.dequantize, constants)
         perm = kernel.perms[k] if kernel.perms else None
+        if operand.dynamic is not None:
+            sides.append(_dynamic_side(operand, perm, env))
+            continue
+        q = qparams(operand.dequantize, constants)
         codes, zero = _int8_codes(operand, q, perm, env)
         scale = q.scale
         if q.axis is not None:  # per-axis: it must become an output axis (checked by the builder)
@@ -101,14 +110,14 @@ def run(kernel: Kernel, node: ir.Node, args: list[Any], env: dict[str, Any],
     (a, za, sa), (b, zb, sb) = sides
     op = _dot if kernel.kind == "dot" else _conv
     acc = op(a, b, kernel.params)
-    if np.any(za != 0):
+    if may_be_nonzero(za):
         acc = acc - za * _correction(op, _ones_like_broadcast(a, kernel, "lhs"), b, kernel.params)
-    if np.any(zb != 0):
+    if may_be_nonzero(zb):
         acc = acc - zb * _correction(op, a, _ones_like_broadcast(b, kernel, "rhs"), kernel.params)
-        if np.any(za != 0):
+        if may_be_nonzero(za):
             acc = acc + za * zb * _correction(op, _ones_like_broadcast(a, kernel, "lhs"),
                                               _ones_like_broadcast(b, kernel, "rhs"), kernel.params)
-    out = acc.astype(jnp.float32) * jnp.asarray(sa * sb, jnp.float32)
+    out = acc.astype(jnp.float32) * (jnp.asarray(sa, jnp.float32) * jnp.asarray(sb, jnp.float32))
     if kernel.alpha != 1.0:
         out = out * np.float32(kernel.alpha)
     if kernel.bias is not None and kernel.bias < len(args) and args[kernel.bias] is not None:
@@ -139,6 +148,17 @@ def _int8_codes(operand: Operand, q: Any, perm: tuple[int, ...] | None, env: dic
     return (codes - shift).astype(jnp.int8), zero
 
 
+def _dynamic_side(operand: Operand, perm: tuple[int, ...] | None,
+                  env: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Codes (as int8, permuted by ``perm``), zero point and scale of an activation that
+    DynamicQuantizeLinear quantized at run time: uint8 codes and zero point shifted down by 128 like
+    constant ones, the scale a scalar of the program."""
+    codes, scale, zero = (env[v.name] for v in operand.dynamic.outputs)
+    if perm is not None:
+        codes = jnp.transpose(codes, perm)
+    return _shifted(codes, 128), jnp.asarray(zero).astype(jnp.int32) - 128, scale
+
+
 def _shifted(codes: Any, shift: int) -> Any:
     codes = jnp.asarray(codes)
     return (codes.astype(jnp.int16) - shift).astype(jnp.int8) if shift else codes.astype(jnp.int8)
@@ -150,6 +170,11 @@ def _operand(node: ir.Node, index: int) -> Operand | None:
     dq = value.producer() if value is not None else None
     if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
         return None
+    if attr(dq, "block_size", 0) > 0:
+        return None  # block scales vary along the reduction: they do not factor out of the sum
+    dynamic = _dynamic_source(dq)
+    if dynamic is not None:
+        return Operand(index, dq.inputs[0].name, dq, dynamic=dynamic)
     zero_point = dq.inputs[2] if len(dq.inputs) > 2 else None
     if dq.inputs[1].const_value is None or (zero_point is not None and zero_point.const_value is None):
         return None
@@ -164,15 +189,24 @@ def _operand(node: ir.Node, index: int) -> Operand | None:
     return Operand(index, dq.inputs[0].name, dq, quantize)
 
 
+def _dynamic_source(dq: ir.Node) -> ir.Node | None:
+    """The DynamicQuantizeLinear whose codes, scale and zero point ``dq`` reads, all three, or None."""
+    source = dq.inputs[0].producer()
+    if source is None or source.op_type != "DynamicQuantizeLinear" or source.domain not in ("", "ai.onnx"):
+        return None
+    reads = [v.name if v is not None else None for v in dq.inputs[:3]]
+    return source if reads == [v.name for v in source.outputs] else None
+
+
 _EIGHT_BITS_OR_FEWER = {np.dtype(np.int8), np.dtype(np.uint8), np.dtype("int4"), np.dtype("uint4")}
 
 
 def _axis_of(operand: Operand) -> int | None:
+    if operand.dynamic is not None:
+        return None  # one run-time scale for the whole tensor
     scale = operand.dequantize.inputs[1].const_value.numpy()
-    if scale.size <= 1:
-        return None
-    axis = attr(operand.dequantize, "axis", 1)
-    return axis % len(operand.dequantize.outputs[0].shape)
+    axis = param_axis(operand.dequantize, scale.ndim, scale.size)
+    return None if axis is None else axis % len(operand.dequantize.outputs[0].shape)
 
 
 def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
@@ -281,6 +315,8 @@ def _conv_kernel(lhs: Operand, rhs: Operand, params: dict[str, Any], **extra: An
 
 
 def _has_nonzero_zero_point(operand: Operand) -> bool:
+    if operand.dynamic is not None:
+        return True  # known only at run time
     dq = operand.dequantize
     if len(dq.inputs) < 3 or dq.inputs[2] is None:
         return False
