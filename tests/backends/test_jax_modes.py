@@ -32,7 +32,7 @@ from qinject.errors import PlanError
 from qinject.frontends.jax_frontend import trace_jax
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.plan import NodeQuant, Plan
-from tests.builders import matmul_net
+from tests.builders import conv_net, matmul_net
 
 BACKENDS = ("simulated", "integer")
 DYNAMIC = NodeQuant(mode="dynamic")
@@ -442,14 +442,18 @@ def _within_a_step(out: np.ndarray, ort_out: np.ndarray) -> None:
 
 
 @MODE_CHOICES
-def test_rewritten_onnx_model_matches_onnxruntime(rng, choice):
-    calib = {"x": rng.standard_normal((16, 16)).astype(np.float32)}
-    result = quantize_onnx(matmul_net(), plan=Plan(choice), calib=calib, progress=False)
+@pytest.mark.parametrize("builder,shape", [(matmul_net, (16,)), (conv_net, (3, 8, 8))], ids=["matmul", "conv"])
+def test_rewritten_onnx_model_matches_onnxruntime(rng, builder, shape, choice):
+    """MatMul, Gemm (lowered to MatMul + Add) and, weight-only, Conv; a dynamic Conv stays float."""
+    calib = {"x": rng.standard_normal((16, *shape)).astype(np.float32)}
+    result = quantize_onnx(builder(), plan=Plan(choice), calib=calib, progress=False)
     _skip_unless_written(result.model, choice)
-    x = rng.standard_normal((8, 16)).astype(np.float32)
+    x = rng.standard_normal((8, *shape)).astype(np.float32)
     ort_out = _ort(to_proto(result.model), x, optimize=choice.mode == "dynamic")
     for backend in BACKENDS:
         _within_a_step(_run(result.model, backend, x), ort_out)
+    if choice.mode == "dynamic":  # MatMulInteger on integers
+        assert "preferred_element_type=int32" in _jaxpr(result.model, "integer", x)
 
 
 @MODE_CHOICES
@@ -470,3 +474,5 @@ def test_rewritten_jax_function_matches_its_onnx_export(rng, choice, tmp_path):
     for backend in BACKENDS:
         quantized = qjax.quantize(Plan(choice), params=params, calib=calib, mode=backend)(forward)
         _within_a_step(np.asarray(jax.jit(quantized)(x)), ort_out)
+    if choice.mode == "dynamic":  # both dots on int8 with run-time activation scales
+        assert set(Program(quantized.model_for(x), "integer").kernels) == {"fc1", "fc2"}
