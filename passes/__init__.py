@@ -14,6 +14,7 @@ from qinject.passes.fold_conv_affine import FoldConvAffine
 from qinject.passes.fold_constants import FoldConstantWeights
 from qinject.passes.insert_qdq import InsertQDQ
 from qinject.passes.lower_jax_to_onnx import LowerJaxToOnnx
+from qinject.passes.profile_target import ProfileTarget
 from qinject.passes.upgrade_opset import UpgradeOpset
 
 _LAZY = {"AdaRound": "adaround", "BiasCorrection": "bias_correction", "BisectionSearch": "search_bisection",
@@ -29,5 +30,5 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'qinject.passes' has no attribute {name!r}")
 
 __all__ = ["SEARCH_PASSES", "AdaRound", "BiasCorrection", "BisectionSearch", "Calibrate", "EstimateCost",
-           "FitTarget", "FoldConstantWeights", "FoldConvAffine", "GreedySearch", "IlpSearch", "InsertQDQ", "LowerJaxToOnnx",
-           "ParetoSweep", "UpgradeOpset"]
+           "FitTarget", "FoldConstantWeights", "FoldConvAffine", "GreedySearch", "IlpSearch", "InsertQDQ",
+           "LowerJaxToOnnx", "ParetoSweep", "ProfileTarget", "UpgradeOpset"]

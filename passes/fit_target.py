@@ -26,7 +26,7 @@ import onnx_ir as ir
 from qinject import ir as qir
 from qinject import op_facts
 from qinject.calib_data import QinjectWarning
-from qinject.cost import estimate
+from qinject.cost import estimate, priced_model
 from qinject.errors import UnsupportedModelError
 from qinject.latency_table import LatencyTable, load_target
 from qinject.pass_manager import Pass, PassResult
@@ -52,7 +52,7 @@ class FitTarget(Pass):
 
     def call(self, model: ir.Model) -> PassResult:
         try:
-            priced = qir.with_batch(model, self.batch)
+            priced = priced_model(model, self.batch)
         except UnsupportedModelError as exc:  # no shapes: nothing to price, the plan stays as given
             warnings.warn(f"fitting the plan to {self.table.target} skipped: {exc}", QinjectWarning, stacklevel=2)
             return PassResult(model, False)
@@ -116,7 +116,8 @@ class _Fitter:
                 if choice is not None and _on_kernel(self.nodes[name], choice) and (
                         saved := self._try(name, None)) is not None:
                     changed = True
-                    self.notes.setdefault(name, []).append(
+                    self.notes[name] = []  # a mode it was switched to no longer applies
+                    self.notes[name].append(
                         f"kept float: {self.table.target} prices it {saved:.1f} us faster in float than "
                         f"{choice.label} (quantize anyway with --force or by naming it in the plan)")
             if not changed:

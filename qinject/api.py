@@ -111,7 +111,7 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
                       target: LatencyTable | str | None = None, latency_batch: int = 1,
                       search: SearchOptions | None = None, analysis_data: object = None,
                       adaround: bool = False, bias_correction: bool = False, fit: bool = False,
-                      auto_mode: bool = False) -> list:
+                      auto_mode: bool = False, profile: bool = False) -> list:
     """The passes of ``qinject quantize``, in order. With ``target``, the plan's latency is estimated
     on it just before the rewrite. With ``search``, the plan is chosen: a sensitivity signal on the
     calibration data, then a search pass on the evaluation data (and AdaRound / bias correction of the
@@ -119,18 +119,26 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
     (arrays by input name; default: ``calib`` itself). ``adaround`` / ``bias_correction`` round the
     plan's static nodes with at most 4-bit per-channel or 8-bit per-tensor weights by AdaRound /
     correct their biases (a search takes them in its options).
-    ``fit`` fits the plan to ``target`` first (``passes/fit_target.py``: float where the target prices
-    float faster; with ``auto_mode``, each node in its fastest execution mode)."""
+    ``fit`` fits the plan to a measured ``target`` first (``passes/fit_target.py``: float where the
+    table prices float faster; with ``auto_mode``, each node in its fastest execution mode). ``profile`` measures
+    the shapes a measured ``target`` lacks on this machine before anything is priced
+    (``passes/profile_target.py``, cached)."""
     from qinject.passes import (Calibrate, EstimateCost, FitTarget, FoldConvAffine, FoldConstantWeights, InsertQDQ,
-                                UpgradeOpset)
+                                ProfileTarget, UpgradeOpset)
 
+    if profile or (fit and target is not None):
+        target = target if isinstance(target, LatencyTable) else load_target(target or "local-cpu")
     passes = [
         FoldConstantWeights(),
         FoldConvAffine(),
         UpgradeOpset(21 if search is not None or (fit and auto_mode) else plan.min_opset()),
         Calibrate(calib, method=method, batch_size=batch_size, progress=progress),
     ]
-    if search is None and fit and target is not None:
+    if profile:
+        passes.append(ProfileTarget(target, latency_batch, progress))  # extends the table the passes below read
+    if search is None and fit and target is not None and target.kind == "measured":
+        # a CPU's measured table says which kernels onnxruntime runs slower than float; a spec-sheet
+        # accelerator's roofline prices what its units would do, and its estimate is only reported
         passes.append(FitTarget(plan, target, latency_batch, auto_mode))
         plan = None  # the passes below read the fitted plan from the model
     if search is not None:
@@ -244,7 +252,7 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
                   search: SearchOptions | None = None, adaround: bool = False,
                   bias_correction: bool = False, rules: Any = None,
                   input_shapes: dict[str, Sequence[int]] | None = None, force: bool = False,
-                  auto_mode: bool = False) -> QuantizeResult:
+                  auto_mode: bool = False, profile: bool = False) -> QuantizeResult:
     """Quantize an ONNX model: fold constants, calibrate, insert Q/DQ, and optionally save.
 
     Args:
@@ -271,6 +279,8 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
             table prices faster in float (kept float otherwise, with a note: ``passes/fit_target.py``).
         auto_mode: with ``target``, run each node in the execution mode its table prices fastest at
             the plan's width (static or dynamic at 8 bits, static or weight-only at 4).
+        profile: first measure on this machine the entries the measured ``target`` (default
+            local-cpu) lacks for this model, and cache the extended table (``qinject profile``).
 
     Example:
         >>> result = quantize_onnx("models/digits_cnn/model.onnx", "/tmp/q.onnx",
@@ -292,7 +302,8 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
     elif not force and not _accelerator(target or "local-cpu"):
         search, kept_float = _pin_slow_kernels_float(ir_model, search)
     result = _quantize(ir_model, plan, calib, method, batch_size, percentile, progress, target, latency_batch,
-                       search, adaround, bias_correction, kept_float, fit=not force, auto_mode=auto_mode)
+                       search, adaround, bias_correction, kept_float, fit=not force, auto_mode=auto_mode,
+                       profile=profile)
     if output is not None:
         result.output = save_onnx(result.model, output, input_path=input_path)
     return result
@@ -388,7 +399,7 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
               progress: bool, target: LatencyTable | str | None = None, latency_batch: int = 1,
               search: SearchOptions | None = None, adaround: bool = False,
               bias_correction: bool = False, kept_float: dict[str, str] | None = None, fit: bool = False,
-              auto_mode: bool = False) -> QuantizeResult:
+              auto_mode: bool = False, profile: bool = False) -> QuantizeResult:
     from qinject import op_facts
     from qinject.errors import UnsupportedModelError
     from qinject.search import search_result
@@ -414,7 +425,7 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
         search = dataclasses.replace(search, eval_data=AnalysisData.load(search.eval_data, ir_model, search.limit))
     manager = PassManager(standard_pipeline(plan, calib, method, batch_size, percentile, progress, target,
                                             latency_batch, search, analysis, adaround, bias_correction, fit,
-                                            auto_mode))
+                                            auto_mode, profile))
     ir_model = manager.run(ir_model).model
     found = search_result(ir_model)
     if found is not None:

@@ -98,13 +98,15 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Also quantize nodes whose onnxruntime CPU integer kernel is slower "
               "than float (grouped convolutions), which are otherwise kept float with a note.")
 @click.option("--no-measure", is_flag=True, help="Skip timing the written model against the float model.")
+@click.option("--profile", is_flag=True, help="First time on this machine the node shapes the measured --target "
+              "lacks (cached in the profile cache, like `qinject profile --save-as-target`).")
 def quantize(model: Path, output: Path, weights: str, activations: str, plan_path: Path | None,
              calib: Path | None, calib_method: str, percentile: float, per_tensor: bool, mode: str,
              block_size: str, modes: str, batch_size: int,
              save_plan: Path | None, target: str, latency_batch: int, max_drop: str | None, algorithm: str | None,
              eval_path: Path | None, signal: str, adaround: bool, bias_correction: bool,
              pareto_plot: Path | None, workers: int | None, rules_path: Path | None,
-             shapes: tuple[str, ...], force: bool, no_measure: bool) -> None:
+             shapes: tuple[str, ...], force: bool, no_measure: bool, profile: bool) -> None:
     """Quantize MODEL (ONNX) and write the Q/DQ model to OUTPUT.
 
     With --max-drop (or --search), search per-node bit widths (16/8/4) minimising the estimated
@@ -142,7 +144,7 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
                            percentile=percentile, target=table, latency_batch=latency_batch, search=search,
                            adaround=adaround and not searching, bias_correction=bias_correction and not searching,
                            rules=rules if not searching else None, input_shapes=_shapes(shapes), force=force,
-                           auto_mode=mode == "auto")
+                           auto_mode=mode == "auto", profile=profile)
     if result.search is not None:
         from qinject.jsonfile import write_json
         from qinject.search import format_result

@@ -30,12 +30,16 @@ the roofline was used when the table is a measured one.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
 from qinject import ir as qir
 from qinject import op_facts
+from qinject.backends import onnx_backend
+from qinject.calib_data import QinjectWarning, input_specs, random_arrays
+from qinject.errors import QinjectError
 from qinject.latency_table import FLOAT_BITS, LatencyTable
 from qinject.plan import DYNAMIC, STATIC, WEIGHT_ONLY, NodeQuant, Plan
 from qinject.quant_points import output_point
@@ -130,12 +134,44 @@ def estimate(model: ir.Model, plan: Plan, table: LatencyTable, batch: int = 1, b
         batch: the size given to a symbolic batch dimension.
         baselines: also estimate the float and uniform W16A16 plans (for the savings).
     """
-    model = qir.with_batch(model, batch)
+    model = priced_model(model, batch)
     report = _Estimator(model, plan, table).run()
     if baselines:
         report.float_us = _Estimator(model, Plan(None), table).run().total_us
         report.sixteen_bit_us = _Estimator(model, Plan.uniform(16, 16), table).run().total_us
     return report
+
+
+_OBSERVED = "qinject.cost.shapes_observed"  # model meta: the float run that fills unknown shapes was made
+
+
+def priced_model(model: ir.Model, batch: int) -> ir.Model:
+    """``model`` at concrete shapes (``qir.with_batch``), and where onnx's shape inference stops (a
+    Slice ended by an input's Shape: TorchScript BERT's position ids), the shapes one float run on
+    random inputs of those shapes gives: otherwise every node after it has no MACs and no latency key.
+    Returns a copy when shapes are filled in; the model itself when nothing is missing."""
+    priced = qir.with_batch(model, batch)
+    if priced.meta.get(_OBSERVED) or qir.has_jax_nodes(priced) or all(
+            op_facts.latency_key(n) is not None for n in qir.quantizable_nodes(priced)):
+        return priced
+    priced.meta[_OBSERVED] = True  # one float run per priced model, whatever it finds
+    try:
+        values = onnx_backend.all_values(priced, random_arrays(input_specs(priced), 1, seed=0))
+    except QinjectError as exc:
+        warnings.warn(f"latency estimate: some shapes are unknown and a float run to find them failed ({exc})",
+                      QinjectWarning, stacklevel=2)
+        return priced
+    if priced is model:
+        priced = model.clone()
+    for node in priced.graph:
+        for value in node.outputs:
+            if not _concrete(value) and value.name in values:
+                value.shape = ir.Shape(values[value.name].shape)
+    return priced
+
+
+def _concrete(value: ir.Value) -> bool:
+    return value.shape is not None and all(isinstance(d, int) for d in value.shape)
 
 
 class _Estimator:

@@ -73,7 +73,8 @@ class OpFact:
             slower than its float one (None: it is not). A plain quantize leaves such nodes float
             unless forced, so the output is never slower than the float model for their sake.
         dynamic: the op has a dynamic-quantization form (activations quantized at run time): MatMul
-            and Gemm with a constant weight, which onnxruntime fuses into DynamicQuantizeMatMul.
+            and Gemm with a constant weight, which onnxruntime fuses into DynamicQuantizeMatMul, and
+            jax's dot_general.
         reduction_axis: the weight's reduction (input-channel) axis, as a function of the node:
             weight-only blocks run along it (None: the op has no weight-only form).
     """
@@ -358,7 +359,7 @@ def modes(node: ir.Node) -> tuple[str, ...]:
         return ()
     f, has_weight = fact(node), weight_of(node) is not None
     return ("static",) + (("dynamic",) if f.dynamic and has_weight else ()) + (
-        ("weight-only",) if f.reduction_axis is not None and has_weight else ())
+        ("weight-only",) if has_weight and reduction_axis(node) is not None else ())  # an outer product has none
 
 
 def reduction_axis(node: ir.Node) -> int | None:

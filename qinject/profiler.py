@@ -65,6 +65,7 @@ import onnxruntime as ort
 from qinject import ir as qir
 from qinject import op_facts
 from qinject import profiler_models as pm
+from qinject.backends import onnx_backend
 from qinject.errors import QinjectError
 from qinject.latency_table import FLOAT_BITS, Entry, LatencyTable, Roofline
 from qinject.plan import DYNAMIC, MODES, STATIC, WEIGHT_ONLY, NodeQuant, Plan
@@ -413,14 +414,12 @@ def _quantized(probe: Probe, proto: onnx.ModelProto, feeds: dict[str, np.ndarray
     # price float as the mode.
     if not all(pm.mode_applied(out, name, probe.quant.mode) for name in names):
         raise QinjectError(f"the rewrite left node {probe.only!r} float in mode {probe.quant.mode!r} "
-                           "(`qinject quantize --explain` says why): no entry")
+                           "(its note says why): no entry")
     return out
 
 
 def _input_values(model: ir.Model, feeds: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
     """Every non-constant value of ``model`` from one float run (the inputs of the probes)."""
-    from qinject.backends import onnx_backend
-
     rng = np.random.default_rng(0)
     feeds = dict(feeds or {})
     for value in model.graph.inputs:
@@ -429,16 +428,7 @@ def _input_values(model: ir.Model, feeds: dict[str, np.ndarray] | None) -> dict[
             dtype = value.dtype.numpy()
             feeds[value.name] = (rng.standard_normal(shape).astype(dtype) if np.dtype(dtype).kind == "f"
                                  else rng.integers(0, 2, shape).astype(dtype))
-    proto = onnx_backend.to_proto(model)
-    known = {v.name for v in proto.graph.output}
-    wanted = [v for n in model.graph for v in n.outputs if v.name and v.name not in known and v.type is not None]
-    for value in wanted:
-        proto.graph.output.append(pm._value_info(value.name, value.dtype, value.shape or []))
-    opts = session_options()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    return {**feeds, **dict(zip(names, sess.run(names, feeds)))}
+    return onnx_backend.all_values(model, feeds)
 
 
 # -- the roofline --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qinject import ir as qir
-from qinject.cost import estimate
+from qinject.cost import estimate, priced_model
 from qinject.executor import Executor
 from qinject.latency_table import LatencyTable
 from qinject.plan import NodeQuant, Plan
@@ -177,7 +177,7 @@ def build_report(model: ir.Model, plan: Plan, table: LatencyTable, inputs: dict[
     """
     nodes = qir.quantizable_nodes(model)
     choices = {n.name: plan.choice(n.name) for n in nodes}
-    priced = qir.with_batch(model, batch)
+    priced = priced_model(model, batch)
     current = estimate(priced, plan, table, batch, baselines=False)
     node_us = {c.node: c.latency_us for c in current.nodes}
 

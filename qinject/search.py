@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qinject import ir as qir
-from qinject.cost import estimate
+from qinject.cost import estimate, priced_model
 from qinject.errors import QinjectError
 from qinject.evaluation import Budget, Executable, Metric, UserMetric, default_metric
 from qinject.executor import Executor
@@ -201,7 +201,7 @@ class SearchSpace:
             raise QinjectError("the model has no quantizable node to search over (every one is pinned)"
                                if self.all_nodes else "the model has no quantizable node to search over")
         # Plans are priced on this graph: the model itself, or the same network at its deployment batch.
-        self.priced = qir.with_batch(latency_model if latency_model is not None else model, batch)
+        self.priced = priced_model(latency_model if latency_model is not None else model, batch)
         if latency_model is not None and [n.name for n in qir.searchable_nodes(self.priced)] != self.all_nodes:
             raise QinjectError("the latency model's quantizable nodes differ from the model's")
         key = SIGNALS[signal][2] if signal in SIGNALS else signal

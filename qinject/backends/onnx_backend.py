@@ -202,3 +202,22 @@ def session(model: ir.Model | onnx.ModelProto | str | os.PathLike,
         if mapped is not None:
             mapped[0].unlink(missing_ok=True)
     return sess
+
+
+def all_values(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every tensor one float run of the main graph computes, by name (the feeds included), with
+    graph optimisations off so that every value keeps its name."""
+    proto = to_proto(model)
+    known = {v.name for v in proto.graph.output}
+    for node in model.graph:
+        for value in node.outputs:
+            if value.name and value.name not in known and value.dtype is not None:
+                proto.graph.output.append(onnx.helper.make_tensor_value_info(value.name, int(value.dtype), None))
+    sess = session(proto, session_options(level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL))
+    names = [o.name for o in sess.get_outputs()]
+    try:
+        outputs = sess.run(names, feeds)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QinjectError(f"onnxruntime cannot run the model: {first}") from None
+    return {**feeds, **dict(zip(names, outputs))}
