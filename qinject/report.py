@@ -24,6 +24,7 @@ render the page with the latency (#4), sensitivity (#5) and, when given, search 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import math
 import os
@@ -38,7 +39,7 @@ from qinject import ir as qir
 from qinject.cost import estimate, priced_model
 from qinject.executor import Executor
 from qinject.latency_table import LatencyTable
-from qinject.plan import NodeQuant, Plan
+from qinject.plan import STATIC, WEIGHT_ONLY, NodeQuant, Plan
 from qinject.rules import Rule
 
 RAISE = {4: 8, 8: 16}
@@ -88,7 +89,7 @@ class FixReport:
                  "| node | op | bits | node SQNR (dB) | share of output error | share of latency | proposal | "
                  "predicted effect |", "|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
-            bits = "float" if r.choice is None else f"W{r.choice.weights}A{r.choice.activations}"
+            bits = "float" if r.choice is None else r.choice.label
             effect = f"{r.predicted_db:+.2f} dB, {r.latency_ms * 1e3:+.2f} us" if r.rule else ""
             lines.append(f"| {r.node} | {r.op} | {bits} | {_db(r.sqnr_db)} | {r.error_share:.1%} | "
                          f"{r.latency_share:.1%} | {r.action} | {effect} |")
@@ -227,6 +228,8 @@ def build_report(model: ir.Model, plan: Plan, table: LatencyTable, inputs: dict[
                 rule = Rule(name=re.escape(node.name), skip=new is None,
                             weights=None if new is None else new.weights,
                             activations=None if new is None else new.activations,
+                            mode=None if new is None or new.mode == STATIC else new.mode,
+                            block_size=new.block_size if new is not None and new.mode == WEIGHT_ONLY else None,
                             comment=f"{action}: {predicted_db:+.2f} dB output SQNR, {latency_ms:+.4f} ms on "
                                     f"{table.target} (predicted)")
             rows.append(NodeRow(node.name, node.op_type, choice, _node_sqnr(model, ex, plan, node), share,
@@ -258,6 +261,10 @@ def _energy(reference: np.ndarray, outputs: np.ndarray) -> float:
 
 
 def _at(choice: NodeQuant, bits: int) -> NodeQuant:
+    """``choice`` at ``bits``-bit weights, in its mode where the mode has that width (weight-only: 4
+    and 8 bits), else static."""
+    if choice.mode == WEIGHT_ONLY and bits in (4, 8):
+        return dataclasses.replace(choice, weights=bits)
     return NodeQuant(weights=bits, activations=max(bits, choice.activations if bits < 16 else 16),
                      per_channel=choice.per_channel)
 

@@ -1,10 +1,15 @@
-"""Shared fixtures. The full verifier (onnx.checker after every pass) is on for the whole suite."""
+"""Shared fixtures. The full verifier (onnx.checker after every pass) is on for the whole suite, and the
+profile cache is a fresh empty folder."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("QINJECT_VERIFY", "1")
+# Tables a developer profiled into their cache would shadow the built-in local-cpu and change figures;
+# the suite reads and writes an empty cache of its own.
+os.environ["QINJECT_TARGETS"] = tempfile.mkdtemp(prefix="qinject-targets-")
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402

@@ -3,6 +3,7 @@ float, and with auto mode runs each node in the mode the target prices fastest."
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import qinject
@@ -99,7 +100,6 @@ def test_auto_mode_end_to_end_writes_what_onnxruntime_fuses(tmp_path):
     """A compute-bound CPU whose conversions are dear: both MatMuls switch to dynamic together (one at
     a time, each would pay a conversion to its static neighbour), and onnxruntime runs them as
     DynamicQuantizeMatMul; the notes reach the result."""
-    import numpy as np
     import onnx
     import onnxruntime as ort
 
@@ -114,3 +114,21 @@ def test_auto_mode_end_to_end_writes_what_onnxruntime_fuses(tmp_path):
     options.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
     assert [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node].count("DynamicQuantizeMatMul") == 2
+
+
+def test_profile_measures_what_the_table_lacks_before_fitting_and_caches_it(tmp_path, monkeypatch):
+    """``quantize --profile``: the node shapes the measured table lacks are timed on this machine before
+    the plan is fitted (so the fit prices them from measurements) and saved to the profile cache, where
+    the next run finds them; an analytic target is refused."""
+    monkeypatch.setenv("QINJECT_TARGETS", str(tmp_path / "cache"))
+    table = LatencyTable("test-cpu", "measured", ROOF)
+    result = qinject.quantize_onnx(matmul_net(), tmp_path / "q.onnx", calib={"x": np.ones((4, 16), np.float32)},
+                                   target=table, profile=True, progress=False, force=True)
+    assert {e.mode for e in table} >= {"static", "dynamic", "weight-only"}
+    priced = {c.node: c.source for c in result.cost.nodes if c.node in ("mm1", "mm2")}
+    assert set(priced.values()) == {"measured"}
+    cached = LatencyTable.load(tmp_path / "cache" / "test-cpu.json")
+    assert set(cached.entries) == set(table.entries)
+    with pytest.raises(qinject.errors.QinjectError, match="spec-sheet"):
+        qinject.quantize_onnx(matmul_net(), calib={"x": np.ones((4, 16), np.float32)}, target="nvidia-a100",
+                              profile=True, progress=False)
