@@ -62,7 +62,8 @@ def main(argv: list[str]) -> None:
                       f"reused" + (f"; failed: {run.failed}" if run.failed else ""), file=sys.stderr)
     for key in passes[0].entries:
         times = [p.entries[key].latency_us for p in passes if key in p.entries]
-        table.add(Entry(*key, round(float(np.median(times)), 3)))
+        op, shape, w_bits, a_bits, mode = key
+        table.add(Entry(op, shape, w_bits, a_bits, round(float(np.median(times)), 3), mode))
     table.save(args.output)
     size = args.output.stat().st_size
     print(f"wrote {args.output} ({len(table.entries)} entries, {size / 1e3:.0f} kB) in "
