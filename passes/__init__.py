@@ -1,33 +1,42 @@
-"""The pass library, installed as ``qinject.passes``: calibration, sensitivity (``sensitivity_*``,
-loaded on demand by ``qinject.sensitivity.signal_pass``), search, rewrites, lowering. One pass per
-module, named for what it does. The searches and AdaRound/bias correction (scipy, optax) load on
-first use, so a plain quantize does not import them."""
+"""The pass library, installed as ``qinject.passes``, one pass per module, grouped by layer:
+
+- ``transforms``: fold-constants, fold-conv-affine, upgrade-opset, calibrate, insert-qdq (+ its
+  modes), lower-jax-to-onnx;
+- ``target``: profile-target, fit-target, estimate-cost;
+- ``sensitivity``: the signal passes (quant-error, noise, hessian, interlayer, bit-error);
+- ``rounding``: AdaRound and bias correction;
+- ``search``: bisection, greedy, ILP and the Pareto sweep.
+
+The groups sit on different layers (docs/ARCHITECTURE.md): the runtime runs what ``transforms``
+write, and the analyses above it run the runtime. This package is the facade over all of them, so it
+imports none: ``from qinject.passes import InsertQDQ`` loads the module that defines the name on
+first access (a module ``__getattr__``), and importing one group never loads the groups above it.
+"""
 
 from __future__ import annotations
 
 import importlib
 
-from qinject.passes.calibrate import Calibrate
-from qinject.passes.estimate_cost import EstimateCost
-from qinject.passes.fit_target import FitTarget
-from qinject.passes.fold_conv_affine import FoldConvAffine
-from qinject.passes.fold_constants import FoldConstantWeights
-from qinject.passes.insert_qdq import InsertQDQ
-from qinject.passes.lower_jax_to_onnx import LowerJaxToOnnx
-from qinject.passes.profile_target import ProfileTarget
-from qinject.passes.upgrade_opset import UpgradeOpset
-
-_LAZY = {"AdaRound": "adaround", "BiasCorrection": "bias_correction", "BisectionSearch": "search_bisection",
-         "GreedySearch": "search_greedy", "IlpSearch": "search_ilp", "ParetoSweep": "search_pareto"}
-_SEARCHES = {"bisection": "BisectionSearch", "greedy": "GreedySearch", "ilp": "IlpSearch", "pareto": "ParetoSweep"}
+_WHERE = {
+    "Calibrate": "transforms.calibrate", "FoldConstantWeights": "transforms.fold_constants",
+    "FoldConvAffine": "transforms.fold_conv_affine", "InsertQDQ": "transforms.insert_qdq",
+    "LowerJaxToOnnx": "transforms.lower_jax_to_onnx", "UpgradeOpset": "transforms.upgrade_opset",
+    "EstimateCost": "target.estimate_cost", "FitTarget": "target.fit_target", "ProfileTarget": "target.profile_target",
+    "AdaRound": "rounding.adaround", "BiasCorrection": "rounding.bias_correction",
+    "BisectionSearch": "search", "GreedySearch": "search", "IlpSearch": "search", "ParetoSweep": "search",
+    "SEARCH_PASSES": "search",
+}
 
 
 def __getattr__(name: str) -> object:
-    if name == "SEARCH_PASSES":
-        return {algo: __getattr__(cls) for algo, cls in _SEARCHES.items()}
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"qinject.passes.{_LAZY[name]}"), name)
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"qinject.passes.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'qinject.passes' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
 
 __all__ = ["SEARCH_PASSES", "AdaRound", "BiasCorrection", "BisectionSearch", "Calibrate", "EstimateCost",
            "FitTarget", "FoldConstantWeights", "FoldConvAffine", "GreedySearch", "IlpSearch", "InsertQDQ",

@@ -6,10 +6,21 @@ QuantizeLinear/DequantizeLinear, and emit an executable. See docs/ARCHITECTURE.m
 
 from __future__ import annotations
 
-from qinject.api import (QuantizeResult, SearchOptions, analyze, estimate_latency, export_onnx, load_onnx, quantize_jax, quantize_onnx,
-                         save_onnx, to_jax, trace_jax)
-from qinject.errors import QinjectError
-from qinject.plan import NodeQuant, Plan
+from qinject.app.api import (
+    QuantizeResult,
+    SearchOptions,
+    analyze,
+    estimate_latency,
+    export_onnx,
+    load_onnx,
+    quantize_jax,
+    quantize_onnx,
+    save_onnx,
+    to_jax,
+    trace_jax,
+)
+from qinject.core.errors import QinjectError
+from qinject.core.plan import NodeQuant, Plan
 
 __all__ = [
     "NodeQuant",

@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qinject
 from qinject.backends import onnx_backend
-from qinject.calib_data import QinjectWarning
-from qinject.numerics import sqnr_db
+from qinject.core.calib_data import QinjectWarning
+from qinject.core.numerics import sqnr_db
 from qinject.plan import NodeQuant, Plan
 
 rng = np.random.default_rng(0)

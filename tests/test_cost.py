@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from qinject import ir as qir
-from qinject import op_facts
-from qinject.cost import MEASURED, MISSING, ROOFLINE, estimate, format_report
+from qinject.core import ir as qir
+from qinject.core import op_facts
+from qinject.cost.estimate import MEASURED, MISSING, ROOFLINE, estimate, format_report
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.latency_table import Entry, LatencyTable, Roofline
 from qinject.plan import NodeQuant, Plan

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qinject.demo import run_demo
+from qinject.app.demo import run_demo
 
 
 def test_demo_report(tmp_path) -> None:

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qinject
 from qinject.backends import onnx_backend
-from qinject.errors import QinjectError
+from qinject.core.errors import QinjectError
 from qinject.plan import NodeQuant, Plan
 
 BLOCKS = ("conv3", "conv1", "relu", "sigmoid", "maxpool", "avgpool", "residual", "concat")

@@ -4,9 +4,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from qinject import op_facts
-from qinject import ir as qir
-from qinject.errors import VerificationError
+from qinject.core import ir as qir
+from qinject.core import op_facts
+from qinject.core.errors import VerificationError
 from qinject.frontends.onnx_frontend import load_onnx
 from tests.builders import conv_net
 

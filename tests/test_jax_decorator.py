@@ -10,8 +10,8 @@ import pytest
 import qinject
 import qinject.jax as qjax
 from models import zoo
+from qinject.core.rules import Rule, Rules
 from qinject.plan import NodeQuant, Plan
-from qinject.rules import Rule, Rules
 
 
 @pytest.fixture(scope="module")

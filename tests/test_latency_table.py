@@ -6,8 +6,15 @@ import json
 
 import pytest
 
-from qinject.latency_table import (BUILTIN_DIR, Entry, LatencyTable, LatencyTableError, Roofline, builtin_targets,
-                                   load_target)
+from qinject.latency_table import (
+    BUILTIN_DIR,
+    Entry,
+    LatencyTable,
+    LatencyTableError,
+    Roofline,
+    builtin_targets,
+    load_target,
+)
 
 
 def _table() -> LatencyTable:

@@ -4,8 +4,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from qinject import numerics
-from qinject.numerics import QType
+from qinject.core import numerics
+from qinject.core.numerics import QType
 
 
 def test_int8_saturation_matches_onnx_table() -> None:

@@ -3,15 +3,14 @@ instrumentation hooks; `qinject run` and `qinject passes`."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
 import qinject
-from qinject.instrument import IRDump, VerifyEach, timing_table
-from qinject.pass_manager import PassManager
-from qinject.pipeline import PassSpec, Pipeline, PipelineSyntaxError, parse
-from qinject.registry import Context, PipelineError, build, describe, passes
+from qinject.compiler.instrument import IRDump, VerifyEach, timing_table
+from qinject.compiler.pipeline import PassSpec, Pipeline, PipelineSyntaxError, parse
+from qinject.compiler.registry import Context, PipelineError, build, describe, passes
+from qinject.core.pass_manager import PassManager
 from tests.builders import CNN, run_cli
 
 ISSUE_EXAMPLE = "calibrate{method=mse},sensitivity{metric=hessian},search{algo=bisection,max-drop=1%},insert-qdq"

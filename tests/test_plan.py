@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qinject.errors import PlanError
+from qinject.core.errors import PlanError
 from qinject.plan import NodeQuant, Plan
 
 

@@ -57,8 +57,8 @@ def test_plugin_pass_is_listed_and_runs_from_a_pipeline(site):
         except SystemExit:
             pass
         import qinject
-        from qinject.pass_manager import PassManager
-        from qinject.registry import build
+        from qinject.core.pass_manager import PassManager
+        from qinject.compiler.registry import build
         model = qinject.load_onnx("models/digits_cnn/model.onnx")
         PassManager(build("tag-nodes{label=ab,repeat=2}")).run(model)
         print("tags", {n.meta["demo.tag"] for n in model.graph}, model.meta["demo.count"] == len(list(model.graph)))
@@ -74,7 +74,7 @@ def test_plugin_op_fact_makes_a_custom_op_quantizable(site):
         import numpy as np, onnx
         from onnx import helper, TensorProto
         import qinject
-        from qinject import ir as qir
+        from qinject.core import ir as qir
         from qinject.passes import InsertQDQ
         from qinject.plan import Plan
         w = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
@@ -87,7 +87,7 @@ def test_plugin_op_fact_makes_a_custom_op_quantizable(site):
         model = qinject.load_onnx(proto)
         print("quantizable", [n.name for n in qir.quantizable_nodes(model)])
         # onnxruntime cannot run the custom op, so its input range is given instead of calibrated.
-        from qinject.stats import TensorStats
+        from qinject.core.stats import TensorStats
         stats = TensorStats()
         stats.update(np.linspace(-1, 1, 64, dtype=np.float32))
         model.graph.inputs[0].meta[qir.ACT_STATS] = stats
@@ -123,7 +123,7 @@ def test_plugin_target_is_selectable_by_name(site):
 
 def test_without_the_plugin_nothing_leaks(tmp_path):
     r = _python(tmp_path, """
-        from qinject.registry import passes
+        from qinject.compiler.registry import passes
         print("tag-nodes" in passes())
     """)
     assert r.returncode == 0 and r.stdout.strip() == "False"

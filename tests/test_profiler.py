@@ -9,14 +9,16 @@ import numpy as np
 import onnx
 import pytest
 
-from qinject import cost, op_facts, profiler
-from qinject import ir as qir
-from qinject import profiler_models as pm
-from qinject import profiler_timing as timing
-from qinject.errors import QinjectError
+from qinject.core import ir as qir
+from qinject.core import op_facts
+from qinject.core.errors import QinjectError
+from qinject.core.quant_points import activation_points
+from qinject.cost.estimate import estimate as cost
 from qinject.latency_table import FLOAT_BITS, Entry, LatencyTable, Roofline
 from qinject.plan import DYNAMIC, STATIC, WEIGHT_ONLY, NodeQuant, Plan
-from qinject.quant_points import activation_points
+from qinject.runtime import profiler
+from qinject.runtime import profiler_models as pm
+from qinject.runtime import profiler_timing as timing
 from tests.builders import conv_net, matmul_net, run_cli
 
 BATCH = 4

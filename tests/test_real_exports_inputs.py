@@ -11,14 +11,15 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qinject
-from qinject import ir as qir
-from qinject.api import SearchOptions, standard_pipeline
+from qinject.app.api import SearchOptions
 from qinject.backends import onnx_backend
-from qinject.calib_data import input_specs, open_source
-from qinject.errors import CalibrationDataError, PlanError, QinjectError, UnsupportedModelError
+from qinject.compiler.pipelines import standard_pipeline
+from qinject.core import ir as qir
+from qinject.core.calib_data import input_specs, open_source
+from qinject.core.errors import CalibrationDataError, PlanError, QinjectError, UnsupportedModelError
+from qinject.core.numerics import sqnr_db
+from qinject.core.pass_manager import PassManager
 from qinject.frontends.onnx_frontend import load_onnx
-from qinject.numerics import sqnr_db
-from qinject.pass_manager import PassManager
 from qinject.plan import NodeQuant, Plan
 from tests.builders import conv_net, matmul_net, run, run_cli
 

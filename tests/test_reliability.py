@@ -3,16 +3,14 @@ searched), and collapsing layers reported."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 import qinject
-from qinject.api import SearchOptions
+from qinject.app.api import SearchOptions
 from qinject.plan import Plan
 from tests.builders import CNN, conv_net
-
 
 
 def test_same_input_data_plan_and_seed_give_byte_identical_files(tmp_path):

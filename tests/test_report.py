@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 import qinject
+from qinject.app.report import build_report
+from qinject.core.rules import Rule, Rules
 from qinject.latency_table import load_target
 from qinject.plan import Plan
-from qinject.report import build_report
-from qinject.rules import Rule, Rules
 from tests.builders import CNN, run_cli
-
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,11 @@ import json
 import pytest
 
 import qinject
-from qinject.api import SearchOptions
-from qinject.errors import PlanError
+from qinject.app.api import SearchOptions
+from qinject.core.errors import PlanError
+from qinject.core.rules import Rule, Rules
 from qinject.plan import NodeQuant
-from qinject.rules import Rule, Rules
 from tests.builders import CNN, run_cli
-
 
 
 @pytest.fixture(scope="module")

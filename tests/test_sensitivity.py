@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from qinject.passes.sensitivity import report, signal_pass
+from qinject.passes.sensitivity.base import AnalysisData
 
 import qinject
-from qinject.errors import QinjectError
-from qinject.sensitivity import AnalysisData, report, signal_pass
+from qinject.core.errors import QinjectError
 from tests.builders import conv_net
 from tests.passes.sensitivity_fixtures import conv_case
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qinject.numerics import QType
-from qinject.stats import BINS, TensorStats, select_range
+from qinject.core.numerics import QType
+from qinject.core.stats import BINS, TensorStats, select_range
 
 
 def test_streaming_equals_one_shot_minmax(rng) -> None:

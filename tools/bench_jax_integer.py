@@ -28,6 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the model zoo lives in the repository, not in the package
 from bench_common import machine, source_state, write_section  # noqa: E402  (tools/ is on sys.path)
+
 from models import zoo  # noqa: E402
 
 SECTION = "bench_jax_integer"

@@ -43,7 +43,7 @@ ROUNDS, RUNS_PER_ROUND, WARMUP = 20, 5, 5
 MODELS = ("digits_cnn", "digits_mlp", "text_transformer", "squeezenet")
 # What the per-kernel profiles of the quantized models showed where estimate and measurement part
 # (found with onnxruntime's per-node profiling of the whole quantized models; see the docstring of
-# qinject/profiler.py for how entries are measured).
+# qinject/runtime/profiler.py for how entries are measured).
 FINDINGS = [
     "Where the estimate misses, and why (per-kernel profiles of the quantized models):",
     "",
@@ -156,7 +156,7 @@ def quantize_all(case: Case, plans: dict, work: Path) -> dict[str, Path]:
 
 def measure_all(paths: dict[str, Path], feeds: dict[str, np.ndarray]) -> dict[str, float]:
     """Median us per run of each file: same options as the profiler, rounds interleaved."""
-    from qinject.profiler import session_options
+    from qinject.runtime.profiler import session_options
 
     sessions = {k: ort.InferenceSession(str(p), session_options(), providers=["CPUExecutionProvider"])
                 for k, p in paths.items()}
@@ -166,16 +166,16 @@ def measure_all(paths: dict[str, Path], feeds: dict[str, np.ndarray]) -> dict[st
 def estimate_all(case: Case, plans: dict, table) -> dict[str, object]:
     from qinject.passes import FoldConstantWeights, FoldConvAffine
 
-    from qinject.cost import estimate
+    from qinject.core.pass_manager import PassManager
+    from qinject.cost.estimate import estimate
     from qinject.frontends.onnx_frontend import load_onnx
-    from qinject.pass_manager import PassManager
 
     folded = PassManager([FoldConstantWeights(), FoldConvAffine()]).run(load_onnx(case.path)).model
     return {label: estimate(folded, plan, table, case.batch, baselines=False) for label, plan in plans.items()}
 
 
 def bench_model(case: Case, table, work: Path) -> list[dict]:
-    from qinject import ir as qir
+    from qinject.core import ir as qir
     from qinject.frontends.onnx_frontend import load_onnx
 
     nodes = [n.name for n in qir.quantizable_nodes(load_onnx(case.path))]

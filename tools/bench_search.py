@@ -122,9 +122,10 @@ def make_case(name: str, work: Path, latency_batch: int) -> Case:
 
 
 def priced_model(case: Case) -> object:
-    import qinject
-    from qinject.pass_manager import PassManager
     from qinject.passes import FoldConstantWeights, FoldConvAffine
+
+    import qinject
+    from qinject.core.pass_manager import PassManager
 
     return PassManager([FoldConstantWeights(), FoldConvAffine()]).run(qinject.load_onnx(case.latency_path)).model
 
@@ -166,14 +167,15 @@ def ort_score(case: Case, work: Path, evaluator: object) -> tuple[float, str]:
 
 def bench_model(case: Case, targets: list[str], algorithms: list[str], work: Path, latency_batch: int,
                 workers: int) -> ModelResult:
-    import qinject
-    from qinject.cost import estimate
-    from qinject.evaluation import Budget
-    from qinject.latency_table import load_target
     from qinject.passes import SEARCH_PASSES
+    from qinject.passes.search.base import Evaluator, SearchPass
+    from qinject.passes.sensitivity.base import EVALUATIONS, AnalysisData, choice_for
+
+    import qinject
+    from qinject.cost.estimate import estimate
+    from qinject.latency_table import load_target
     from qinject.plan import Plan
-    from qinject.search import Evaluator, SearchPass
-    from qinject.sensitivity import EVALUATIONS, AnalysisData, choice_for
+    from qinject.runtime.evaluation import Budget
 
     start = time.perf_counter()
     analysed = qinject.analyze(case.path, case.calib, ["quant-error"], workers=workers, progress=False)
@@ -303,10 +305,11 @@ def report(results: list[ModelResult], args: argparse.Namespace, argv: list[str]
 def uniform_savings(names: list[str], targets: list[str], latency_batch: int, output: Path, argv: list[str]) -> str:
     """The estimated savings of uniform W8A8 and W4A8 vs W16A16 per model and target (no evaluation:
     the cost model alone), written to the ``bench_search_uniform`` section."""
-    from qinject.cost import estimate
+    from qinject.passes.sensitivity.base import choice_for
+
+    from qinject.cost.estimate import estimate
     from qinject.latency_table import load_target
     from qinject.plan import Plan
-    from qinject.sensitivity import choice_for
 
     lines = ["## Uniform plans' estimated saving vs W16A16 (`tools/bench_search.py --uniform-savings`)", "",
              f"- reproduce: `{shlex.join(['python', 'tools/bench_search.py', *argv])}`; batch {latency_batch} "

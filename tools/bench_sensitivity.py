@@ -103,7 +103,7 @@ def make_case(name: str, work: Path, latency_batch: int) -> Case:
 
 def available_signals() -> tuple[list[str], list[str]]:
     """(metrics whose pass exists in this checkout, metrics whose pass does not yet)."""
-    from qinject.sensitivity import SIGNALS
+    from qinject.passes.sensitivity import SIGNALS
 
     present = [m for m, (module, _, _) in SIGNALS.items()
                if importlib.util.find_spec(f"qinject.passes.{module}") is not None]
@@ -113,8 +113,10 @@ def available_signals() -> tuple[list[str], list[str]]:
 def analyse(case: Case, metrics: list[str], bits: tuple[int, ...], result: Result) -> object:
     """Calibrate as ``qinject.analyze`` does, then run each signal on the calibration split (one at
     a time, so a signal that fails is reported instead of ending the benchmark)."""
+    from qinject.passes.sensitivity import SIGNALS, signal_pass
+    from qinject.passes.sensitivity.base import AnalysisData, signal_of
+
     import qinject
-    from qinject.sensitivity import SIGNALS, AnalysisData, signal_of, signal_pass
 
     model = qinject.analyze(case.path, case.calib, [], bits=bits, progress=False)
     data = AnalysisData.load(case.calib, model, 512)  # analyze's default limit
@@ -145,14 +147,15 @@ def order_by(scores: dict[str, float], nodes: list[str]) -> list[str]:
 
 def oracle_and_curves(case: Case, model: object, result: Result, table: object, latency_batch: int) -> None:
     """The held-out measurements: each node alone at W4A8, then every ordering's cumulative plans."""
-    from qinject.cost import estimate
-    from qinject.damage import damage
-    from qinject.executor import Executor
-    from qinject.frontends.onnx_frontend import load_onnx
-    from qinject.pass_manager import PassManager
     from qinject.passes import FoldConstantWeights, FoldConvAffine
+    from qinject.passes.sensitivity.base import alone, choice_for
+
+    from qinject.core.pass_manager import PassManager
+    from qinject.cost.estimate import estimate
+    from qinject.frontends.onnx_frontend import load_onnx
     from qinject.plan import Plan
-    from qinject.sensitivity import alone, choice_for
+    from qinject.runtime.damage import damage
+    from qinject.runtime.executor import Executor
 
     nodes = result.nodes
     with Executor(model, case.held_out) as ex:
@@ -354,7 +357,7 @@ def main(argv: list[str]) -> None:
     if unknown := [n for n in names if n not in MODELS]:
         parser.error(f"unknown model(s) {unknown}; choose from {','.join(MODELS)}")
 
-    from qinject import ir as qir
+    from qinject.core import ir as qir
     from qinject.latency_table import load_target
 
     table = load_target(args.target)

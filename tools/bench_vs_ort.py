@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn"
 sys.path.insert(0, str(ROOT))  # the model zoo lives in the repository, not in the package
 from bench_common import machine, median_seconds, peak_rss_mib, source_state, write_section  # noqa: E402  (tools/ is on sys.path)
+
 from models.light_zoo import materialize  # noqa: E402
 
 LIGHT = ["squeezenet", "resnet50", "inception_v1", "shufflenet", "inception_v2", "densenet121",
@@ -167,7 +168,7 @@ def bench_case(case: Case, work: Path, tool_runs: int) -> dict[str, dict]:
 
 
 def fidelity(out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None, is_reference: bool) -> str:
-    from qinject import measure
+    from qinject.runtime import measure
 
     parts = [f"acc {measure.top1_accuracy(out, labels):.2%}"] if labels is not None else []
     if not is_reference:
@@ -178,8 +179,8 @@ def fidelity(out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None, is_ref
 
 def static_facts(path: Path, case: Case) -> dict:
     """Outputs on the evaluation set, file size and integer kernels of one model file."""
-    from qinject import measure
     from qinject.backends import onnx_backend
+    from qinject.runtime import measure
 
     outputs = measure.predict(onnx_backend.session(path), case.inputs, batch=case.run_batch)
     kernels = measure.fused_kernels(path)

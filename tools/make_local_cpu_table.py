@@ -2,7 +2,7 @@
 ``tools/bench_latency.py`` validates it on, at their benchmark batch sizes (three passes, the median of each entry).
 
 Usage:
-    python tools/make_local_cpu_table.py                         # -> qinject/targets/local-cpu.json
+    python tools/make_local_cpu_table.py                         # -> qinject/cost/targets/local-cpu.json
     python tools/make_local_cpu_table.py --models digits_cnn -o /tmp/t.json --repeats 10 --passes 1
 """
 
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--passes", type=int, default=3, help="profile everything this many times; keep medians")
     args = parser.parse_args(argv)
     from qinject.latency_table import Entry, LatencyTable
-    from qinject.profiler import THREADS, fit_roofline, run_profile
+    from qinject.runtime.profiler import THREADS, fit_roofline, run_profile
 
     start = time.perf_counter()
     names = args.models.split(",")

@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from models.realworld import exports_loader, fidelity as fid, images, inputs
+from models.realworld import exports_loader, images, inputs
+from models.realworld import fidelity as fid
 
 LABELS = "labels"
 _MEAN = np.array([0.485, 0.456, 0.406], np.float32)

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from models.realworld import images, text_render
 

@@ -151,9 +151,9 @@ def paragraph(draw, rng, x, y, width, fnt, leading, max_y, fill=(20, 20, 20), n_
 
 def _chart(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     """A matplotlib chart (line, bar or scatter) rendered to an RGB image of about w x h pixels."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    import matplotlib
 
     dpi = 100
     with matplotlib.rc_context({"font.family": "DejaVu Sans", "font.size": float(rng.uniform(7, 10)),

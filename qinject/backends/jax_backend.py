@@ -39,11 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 import onnx_ir as ir
 
-from qinject import numerics, op_facts
-from qinject.backends import jax_integer, jax_modes
+from qinject.backends import (
+    jax_integer,
+    jax_modes,
+    jax_ops_nn,  # noqa: F401  (registers the neural-network ops into ONNX_OPS)
+)
 from qinject.backends.jax_ops import ONNX_OPS, attr
 from qinject.backends.jax_qdq import dynamic_quantize, expand_blocks, param_axis, qparams
-from qinject.errors import UnsupportedModelError
+from qinject.core import numerics, op_facts
+from qinject.core.errors import UnsupportedModelError
 
 MODES = ("simulated", "integer")
 _ONNX_DOMAINS = ("", "ai.onnx")

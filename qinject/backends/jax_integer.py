@@ -35,10 +35,10 @@ import numpy as np
 import onnx_ir as ir
 from jax import lax
 
-from qinject import numerics, op_facts
 from qinject.backends.jax_ops import attr, may_be_nonzero
 from qinject.backends.jax_ops_nn import explicit_padding
 from qinject.backends.jax_qdq import param_axis, qparams
+from qinject.core import numerics, op_facts
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qinject import ir as qir
-from qinject import op_facts
 from qinject.backends.jax_ops import attr
-from qinject.errors import PlanError
-from qinject.plan import DYNAMIC, STATIC, WEIGHT_ONLY
+from qinject.core import ir as qir
+from qinject.core import op_facts
+from qinject.core.errors import PlanError
+from qinject.core.plan import DYNAMIC, STATIC, WEIGHT_ONLY
 
 _ONNX_DOMAINS = ("", "ai.onnx")
 WEIGHT = "weight"  # an input kind: dequantized from constant integer codes

@@ -28,7 +28,8 @@ Floating-point contractions (Conv, MatMul, Gemm, Einsum) ask for ``Precision.HIG
 otherwise run float32 products as TF32/bfloat16, three decimal digits away from onnxruntime.
 
 Neural-network ops (convolution, pooling, normalisation) live in ``jax_ops_nn``, which registers
-into the same table when this module is imported.
+into the same table when it is imported (``jax_backend`` imports it: the table is whole wherever the
+backend runs).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import onnx
 import onnx_ir as ir
 from jax import lax
 
-from qinject.errors import UnsupportedModelError
+from qinject.core.errors import UnsupportedModelError
 
 ONNX_OPS: dict[str, Callable[..., Any]] = {}
 
@@ -741,10 +742,3 @@ def _softmax(node: ir.Node, x: Any) -> Any:
     flat = x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
     return fn(flat, axis=1).reshape(x.shape)
 
-
-def _register_nn_ops() -> None:
-    # Imported for its registrations; jax_ops_nn imports the helpers above from this module.
-    from qinject.backends import jax_ops_nn  # noqa: F401
-
-
-_register_nn_ops()

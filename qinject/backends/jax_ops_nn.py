@@ -1,6 +1,6 @@
 """Neural-network ONNX ops for the JAX backend: convolution, pooling, normalisation, dropout.
 
-Registered into ``jax_ops.ONNX_OPS`` (importing ``jax_ops`` imports this module). Layouts are ONNX's:
+Registered into ``jax_ops.ONNX_OPS`` on import (``jax_backend`` imports this module). Layouts are ONNX's:
 ``N, C, D1, ..., Dn`` for data and ``M, C/group, k1, ..., kn`` for Conv weights, for any number of
 spatial dimensions, so the dimension numbers are the identity permutation rather than a string
 such as ``"NCHW"``.
@@ -30,7 +30,7 @@ from qinject.backends.jax_ops import (
     static,
     what,
 )
-from qinject.errors import UnsupportedModelError
+from qinject.core.errors import UnsupportedModelError
 
 Padding = list[tuple[int, int]]
 

@@ -14,9 +14,9 @@ import numpy as np
 import onnx_ir as ir
 from jax import lax
 
-from qinject import numerics
 from qinject.backends.jax_ops import attr
-from qinject.errors import UnsupportedModelError
+from qinject.core import numerics
+from qinject.core.errors import UnsupportedModelError
 
 DYNAMIC_QTYPE = numerics.QType(8, False)  # DynamicQuantizeLinear always writes uint8
 

@@ -7,13 +7,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qinject import ir as qir
-from qinject.errors import QinjectError
+from qinject.core import ir as qir
+from qinject.core.errors import QinjectError
 
 # Protobuf cannot hold more than 2 GiB; above this size weights go to an external data file.
 EXTERNAL_DATA_THRESHOLD = 1 << 30

@@ -31,9 +31,9 @@ import onnx_ir as ir
 from jax.extend import core as jcore
 from onnx_ir.passes.common import NameFixPass
 
-from qinject import ir as qir
-from qinject import op_facts
-from qinject.errors import UnsupportedModelError
+from qinject.core import ir as qir
+from qinject.core import op_facts
+from qinject.core.errors import UnsupportedModelError
 
 # The default-domain opset of traced models: int4 and int16 Q/DQ need 21, so no upgrade is needed.
 OPSET = 21

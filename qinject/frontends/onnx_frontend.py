@@ -16,8 +16,8 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import NameFixPass
 
-from qinject import ir as qir
-from qinject.errors import ModelLoadError, UnsupportedModelError
+from qinject.core import ir as qir
+from qinject.core.errors import ModelLoadError, UnsupportedModelError
 
 MIN_OPSET = 1  # older opsets are upgraded by onnx's version converter, which refuses clearly
 MAX_OPSET = onnx.defs.onnx_opset_version()

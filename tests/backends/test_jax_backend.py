@@ -9,10 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qinject import numerics
-from qinject.api import quantize_onnx
+from qinject.app.api import quantize_onnx
 from qinject.backends.jax_backend import Program, to_jax, to_jax_with_weights
-from qinject.errors import UnsupportedModelError
+from qinject.core import numerics
+from qinject.core.errors import UnsupportedModelError
 from qinject.frontends.jax_frontend import trace_jax
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.plan import NodeQuant, Plan
@@ -82,8 +82,9 @@ def test_activation_times_activation_with_zero_points(rng):
 
     q = rng.standard_normal((2, 5, 8)).astype(np.float32)
     k = rng.standard_normal((2, 7, 8)).astype(np.float32)
-    from qinject.pass_manager import PassManager
     from qinject.passes import Calibrate, InsertQDQ
+
+    from qinject.core.pass_manager import PassManager
 
     model = trace_jax(f, {}, q, k)
     model = PassManager([Calibrate({"q": q, "k": k}, progress=False), InsertQDQ(Plan.uniform(8, 8))]).run(model).model

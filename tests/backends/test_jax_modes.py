@@ -23,12 +23,12 @@ from jax import lax
 from onnx import TensorProto, helper, numpy_helper
 
 import qinject.jax as qjax
-from qinject import ir as qir
-from qinject import op_facts
-from qinject.api import export_onnx, quantize_jax, quantize_onnx
+from qinject.app.api import export_onnx, quantize_jax, quantize_onnx
 from qinject.backends.jax_backend import Program, to_jax
 from qinject.backends.onnx_backend import to_proto
-from qinject.errors import PlanError
+from qinject.core import ir as qir
+from qinject.core import op_facts
+from qinject.core.errors import PlanError
 from qinject.frontends.jax_frontend import trace_jax
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.plan import NodeQuant, Plan

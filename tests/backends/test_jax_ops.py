@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 from qinject.backends.jax_ops import ONNX_OPS, attr, opset, static
-from qinject.errors import UnsupportedModelError
+from qinject.core.errors import UnsupportedModelError
 
 RNG = np.random.default_rng(20240611)
 I64_MAX, I64_MIN = np.iinfo(np.int64).max, np.iinfo(np.int64).min

@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 from qinject.backends import onnx_backend
-from qinject.errors import QinjectError
+from qinject.core.errors import QinjectError
 from qinject.frontends.onnx_frontend import load_onnx
 from tests.builders import conv_net, run
 

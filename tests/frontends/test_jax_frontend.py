@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from qinject import ir as qir
-from qinject import op_facts
-from qinject.errors import UnsupportedModelError
+from qinject.core import ir as qir
+from qinject.core import op_facts
+from qinject.core.errors import UnsupportedModelError
 from qinject.frontends.jax_frontend import trace_jax
 
 

@@ -4,11 +4,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
-from qinject import ir as qir
-from qinject.errors import ModelLoadError, UnsupportedModelError
-from qinject.frontends.onnx_frontend import load_onnx
 from qinject.passes import FoldConstantWeights, UpgradeOpset
+
+from qinject.core import ir as qir
+from qinject.core.errors import ModelLoadError, UnsupportedModelError
+from qinject.frontends.onnx_frontend import load_onnx
 from tests.builders import conv_net, matmul_net
 
 

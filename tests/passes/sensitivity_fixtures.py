@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import numpy_helper
-
-from qinject.frontends.onnx_frontend import load_onnx
-from qinject.pass_manager import PassManager
 from qinject.passes import Calibrate, FoldConstantWeights, FoldConvAffine, UpgradeOpset
-from qinject.sensitivity import AnalysisData
+from qinject.passes.sensitivity.base import AnalysisData
+
+from qinject.core.pass_manager import PassManager
+from qinject.frontends.onnx_frontend import load_onnx
 from tests.builders import conv_net
 
 

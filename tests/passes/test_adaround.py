@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from qinject.passes import AdaRound, BiasCorrection, InsertQDQ
+from qinject.passes.rounding.adaround import APPLIED, grid
 
 import qinject
 from models import zoo
-from qinject import numerics, op_facts
-from qinject import ir as qir
-from qinject.api import SearchOptions
+from qinject.app.api import SearchOptions
 from qinject.backends.jax_backend import Program
-from qinject.evaluation import Executable
-from qinject.layer_data import layer_inputs, node_function
-from qinject.passes import AdaRound, BiasCorrection, InsertQDQ
-from qinject.passes.adaround import APPLIED, grid
+from qinject.core import ir as qir
+from qinject.core import numerics, op_facts
 from qinject.plan import NodeQuant, Plan
+from qinject.runtime.evaluation import Executable
+from qinject.runtime.layer_data import layer_inputs, node_function
 
 W4 = Plan(NodeQuant(weights=4, activations=8))
 

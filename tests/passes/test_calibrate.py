@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from qinject import ir as qir
-from qinject.calib_data import QinjectWarning
-from qinject.errors import CalibrationDataError
-from qinject.frontends.onnx_frontend import load_onnx
 from qinject.passes import Calibrate
+
+from qinject.core import ir as qir
+from qinject.core.calib_data import QinjectWarning
+from qinject.core.errors import CalibrationDataError
+from qinject.frontends.onnx_frontend import load_onnx
 from tests.builders import conv_net, run
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from qinject.passes import FitTarget, FoldConstantWeights
 
 import qinject
-from qinject import ir as qir
-from qinject import op_facts
+from qinject.core import ir as qir
+from qinject.core import op_facts
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.latency_table import Entry, LatencyTable, Roofline
-from qinject.passes import FitTarget, FoldConstantWeights
 from qinject.plan import NodeQuant, Plan
 from tests.builders import CNN, matmul_net
 
@@ -89,7 +89,7 @@ def mm1_notes(model) -> list[str]:
 
 @pytest.mark.parametrize("text", ["fit-target{auto-mode=true},insert-qdq"])
 def test_fit_target_runs_in_a_pipeline(text, tmp_path):
-    from qinject.registry import Context, build
+    from qinject.compiler.registry import Context, build
 
     passes = build("fold-constants,calibrate," + text, Context(calib=CNN / "calib.npz", target="local-cpu",
                                                                progress=False))

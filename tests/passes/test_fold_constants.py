@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
-from qinject.frontends.onnx_frontend import load_onnx
-from qinject.pass_manager import PassManager
 from qinject.passes import FoldConstantWeights
+
+from qinject.core.pass_manager import PassManager
+from qinject.frontends.onnx_frontend import load_onnx
 from tests.builders import matmul_net, run
 
 

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
+from qinject.passes import FoldConvAffine
 
 from qinject.backends.onnx_backend import to_proto
 from qinject.frontends.onnx_frontend import load_onnx
-from qinject.passes import FoldConvAffine
 from tests.builders import run
 
 

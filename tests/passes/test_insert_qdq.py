@@ -4,11 +4,11 @@ import numpy as np
 import onnx
 import pytest
 
-from qinject import measure
 from qinject import quantize_onnx
-from qinject.errors import PlanError
-from qinject.numerics import sqnr_db
+from qinject.core.errors import PlanError
+from qinject.core.numerics import sqnr_db
 from qinject.plan import NodeQuant, Plan
+from qinject.runtime import measure
 from tests.builders import conv_net, dq_fed, matmul_net, run
 
 

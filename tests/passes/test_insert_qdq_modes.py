@@ -13,16 +13,17 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
-from qinject import ir as qir
-from qinject import measure, quantize_onnx
-from qinject.backends import onnx_backend
-from qinject.executor import Executor
-from qinject.frontends.onnx_frontend import load_onnx
-from qinject.numerics import sqnr_db
-from qinject.pass_manager import PassManager
 from qinject.passes import Calibrate, InsertQDQ, UpgradeOpset
+
+from qinject import quantize_onnx
+from qinject.backends import onnx_backend
+from qinject.core import ir as qir
+from qinject.core.numerics import sqnr_db
+from qinject.core.pass_manager import PassManager
+from qinject.frontends.onnx_frontend import load_onnx
 from qinject.plan import NodeQuant, Plan
+from qinject.runtime import measure
+from qinject.runtime.executor import Executor
 from tests.builders import conv_net, run
 
 K, H, N = 64, 48, 10  # H = 48 is not a multiple of the default block (32): a partial last block

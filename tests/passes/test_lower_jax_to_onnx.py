@@ -8,14 +8,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from jax import lax
-
-from qinject import ir as qir
-from qinject.errors import UnsupportedModelError
-from qinject.frontends.jax_frontend import trace_jax
 from qinject.passes import Calibrate, InsertQDQ
+from qinject.passes.transforms.lower_jax_to_onnx import LowerJaxToOnnx
+
 import qinject
-from qinject.api import export_onnx
-from qinject.passes.lower_jax_to_onnx import LowerJaxToOnnx
+from qinject.app.api import export_onnx
+from qinject.core import ir as qir
+from qinject.core.errors import UnsupportedModelError
+from qinject.frontends.jax_frontend import trace_jax
 from qinject.plan import Plan
 
 R = np.random.default_rng(0)

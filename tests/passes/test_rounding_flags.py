@@ -11,17 +11,17 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
+from qinject.passes import AdaRound, BiasCorrection, InsertQDQ
+from qinject.passes.rounding.adaround import APPLIED, FLOAT_WEIGHT, NOTES, weight_grid
 
 import qinject
-from qinject import numerics, op_facts
-from qinject import ir as qir
 from qinject.backends.jax_backend import Program
-from qinject.errors import QinjectError
-from qinject.evaluation import Executable
-from qinject.layer_data import layer_inputs, node_function
-from qinject.passes import AdaRound, BiasCorrection, InsertQDQ
-from qinject.passes.adaround import APPLIED, FLOAT_WEIGHT, NOTES, weight_grid
+from qinject.core import ir as qir
+from qinject.core import numerics, op_facts
+from qinject.core.errors import QinjectError
 from qinject.plan import NodeQuant, Plan
+from qinject.runtime.evaluation import Executable
+from qinject.runtime.layer_data import layer_inputs, node_function
 from tests.builders import CNN, conv_net
 
 W8_TENSOR = Plan(NodeQuant(weights=8, per_channel=False))

@@ -7,20 +7,20 @@ import itertools
 
 import numpy as np
 import pytest
+from qinject.passes.search.base import Evaluator, SearchSpace, last_passing
+from qinject.passes.search.ilp import Ilp, LatencyModel, adjacent_pairs
+from qinject.passes.search.pareto import pareto_front
+from qinject.passes.sensitivity.base import AnalysisData
 
 import qinject
-from qinject.api import SearchOptions
+from qinject.app.api import SearchOptions
 from qinject.backends import onnx_backend
-from qinject.evaluation import Accuracy, Budget, BudgetError, Fidelity
-from qinject import ir as qir
-from qinject import op_facts
+from qinject.core import ir as qir
+from qinject.core import op_facts
+from qinject.core.search_result import Trial
 from qinject.latency_table import Entry, LatencyTable
-from qinject.passes.search_ilp import Ilp, LatencyModel, adjacent_pairs
-from qinject.passes.search_pareto import pareto_front
-from qinject.search import Evaluator, SearchSpace, Trial, last_passing
-from qinject.sensitivity import AnalysisData
+from qinject.runtime.evaluation import Accuracy, Budget, BudgetError, Fidelity
 from tests.builders import CNN
-
 
 # A memory-bound target: time is bytes moved, so halving a node's weight bits always saves and the
 # orders hold every node (W4A8 runs int8 arithmetic; the shipped tables leave small layers bound by

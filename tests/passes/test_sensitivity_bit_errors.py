@@ -8,14 +8,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 from qinject.passes import Calibrate, FoldConstantWeights, FoldConvAffine, UpgradeOpset
-from qinject.passes.sensitivity_bit_errors import BitErrors, bernoulli_positions, flip_bits
-from qinject.passes.sensitivity_quant_error import QuantError
+from qinject.passes.sensitivity.base import EVALUATIONS, AnalysisData, signal_of
+from qinject.passes.sensitivity.bit_errors import BitErrors, bernoulli_positions, flip_bits
+from qinject.passes.sensitivity.quant_error import QuantError
 
 from qinject.backends import onnx_backend
-from qinject.errors import QinjectError
+from qinject.core.errors import QinjectError
+from qinject.core.pass_manager import PassManager
 from qinject.frontends.onnx_frontend import load_onnx
-from qinject.pass_manager import PassManager
-from qinject.sensitivity import EVALUATIONS, AnalysisData, signal_of
 from tests.builders import conv_net, matmul_net
 
 

@@ -10,15 +10,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from qinject.passes import Calibrate, FoldConstantWeights, FoldConvAffine, UpgradeOpset
-from qinject.passes.sensitivity_hessian import HessianTrace
+from qinject.passes.sensitivity.base import EVALUATIONS, AnalysisData, ranking, signal_of
+from qinject.passes.sensitivity.hessian import HessianTrace
 
-from qinject import op_facts
 from qinject.backends import onnx_backend
 from qinject.backends.jax_backend import to_jax_with_weights
+from qinject.core import op_facts
+from qinject.core.pass_manager import PassManager
 from qinject.frontends.jax_frontend import trace_jax
 from qinject.frontends.onnx_frontend import load_onnx
-from qinject.pass_manager import PassManager
-from qinject.sensitivity import EVALUATIONS, AnalysisData, ranking, signal_of
 from tests.builders import conv_net, matmul_net
 
 

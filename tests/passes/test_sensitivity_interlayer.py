@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from qinject.passes.sensitivity.base import signal_of
+from qinject.passes.sensitivity.interlayer import InterLayer, adjacent_pairs
+from qinject.passes.sensitivity.quant_error import QuantError
 
-from qinject.errors import QinjectError
-from qinject.passes.sensitivity_interlayer import InterLayer, adjacent_pairs
-from qinject.passes.sensitivity_quant_error import QuantError
-from qinject.sensitivity import signal_of
+from qinject.core.errors import QinjectError
 from tests.passes.sensitivity_fixtures import conv_case
 
 

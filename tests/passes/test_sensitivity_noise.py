@@ -8,14 +8,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from qinject.passes import Calibrate, FoldConstantWeights, FoldConvAffine, UpgradeOpset
-from qinject.passes.sensitivity_noise import NoiseInjection, activation_sigma, weight_sigma
+from qinject.passes.sensitivity.base import EVALUATIONS, AnalysisData, alone, ranking, signal_of
+from qinject.passes.sensitivity.noise import NoiseInjection, activation_sigma, weight_sigma
 
-from qinject import eval_worker
 from qinject.backends import onnx_backend
-from qinject.executor import Executor
+from qinject.core.pass_manager import PassManager
 from qinject.frontends.onnx_frontend import load_onnx
-from qinject.pass_manager import PassManager
-from qinject.sensitivity import EVALUATIONS, AnalysisData, alone, ranking, signal_of
+from qinject.runtime import eval_worker
+from qinject.runtime.executor import Executor
 from tests.builders import conv_net, matmul_net
 
 

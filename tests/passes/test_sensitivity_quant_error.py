@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from qinject.passes.sensitivity.base import EVALUATIONS, signal_of
+from qinject.passes.sensitivity.quant_error import QuantError, weight_error
 
-from qinject.passes.sensitivity_quant_error import QuantError, weight_error
-from qinject.sensitivity import EVALUATIONS, signal_of
 from tests.passes.sensitivity_fixtures import conv_case
 
 

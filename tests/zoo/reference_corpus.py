@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qinject.numerics import sqnr_db
+from qinject.core.numerics import sqnr_db
 
 SUITES = ("light", "simple", "pytorch-operator", "pytorch-converted")
 
@@ -120,7 +120,7 @@ def _sqnr(refs: list, outs: list) -> float:
 def run_case(case: Path, plan: object, bound_db: float) -> Outcome:
     import qinject
     from qinject.backends import onnx_backend
-    from qinject.errors import QinjectError
+    from qinject.core.errors import QinjectError
 
     name = f"{case.parent.name}/{case.stem if case.suffix == '.onnx' else case.name}"
     try:

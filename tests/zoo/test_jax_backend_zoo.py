@@ -16,8 +16,8 @@ import pytest
 
 from models.light_zoo import NAMES, materialize
 from qinject.backends.jax_backend import to_jax, to_jax_with_weights
+from qinject.core.numerics import sqnr_db
 from qinject.frontends.onnx_frontend import load_onnx
-from qinject.numerics import sqnr_db
 from tests.builders import run
 
 MIN_SQNR_DB = 80.0

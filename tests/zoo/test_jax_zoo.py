@@ -24,9 +24,9 @@ import pytest
 
 import qinject
 from models import zoo
-from qinject import ir as qir
 from qinject.backends import onnx_backend
-from qinject.numerics import sqnr_db
+from qinject.core import ir as qir
+from qinject.core.numerics import sqnr_db
 from qinject.plan import Plan
 
 BATCH = 64

@@ -25,7 +25,7 @@ import pytest
 
 from models.light_zoo import NAMES, materialize
 from qinject import quantize_onnx
-from qinject.numerics import sqnr_db
+from qinject.core.numerics import sqnr_db
 from qinject.plan import Plan
 from tests.builders import dq_fed
 

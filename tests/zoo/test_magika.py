@@ -14,8 +14,8 @@ pytest.importorskip("magika")
 
 import qinject  # noqa: E402
 from qinject.backends import onnx_backend  # noqa: E402
-from qinject.measure import predict, top1_agreement  # noqa: E402
 from qinject.plan import Plan  # noqa: E402
+from qinject.runtime.measure import predict, top1_agreement  # noqa: E402
 from tests.zoo.magika_data import magika_features, magika_model_path, real_files  # noqa: E402
 
 MIN_AGREEMENT = 0.97

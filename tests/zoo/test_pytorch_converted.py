@@ -18,7 +18,7 @@ import pytest
 from onnx import numpy_helper
 
 from qinject import quantize_onnx
-from qinject.numerics import sqnr_db
+from qinject.core.numerics import sqnr_db
 from qinject.plan import Plan
 from tests.builders import dq_fed, run
 

@@ -11,11 +11,12 @@ same most-sensitive node.
 from __future__ import annotations
 
 import pytest
+from qinject.passes.sensitivity import SIGNALS
+from qinject.passes.sensitivity.base import signal_of
 from scipy.stats import spearmanr
 
 import qinject
 from models import zoo
-from qinject.sensitivity import SIGNALS, signal_of
 
 METRICS = ("quant-error", "noise", "hessian", "interlayer", "bit-error")
 SAMPLES = 96

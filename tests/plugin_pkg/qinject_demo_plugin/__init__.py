@@ -7,9 +7,9 @@ produces, so ``importlib.metadata`` finds it as it finds any installed package.
 
 from __future__ import annotations
 
-from qinject.op_facts import OpFact
-from qinject.pass_manager import Pass, PassResult
-from qinject.registry import Option
+from qinject.compiler.registry import Option
+from qinject.core.op_facts import OpFact
+from qinject.core.pass_manager import Pass, PassResult
 
 
 class TagNodes(Pass):

@@ -1,0 +1,1 @@
+"""Rounding of low-bit weights on calibration data: AdaRound and bias correction."""

@@ -1,0 +1,150 @@
+"""Fit a plan to a target: each node in its fastest execution mode, and float where float is faster.
+
+An analysis run just before the rewrite, on the calibrated float graph, for a plain quantize (a
+search makes the same choices inside its own loop, see ``qinject.search``). Two steps, each priced
+by the whole plan's estimate on the target's latency table (``qinject.cost``), conversions included:
+
+1. with ``auto_mode``, a node may switch from static to the other mode of its width that the target
+   prices faster: dynamic at 8 bits, weight-only at 4 bits (``qinject.op_facts.modes``);
+2. a node running on an integer kernel (8-bit static, dynamic, weight-only MatMul/Gemm) that the
+   target prices faster in float goes float (two sweeps in graph order, a flip kept where it lowers
+   the estimate). Widths without such a kernel (4- or 16-bit static: dequantize + float on a CPU)
+   were asked for their size or accuracy, not their speed; they are kept, with a note when the
+   target prices them slower than float.
+
+Nodes the plan names are left as named; every change is said in a note on its node. The fitted plan
+is stored in the model's meta (``qinject.ir.CHOSEN_PLAN``), where the rewrite and the cost estimate
+read it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import onnx_ir as ir
+
+from qinject.core import ir as qir
+from qinject.core import op_facts
+from qinject.core.calib_data import QinjectWarning
+from qinject.core.errors import UnsupportedModelError
+from qinject.core.pass_manager import Pass, PassResult
+from qinject.core.plan import DYNAMIC, STATIC, WEIGHT_ONLY, NodeQuant, Plan
+from qinject.cost.estimate import estimate, priced_model
+from qinject.cost.latency_table import LatencyTable, load_target
+
+
+class FitTarget(Pass):
+    """Switch nodes to their fastest mode (``auto_mode``) and keep float those priced faster in float.
+
+    Options:
+        plan: the plan to fit.
+        target: a latency table, or a target name or path.
+        batch: the size given to a symbolic batch dimension.
+        auto_mode: also try each node's other mode at its width (dynamic, weight-only).
+    """
+
+    name = "fit-target"
+    analysis = True
+
+    def __init__(self, plan: Plan, target: LatencyTable | str, batch: int = 1, auto_mode: bool = False) -> None:
+        self.plan, self.batch, self.auto_mode = plan, batch, auto_mode
+        self.table = target if isinstance(target, LatencyTable) else load_target(target)
+
+    def call(self, model: ir.Model) -> PassResult:
+        try:
+            priced = priced_model(model, self.batch)
+        except UnsupportedModelError as exc:  # no shapes: nothing to price, the plan stays as given
+            warnings.warn(f"fitting the plan to {self.table.target} skipped: {exc}", QinjectWarning, stacklevel=2)
+            return PassResult(model, False)
+        fitter = _Fitter(priced, self.plan, self.table, self.batch)
+        if self.auto_mode:
+            fitter.fastest_modes()
+        fitter.float_where_faster()
+        for node in model.graph.all_nodes():
+            for note in fitter.notes.get(node.name, ()):
+                node.meta.setdefault(qir.QUANT_NOTES, []).append(note)
+        model.meta[qir.CHOSEN_PLAN] = Plan(self.plan.default, fitter.choices_differing())
+        return PassResult(model, False)
+
+
+class _Fitter:
+    def __init__(self, model: ir.Model, plan: Plan, table: LatencyTable, batch: int) -> None:
+        self.model, self.plan, self.table, self.batch = model, plan, table, batch
+        self.nodes = {n.name: n for n in qir.searchable_nodes(model)}
+        self.choices = {name: plan.choice(name) for name in self.nodes}
+        self.free = [name for name in self.nodes if name not in plan.nodes and self.choices[name] is not None]
+        self.notes: dict[str, list[str]] = {}
+        self.current = self._price(self.choices)
+
+    def _price(self, choices: dict[str, NodeQuant | None]) -> float:
+        return estimate(self.model, Plan(None, choices), self.table, self.batch, baselines=False).total_us
+
+    def _try(self, name: str, choice: NodeQuant | None) -> float | None:
+        """Adopt ``choice`` for ``name`` if it lowers the estimate; the time saved, else None."""
+        trial = {**self.choices, name: choice}
+        us = self._price(trial)
+        if us >= self.current:
+            return None
+        saved, self.choices, self.current = self.current - us, trial, us
+        return saved
+
+    def fastest_modes(self) -> None:
+        """Every node that has one switched to its other mode at once where that is cheaper (neighbours
+        in one mode share conversions, so single switches can miss it), then node by node either way."""
+        given = {name: self.choices[name] for name in self.free}
+        others = {name: other for name, c in given.items()
+                  if (other := _other_mode(c, op_facts.modes(self.nodes[name]))) is not None}
+        if not others:
+            return
+        together = {**self.choices, **others}
+        if (us := self._price(together)) < self.current:
+            self.choices, self.current = together, us
+        for name, other in others.items():
+            current = self.choices[name]
+            self._try(name, given[name] if current == other else other)
+        for name in others:
+            if self.choices[name] == others[name]:
+                self.notes.setdefault(name, []).append(
+                    f"runs {others[name].label}: {self.table.target} prices the plan faster than with "
+                    f"{given[name].label} here")
+
+    def float_where_faster(self) -> None:
+        for _ in range(2):
+            changed = False
+            for name in self.free:
+                choice = self.choices[name]
+                if choice is not None and _on_kernel(self.nodes[name], choice) and (
+                        saved := self._try(name, None)) is not None:
+                    changed = True
+                    self.notes[name] = []  # a mode it was switched to no longer applies
+                    self.notes[name].append(
+                        f"kept float: {self.table.target} prices it {saved:.1f} us faster in float than "
+                        f"{choice.label} (quantize anyway with --force or by naming it in the plan)")
+            if not changed:
+                break
+
+    def choices_differing(self) -> dict[str, NodeQuant | None]:
+        """The plan's own per-node choices, plus every node whose choice changed."""
+        out = dict(self.plan.nodes)
+        out.update({n: c for n, c in self.choices.items() if n in self.free and c != self.plan.choice(n)})
+        return out
+
+
+def _on_kernel(node: ir.Node, choice: NodeQuant) -> bool:
+    """Whether ``choice`` runs ``node`` on an integer kernel of onnxruntime's (not dequantize + float)."""
+    if choice.mode == STATIC:
+        return op_facts.runs_on_integer_kernel(node, choice.weights, choice.activations)
+    return choice.mode == DYNAMIC or op_facts.fact(node).dynamic  # weight-only MatMul/Gemm: MatMulNBits
+
+
+def _other_mode(choice: NodeQuant, modes: tuple[str, ...]) -> NodeQuant | None:
+    """The other mode of ``choice``'s width the node has: dynamic for W8A8, weight-only for 4-bit
+    weights (static choices only; a chosen mode is kept)."""
+    if choice.mode != STATIC:
+        return None
+    if choice.weights == 8 and choice.activations == 8 and DYNAMIC in modes:
+        return NodeQuant(mode=DYNAMIC, per_channel=choice.per_channel)
+    if choice.weights == 4 and WEIGHT_ONLY in modes:
+        return NodeQuant(weights=4, mode=WEIGHT_ONLY, weight_signed=choice.weight_signed,
+                         weight_symmetric=choice.weight_symmetric)
+    return None

@@ -1,0 +1,158 @@
+"""The built-in passes under their stable pipeline names, with typed options.
+
+A factory builds each pass from its options and the caller's ``Context`` (calibration and
+evaluation data, target); the pass classes themselves live in ``passes/``. Importing this module
+registers them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qinject.compiler.registry import Context, Option, register
+from qinject.core.pass_manager import Pass
+from qinject.core.plan import Plan
+from qinject.core.stats import METHODS
+from qinject.passes.rounding.adaround import AdaRound
+from qinject.passes.rounding.bias_correction import BiasCorrection
+from qinject.passes.search import SEARCH_PASSES, SEARCHES
+from qinject.passes.sensitivity import SIGNALS, signal_pass
+from qinject.passes.target.estimate_cost import EstimateCost
+from qinject.passes.target.fit_target import FitTarget
+from qinject.passes.transforms.calibrate import Calibrate
+from qinject.passes.transforms.fold_constants import FoldConstantWeights
+from qinject.passes.transforms.fold_conv_affine import FoldConvAffine
+from qinject.passes.transforms.insert_qdq import InsertQDQ
+from qinject.passes.transforms.lower_jax_to_onnx import LowerJaxToOnnx
+from qinject.passes.transforms.upgrade_opset import UpgradeOpset
+
+SIGNAL_NAMES = tuple(SIGNALS)
+SEARCH_NAMES = SEARCHES
+_METHOD = Option("method", str, "minmax", "how activation ranges are chosen", METHODS)
+
+
+def _calib(context: Context) -> object:
+    """Calibration data as whole arrays where the CLI offers them (built on first need), else as given."""
+    arrays = context.extra.get("calib_arrays", context.calib)
+    return arrays() if callable(arrays) else arrays
+
+
+@register("fold-constants", doc="""Fold the constant chains feeding quantizable nodes' weights and biases
+(Constant, Identity, Cast, Reshape, ConstantOfShape, ...), so the rewrite sees constant weights.""")
+def _fold_constants(context: Context, o: dict[str, Any]) -> Pass:
+
+    return FoldConstantWeights()
+
+
+@register("fold-conv-affine", doc="""Fold BatchNormalization, and Mul/Add by per-channel constants, after a
+Conv into the Conv, so the integer kernel computes what was quantized.""")
+def _fold_conv_affine(context: Context, o: dict[str, Any]) -> Pass:
+
+    return FoldConvAffine()
+
+
+@register("upgrade-opset", (Option("opset", int, 21, "the least default-domain opset"),),
+          doc="""Convert the model to at least this opset (per-axis Q/DQ needs 13; int4/int16 need 21).""")
+def _upgrade_opset(context: Context, o: dict[str, Any]) -> Pass:
+
+    return UpgradeOpset(o["opset"])
+
+
+@register("calibrate", (_METHOD, Option("batch-size", int, 16, "samples per run for a symbolic batch")),
+          doc="""Collect activation statistics (min/max and histograms) on the calibration data.""")
+def _calibrate(context: Context, o: dict[str, Any]) -> Pass:
+
+    return Calibrate(context.calib, method=o["method"], batch_size=o["batch-size"], progress=context.progress)
+
+
+@register("sensitivity", (Option("metric", str, "quant-error", "the signal", SIGNAL_NAMES),
+                          Option("seed", int, 0), Option("limit", int, 512, "at most this many samples")),
+          doc="""Annotate every quantizable node with a sensitivity signal per bit width, measured on the
+calibration data (see `qinject analyze`).""")
+def _sensitivity(context: Context, o: dict[str, Any]) -> Pass:
+
+    return signal_pass(o["metric"], _calib(context), seed=o["seed"], workers=context.workers,
+                       progress=context.progress, limit=o["limit"])
+
+
+@register("search", (Option("algo", str, "bisection", "the search", SEARCH_NAMES),
+                     Option("max-drop", str, "1%", "the budget: 1% relative, 0.5pt absolute points"),
+                     Option("signal", str, "quant-error", "the sensitivity the nodes are ranked by", SIGNAL_NAMES),
+                     Option("adaround", bool, False, "AdaRound 4-bit weights in the evaluations"),
+                     Option("bias-correction", bool, False, "correct 4-bit nodes' biases in the evaluations"),
+                     Option("limit", int, 2048, "at most this many evaluation samples")),
+          doc="""Choose 16/8/4 bits per node minimising the latency on the target within the accuracy budget
+on the evaluation data (the calibration data without --eval). Needs the `sensitivity` pass of the
+same signal before it; `insert-qdq` then applies the result.""")
+def _search(context: Context, o: dict[str, Any]) -> Pass:
+
+    data = _calib(context)
+    evaluation = context.eval_data if context.eval_data is not None else data
+    return SEARCH_PASSES[o["algo"]](evaluation, o["max-drop"], context.target, metric=context.metric,
+                                    signal=o["signal"], batch=context.latency_batch, workers=context.workers,
+                                    limit=o["limit"], adaround=o["adaround"], bias_correction=o["bias-correction"],
+                                    calib=data, progress=context.progress)
+
+
+@register("adaround", (Option("max-bits", int, 4, "round nodes with at most this many weight bits"),
+                       Option("per-tensor-max-bits", int, 8, "and per-tensor weights of at most this many bits"),
+                       Option("iterations", int, 500, "optimisation steps per layer")),
+          doc="""AdaRound the low-bit weights of the plan (the search's, else insert-qdq's uniform one is not
+known yet: give a search first).""")
+def _adaround(context: Context, o: dict[str, Any]) -> Pass:
+
+    return AdaRound(_calib(context), None, max_bits=o["max-bits"], per_tensor_max_bits=o["per-tensor-max-bits"],
+                    iterations=o["iterations"], progress=context.progress)
+
+
+@register("bias-correction", (Option("max-bits", int, 4, "correct nodes with at most this many weight bits"),
+                              Option("per-tensor-max-bits", int, 8,
+                                     "and per-tensor weights of at most this many bits")),
+          doc="""Subtract each low-bit node's mean output shift from its float bias (the search's plan).""")
+def _bias_correction(context: Context, o: dict[str, Any]) -> Pass:
+
+    return BiasCorrection(_calib(context), None, max_bits=o["max-bits"],
+                          per_tensor_max_bits=o["per-tensor-max-bits"])
+
+
+@register("estimate-cost", (Option("batch", int, 0, "batch for a symbolic batch dimension (0: --latency-batch)"),),
+          doc="""Estimate the latency of the plan about to be applied on the target (the search's plan).""")
+def _estimate_cost(context: Context, o: dict[str, Any]) -> Pass:
+
+    return EstimateCost(None, context.target, o["batch"] or context.latency_batch)
+
+
+@register("fit-target", (Option("weights", int, 8, "uniform weight bits"),
+                         Option("activations", int, 8, "uniform activation bits"),
+                         Option("per-channel", bool, True, "one weight scale per output channel"),
+                         Option("plan", str, "", "a plan file to fit instead"),
+                         Option("auto-mode", bool, False, "run each node in its fastest execution mode"),
+                         Option("batch", int, 0, "batch for a symbolic batch dimension (0: --latency-batch)")),
+          doc="""Fit the plan to the target: nodes it prices faster in float stay float, and with
+auto-mode each node runs in its fastest mode (static, dynamic, weight-only); insert-qdq applies it.""")
+def _fit_target(context: Context, o: dict[str, Any]) -> Pass:
+
+    plan = Plan.load(o["plan"]) if o["plan"] else Plan.uniform(o["weights"], o["activations"],
+                                                                per_channel=o["per-channel"])
+    return FitTarget(plan, context.target, o["batch"] or context.latency_batch, o["auto-mode"])
+
+
+@register("insert-qdq", (Option("weights", int, 8, "uniform weight bits when no search ran"),
+                         Option("activations", int, 8, "uniform activation bits when no search ran"),
+                         Option("per-channel", bool, True, "one weight scale per output channel"),
+                         Option("plan", str, "", "a plan file to apply instead"), _METHOD,
+                         Option("percentile", float, 99.99, "for method=percentile")),
+          doc="""Insert QuantizeLinear/DequantizeLinear: the search's plan if a search ran, else the plan
+file, else uniform weights/activations bits.""")
+def _insert_qdq(context: Context, o: dict[str, Any]) -> Pass:
+
+    plan = Plan.load(o["plan"]) if o["plan"] else None
+    fallback = Plan.uniform(o["weights"], o["activations"], per_channel=o["per-channel"])
+    return InsertQDQ(plan, method=o["method"], percentile=o["percentile"], fallback=fallback)
+
+
+@register("lower-jax-to-onnx", doc="""Replace every jax-domain node by standard ONNX ops (for graphs traced
+from JAX).""")
+def _lower(context: Context, o: dict[str, Any]) -> Pass:
+
+    return LowerJaxToOnnx()

@@ -1,0 +1,413 @@
+"""The one table of op facts, keyed by (domain, op_type).
+
+For each op: is it quantizable, which input is the activation, which the weight and the bias, the
+weight's output-channel axis, how to count its multiply-accumulates, and whether the Q/DQ of a
+quantized producer may move past it. Ops not listed here flow through every pass unchanged.
+
+Two domains: ONNX's default domain, and ``jax``, whose nodes stand for jaxpr equations (op_type is
+the primitive's name; the primitive and its parameters are kept in the node's ``meta`` under
+``JAX_EQN``). How each op runs in JAX lives with the JAX backend (``qinject.backends.jax_ops``),
+and how a jax primitive becomes ONNX with the lowering pass (``passes/lower_jax_to_onnx.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import onnx_ir as ir
+
+from qinject.core.errors import QinjectError
+
+ONNX = ""
+JAX = "jax"
+JAX_EQN = "qinject.jax.eqn"  # node meta key holding the JaxEqn of a jax-domain node
+
+
+@dataclass(frozen=True)
+class JaxEqn:
+    """What a ``jax``-domain node stands for: a primitive and its parameters, re-bound exactly."""
+
+    primitive: Any
+    params: dict[str, Any]
+
+
+def jax_params(node: ir.Node) -> dict[str, Any]:
+    """The jaxpr parameters of a jax-domain node (e.g. ``dimension_numbers``)."""
+    eqn = node.meta.get(JAX_EQN)
+    if eqn is None:
+        raise KeyError(f"jax node {node.name!r} ({node.op_type}) has lost its equation (meta {JAX_EQN!r})")
+    return eqn.params
+
+
+@dataclass(frozen=True)
+class OpFact:
+    """What the passes need to know about one op type.
+
+    Attributes:
+        quantizable: whether the op can run on integer operands (a weight and/or activations).
+        activation_inputs: indices of inputs that are activations to quantize (or a function of
+            the node, for ops whose weight may sit on either side, such as jax's dot_general).
+        weight_input: index of the constant weight input, a function of the node, or None.
+        bias_input: index of the optional bias (quantized to int32 with scale s_x * s_w).
+        channel_axis: the weight's output-channel axis, as a function of the node (attributes).
+        macs: multiply-accumulates of one execution, from shapes; None if shapes are unknown.
+        needs_quantized_output: onnxruntime fuses the op into an integer kernel only when its output
+            is quantized too (QLinearConv); Gemm and MatMul fuse with a float output (QGemm,
+            MatMulIntegerToFloat).
+        range_preserving: moves or selects values without changing their range (MaxPool, Reshape):
+            a Q/DQ after it may share the scale of the Q/DQ before it, letting onnxruntime run the
+            op on integers or drop it from the integer chain.
+        epilogue: whether this node, as the only consumer of a quantized node's output, belongs
+            to that node's output stage (a ReLU; in jax graphs also the bias add), so the output's
+            Q/DQ goes after it. A function of the consumer node.
+        zero_copy: only relabels its input (Reshape, Flatten, Squeeze): a runtime moves no bytes,
+            so a latency model charges it the fixed per-op overhead alone.
+        joins_integers: with every input quantized and its output read quantized, runs on the
+            integers (Concat: onnxruntime's QLinearConcat, whatever the inputs' scales).
+        float_reason: an op with weights that the Q/DQ rewrite leaves float, and why (said on the
+            node, so a user sees what stayed float).
+        slower_on_cpu: a function of the node giving why onnxruntime's CPU integer kernel for it is
+            slower than its float one (None: it is not). A plain quantize leaves such nodes float
+            unless forced, so the output is never slower than the float model for their sake.
+        dynamic: the op has a dynamic-quantization form (activations quantized at run time): MatMul
+            and Gemm with a constant weight, which onnxruntime fuses into DynamicQuantizeMatMul, and
+            jax's dot_general.
+        reduction_axis: the weight's reduction (input-channel) axis, as a function of the node:
+            weight-only blocks run along it (None: the op has no weight-only form).
+    """
+
+    quantizable: bool = False
+    activation_inputs: tuple[int, ...] | Callable[[ir.Node], tuple[int, ...]] = (0,)
+    weight_input: int | Callable[[ir.Node], int | None] | None = None
+    bias_input: int | None = None
+    channel_axis: Callable[[ir.Node], int | None] | None = None
+    macs: Callable[[ir.Node], int | None] | None = None
+    needs_quantized_output: bool = False
+    range_preserving: bool = False
+    epilogue: Callable[[ir.Node], bool] | None = None
+    zero_copy: bool = False
+    joins_integers: bool = False
+    float_reason: str | None = None
+    slower_on_cpu: Callable[[ir.Node], str | None] | None = None
+    dynamic: bool = False
+    reduction_axis: Callable[[ir.Node], int | None] | None = None
+
+
+def _dims(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.shape is None:
+        return None
+    dims = [d if isinstance(d, int) else None for d in value.shape]
+    return None if None in dims else dims
+
+
+def _conv_macs(node: ir.Node) -> int | None:
+    out, w = _dims(node.outputs[0]), _dims(node.inputs[1])
+    if out is None or w is None:
+        return None
+    # Each output element sums C_in/group * kernel products; the weight is [C_out, C_in/group, k...].
+    return math.prod(out) * math.prod(w[1:])
+
+
+def _conv_transpose_macs(node: ir.Node) -> int | None:
+    x, w = _dims(node.inputs[0]), _dims(node.inputs[1])
+    if x is None or w is None:
+        return None
+    # Every input element is scattered through a [C_out/group, k...] slice of the weight.
+    return math.prod(x) * math.prod(w[1:])
+
+
+def _matmul_macs(node: ir.Node) -> int | None:
+    a, out = _dims(node.inputs[0]), _dims(node.outputs[0])
+    if a is None or out is None:
+        return None
+    return math.prod(out) * a[-1]
+
+
+def _gemm_macs(node: ir.Node) -> int | None:
+    a, out = _dims(node.inputs[0]), _dims(node.outputs[0])
+    if a is None or out is None:
+        return None
+    k = a[0] if _attr_int(node, "transA", 0) else a[1]
+    return math.prod(out) * k
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else int(attr.value)
+
+
+def _is_const(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and not value.is_graph_input()
+
+
+# -- jax primitives -----------------------------------------------------------------------------------
+def _dot_weight(node: ir.Node) -> int | None:
+    """dot_general's weight is whichever operand is constant (x @ W or W @ x); rhs if both are."""
+    if _is_const(node.inputs[1]):
+        return 1
+    return 0 if _is_const(node.inputs[0]) else None
+
+
+def _dot_activations(node: ir.Node) -> tuple[int, ...]:
+    w = _dot_weight(node)
+    return (0, 1) if w is None else (1 - w,)
+
+
+def _dot_channel_axis(node: ir.Node) -> int | None:
+    """The weight's last free (neither contracting nor batch) dimension: an output channel, so a
+    per-channel scale along it factors out of the sum. None (per tensor) if it has no free dim."""
+    w = _dot_weight(node)
+    if w is None:
+        return None
+    (contract_l, contract_r), (batch_l, batch_r) = jax_params(node)["dimension_numbers"]
+    taken = set(contract_r if w == 1 else contract_l) | set(batch_r if w == 1 else batch_l)
+    free = [d for d in range(len(node.inputs[w].shape)) if d not in taken]
+    return free[-1] if free else None
+
+
+def _dot_macs(node: ir.Node) -> int | None:
+    lhs, out = _dims(node.inputs[0]), _dims(node.outputs[0])
+    if lhs is None or out is None:
+        return None
+    (contract_l, _), _ = jax_params(node)["dimension_numbers"]
+    return math.prod(out) * math.prod(lhs[d] for d in contract_l)
+
+
+def _dot_reduction_axis(node: ir.Node) -> int | None:
+    """The weight's last contracting dimension: weight-only blocks may run along any contracted
+    dimension (the weight is dequantized before the dot), and ONNX's block-wise DequantizeLinear
+    takes one axis. None when the weight contracts nothing (an outer product) or there is no weight."""
+    w = _dot_weight(node)
+    if w is None:
+        return None
+    contract = jax_params(node)["dimension_numbers"][0][w]
+    return max(contract) if contract else None
+
+
+def _conv_out_feature_axis(node: ir.Node) -> int:
+    return jax_params(node)["dimension_numbers"].rhs_spec[0]
+
+
+def _conv_in_feature_axis(node: ir.Node) -> int:
+    return jax_params(node)["dimension_numbers"].rhs_spec[1]
+
+
+def _jax_conv_macs(node: ir.Node) -> int | None:
+    out, w = _dims(node.outputs[0]), _dims(node.inputs[1])
+    if out is None or w is None:
+        return None
+    # Each output element sums (C_in / groups) * kernel products: the weight's size over C_out.
+    return math.prod(out) * math.prod(w) // w[_conv_out_feature_axis(node)]
+
+
+def _is_scalar_zero(value: ir.Value | None) -> bool:
+    if not _is_const(value):
+        return False
+    array = value.const_value.numpy()
+    return array.size == 1 and float(array.reshape(-1)[0]) == 0.0
+
+
+def _jax_relu(node: ir.Node) -> bool:
+    """``max(x, 0)``: jax.nn.relu as it appears in a jaxpr."""
+    return len(node.inputs) == 2 and any(_is_scalar_zero(v) for v in node.inputs)
+
+
+def _jax_bias_add(node: ir.Node) -> bool:
+    """``x + b`` with a constant b: the bias of the dot or convolution before it."""
+    return len(node.inputs) == 2 and _is_const(node.inputs[1]) and not _is_const(node.inputs[0])
+
+
+def _grouped_conv(node: ir.Node) -> str | None:
+    """Measured on this machine's onnxruntime (2 threads, batch 1): MobileNetV3-small 1.28x slower than
+    fp32 with its 11 depthwise convolutions quantized, 0.27x with them float; EfficientNet-B0 0.89x
+    against 0.73x (tools/bench_realworld.py, BENCHMARKS.md)."""
+    if _attr_int(node, "group", 1) == 1:
+        return None
+    return ("kept float: onnxruntime's CPU integer kernel for grouped/depthwise convolution is slower than "
+            "its float one (quantize anyway with --force)")
+
+
+OP_FACTS: dict[tuple[str, str], OpFact] = {
+    (ONNX, "Conv"): OpFact(True, (0,), 1, 2, lambda n: 0, _conv_macs, needs_quantized_output=True,
+                           slower_on_cpu=_grouped_conv, reduction_axis=lambda n: 1),
+    # ConvTranspose weights are [C_in, C_out/group, k...]: output channels live on axis 1.
+    (ONNX, "ConvTranspose"): OpFact(True, (0,), 1, 2, lambda n: 1, _conv_transpose_macs,
+                                    needs_quantized_output=True),
+    # Gemm computes A' @ B' + C; B is [K, N] or, with transB, [N, K].
+    (ONNX, "Gemm"): OpFact(True, (0,), 1, 2, lambda n: 0 if _attr_int(n, "transB", 0) else 1, _gemm_macs,
+                           dynamic=True, reduction_axis=lambda n: 1 if _attr_int(n, "transB", 0) else 0),
+    # MatMul's weight (when input 1 is constant) is [..., K, N]: output channels on the last axis.
+    (ONNX, "MatMul"): OpFact(True, (0,), 1, None, lambda n: len(n.inputs[1].shape) - 1, _matmul_macs,
+                             dynamic=True, reduction_axis=lambda n: len(n.inputs[1].shape) - 2),
+}
+for _op in ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout"):
+    OP_FACTS[(ONNX, _op)] = OpFact(range_preserving=True,
+                                   zero_copy=_op not in ("MaxPool", "Transpose"))
+for _op in ("Shape", "Constant", "Size"):
+    OP_FACTS[(ONNX, _op)] = OpFact(zero_copy=True)
+OP_FACTS[(ONNX, "Concat")] = OpFact(joins_integers=True)
+for _op in ("LSTM", "GRU", "RNN"):
+    OP_FACTS[(ONNX, _op)] = OpFact(float_reason=(
+        f"left float: onnxruntime has no Q/DQ integer kernel for {_op} (its integer recurrent kernel, "
+        "DynamicQuantizeLSTM, is reached only by dynamic quantization); the ops around it are quantized"))
+OP_FACTS[(ONNX, "Relu")] = OpFact(epilogue=lambda n: True)
+
+OP_FACTS.update({
+    (JAX, "dot_general"): OpFact(True, _dot_activations, _dot_weight, None, _dot_channel_axis, _dot_macs,
+                                 dynamic=True, reduction_axis=_dot_reduction_axis),
+    # Quantized output like ONNX Conv, so a JAX graph exported to ONNX fuses into QLinearConv.
+    (JAX, "conv_general_dilated"): OpFact(True, (0,), 1, None, _conv_out_feature_axis, _jax_conv_macs,
+                                          needs_quantized_output=True, reduction_axis=_conv_in_feature_axis),
+    (JAX, "max"): OpFact(epilogue=_jax_relu),
+    (JAX, "add"): OpFact(epilogue=_jax_bias_add),
+})
+for _op in ("reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim", "reduce_window_max",
+            "reduce_max", "copy", "copy_p"):
+    OP_FACTS[(JAX, _op)] = OpFact(range_preserving=True, zero_copy=_op in ("reshape", "squeeze", "expand_dims"))
+
+_PASSTHROUGH = OpFact()
+
+
+def fact(node: ir.Node) -> OpFact:
+    """The facts of ``node``'s op; ops not in the table get an inert entry. (Plugin op facts are
+    registered by the compiler layer, ``qinject.compiler.plugins.load``, before any pass runs.)"""
+    found = OP_FACTS.get((node.domain or ONNX, node.op_type))
+    return found if found is not None else _PASSTHROUGH
+
+
+
+def register_facts(facts: dict[tuple[str, str], OpFact]) -> None:
+    """Add op facts (a plugin's); an op already in the table cannot be redefined."""
+    clash = sorted(f"{d or ONNX}::{t}" for d, t in facts if (d or ONNX, t) in OP_FACTS)
+    if clash:
+        raise QinjectError(f"op facts for {clash} already exist; a plugin may add ops, not redefine them")
+    OP_FACTS.update({(d or ONNX, t): f for (d, t), f in facts.items()})
+
+
+def weight_index(node: ir.Node) -> int | None:
+    """Which input of ``node`` its op takes as the weight, if any."""
+    w = fact(node).weight_input
+    return w(node) if callable(w) else w
+
+
+def weight_of(node: ir.Node) -> ir.Value | None:
+    """The node's weight if it has one and it is a constant (an initializer), else None."""
+    idx = weight_index(node)
+    if idx is None or idx >= len(node.inputs):
+        return None
+    w = node.inputs[idx]
+    return w if _is_const(w) else None
+
+
+def _two_activations(node: ir.Node) -> bool:
+    """Activation x activation products (attention scores): both inputs are quantized."""
+    return (node.op_type == "MatMul" and node.domain in ("", "ai.onnx")) or (
+        node.domain == JAX and node.op_type == "dot_general")
+
+
+def is_quantizable(node: ir.Node) -> bool:
+    """Quantizable ops with a constant weight; MatMul / dot_general of two activations count too."""
+    if not fact(node).quantizable:
+        return False
+    return weight_of(node) is not None or _two_activations(node)
+
+
+def activation_inputs(node: ir.Node) -> list[int]:
+    """Indices of the node's inputs that are quantized as activations."""
+    f = fact(node)
+    idx = list(f.activation_inputs(node) if callable(f.activation_inputs) else f.activation_inputs)
+    if node.op_type == "MatMul" and weight_of(node) is None:
+        idx = [0, 1]  # activation x activation (attention scores)
+    return [i for i in idx if i < len(node.inputs) and node.inputs[i] is not None]
+
+
+def channel_axis(node: ir.Node) -> int | None:
+    """The weight's output-channel axis (None: the weight has none, quantize it per tensor)."""
+    f = fact(node)
+    if f.channel_axis is None:
+        raise KeyError(f"op {node.op_type!r} of node {node.name!r} has no weight channel axis in the op facts")
+    return f.channel_axis(node)
+
+
+def slower_on_cpu(node: ir.Node) -> str | None:
+    """Why onnxruntime's CPU integer kernel for ``node`` is slower than float, or None."""
+    check = fact(node).slower_on_cpu
+    return check(node) if check is not None else None
+
+
+def modes(node: ir.Node) -> tuple[str, ...]:
+    """The execution modes (``qinject.plan.MODES``) the rewrite can give ``node``: static for every
+    quantizable node; dynamic and weight-only where the op has those forms and a constant weight."""
+    if not is_quantizable(node):
+        return ()
+    f, has_weight = fact(node), weight_of(node) is not None
+    return ("static",) + (("dynamic",) if f.dynamic and has_weight else ()) + (
+        ("weight-only",) if has_weight and reduction_axis(node) is not None else ())  # an outer product has none
+
+
+def reduction_axis(node: ir.Node) -> int | None:
+    """The weight's reduction axis, along which weight-only blocks run (None: no weight-only form)."""
+    f = fact(node)
+    return f.reduction_axis(node) if f.reduction_axis is not None else None
+
+
+def runs_on_integer_kernel(node: ir.Node, weight_bits: int, activation_bits: int) -> bool:
+    """Whether onnxruntime runs ``node`` quantized at these widths as one integer kernel
+    (QLinearConv, QGemm, QLinearMatMul): 8-bit activations, and 8-bit weights if it has one. Its
+    4- and 16-bit forms run as dequantize + the float op."""
+    return activation_bits == 8 and (weight_bits == 8 or weight_of(node) is None)
+
+
+def needs_quantized_output(node: ir.Node) -> bool:
+    """Whether onnxruntime fuses ``node`` into an integer kernel only if its output is quantized:
+    Conv always (QLinearConv); Gemm/MatMul when a ReLU follows (fused with a float output they must
+    end at the op itself, so with a ReLU after them they would run in float)."""
+    if fact(node).needs_quantized_output:
+        return True
+    if node.op_type not in ("Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+        return False
+    uses = node.outputs[0].uses()
+    return len(uses) == 1 and is_epilogue(uses[0].node)
+
+
+def is_epilogue(node: ir.Node) -> bool:
+    """Whether ``node`` belongs to the output stage of the quantized op before it (see OpFact)."""
+    f = fact(node)
+    return f.epilogue is not None and f.epilogue(node)
+
+
+def macs(node: ir.Node) -> int | None:
+    f = fact(node)
+    return f.macs(node) if f.macs else None
+
+
+def latency_key(node: ir.Node) -> tuple[str, str] | None:
+    """The node's latency-table key without the bit widths: (op type, shape signature).
+
+    The signature lists the dims of the node's non-bias inputs, then ``->`` and its outputs' dims,
+    plus ``g<groups>`` for grouped convolutions (same shapes, other MACs):
+    ``Conv`` ``1x64x56x56;64x64x3x3->1x64x56x56``. None if a shape is not fully known.
+    """
+    f = fact(node)
+    parts = []
+    for i, value in enumerate(node.inputs):
+        if value is None or i == f.bias_input:
+            continue
+        dims = _dims(value)
+        if dims is None:
+            return None
+        parts.append("x".join(map(str, dims)) or "scalar")
+    outs = []
+    for value in node.outputs:
+        dims = _dims(value)
+        if dims is None:
+            return None
+        outs.append("x".join(map(str, dims)) or "scalar")
+    signature = ";".join(parts) + "->" + ";".join(outs)
+    group = _attr_int(node, "group", 1) if node.domain in ("", "ai.onnx") else 1
+    if node.domain == JAX and node.op_type == "conv_general_dilated":
+        group = jax_params(node)["feature_group_count"]
+    return node.op_type, signature + (f" g{group}" if group != 1 else "")

@@ -1,0 +1,428 @@
+"""Estimated latency of a graph under a plan on a target: per node, conversions, end to end.
+
+The estimate is made on the float graph (before the Q/DQ rewrite) from the plan alone, so it is
+cheap enough for a search to call for every candidate plan. It mirrors what the rewrite and
+onnxruntime do:
+
+- a quantized node costs its table entry at its (weight bits, activation bits), or the roofline
+  at its precision, moving its weight at the weight width, its inputs at the activation width and
+  its output at that width where the output stays quantized (a quantized node reads it, or the op's
+  integer kernel needs it: Conv), else in float;
+- every other node costs its float entry or the roofline (memory-bound; zero-copy ops such as
+  Reshape only the per-op overhead); range-preserving ops (MaxPool, Reshape) on an integer tensor
+  move it at that width, and so does a Concat of integer tensors read quantized (QLinearConcat);
+  an epilogue (the ReLU after a convolution, jax's bias add) runs inside the
+  kernel before it, float or integer, and costs nothing of its own;
+- a conversion (a QuantizeLinear, a DequantizeLinear, or a requantization between widths) is
+  charged wherever a tensor crosses from one precision region to another: where a quantized node
+  reads a tensor held at another width, and where a float node reads an integer tensor. One per
+  tensor and width, as the rewrite shares its Q/DQ pairs. No peer tool models this cost.
+
+Execution modes (``qinject.plan.MODES``) other than static read and write float: a dynamic node
+costs its int8 kernel plus the run-time quantization pass over its input; a weight-only MatMul/Gemm
+(onnxruntime's MatMulNBits) moves its packed weight and computes in float; other weight-only ops run
+the float op on a weight dequantized every run. Neither needs a conversion around it.
+
+Measured entries win over the roofline; every node's ``source`` says which one priced it, and why
+the roofline was used when the table is a measured one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from qinject.backends import onnx_backend
+from qinject.core import ir as qir
+from qinject.core import op_facts
+from qinject.core.calib_data import QinjectWarning, input_specs, random_arrays
+from qinject.core.errors import QinjectError
+from qinject.core.plan import DYNAMIC, STATIC, WEIGHT_ONLY, NodeQuant, Plan
+from qinject.core.quant_points import output_point
+from qinject.cost.latency_table import FLOAT_BITS, LatencyTable
+
+MEASURED = "measured"
+ROOFLINE = "roofline"
+MISSING = "roofline (shape not in the table)"
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """One node's estimated latency."""
+
+    node: str
+    op: str
+    weight_bits: int  # 32: float; 0: the op has no weight
+    activation_bits: int
+    latency_us: float
+    source: str
+    quantizable: bool = False
+    mode: str = STATIC
+    block_size: int = 0
+
+    @property
+    def label(self) -> str:
+        """"float", "8/8", "8/8 dynamic", "4 weight-only/32" (weight bits / activation bits)."""
+        if self.activation_bits == FLOAT_BITS and self.mode != WEIGHT_ONLY:
+            return "float"
+        if self.mode == WEIGHT_ONLY:
+            return f"{self.weight_bits} weight-only/{self.block_size}"
+        text = f"{_bits(self.weight_bits)}/{self.activation_bits}"
+        return text if self.mode == STATIC else f"{text} {self.mode}"
+
+
+@dataclass(frozen=True)
+class ConversionCost:
+    """A precision change of one tensor (QuantizeLinear, DequantizeLinear, or requantization)."""
+
+    tensor: str
+    from_bits: int
+    to_bits: int
+    elements: int
+    latency_us: float
+    source: str
+
+    @property
+    def op(self) -> str:
+        return "DequantizeLinear" if self.to_bits == FLOAT_BITS else "QuantizeLinear"
+
+
+@dataclass
+class CostReport:
+    """The estimate for one plan, with the float and uniform 16-bit baselines on the same target."""
+
+    target: str
+    nodes: list[NodeCost]
+    conversions: list[ConversionCost]
+    float_us: float = math.nan
+    sixteen_bit_us: float = math.nan
+    notes: list[str] = field(default_factory=list)
+
+    run_overhead_us: float = 0.0
+
+    @property
+    def total_us(self) -> float:
+        return sum(n.latency_us for n in self.nodes) + self.conversion_us + self.run_overhead_us
+
+    @property
+    def conversion_us(self) -> float:
+        return sum(c.latency_us for c in self.conversions)
+
+    @property
+    def saving_vs_float(self) -> float:
+        return 1.0 - self.total_us / self.float_us
+
+    @property
+    def saving_vs_16_bit(self) -> float:
+        return 1.0 - self.total_us / self.sixteen_bit_us
+
+    def share(self, cost: NodeCost | ConversionCost) -> float:
+        return cost.latency_us / self.total_us if self.total_us else 0.0
+
+
+def estimate(model: ir.Model, plan: Plan, table: LatencyTable, batch: int = 1, baselines: bool = True
+             ) -> CostReport:
+    """Estimate ``model`` quantized by ``plan`` on ``table``'s target.
+
+    Args:
+        model: the float IR model (constants folded as the quantize pipeline folds them).
+        plan: per-node choices.
+        table: the target's latency table.
+        batch: the size given to a symbolic batch dimension.
+        baselines: also estimate the float and uniform W16A16 plans (for the savings).
+    """
+    model = priced_model(model, batch)
+    report = _Estimator(model, plan, table).run()
+    if baselines:
+        report.float_us = _Estimator(model, Plan(None), table).run().total_us
+        report.sixteen_bit_us = _Estimator(model, Plan.uniform(16, 16), table).run().total_us
+    return report
+
+
+_OBSERVED = "qinject.cost.shapes_observed"  # model meta: the float run that fills unknown shapes was made
+
+
+def priced_model(model: ir.Model, batch: int) -> ir.Model:
+    """``model`` at concrete shapes (``qir.with_batch``), and where onnx's shape inference stops (a
+    Slice ended by an input's Shape: TorchScript BERT's position ids), the shapes one float run on
+    random inputs of those shapes gives: otherwise every node after it has no MACs and no latency key.
+    Returns a copy when shapes are filled in; the model itself when nothing is missing."""
+    priced = qir.with_batch(model, batch)
+    if priced.meta.get(_OBSERVED) or qir.has_jax_nodes(priced) or all(
+            op_facts.latency_key(n) is not None for n in qir.quantizable_nodes(priced)):
+        return priced
+    priced.meta[_OBSERVED] = True  # one float run per priced model, whatever it finds
+    try:
+        values = onnx_backend.all_values(priced, random_arrays(input_specs(priced), 1, seed=0))
+    except QinjectError as exc:
+        warnings.warn(f"latency estimate: some shapes are unknown and a float run to find them failed ({exc})",
+                      QinjectWarning, stacklevel=2)
+        return priced
+    if priced is model:
+        priced = model.clone()
+    for node in priced.graph:
+        for value in node.outputs:
+            if not _concrete(value) and value.name in values:
+                value.shape = ir.Shape(values[value.name].shape)
+    return priced
+
+
+def _concrete(value: ir.Value) -> bool:
+    return value.shape is not None and all(isinstance(d, int) for d in value.shape)
+
+
+class _Estimator:
+    def __init__(self, model: ir.Model, plan: Plan, table: LatencyTable) -> None:
+        self.graph, self.plan, self.table = model.graph, plan, table
+        # An accelerator (an analytic table) has units for each precision it lists, so every quantized
+        # node keeps its output at its width; onnxruntime on a CPU (a measured table) has integer
+        # kernels for 8 bits only, and the rewrite quantizes outputs accordingly.
+        self.native = table.kind == "analytic"
+        self.choices: dict[str, NodeQuant] = {}
+        # Nodes inside If/Loop/Scan bodies are priced once each (one pass of a body, both branches).
+        for node in qir.searchable_nodes(model):
+            choice = plan.choice(node.name)
+            # a mode the op lacks leaves the node float in the rewrite (insert_qdq_modes.refusal)
+            if choice is not None and (choice.mode == STATIC or choice.mode in op_facts.modes(node)):
+                self.choices[node.name] = choice
+        self.bits = self._integer_tensors()
+        self.fused = self._fused_epilogues(model)
+
+    def run(self) -> CostReport:
+        report = CostReport(self.table.target, [], [], run_overhead_us=self.table.roofline.run_overhead_us)
+        for node in self.graph.all_nodes():
+            report.nodes.append(self._node(node))
+        report.conversions = self._conversions()
+        return report
+
+    @staticmethod
+    def _fused_epilogues(model: ir.Model) -> dict[str, str]:
+        """Epilogue node -> the dot/convolution it runs inside (Conv + Relu is one kernel, float or
+        integer; jax's bias add too)."""
+        fused = {}
+        for node in qir.quantizable_nodes(model):
+            value = node.outputs[0]
+            while len(value.uses()) == 1 and not value.is_graph_output():
+                consumer = value.uses()[0].node
+                if not op_facts.is_epilogue(consumer):
+                    break
+                fused[consumer.name] = node.name
+                value = consumer.outputs[0]
+        return fused
+
+    # -- which tensors are held as integers --------------------------------------------------------------
+    def _integer_tensors(self) -> dict[str, int]:
+        """Tensor name -> the activation width it is held at, for the quantized outputs and what
+        range-preserving ops carry on from them (the rest is float)."""
+        bits: dict[str, int] = {}
+        for node in self.graph:
+            choice = self.choices.get(node.name)
+            if choice is not None and choice.quantizes_activations:
+                out = output_point(node)
+                kernel = self.native or op_facts.runs_on_integer_kernel(node, choice.weights, choice.activations)
+                if not out.is_graph_output() and ((kernel and op_facts.needs_quantized_output(node))
+                                                  or self._read_quantized(out, kernel)):
+                    bits[out.name] = choice.activations
+            elif choice is not None:
+                pass  # dynamic / weight-only: float in, float out
+            elif op_facts.fact(node).range_preserving and node.inputs and node.inputs[0] is not None:
+                if node.inputs[0].name in bits:
+                    bits[node.outputs[0].name] = bits[node.inputs[0].name]
+            elif self._joins_integers(node, bits):
+                bits[node.outputs[0].name] = bits[node.inputs[0].name]
+        return bits
+
+    def _joins_integers(self, node: ir.Node, bits: dict[str, int]) -> bool:
+        """A Concat of tensors all held at one integer width, read quantized: onnxruntime runs it on
+        the integers (QLinearConcat), with no conversion of its inputs or output."""
+        if not op_facts.fact(node).joins_integers:
+            return False
+        widths = {bits.get(v.name) for v in node.inputs if v is not None and v.const_value is None}
+        return len(widths) == 1 and None not in widths and self._read_quantized(node.outputs[0])
+
+    def _read_quantized(self, value: ir.Value, through_range_preserving: bool = True) -> bool:
+        """As the rewrite decides: a quantized node reads it, directly or (after an integer kernel)
+        through range-preserving ops."""
+        for use in value.uses():
+            choice = self.choices.get(use.node.name)
+            if choice is not None and choice.quantizes_activations and use.idx in op_facts.activation_inputs(use.node):
+                return True
+            if (through_range_preserving and op_facts.fact(use.node).range_preserving and use.idx == 0
+                    and self._read_quantized(use.node.outputs[0])):
+                return True
+        return False
+
+    # -- nodes ---------------------------------------------------------------------------------------------
+    def _node(self, node: ir.Node) -> NodeCost:
+        if node.name in self.fused:
+            return NodeCost(node.name, node.op_type, 0, 0, 0.0, f"fused into {self.fused[node.name]}")
+        key = op_facts.latency_key(node)
+        choice = self.choices.get(node.name)
+        quantizable = op_facts.is_quantizable(node)
+        if choice is not None and choice.mode != STATIC:
+            return self._moded(node, choice, key, quantizable)
+        if choice is not None:
+            w_bits = choice.weights if op_facts.weight_of(node) is not None else choice.activations
+            a_bits = choice.activations
+        elif not quantizable and node.outputs and node.outputs[0].name in self.bits:
+            w_bits, a_bits = 0, self.bits[node.outputs[0].name]  # a range-preserving op on integers
+        else:
+            w_bits = a_bits = FLOAT_BITS
+        measured = self.table.lookup(*key, w_bits, a_bits) if key else None
+        if measured is not None:
+            return NodeCost(node.name, node.op_type, w_bits, a_bits, measured, MEASURED, quantizable)
+        source = MISSING if self.table.kind == "measured" else ROOFLINE
+        if choice is not None and not self.native and not op_facts.runs_on_integer_kernel(node, w_bits, a_bits):
+            # onnxruntime's CPU has no integer kernel at these widths: it dequantizes and runs the float op
+            return NodeCost(node.name, node.op_type, w_bits, a_bits, self._dequantized_float(node, w_bits), source,
+                            quantizable)
+        return NodeCost(node.name, node.op_type, w_bits, a_bits, self._roofline(node, choice, a_bits), source,
+                        quantizable)
+
+    def _moded(self, node: ir.Node, choice: NodeQuant, key: tuple[str, str] | None, quantizable: bool
+               ) -> NodeCost:
+        """A dynamic or weight-only node: its measured entry, else the roofline of what runs."""
+        a_bits = choice.activations if choice.mode == DYNAMIC else FLOAT_BITS
+        made = dict(op=node.op_type, weight_bits=choice.weights, activation_bits=a_bits, quantizable=quantizable,
+                    mode=choice.mode, block_size=choice.block_size if choice.mode == WEIGHT_ONLY else 0)
+        measured = self.table.lookup(*key, choice.weights, a_bits, choice.mode) if key else None
+        if measured is not None:
+            return NodeCost(node.name, latency_us=measured, source=MEASURED, **made)
+        source = MISSING if self.table.kind == "measured" else ROOFLINE
+        roofline, macs, weight = self.table.roofline, op_facts.macs(node) or 0, op_facts.weight_of(node)
+        inputs = sum(_elements(node.inputs[i]) for i in op_facts.activation_inputs(node))
+        out_bytes = _elements(node.outputs[0]) * _bytes(FLOAT_BITS)
+        fp32 = _float_precision(roofline)
+        if choice.mode == DYNAMIC:
+            # the int8 kernel, then the pass that finds the input's range and quantizes it
+            us = roofline.node_us(macs, _elements(weight) * _bytes(8) + inputs + out_bytes,
+                                  roofline.precision(8, 8))
+            us += inputs * (_bytes(FLOAT_BITS) + _bytes(8)) / roofline.memory_bytes_per_s * 1e6
+        elif op_facts.fact(node).dynamic and not self._read_quantized(node.outputs[0], False):
+            # weight-only MatMul/Gemm: MatMulNBits unpacks blocks in its kernel (onnxruntime does not
+            # fuse it when a static node reads its output directly: then dequantize + float)
+            packed = _elements(weight) * (_bytes(choice.weights) + _bytes(FLOAT_BITS) / choice.block_size)
+            us = roofline.node_us(macs, packed + inputs * _bytes(FLOAT_BITS) + out_bytes, fp32)
+        else:
+            us = self._dequantized_float(node, choice.weights)
+        return NodeCost(node.name, latency_us=us, source=source, **made)
+
+    def _dequantized_float(self, node: ir.Node, w_bits: int) -> float:
+        """The float op's price (as measured, else its roofline) plus dequantizing its weight."""
+        key = op_facts.latency_key(node)
+        measured = self.table.lookup(*key, FLOAT_BITS, FLOAT_BITS) if key else None
+        us = measured if measured is not None else self._roofline(node, None, FLOAT_BITS)
+        weight = op_facts.weight_of(node)
+        if weight is not None:
+            roofline = self.table.roofline
+            us += roofline.node_us(0, _elements(weight) * (_bytes(w_bits) + _bytes(FLOAT_BITS)),
+                                   _float_precision(roofline))
+        return us
+
+    def _roofline(self, node: ir.Node, choice: NodeQuant | None, a_bits: int) -> float:
+        roofline = self.table.roofline
+        if op_facts.fact(node).zero_copy:
+            return roofline.op_overhead_us
+        macs = op_facts.macs(node) or 0
+        if choice is None:
+            moved = sum(_elements(v) * _bytes(self.bits.get(v.name, FLOAT_BITS)) for v in node.inputs if v)
+            moved += sum(_elements(v) * _bytes(self.bits.get(v.name, a_bits)) for v in node.outputs)
+            return roofline.node_us(macs, moved, roofline.precision(a_bits, a_bits))
+        weight = op_facts.weight_of(node)
+        w_bits = choice.weights if weight is not None else choice.activations
+        moved = _elements(weight) * _bytes(w_bits) if weight is not None else 0.0
+        moved += sum(_elements(node.inputs[i]) * _bytes(choice.activations)
+                     for i in op_facts.activation_inputs(node))
+        out = output_point(node)
+        moved += _elements(node.outputs[0]) * _bytes(self.bits.get(out.name, FLOAT_BITS))
+        return roofline.node_us(macs, moved, roofline.precision(w_bits, choice.activations))
+
+    # -- conversions -----------------------------------------------------------------------------------------
+    def _conversions(self) -> list[ConversionCost]:
+        wanted: dict[tuple[str, int], tuple[ir.Value, int]] = {}
+        for node in self.graph.all_nodes():  # body nodes keep float outputs: only their inputs convert
+            choice = self.choices.get(node.name)
+            for i, value in enumerate(node.inputs):
+                if value is None or value.const_value is not None:
+                    continue
+                have = self.bits.get(value.name, FLOAT_BITS)
+                if choice is not None and choice.quantizes_activations and i in op_facts.activation_inputs(node):
+                    want = choice.activations
+                elif choice is None and op_facts.fact(node).range_preserving and i == 0:
+                    continue  # carried on at the same width
+                elif choice is None and node.outputs[0].name in self.bits and op_facts.fact(node).joins_integers:
+                    continue  # joined on the integers
+                else:
+                    want = FLOAT_BITS  # a float op reads it
+                if have != want:
+                    wanted.setdefault((value.name, want), (value, have))
+        for out in self.graph.outputs:
+            have = self.bits.get(out.name, FLOAT_BITS)
+            if have != FLOAT_BITS:
+                wanted.setdefault((out.name, FLOAT_BITS), (out, have))
+        return [self._conversion(value, have, want) for (_, want), (value, have) in wanted.items()]
+
+    def _conversion(self, value: ir.Value, have: int, want: int) -> ConversionCost:
+        elements = _elements(value)
+        op = "DequantizeLinear" if want == FLOAT_BITS else "QuantizeLinear"
+        narrow = want if op == "QuantizeLinear" else have
+        measured = self.table.lookup(op, f"x{elements}", 0, narrow)
+        if measured is not None:
+            return ConversionCost(value.name, have, want, elements, measured, MEASURED)
+        roofline = self.table.roofline
+        us = roofline.node_us(0, elements * (_bytes(have) + _bytes(want)), _float_precision(roofline))
+        return ConversionCost(value.name, have, want, elements, us,
+                              MISSING if self.table.kind == "measured" else ROOFLINE)
+
+
+def _float_precision(roofline) -> str:
+    return "fp32" if "fp32" in roofline.peak_ops_per_s else next(iter(roofline.peak_ops_per_s))
+
+
+def _elements(value: ir.Value | None) -> int:
+    if value is None or value.shape is None:
+        return 0
+    return math.prod(d if isinstance(d, int) else 1 for d in value.shape)
+
+
+def _bytes(bits: int) -> float:
+    return bits / 8.0
+
+
+def format_report(report: CostReport, top: int | None = None) -> str:
+    """The per-node breakdown as a text table, then the totals and savings."""
+    rows = sorted(report.nodes, key=lambda n: -n.latency_us)
+    shown = rows if top is None else rows[:top]
+    lines = [f"{'node':<28} {'op':<22} {'bits w/a':>9} {'latency us':>11} {'share':>6}  source"]
+    for n in shown:
+        bits = "" if n.source.startswith("fused") else n.label
+        lines.append(f"{n.node[:28]:<28} {n.op[:22]:<22} {bits:>9} {n.latency_us:>11.2f} "
+                     f"{report.share(n):>6.1%}  {n.source}")
+    if len(rows) > len(shown):
+        rest = sum(n.latency_us for n in rows[len(shown):])
+        lines.append(f"{'(' + str(len(rows) - len(shown)) + ' more nodes)':<61} {rest:>11.2f} "
+                     f"{rest / report.total_us if report.total_us else 0:>6.1%}")
+    if report.conversions:
+        lines.append(f"{'conversions (' + str(len(report.conversions)) + ' Q/DQ)':<61} {report.conversion_us:>11.2f} "
+                     f"{report.conversion_us / report.total_us if report.total_us else 0:>6.1%}")
+    if report.run_overhead_us:
+        lines.append(f"{'per-run overhead':<61} {report.run_overhead_us:>11.2f} "
+                     f"{report.run_overhead_us / report.total_us:>6.1%}")
+    lines.append("")
+    lines.append(f"estimated latency on {report.target}: {report.total_us / 1e3:.3f} ms")
+    if not math.isnan(report.float_us):
+        lines.append(f"  float baseline   {report.float_us / 1e3:.3f} ms  (saving {report.saving_vs_float:+.1%})")
+    if not math.isnan(report.sixteen_bit_us):
+        lines.append(f"  W16A16 baseline  {report.sixteen_bit_us / 1e3:.3f} ms  (saving {report.saving_vs_16_bit:+.1%})")
+    missing = sum(1 for n in report.nodes if n.source == MISSING)
+    if missing:
+        lines.append(f"  {missing} node(s) priced by the roofline: their shapes are not in the table "
+                     "(profile this model with `qinject profile`)")
+    return "\n".join(lines)
+
+
+def _bits(bits: int) -> str:
+    return "-" if bits == 0 else "f" if bits == FLOAT_BITS else str(bits)

@@ -1,0 +1,194 @@
+"""Every model evaluation of an analysis or a search goes through one ``Executor``, which counts them.
+
+An evaluation runs a *variant* of the calibrated float model (the model quantized by a plan, or
+with one weight perturbed) on the evaluation inputs and returns its first output. Variants are
+serialised to ONNX (a JAX-sourced graph is lowered first) and run by onnxruntime, one thread each,
+in a local process pool (``workers`` processes, default: every core), so a batch of variants uses
+both cores of this machine. Results do not depend on the number of workers or on which worker ran
+a variant: each variant runs whole in one single-threaded session. The workers are plain scripts
+(``qinject/eval_worker.py``) fed through pipes, not ``multiprocessing`` processes: spawn would
+re-import the caller's main module (scripts without a ``__main__`` guard would recurse) and fork is
+unsafe after JAX has started its threads.
+
+Typical use::
+
+    with Executor(calibrated_model, inputs) as ex:
+        reference = ex.reference()                     # the float model's outputs
+        outs = ex.run([ex.quantized(plan_a), ex.quantized(plan_b)])
+        print(ex.count)                                # 3 model evaluations
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import queue
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from qinject.backends import onnx_backend
+from qinject.core import ir as qir
+from qinject.core.errors import QinjectError
+from qinject.core.plan import Plan
+from qinject.passes.transforms.insert_qdq import InsertQDQ
+from qinject.passes.transforms.lower_jax_to_onnx import LowerJaxToOnnx
+from qinject.runtime import eval_worker
+
+
+class Executor:
+    """Runs model variants on fixed inputs and counts the evaluations.
+
+    Args:
+        model: the calibrated float IR model (calibration statistics in ``meta``).
+        inputs: the evaluation inputs, keyed by graph input name (first axis = samples).
+        workers: processes in the pool (default: the machine's cores); 1 runs in this process.
+        method, percentile: how activation ranges are chosen when a plan is applied.
+    """
+
+    def __init__(self, model: ir.Model, inputs: dict[str, np.ndarray], workers: int | None = None,
+                 method: str = "minmax", percentile: float = 99.99) -> None:
+        self.model, self.inputs = model, {k: np.require(v, requirements="C") for k, v in inputs.items()}
+        self.workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+        self.method, self.percentile = method, percentile
+        self.count = 0
+        self._pool: _WorkerPool | None = None
+        self._reference: np.ndarray | None = None
+        missing = [v.name for v in model.graph.inputs if v.name not in self.inputs]
+        if missing:
+            raise QinjectError(f"evaluation data lacks model input(s) {missing} (it has {sorted(self.inputs)})")
+
+    # -- variants -----------------------------------------------------------------------------------------
+    def quantized(self, plan: Plan, weights: dict[str, np.ndarray] | None = None) -> ir.Model:
+        """The model quantized by ``plan`` with its calibrated ranges (a copy; the model is untouched),
+        initializers named in ``weights`` replaced first."""
+
+        variant = self.model.clone()
+        for name, array in (weights or {}).items():
+            value = variant.graph.initializers[name]
+            value.const_value = ir.tensor(np.ascontiguousarray(array), name=name)
+        InsertQDQ(plan, method=self.method, percentile=self.percentile)(variant)
+        return variant
+
+    def with_weight(self, name: str, array: np.ndarray) -> ir.Model:
+        """The float model with initializer ``name`` replaced by ``array`` (a copy)."""
+        variant = self.model.clone()
+        value = variant.graph.initializers[name]
+        value.const_value = ir.tensor(np.ascontiguousarray(array, dtype=value.const_value.numpy().dtype), name=name)
+        return variant
+
+    # -- running ------------------------------------------------------------------------------------------
+    def reference(self) -> np.ndarray:
+        """The float model's outputs (evaluated once, then cached)."""
+        if self._reference is None:
+            (self._reference,) = self.run([self.model])
+        return self._reference
+
+    def run(self, variants: Iterable[ir.Model], progress: str | bool | None = None, total: int | None = None
+            ) -> list[np.ndarray]:
+        """Each variant's first output on the evaluation inputs, in order. Variants may be a lazy
+        iterable (built while earlier ones run); ``progress`` names a progress bar."""
+        variants = iter(variants)
+        outputs: list[np.ndarray] = []
+        with tqdm(total=total, desc=progress or None, unit="eval", disable=None if progress else True,
+                  leave=False) as bar:
+            while batch := [_serialise(v) for v in itertools.islice(variants, 2 * self.workers)]:
+                outputs.extend(self._run_blobs(batch))
+                bar.update(len(batch))
+        return outputs
+
+    def _run_blobs(self, blobs: list[bytes]) -> list[np.ndarray]:
+        self.count += len(blobs)
+        if self.workers == 1 or len(blobs) == 1:
+            return [eval_worker.run_model(b, self.inputs) for b in blobs]
+        if self._pool is None:
+            self._pool = _WorkerPool(self.workers, self.inputs)
+        return self._pool.map(blobs)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# Runs the worker script without putting its folder (qinject/, whose inspect.py would shadow the
+# standard library's) or the working directory on sys.path.
+_LAUNCH = ("import runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+           "runpy.run_path(sys.argv[1], run_name='__main__')")
+
+
+class _WorkerPool:
+    """``n`` worker processes; each request goes to whichever is free."""
+
+    def __init__(self, n: int, inputs: dict[str, np.ndarray]) -> None:
+        self.procs = []
+        for _ in range(n):
+            proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, eval_worker.__file__], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE)
+            pickle.dump(inputs, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.flush()
+            self.procs.append(proc)
+        self.free: queue.Queue = queue.Queue()
+        for proc in self.procs:
+            self.free.put(proc)
+        self.threads = ThreadPoolExecutor(n)
+
+    def map(self, blobs: Sequence[bytes]) -> list[np.ndarray]:
+        return list(self.threads.map(self._call, blobs))
+
+    def _call(self, blob: bytes) -> np.ndarray:
+        proc = self.free.get()
+        try:
+            pickle.dump(blob, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.flush()
+            status, payload = pickle.load(proc.stdout)
+        except (EOFError, BrokenPipeError) as exc:
+            raise QinjectError(f"an evaluation worker died ({type(exc).__name__})") from None
+        finally:
+            self.free.put(proc)
+        if status != "ok":
+            raise QinjectError(f"onnxruntime could not run a model variant: {payload}")
+        return payload
+
+    def close(self) -> None:
+        self.threads.shutdown()
+        for proc in self.procs:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+            proc.stdout.close()
+
+
+def as_onnx(model: ir.Model) -> ir.Model:
+    """The model with only ONNX ops (a JAX-sourced graph is lowered on a clone)."""
+    if qir.has_jax_nodes(model):
+
+        return LowerJaxToOnnx()(model.clone()).model
+    return model
+
+
+def _serialise(model: ir.Model) -> bytes:
+
+    model = as_onnx(model)
+    # Worker sessions load from bytes, with no folder for external data to be found in: embed it.
+    external = {name: v.const_value for name, v in model.graph.initializers.items()
+                if isinstance(v.const_value, ir.ExternalTensor)}
+    try:
+        for name, tensor in external.items():
+            model.graph.initializers[name].const_value = ir.tensor(tensor.numpy(), name=name)
+        return onnx_backend.to_proto(model).SerializeToString()
+    finally:
+        for name, tensor in external.items():
+            model.graph.initializers[name].const_value = tensor

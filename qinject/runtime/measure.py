@@ -1,0 +1,84 @@
+"""Measurements on real executions: latency, accuracy, fidelity, and which integer kernels ran."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from qinject.backends import onnx_backend
+from qinject.core.calib_data import rows, take
+from qinject.core.numerics import sqnr_db
+
+# onnxruntime's CPU integer kernels that a fused Q/DQ group becomes.
+INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm",
+                             "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearAdd",
+                             "QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool"})
+
+
+def fused_kernels(model_path: str | Path) -> Counter:
+    """Op types of onnxruntime's optimised graph for a model file (what actually runs on the CPU)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        onnx_backend.session(model_path, onnx_backend.session_options(optimized_path=str(optimized)))
+        proto = onnx.load(str(optimized), load_external_data=False)
+    return Counter(n.op_type for n in proto.graph.node)
+
+
+def latency_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], warmup: int = 5,
+               repeats: int = 30) -> float:
+    """Median wall time of one run, in milliseconds."""
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def predict(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], batch: int = 256) -> np.ndarray:
+    """First output of the model over all samples, batched."""
+    outs = [sess.run(None, take(inputs, slice(i, i + batch)))[0] for i in range(0, rows(inputs), batch)]
+    return np.concatenate(outs)
+
+
+def compare_latency(float_path: str | Path, quantized_path: str | Path, feeds: dict[str, np.ndarray],
+                    budget_s: float = 3.0) -> tuple[float, float]:
+    """Median latency (ms) of the float and the quantized model on ``feeds``, runs interleaved so that
+    drift on a shared machine hits both alike; about ``budget_s`` seconds in all."""
+    sessions = [onnx_backend.session(p) for p in (float_path, quantized_path)]
+    names = [{i.name for i in s.get_inputs()} for s in sessions]
+    feeds = [{k: v for k, v in feeds.items() if k in n} for n in names]
+    first = []
+    for sess, feed in zip(sessions, feeds):  # warm-up, and the time one run takes
+        sess.run(None, feed)
+        start = time.perf_counter()
+        sess.run(None, feed)
+        first.append(time.perf_counter() - start)
+    repeats = int(min(50, max(5, budget_s / max(sum(first), 1e-6))))
+    times: list[list[float]] = [[], []]
+    for _ in range(repeats):
+        for i, (sess, feed) in enumerate(zip(sessions, feeds)):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times[i].append(time.perf_counter() - start)
+    return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
+
+
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
+
+
+__all__ = ["INTEGER_KERNELS", "compare_latency", "fused_kernels", "latency_ms", "predict", "sqnr_db", "top1_accuracy",
+           "top1_agreement"]
