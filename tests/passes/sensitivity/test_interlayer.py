@@ -8,7 +8,7 @@ from qinject.passes.sensitivity.interlayer import InterLayer, adjacent_pairs
 from qinject.passes.sensitivity.quant_error import QuantError
 
 from qinject.core.errors import QinjectError
-from tests.passes.sensitivity_fixtures import conv_case
+from tests.passes.sensitivity.fixtures import conv_case
 
 
 def test_conditional_sensitivity_telescopes_to_the_prefix_curve():

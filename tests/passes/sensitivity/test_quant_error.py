@@ -6,7 +6,7 @@ import numpy as np
 from qinject.passes.sensitivity.base import EVALUATIONS, signal_of
 from qinject.passes.sensitivity.quant_error import QuantError, weight_error
 
-from tests.passes.sensitivity_fixtures import conv_case
+from tests.passes.sensitivity.fixtures import conv_case
 
 
 def test_errors_grow_as_bits_shrink_and_the_graph_is_untouched():

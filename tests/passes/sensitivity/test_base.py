@@ -12,7 +12,7 @@ from qinject.passes.sensitivity.base import AnalysisData
 import qinject
 from qinject.core.errors import QinjectError
 from tests.builders import conv_net
-from tests.passes.sensitivity_fixtures import conv_case
+from tests.passes.sensitivity.fixtures import conv_case
 
 
 def test_analysis_data_checks(tmp_path):
