@@ -1,11 +1,11 @@
-"""Mixed-precision search: what the search passes (``passes/search_*.py``) share.
+"""Mixed-precision search: what the search passes (``passes/search/*.py``) share.
 
 A search picks a bit width per quantizable node from ``LEVELS`` (16, 8, 4; width b means
 ``choice_for(b)``: b-bit weights, max(b, 8)-bit activations, as the sensitivity signals measure)
 minimising the plan's estimated latency on a target table while the metric stays within the
 budget. Its inputs, gathered in a ``SearchSpace``:
 
-- the calibrated float model, each node annotated by a sensitivity signal (``passes/sensitivity_*``);
+- the calibrated float model, each node annotated by a sensitivity signal (``passes/sensitivity/*``);
 - an ``Evaluator``: the metric on the evaluation data, each full-model evaluation counted (the float
   reference is one of them);
 - the budget (``qinject.evaluation.Budget``) and the latency table.

@@ -13,7 +13,7 @@ A tensor quantized through range-preserving ops (MaxPool, Reshape, ...) reuses t
 onnxruntime keeps those ops on integers.
 
 Nodes whose choice is ``dynamic`` or ``weight-only`` (``qinject.plan``) get those forms instead
-(``passes/insert_qdq_modes.py``): their activations stay float, with no calibrated Q/DQ, so they need
+(``passes/transforms/insert_qdq_modes.py``): their activations stay float, with no calibrated Q/DQ, so they need
 no calibration statistics; a node without such a form stays float with a note.
 
 Quantizable nodes inside If/Loop/Scan bodies are quantized too, at the plan's choice for their name
@@ -84,7 +84,7 @@ class InsertQDQ(Pass):
         plan = self.plan
         if plan is None:
             found = search_result(model)
-            fallback = model.meta.get(qir.CHOSEN_PLAN, self.fallback)  # fitted to a target (passes/fit_target.py)
+            fallback = model.meta.get(qir.CHOSEN_PLAN, self.fallback)  # fitted to a target (passes/target/fit_target.py)
             if found is None and fallback is None:
                 raise QinjectError("insert-qdq was given no plan and no search pass ran before it")
             plan = found.plan if found is not None else fallback

@@ -1,4 +1,4 @@
-"""The dynamic and weight-only forms of the Q/DQ rewrite (``passes/insert_qdq.py``).
+"""The dynamic and weight-only forms of the Q/DQ rewrite (``passes/transforms/insert_qdq.py``).
 
 Neither puts calibrated Q/DQ on the node's activations (so neither needs calibration statistics);
 each writes the pattern onnxruntime fuses:

@@ -1,7 +1,7 @@
 """The rules of ``lower-jax-to-onnx``: how each jax primitive becomes standard ONNX (opset 21).
 
 One small function per primitive or family, registered with ``@lowering`` beside it; see
-``passes/lower_jax_to_onnx.py`` for the pass that applies them and the forms chosen.
+``passes/transforms/lower_jax_to_onnx.py`` for the pass that applies them and the forms chosen.
 """
 
 from __future__ import annotations

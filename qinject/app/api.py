@@ -156,7 +156,7 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
         model: a path, a ModelProto, or an IR model (modified in place).
         output: where to write the quantized model (atomically; never over the input).
         plan: per-node choices; default W8A8 per-channel for every quantizable node.
-        calib: calibration data (see ``qinject.calib_data``); None calibrates on random inputs.
+        calib: calibration data (see ``qinject.core.calib_data``); None calibrates on random inputs.
         method: activation range method: minmax, percentile, mse or entropy.
         target: a latency table (or target name/path): the result's ``cost`` is the plan's
             estimated latency on it (``latency_batch`` for a symbolic batch dimension).
@@ -173,7 +173,7 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
         force: quantize every node the plan covers, also those whose integer kernel onnxruntime's
             CPU runs slower than float (grouped convolutions), which are otherwise kept float with a
             note unless the plan names them or ``target`` is an accelerator; and those ``target``'s
-            table prices faster in float (kept float otherwise, with a note: ``passes/fit_target.py``).
+            table prices faster in float (kept float otherwise, with a note: ``passes/target/fit_target.py``).
         auto_mode: with ``target``, run each node in the execution mode its table prices fastest at
             the plan's width (static or dynamic at 8 bits, static or weight-only at 4).
         profile: first measure on this machine the entries the measured ``target`` (default
@@ -359,9 +359,9 @@ def _nothing_to_quantize(model: ir.Model, notes: dict[str, list[str]] | None = N
 def analyze(model: str | os.PathLike | onnx.ModelProto | ir.Model, calib: object, metrics: Sequence[str],
             *, eval_data: object = None, bits: tuple[int, ...] = (16, 8, 4), method: str = "minmax",
             workers: int | None = None, seed: int = 0, limit: int | None = 512, progress: bool = True) -> ir.Model:
-    """Run sensitivity signals (``qinject.sensitivity.SIGNALS``: quant-error, noise, hessian,
+    """Run sensitivity signals (``qinject.passes.sensitivity.SIGNALS``: quant-error, noise, hessian,
     interlayer, bit-error) and return the calibrated model with every quantizable node annotated;
-    ``qinject.sensitivity.report(model)`` gathers them.
+    ``qinject.passes.sensitivity.report(model)`` gathers them.
 
     Args:
         calib: calibration data (as for ``quantize_onnx``); also the evaluation data when

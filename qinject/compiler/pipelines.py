@@ -40,7 +40,7 @@ class SearchOptions:
         metric: a callable ``fn(executable) -> float`` (higher is better); None: accuracy with labels,
             else agreement with the float model (classifiers) or output fidelity.
         search: bisection, greedy, ilp or pareto.
-        signal: the sensitivity signal nodes are ranked by (``qinject.sensitivity.SIGNALS``).
+        signal: the sensitivity signal nodes are ranked by (``qinject.passes.sensitivity.SIGNALS``).
         adaround, bias_correction: AdaRound / bias-correct the 4-bit nodes the search chooses,
             during the search's evaluations too.
         pareto_plot: where the Pareto sweep draws its frontier (PNG).
@@ -85,10 +85,10 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
     (arrays by input name; default: ``calib`` itself). ``adaround`` / ``bias_correction`` round the
     plan's static nodes with at most 4-bit per-channel or 8-bit per-tensor weights by AdaRound /
     correct their biases (a search takes them in its options).
-    ``fit`` fits the plan to a measured ``target`` first (``passes/fit_target.py``: float where the
+    ``fit`` fits the plan to a measured ``target`` first (``passes/target/fit_target.py``: float where the
     table prices float faster; with ``auto_mode``, each node in its fastest execution mode). ``profile`` measures
     the shapes a measured ``target`` lacks on this machine before anything is priced
-    (``passes/profile_target.py``, cached)."""
+    (``passes/target/profile_target.py``, cached)."""
 
     if profile or (fit and target is not None):
         target = target if isinstance(target, LatencyTable) else load_target(target or "local-cpu")

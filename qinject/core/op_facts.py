@@ -7,7 +7,7 @@ quantized producer may move past it. Ops not listed here flow through every pass
 Two domains: ONNX's default domain, and ``jax``, whose nodes stand for jaxpr equations (op_type is
 the primitive's name; the primitive and its parameters are kept in the node's ``meta`` under
 ``JAX_EQN``). How each op runs in JAX lives with the JAX backend (``qinject.backends.jax_ops``),
-and how a jax primitive becomes ONNX with the lowering pass (``passes/lower_jax_to_onnx.py``).
+and how a jax primitive becomes ONNX with the lowering pass (``passes/transforms/lower_jax_to_onnx.py``).
 """
 
 from __future__ import annotations

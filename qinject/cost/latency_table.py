@@ -20,7 +20,7 @@ convention). Precisions: ``fp32``, ``fp16`` (fp16 or bf16 units), ``int16``, ``i
 ``sixteen_bit`` says whether a 16-bit layer runs as ``fp16`` or ``int16``; the optional
 ``run_overhead_us`` is paid once per inference (a runtime's dispatch and thread wake-up).
 
-Tables are selected by name (a built-in target in ``qinject/targets``, or one saved by
+Tables are selected by name (a built-in target in ``qinject/cost/targets``, or one saved by
 ``qinject profile`` under the user's cache) or by path.
 """
 

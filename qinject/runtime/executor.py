@@ -6,7 +6,7 @@ serialised to ONNX (a JAX-sourced graph is lowered first) and run by onnxruntime
 in a local process pool (``workers`` processes, default: every core), so a batch of variants uses
 both cores of this machine. Results do not depend on the number of workers or on which worker ran
 a variant: each variant runs whole in one single-threaded session. The workers are plain scripts
-(``qinject/eval_worker.py``) fed through pipes, not ``multiprocessing`` processes: spawn would
+(``qinject/runtime/eval_worker.py``) fed through pipes, not ``multiprocessing`` processes: spawn would
 re-import the caller's main module (scripts without a ``__main__`` guard would recurse) and fork is
 unsafe after JAX has started its threads.
 
