@@ -106,7 +106,7 @@ def available_signals() -> tuple[list[str], list[str]]:
     from qinject.passes.sensitivity import SIGNALS
 
     present = [m for m, (module, _, _) in SIGNALS.items()
-               if importlib.util.find_spec(f"qinject.passes.{module}") is not None]
+               if importlib.util.find_spec(f"qinject.passes.sensitivity.{module}") is not None]
     return present, [m for m in SIGNALS if m not in present]
 
 
