@@ -38,13 +38,11 @@ from qinject.core import numerics, op_facts
 from qinject.core.errors import PlanError, QinjectError, UnsupportedModelError
 from qinject.core.pass_manager import Pass, PassResult
 from qinject.core.plan import WEIGHT_ONLY, NodeQuant, Plan
-from qinject.core.quant_points import output_point, range_source
+from qinject.core.quant_points import OUTPUT_MIN_SQNR_DB, output_point, output_sqnr_db, range_source
 from qinject.core.search_result import search_result
-from qinject.core.stats import expected_sqnr_db, select_range
+from qinject.core.stats import select_range
 
 INT32_MAX = 2**31 - 1
-# Below this predicted SQNR an optional output quantization is skipped (see quantize_output).
-OUTPUT_MIN_SQNR_DB = 30.0
 
 
 @dataclass(frozen=True)
@@ -256,15 +254,12 @@ class _Rewrite:
         if not self._read_quantized(out, key, through_range_preserving=kernel):
             if not (kernel and op_facts.needs_quantized_output(node)):
                 return
-            stats = out.meta.get(qir.ACT_STATS)
-            if stats is not None:
-                lo, hi = select_range(stats, self.method, key.qtype, key.symmetric, self.percentile)
-                sqnr = expected_sqnr_db(stats, lo, hi, key.qtype, key.symmetric)
-                if sqnr < OUTPUT_MIN_SQNR_DB:
-                    node.meta[qir.QUANT_NOTES].append(
-                        f"output kept float: {key.qtype} would give it only {sqnr:.1f} dB SQNR (heavy tails); "
-                        "onnxruntime runs the op in float on dequantized inputs")
-                    return
+            sqnr = output_sqnr_db(out, key.qtype, key.symmetric, self.method, self.percentile)
+            if sqnr is not None and sqnr < OUTPUT_MIN_SQNR_DB:
+                node.meta[qir.QUANT_NOTES].append(
+                    f"output kept float: {key.qtype} would give it only {sqnr:.1f} dB SQNR (heavy tails); "
+                    "onnxruntime runs the op in float on dequantized inputs")
+                return
         self.output(out, key, node)
 
     def route_range_preserving_consumers(self) -> None:

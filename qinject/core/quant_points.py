@@ -15,7 +15,12 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from qinject.core import op_facts
-from qinject.core.ir import quantizable_nodes, subgraph_quantizable_nodes
+from qinject.core.ir import ACT_STATS, quantizable_nodes, subgraph_quantizable_nodes
+from qinject.core.numerics import QType
+from qinject.core.stats import expected_sqnr_db, select_range
+
+# Below this predicted SQNR an optional output quantization is skipped (see output_sqnr_db).
+OUTPUT_MIN_SQNR_DB = 30.0
 
 
 def output_point(node: ir.Node) -> ir.Value:
@@ -65,3 +70,16 @@ def range_source(value: ir.Value) -> ir.Value | None:
     if producer is None or not op_facts.fact(producer).range_preserving or value is not producer.outputs[0]:
         return None
     return producer.inputs[0]
+
+
+def output_sqnr_db(value: ir.Value, qtype: QType, symmetric: bool, method: str = "minmax",
+                   percentile: float = 99.99) -> float | None:
+    """The SQNR calibration predicts for quantizing ``value`` (None: it was not observed). An output
+    quantized only to reach an integer kernel (Conv's QLinearConv) is left float below
+    ``OUTPUT_MIN_SQNR_DB``: a heavy-tailed output would cost more accuracy than the kernel saves, and
+    the node then runs in float on dequantized inputs (the rewrite decides; the cost model prices it)."""
+    stats = value.meta.get(ACT_STATS)
+    if stats is None:
+        return None
+    lo, hi = select_range(stats, method, qtype, symmetric, percentile)
+    return expected_sqnr_db(stats, lo, hi, qtype, symmetric)

@@ -41,7 +41,7 @@ from qinject.core import op_facts
 from qinject.core.calib_data import QinjectWarning, input_specs, random_arrays
 from qinject.core.errors import QinjectError
 from qinject.core.plan import DYNAMIC, STATIC, WEIGHT_ONLY, NodeQuant, Plan
-from qinject.core.quant_points import output_point
+from qinject.core.quant_points import OUTPUT_MIN_SQNR_DB, output_point, output_sqnr_db
 from qinject.cost.latency_table import FLOAT_BITS, LatencyTable
 
 MEASURED = "measured"
@@ -188,6 +188,7 @@ class _Estimator:
             # a mode the op lacks leaves the node float in the rewrite (insert_qdq_modes.refusal)
             if choice is not None and (choice.mode == STATIC or choice.mode in op_facts.modes(node)):
                 self.choices[node.name] = choice
+        self.unfused: set[str] = set()  # static nodes whose kernel onnxruntime cannot fuse (filled below)
         self.bits = self._integer_tensors()
         self.fused = self._fused_epilogues(model)
 
@@ -223,9 +224,14 @@ class _Estimator:
             if choice is not None and choice.quantizes_activations:
                 out = output_point(node)
                 kernel = self.native or op_facts.runs_on_integer_kernel(node, choice.weights, choice.activations)
-                if not out.is_graph_output() and ((kernel and op_facts.needs_quantized_output(node))
-                                                  or self._read_quantized(out, kernel)):
+                read = not out.is_graph_output() and self._read_quantized(out, kernel)
+                wants_output = kernel and op_facts.needs_quantized_output(node)
+                if read or (wants_output and not out.is_graph_output() and not self._heavy_tailed(out, choice)):
                     bits[out.name] = choice.activations
+                elif wants_output and not self.native:
+                    # the rewrite leaves this output float (a graph output, or heavy tails): no
+                    # QLinearConv, onnxruntime runs the op in float on dequantized inputs
+                    self.unfused.add(node.name)
             elif choice is not None:
                 pass  # dynamic / weight-only: float in, float out
             elif op_facts.fact(node).range_preserving and node.inputs and node.inputs[0] is not None:
@@ -234,6 +240,13 @@ class _Estimator:
             elif self._joins_integers(node, bits):
                 bits[node.outputs[0].name] = bits[node.inputs[0].name]
         return bits
+
+    @staticmethod
+    def _heavy_tailed(value: ir.Value, choice: NodeQuant) -> bool:
+        """As the rewrite decides: an output quantized only for the kernel's sake is left float when
+        calibration predicts too low an SQNR for it."""
+        sqnr = output_sqnr_db(value, choice.activation_qtype, choice.activation_symmetric)
+        return sqnr is not None and sqnr < OUTPUT_MIN_SQNR_DB
 
     def _joins_integers(self, node: ir.Node, bits: dict[str, int]) -> bool:
         """A Concat of tensors all held at one integer width, read quantized: onnxruntime runs it on
@@ -275,7 +288,8 @@ class _Estimator:
         if measured is not None:
             return NodeCost(node.name, node.op_type, w_bits, a_bits, measured, MEASURED, quantizable)
         source = MISSING if self.table.kind == "measured" else ROOFLINE
-        if choice is not None and not self.native and not op_facts.runs_on_integer_kernel(node, w_bits, a_bits):
+        if choice is not None and not self.native and (
+                node.name in self.unfused or not op_facts.runs_on_integer_kernel(node, w_bits, a_bits)):
             # onnxruntime's CPU has no integer kernel at these widths: it dequantizes and runs the float op
             return NodeCost(node.name, node.op_type, w_bits, a_bits, self._dequantized_float(node, w_bits), source,
                             quantizable)

@@ -125,3 +125,27 @@ def test_a_cpu_table_prices_widths_without_an_integer_kernel_as_dequantize_plus_
     gpu = LatencyTable("gpu", "analytic", ROOF)  # an accelerator has 4-bit units
     four = {c.node: c.latency_us for c in estimate(model, Plan.uniform(4, 8), gpu).nodes}
     assert all(four[n] < {c.node: c.latency_us for c in estimate(model, Plan(None), gpu).nodes}[n] for n in nodes)
+
+
+def test_a_convolution_whose_output_stays_float_is_priced_as_dequantize_plus_float():
+    """The rewrite leaves a Conv's output float when calibration predicts too low an SQNR for it (heavy
+    tails) or it is a graph output; onnxruntime then runs no QLinearConv but the float Conv on
+    dequantized inputs, and a CPU table must price that, not the integer kernel (magika's first Conv
+    was estimated 2x faster quantized and measured 2x slower)."""
+    import numpy as np
+
+    from qinject.core.stats import TensorStats
+
+    model = _model()
+    out = next(n for n in model.graph if n.name == "relu2").outputs[0]  # conv2's output point
+    cpu = LatencyTable("cpu", "measured", ROOF)
+    plan = Plan(None, {"conv2": NodeQuant()})
+    float_us = {c.node: c.latency_us for c in estimate(model, Plan(None), cpu).nodes}["conv2"]
+    smooth = TensorStats()
+    smooth.update(np.random.default_rng(0).uniform(0, 1, 4096).astype(np.float32))
+    out.meta[qir.ACT_STATS] = smooth
+    assert {c.node: c.latency_us for c in estimate(model, plan, cpu).nodes}["conv2"] < float_us
+    heavy = TensorStats()
+    heavy.update(np.concatenate([np.random.default_rng(0).exponential(0.01, 4096), [300.0]]).astype(np.float32))
+    out.meta[qir.ACT_STATS] = heavy
+    assert {c.node: c.latency_us for c in estimate(model, plan, cpu).nodes}["conv2"] > float_us
