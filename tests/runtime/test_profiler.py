@@ -13,7 +13,7 @@ from qinject.core import ir as qir
 from qinject.core import op_facts
 from qinject.core.errors import QinjectError
 from qinject.core.quant_points import activation_points
-from qinject.cost.estimate import estimate as cost
+from qinject.cost import estimate as cost
 from qinject.latency_table import FLOAT_BITS, Entry, LatencyTable, Roofline
 from qinject.plan import DYNAMIC, STATIC, WEIGHT_ONLY, NodeQuant, Plan
 from qinject.runtime import profiler

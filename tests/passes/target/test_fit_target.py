@@ -10,6 +10,7 @@ from qinject.passes import FitTarget, FoldConstantWeights
 import qinject
 from qinject.core import ir as qir
 from qinject.core import op_facts
+from qinject.core.errors import QinjectError
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.latency_table import Entry, LatencyTable, Roofline
 from qinject.plan import NodeQuant, Plan
@@ -129,6 +130,6 @@ def test_profile_measures_what_the_table_lacks_before_fitting_and_caches_it(tmp_
     assert set(priced.values()) == {"measured"}
     cached = LatencyTable.load(tmp_path / "cache" / "test-cpu.json")
     assert set(cached.entries) == set(table.entries)
-    with pytest.raises(qinject.errors.QinjectError, match="spec-sheet"):
+    with pytest.raises(QinjectError, match="spec-sheet"):
         qinject.quantize_onnx(matmul_net(), calib={"x": np.ones((4, 16), np.float32)}, target="nvidia-a100",
                               profile=True, progress=False)
