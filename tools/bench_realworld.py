@@ -466,6 +466,8 @@ def tool_cell(rec: dict, tool: str) -> tuple[str, str, str, str, str]:
     fp = m.get("fp32", {})
     secs = f"{t['seconds']:.1f}" if "seconds" in t else "–"
     if "error" in t:
+        if "nothing was quantized" in t["error"]:  # qinject's refusal: no node pays on its target
+            return "kept float: no node pays on the target (no file written)", "–", "–", "–", secs
         return f"fails: {_short(t['error'])}", "–", "–", "–", secs
     if "nothing" in t:
         return t["nothing"], "–", "–", "–", secs
