@@ -134,7 +134,7 @@ def _on_kernel(node: ir.Node, choice: NodeQuant) -> bool:
     """Whether ``choice`` runs ``node`` on an integer kernel of onnxruntime's (not dequantize + float)."""
     if choice.mode == STATIC:
         return op_facts.runs_on_integer_kernel(node, choice.weights, choice.activations)
-    return choice.mode == DYNAMIC or op_facts.fact(node).dynamic  # weight-only MatMul/Gemm: MatMulNBits
+    return choice.mode == DYNAMIC or op_facts.weight_only_kernel(node)
 
 
 def _other_mode(choice: NodeQuant, modes: tuple[str, ...]) -> NodeQuant | None:

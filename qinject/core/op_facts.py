@@ -348,6 +348,12 @@ def modes(node: ir.Node) -> tuple[str, ...]:
         ("weight-only",) if has_weight and reduction_axis(node) is not None else ())  # an outer product has none
 
 
+def weight_only_kernel(node: ir.Node) -> bool:
+    """Whether a weight-only ``node`` runs on an integer-weight kernel (onnxruntime's MatMulNBits for
+    MatMul/Gemm: the ops with a dynamic form) rather than as dequantize + the float op (Conv)."""
+    return fact(node).dynamic
+
+
 def reduction_axis(node: ir.Node) -> int | None:
     """The weight's reduction axis, along which weight-only blocks run (None: no weight-only form)."""
     f = fact(node)

@@ -315,7 +315,7 @@ class _Estimator:
             us = roofline.node_us(macs, _elements(weight) * _bytes(8) + inputs + out_bytes,
                                   roofline.precision(8, 8))
             us += inputs * (_bytes(FLOAT_BITS) + _bytes(8)) / roofline.memory_bytes_per_s * 1e6
-        elif op_facts.fact(node).dynamic and not self._read_quantized(node.outputs[0], False):
+        elif op_facts.weight_only_kernel(node) and not self._read_quantized(node.outputs[0], False):
             # weight-only MatMul/Gemm: MatMulNBits unpacks blocks in its kernel (onnxruntime does not
             # fuse it when a static node reads its output directly: then dequantize + float)
             packed = _elements(weight) * (_bytes(choice.weights) + _bytes(FLOAT_BITS) / choice.block_size)
