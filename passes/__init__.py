@@ -21,7 +21,8 @@ _WHERE = {
     "Calibrate": "transforms.calibrate", "FoldConstantWeights": "transforms.fold_constants",
     "FoldConvAffine": "transforms.fold_conv_affine", "InsertQDQ": "transforms.insert_qdq",
     "LowerJaxToOnnx": "transforms.lower_jax_to_onnx", "UpgradeOpset": "transforms.upgrade_opset",
-    "EstimateCost": "target.estimate_cost", "FitTarget": "target.fit_target", "ProfileTarget": "target.profile_target",
+    "EstimateCost": "target.estimate_cost", "FitMeasured": "target.fit_measured", "FitTarget": "target.fit_target",
+    "ProfileTarget": "target.profile_target",
     "AdaRound": "rounding.adaround", "BiasCorrection": "rounding.bias_correction",
     "BisectionSearch": "search", "GreedySearch": "search", "IlpSearch": "search", "ParetoSweep": "search",
     "SEARCH_PASSES": "search",
@@ -39,5 +40,5 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["SEARCH_PASSES", "AdaRound", "BiasCorrection", "BisectionSearch", "Calibrate", "EstimateCost",
-           "FitTarget", "FoldConstantWeights", "FoldConvAffine", "GreedySearch", "IlpSearch", "InsertQDQ",
+           "FitMeasured", "FitTarget", "FoldConstantWeights", "FoldConvAffine", "GreedySearch", "IlpSearch", "InsertQDQ",
            "LowerJaxToOnnx", "ParetoSweep", "ProfileTarget", "UpgradeOpset"]

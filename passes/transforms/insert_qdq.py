@@ -82,10 +82,10 @@ class InsertQDQ(Pass):
         plan = self.plan
         if plan is None:
             found = search_result(model)
-            fallback = model.meta.get(qir.CHOSEN_PLAN, self.fallback)  # fitted to a target (passes/target/fit_target.py)
-            if found is None and fallback is None:
+            fitted = model.meta.get(qir.CHOSEN_PLAN)  # fitted to the target after any search (passes/target/)
+            if found is None and fitted is None and self.fallback is None:
                 raise QinjectError("insert-qdq was given no plan and no search pass ran before it")
-            plan = found.plan if found is not None else fallback
+            plan = fitted if fitted is not None else found.plan if found is not None else self.fallback
             # the rounded weights (AdaRound, bias correction) the search measured
             for name, array in (found.weights.items() if found is not None else ()):
                 model.graph.initializers[name].const_value = ir.tensor(np.ascontiguousarray(array), name=name)

@@ -73,6 +73,7 @@ class QuantizeResult:
     timings: list[tuple[str, float]] = field(default_factory=list)
     cost: CostReport | None = None
     search: Any = None  # qinject.search.SearchResult when a search chose the plan
+    measured: dict[str, float] | None = None  # {"float_ms", "quantized_ms", "tried"}: timed here (``measure``)
 
     def to_jax(self, mode: str = "integer") -> Callable[..., Any]:
         """The quantized model as a jittable JAX function of the graph inputs (see ``to_jax``)."""
@@ -149,7 +150,7 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
                   search: SearchOptions | None = None, adaround: bool = False,
                   bias_correction: bool = False, rules: Any = None,
                   input_shapes: dict[str, Sequence[int]] | None = None, force: bool = False,
-                  auto_mode: bool = False, profile: bool = False) -> QuantizeResult:
+                  auto_mode: bool = False, profile: bool = False, measure: bool = False) -> QuantizeResult:
     """Quantize an ONNX model: fold constants, calibrate, insert Q/DQ, and optionally save.
 
     Args:
@@ -178,6 +179,10 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
             the plan's width (static or dynamic at 8 bits, static or weight-only at 4).
         profile: first measure on this machine the entries the measured ``target`` (default
             local-cpu) lacks for this model, and cache the extended table (``qinject profile``).
+        measure: with a measured ``target`` (a CPU: this machine), time the plan's rewrite against the
+            float model here before writing it, and keep float the nodes that make it slower (all of
+            them if need be: then nothing is quantized); ``result.measured`` has the timing. Not with
+            ``force``.
 
     Example:
         >>> result = quantize_onnx("models/digits_cnn/model.onnx", "/tmp/q.onnx",
@@ -201,7 +206,7 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
         search, kept_float = _pin_slow_kernels_float(ir_model, search)
     result = _quantize(ir_model, plan, calib, method, batch_size, percentile, progress, target, latency_batch,
                        search, adaround, bias_correction, kept_float, fit=not force, auto_mode=auto_mode,
-                       profile=profile)
+                       profile=profile, measure=measure)
     if output is not None:
         result.output = save_onnx(result.model, output, input_path=input_path)
     return result
@@ -282,7 +287,7 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
               progress: bool, target: LatencyTable | str | None = None, latency_batch: int = 1,
               search: SearchOptions | None = None, adaround: bool = False,
               bias_correction: bool = False, kept_float: dict[str, str] | None = None, fit: bool = False,
-              auto_mode: bool = False, profile: bool = False) -> QuantizeResult:
+              auto_mode: bool = False, profile: bool = False, measure: bool = False) -> QuantizeResult:
 
     if not any(op_facts.fact(n).quantizable for n in ir_model.graph.all_nodes()):
         raise UnsupportedModelError(_nothing_to_quantize(ir_model))
@@ -303,14 +308,14 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
         search = dataclasses.replace(search, eval_data=AnalysisData.load(search.eval_data, ir_model, search.limit))
     manager = PassManager(standard_pipeline(plan, calib, method, batch_size, percentile, progress, target,
                                             latency_batch, search, analysis, adaround, bias_correction, fit,
-                                            auto_mode, profile))
+                                            auto_mode, profile, measure))
     ir_model = manager.run(ir_model).model
     found = search_result(ir_model)
     if found is not None:
         plan = found.plan
     plan = ir_model.meta.get(qir.CHOSEN_PLAN, plan)
     result = QuantizeResult(ir_model, plan, timings=manager.timings, cost=ir_model.meta.get(qir.COST_REPORT),
-                            search=found)
+                            search=found, measured=ir_model.meta.get(qir.MEASURED_LATENCY))
     inner = [n for n in ir_model.graph.all_nodes() if n.graph is not ir_model.graph]
     for node in [*ir_model.graph, *inner]:  # main graph first, then control-flow bodies
         if qir.QUANT_APPLIED in node.meta:

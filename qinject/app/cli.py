@@ -134,7 +134,10 @@ def cli() -> None:
               help="Per-node rules (JSON): the plan; with a search, they pin the nodes they match.")
 @click.option("--force", is_flag=True, help="Also quantize nodes whose onnxruntime CPU integer kernel is slower "
               "than float (grouped convolutions), which are otherwise kept float with a note.")
-@click.option("--no-measure", is_flag=True, help="Skip timing the written model against the float model.")
+@click.option("--no-measure", is_flag=True, envvar="QINJECT_NO_MEASURE",
+              help="Skip timing the rewrite against the float model on this machine (by default, on a measured "
+              "--target, nodes that make it slower are kept float, so the output can vary between runs; "
+              "also set by QINJECT_NO_MEASURE=1).")
 @click.option("--profile", is_flag=True, help="First time on this machine the node shapes the measured --target "
               "lacks (cached in the profile cache, like `qinject profile --save-as-target`).")
 def quantize(model: Path, output: Path, weights: str, activations: str, plan_path: Path | None,
@@ -178,7 +181,7 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
                            percentile=percentile, target=table, latency_batch=latency_batch, search=search,
                            adaround=adaround and not searching, bias_correction=bias_correction and not searching,
                            rules=rules if not searching else None, input_shapes=_shapes(shapes), force=force,
-                           auto_mode=mode == "auto", profile=profile)
+                           auto_mode=mode == "auto", profile=profile, measure=not no_measure)
     if result.search is not None:
 
         plan_file = output.with_name(output.name + ".plan.json")
@@ -214,12 +217,17 @@ def _measure(model: Path, output: Path, result: object) -> None:
     it is slower."""
 
     feed = result.model.meta.get(qir.SAMPLE_FEED)
-    if feed is None:
+    if result.measured is not None:  # fit-measured timed the plan it kept: no need to time it again
+        float_ms, quantized_ms = result.measured["float_ms"], result.measured["quantized_ms"]
+    elif feed is not None:
+        float_ms, quantized_ms = compare_latency(model, output, feed)
+    else:
         return
-    float_ms, quantized_ms = compare_latency(model, output, feed)
     ratio = quantized_ms / float_ms
+    tried = (f"; {result.measured['tried']} plans timed, the fastest kept"
+             if result.measured is not None and result.measured["tried"] > 1 else "")
     click.echo(f"measured on this machine (onnxruntime CPU, one calibration sample): float {float_ms:.3f} ms, "
-               f"quantized {quantized_ms:.3f} ms ({ratio:.2f}x)")
+               f"quantized {quantized_ms:.3f} ms ({ratio:.2f}x{tried})")
     if ratio > 1.0:
         costliest = sorted((n for n in (result.cost.nodes if result.cost else []) if n.node in result.quantized),
                            key=lambda n: -n.latency_us)[:3]

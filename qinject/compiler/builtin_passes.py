@@ -18,6 +18,7 @@ from qinject.passes.rounding.bias_correction import BiasCorrection
 from qinject.passes.search import SEARCH_PASSES, SEARCHES
 from qinject.passes.sensitivity import SIGNALS, signal_pass
 from qinject.passes.target.estimate_cost import EstimateCost
+from qinject.passes.target.fit_measured import FitMeasured
 from qinject.passes.target.fit_target import FitTarget
 from qinject.passes.transforms.calibrate import Calibrate
 from qinject.passes.transforms.fold_constants import FoldConstantWeights
@@ -135,6 +136,17 @@ def _fit_target(context: Context, o: dict[str, Any]) -> Pass:
     plan = Plan.load(o["plan"]) if o["plan"] else Plan.uniform(o["weights"], o["activations"],
                                                                 per_channel=o["per-channel"])
     return FitTarget(plan, context.target, o["batch"] or context.latency_batch, o["auto-mode"])
+
+
+@register("fit-measured", (_METHOD, Option("percentile", float, 99.99, "for method=percentile"),
+                           Option("budget", float, 2.0, "seconds each timing takes"),
+                           Option("batch", int, 0, "batch for a symbolic batch dimension (0: --latency-batch)")),
+          doc="""Time the plan's rewrite against the float model on this machine; if it is slower, keep float
+the nodes the target's estimate credits least until it is faster (or all of them).""")
+def _fit_measured(context: Context, o: dict[str, Any]) -> Pass:
+
+    return FitMeasured(None, context.target, o["batch"] or context.latency_batch, method=o["method"],
+                       percentile=o["percentile"], budget_s=o["budget"])
 
 
 @register("insert-qdq", (Option("weights", int, 8, "uniform weight bits when no search ran"),

@@ -21,6 +21,7 @@ from qinject.passes.rounding.bias_correction import BiasCorrection
 from qinject.passes.search import SEARCH_PASSES, SEARCHES
 from qinject.passes.sensitivity import SIGNALS, signal_pass
 from qinject.passes.target.estimate_cost import EstimateCost
+from qinject.passes.target.fit_measured import FitMeasured
 from qinject.passes.target.fit_target import FitTarget
 from qinject.passes.target.profile_target import ProfileTarget
 from qinject.passes.transforms import prepare
@@ -77,7 +78,7 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
                       target: LatencyTable | str | None = None, latency_batch: int = 1,
                       search: SearchOptions | None = None, analysis_data: object = None,
                       adaround: bool = False, bias_correction: bool = False, fit: bool = False,
-                      auto_mode: bool = False, profile: bool = False) -> list:
+                      auto_mode: bool = False, profile: bool = False, measure: bool = False) -> list:
     """The passes of ``qinject quantize``, in order. With ``target``, the plan's latency is estimated
     on it just before the rewrite. With ``search``, the plan is chosen: a sensitivity signal on the
     calibration data, then a search pass on the evaluation data (and AdaRound / bias correction of the
@@ -88,7 +89,9 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
     ``fit`` fits the plan to a measured ``target`` first (``passes/target/fit_target.py``: float where the
     table prices float faster; with ``auto_mode``, each node in its fastest execution mode). ``profile`` measures
     the shapes a measured ``target`` lacks on this machine before anything is priced
-    (``passes/target/profile_target.py``, cached)."""
+    (``passes/target/profile_target.py``, cached). ``measure`` (with ``fit``, on a measured ``target``)
+    times the final plan's rewrite against the float model on this machine and keeps float the nodes
+    that make it slower (``passes/target/fit_measured.py``)."""
 
     if profile or (fit and target is not None):
         target = target if isinstance(target, LatencyTable) else load_target(target or "local-cpu")
@@ -116,6 +119,10 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
             passes.append(AdaRound(data, plan, progress=progress))
         if bias_correction:
             passes.append(BiasCorrection(data, plan))
+    if measure and fit and target is not None and target.kind == "measured":
+        # last before the rewrite: it times the plan every pass above settled, and the estimate prices its result
+        passes.append(FitMeasured(plan, target, latency_batch, method=method, percentile=percentile))
+        plan = None
     if target is not None:
         passes.append(EstimateCost(plan, target, latency_batch))
     return [*passes, InsertQDQ(plan, method=method, percentile=percentile)]

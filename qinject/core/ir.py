@@ -30,7 +30,9 @@ ACT_STATS = "qinject.calibration.stats"  # on values: qinject.stats.TensorStats
 QUANT_APPLIED = "qinject.quant.applied"  # on nodes: the NodeQuant the rewrite applied
 QUANT_NOTES = "qinject.quant.notes"  # on nodes: list of strings explaining refusals
 COST_REPORT = "qinject.cost.report"  # on the model: qinject.cost.CostReport of the plan applied
-CHOSEN_PLAN = "qinject.plan.chosen"  # on the model: the Plan fitted to a target (passes/target/fit_target.py)
+CHOSEN_PLAN = "qinject.plan.chosen"  # on the model: the Plan fitted to a target (passes/target/fit_*.py)
+# On the model: {"float_ms", "quantized_ms", "tried"}: the rewrite timed on this machine (passes/target/fit_measured.py)
+MEASURED_LATENCY = "qinject.measured.latency"
 # On the model: input name -> concrete shape, for latency estimates of symbolic dims. Calibration records
 # the shapes it saw (leading dim left symbolic); ``--shape`` sets them explicitly (SHAPES_GIVEN).
 INPUT_SHAPES = "qinject.input_shapes"

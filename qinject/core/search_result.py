@@ -94,14 +94,15 @@ def search_result(model: ir.Model) -> SearchResult | None:
 
 
 def chosen_plan(model: ir.Model, plan: Plan | None) -> Plan:
-    """``plan``, or (None) the plan a search pass chose for ``model``, or the one fitted to a target."""
+    """``plan``, or (None) the plan last fitted to a target (``fit-target``, ``fit-measured``), or the one a
+    search pass chose for ``model``."""
     if plan is not None:
         return plan
+    if qir.CHOSEN_PLAN in model.meta:  # a fit after the search (fit-measured) refines its plan
+        return model.meta[qir.CHOSEN_PLAN]
     found = search_result(model)
     if found is not None:
         return found.plan
-    if qir.CHOSEN_PLAN in model.meta:
-        return model.meta[qir.CHOSEN_PLAN]
     raise QinjectError("no plan was given and no search or fit-target pass ran before this pass")
 
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from qinject.backends import onnx_backend
 from qinject.core.calib_data import rows, take
 from qinject.core.numerics import sqnr_db
+
+Model = Union[str, Path, onnx.ModelProto, ir.Model]
 
 # onnxruntime's CPU integer kernels that a fused Q/DQ group becomes.
 INTEGER_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm",
@@ -53,23 +58,32 @@ def compare_latency(float_path: str | Path, quantized_path: str | Path, feeds: d
                     budget_s: float = 3.0) -> tuple[float, float]:
     """Median latency (ms) of the float and the quantized model on ``feeds``, runs interleaved so that
     drift on a shared machine hits both alike; about ``budget_s`` seconds in all."""
-    sessions = [onnx_backend.session(p) for p in (float_path, quantized_path)]
+    float_ms, quantized_ms = interleaved_latency([float_path, quantized_path], feeds, budget_s)
+    return float_ms, quantized_ms
+
+
+def interleaved_latency(models: Sequence[Model], feeds: dict[str, np.ndarray], budget_s: float = 3.0
+                        ) -> list[float]:
+    """Median latency (ms) of each model (a file, a proto or an IR model) on ``feeds``, one run of
+    each in turn, repeated, so that drift on a shared machine hits all alike; about ``budget_s``
+    seconds in all (5 to 50 rounds)."""
+    sessions = [onnx_backend.session(m) for m in models]
     names = [{i.name for i in s.get_inputs()} for s in sessions]
-    feeds = [{k: v for k, v in feeds.items() if k in n} for n in names]
+    feeds_each = [{k: v for k, v in feeds.items() if k in n} for n in names]
     first = []
-    for sess, feed in zip(sessions, feeds):  # warm-up, and the time one run takes
+    for sess, feed in zip(sessions, feeds_each):  # warm-up, and the time one run takes
         sess.run(None, feed)
         start = time.perf_counter()
         sess.run(None, feed)
         first.append(time.perf_counter() - start)
     repeats = int(min(50, max(5, budget_s / max(sum(first), 1e-6))))
-    times: list[list[float]] = [[], []]
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(repeats):
-        for i, (sess, feed) in enumerate(zip(sessions, feeds)):
+        for i, (sess, feed) in enumerate(zip(sessions, feeds_each)):
             start = time.perf_counter()
             sess.run(None, feed)
             times[i].append(time.perf_counter() - start)
-    return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
+    return [float(np.median(t) * 1e3) for t in times]
 
 
 def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -80,5 +94,5 @@ def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
 
 
-__all__ = ["INTEGER_KERNELS", "compare_latency", "fused_kernels", "latency_ms", "predict", "sqnr_db", "top1_accuracy",
+__all__ = ["INTEGER_KERNELS", "compare_latency", "interleaved_latency", "fused_kernels", "latency_ms", "predict", "sqnr_db", "top1_accuracy",
            "top1_agreement"]

@@ -1,0 +1,128 @@
+"""Fit a plan to this machine by measurement: the rewrite must not run slower than the float model.
+
+An analysis run last before the rewrite, on a CPU target (a measured table: this machine's
+onnxruntime), after the plan is final (fitted by ``fit-target``, or chosen by a search). The latency
+table prices each node alone; what it cannot see is the fixed cost of every extra kernel and of the
+conversions between them, which decides sub-millisecond models (a small BERT export, a Keras toy):
+their rewrite can be priced faster and run slower. So the plan's rewrite is timed against the float
+model on the calibration sample, interleaved (``qinject.runtime.measure``). If it is slower, plans
+keeping only the nodes the estimate credits most (all, half, a quarter, ..., one) are timed together
+with the float model, and the fastest one is kept if it beats float by a margin above the timing
+noise (``PARTIAL_GAIN``); if none does, every node stays
+float (and quantize says nothing was quantized). Each floated node gets a note; the kept plan is
+stored in ``qinject.core.ir.CHOSEN_PLAN`` and the timing in ``MEASURED_LATENCY`` for the report.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import onnx_ir as ir
+
+from qinject.core import ir as qir
+from qinject.core.calib_data import QinjectWarning
+from qinject.core.errors import QinjectError, UnsupportedModelError
+from qinject.core.pass_manager import Pass, PassResult
+from qinject.core.plan import NodeQuant, Plan
+from qinject.core.search_result import chosen_plan
+from qinject.cost.estimate import estimate
+from qinject.cost.latency_table import LatencyTable, load_target
+from qinject.passes.transforms.insert_qdq import InsertQDQ
+from qinject.runtime.measure import interleaved_latency
+
+# A partial plan is kept only if it measures under this share of the float model's time: closer than
+# that, a difference is within the noise of timing a shared machine for a couple of seconds.
+PARTIAL_GAIN = 0.97
+
+class FitMeasured(Pass):
+    """Time the plan's rewrite against the float model here; when slower, keep float the nodes the
+    estimate credits least until it is faster, or all of them.
+
+    Options:
+        plan: the plan to fit (None: the one a search or ``fit-target`` chose).
+        target: the measured latency table whose estimate orders the nodes.
+        batch: the size given to a symbolic batch dimension.
+        method, percentile: the activation ranges the rewrite uses (as ``insert-qdq``'s).
+        budget_s: seconds each timing takes (the float model's and the candidates' runs interleaved).
+    """
+
+    name = "fit-measured"
+    analysis = True
+
+    def __init__(self, plan: Plan | None, target: LatencyTable | str, batch: int = 1, method: str = "minmax",
+                 percentile: float = 99.99, budget_s: float = 2.0) -> None:
+        self.plan, self.batch = plan, batch
+        self.table = target if isinstance(target, LatencyTable) else load_target(target)
+        self.method, self.percentile, self.budget_s = method, percentile, budget_s
+
+    def call(self, model: ir.Model) -> PassResult:
+        feed = model.meta.get(qir.SAMPLE_FEED)
+        plan = chosen_plan(model, self.plan)
+        chosen = [n.name for n in qir.searchable_nodes(model) if plan.choice(n.name) is not None]
+        if feed is None or not chosen:
+            return PassResult(model, False)
+        try:
+            float_ms, full_ms = interleaved_latency([model, self._rewrite(model, plan)], feed, self.budget_s)
+        except QinjectError as exc:  # a timing never stops a quantization: the rewrite runs it again
+            warnings.warn(f"measuring the rewrite on this machine skipped: {exc}", QinjectWarning, stacklevel=2)
+            return PassResult(model, False)
+        kept, kept_ms, tried = chosen, full_ms, 1
+        if full_ms > float_ms:
+            ranked = self._ranked(model, plan, chosen)
+            sizes = _halvings(len(ranked))
+            candidates = [_keeping(plan, ranked[:k], chosen) for k in sizes]
+            times = interleaved_latency([model, *(self._rewrite(model, p) for p in candidates)], feed,
+                                        self.budget_s)
+            float_ms, tried = times[0], 1 + len(candidates)
+            best = min(range(len(candidates)), key=lambda i: times[1 + i], default=None)
+            if best is not None and times[1 + best] < PARTIAL_GAIN * float_ms:
+                kept, kept_ms = ranked[:sizes[best]], times[1 + best]
+            else:
+                kept, kept_ms = [], float_ms
+            plan = _keeping(plan, kept, chosen)
+            self._note(model, sorted(set(chosen) - set(kept)), full_ms / float_ms, len(chosen))
+        model.meta[qir.CHOSEN_PLAN] = plan
+        model.meta[qir.MEASURED_LATENCY] = {"float_ms": float_ms, "quantized_ms": kept_ms, "tried": tried}
+        return PassResult(model, False)
+
+    def _rewrite(self, model: ir.Model, plan: Plan) -> ir.Model:
+        variant = model.clone()
+        InsertQDQ(plan, method=self.method, percentile=self.percentile)(variant)
+        return variant
+
+    def _ranked(self, model: ir.Model, plan: Plan, chosen: list[str]) -> list[str]:
+        """The chosen nodes, the estimate's largest saving over float first (graph order when the
+        model cannot be priced)."""
+        try:
+            quantized = {n.node: n.latency_us for n in estimate(model, plan, self.table, self.batch,
+                                                                 baselines=False).nodes}
+            floating = {n.node: n.latency_us for n in estimate(model, Plan(None), self.table, self.batch,
+                                                                baselines=False).nodes}
+        except UnsupportedModelError:
+            return chosen
+        return sorted(chosen, key=lambda n: -(floating.get(n, 0.0) - quantized.get(n, 0.0)))
+
+    @staticmethod
+    def _note(model: ir.Model, floated: list[str], ratio: float, total: int) -> None:
+        nodes = {n.name: n for n in model.graph.all_nodes()}
+        why = (f"kept float: the rewrite of all {total} chosen node(s) measured {ratio:.2f}x the float model's "
+               "time on this machine, and this node's estimated saving was among the smallest (--force "
+               "quantizes anyway)")
+        for name in floated:
+            nodes[name].meta.setdefault(qir.QUANT_NOTES, []).append(why)
+
+
+def _halvings(n: int) -> list[int]:
+    """n/2, n/4, ..., 1: how many of the best-credited nodes each candidate keeps (n itself was timed)."""
+    sizes, k = [], n // 2
+    while k >= 1:
+        sizes.append(k)
+        k //= 2
+    return sizes
+
+
+def _keeping(plan: Plan, kept: list[str], chosen: list[str]) -> Plan:
+    """``plan`` with the chosen nodes outside ``kept`` float (named, so the plan still says what was asked)."""
+    keep = set(kept)
+    choices: dict[str, NodeQuant | None] = {name: plan.choice(name) if name in keep else None for name in chosen}
+    return Plan(plan.default, {**plan.nodes, **choices})

@@ -1,0 +1,127 @@
+"""fit-measured: the plan's rewrite is timed against the float model on this machine; a rewrite that
+runs slower keeps float the nodes the estimate credits least, or all of them.
+
+The logic is checked with a stand-in clock (the time a candidate takes is a function of its
+quantized nodes), so it is exact; the real clock is checked only for what holds whatever the
+machine's load: the kept model never measured slower than float."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+import qinject
+from qinject.core import ir as qir
+from qinject.core.errors import UnsupportedModelError
+from qinject.passes.target import fit_measured
+from tests.builders import CNN, run_cli
+
+
+def _clock(cost_of: dict[str, float], base: float = 1.0, per_node: float = 0.0):
+    """A stand-in for ``interleaved_latency``: float runs in ``base`` ms; a rewrite takes ``base`` plus,
+    for each quantized node, ``cost_of[node]`` (negative: a saving) and a fixed ``per_node``."""
+    seen: list[int] = []
+
+    def timings(models, feeds, budget_s=2.0):
+        seen.append(len(models))
+        out = []
+        for model in models:
+            quantized = [n.name for n in model.graph.all_nodes() if qir.QUANT_APPLIED in n.meta]
+            out.append(base + sum(cost_of.get(n, 0.0) + per_node for n in quantized))
+        return out
+
+    timings.seen = seen
+    return timings
+
+
+def _quantize(tmp_path, **kwargs):
+    return qinject.quantize_onnx(CNN / "model.onnx", tmp_path / "q.onnx", calib=CNN / "calib.npz",
+                                 target="local-cpu", progress=False, measure=True, **kwargs)
+
+
+def _names() -> list[str]:
+    return [n.name for n in qir.quantizable_nodes(qinject.load_onnx(CNN / "model.onnx"))]
+
+
+def test_a_rewrite_faster_than_float_is_kept_whole_after_one_timing(tmp_path, monkeypatch):
+    clock = _clock({}, per_node=-0.01)
+    monkeypatch.setattr(fit_measured, "interleaved_latency", clock)
+    result = _quantize(tmp_path, force=False)
+    assert clock.seen == [2]  # float and the plan, once
+    assert result.measured["tried"] == 1 and result.measured["quantized_ms"] < result.measured["float_ms"]
+    assert result.quantized and not any("measured" in n for notes in result.notes.values() for n in notes)
+
+
+def test_a_slower_rewrite_keeps_the_fastest_partial_plan(tmp_path, monkeypatch):
+    """One node costs more than the others save: the candidates that leave it float win."""
+    monkeypatch.setattr(fit_measured, "interleaved_latency", _clock({}, per_node=-0.01))
+    chosen = _quantize(tmp_path).quantized  # what fit-target keeps on local-cpu
+    assert len(chosen) >= 2
+    # the slow node is the one the estimate credits least: the halvings drop it first
+    slow = chosen[0]
+    costs = {name: -0.05 for name in chosen} | {slow: 0.5}
+    clock = _clock(costs)
+    monkeypatch.setattr(fit_measured, "interleaved_latency", clock)
+    monkeypatch.setattr(fit_measured.FitMeasured, "_ranked",
+                        lambda self, model, plan, names: [*(n for n in names if n != slow), slow])
+    result = _quantize(tmp_path)
+    assert clock.seen == [2, 1 + len(fit_measured._halvings(len(chosen)))]  # the plan, then all halvings at once
+    assert slow not in result.quantized
+    assert len(result.quantized) == len(chosen) // 2  # the largest halving: it saves the most
+    assert any("measured" in note and "--force" in note for note in result.notes[slow])
+    assert result.measured["quantized_ms"] < result.measured["float_ms"]
+
+
+def test_no_plan_that_beats_float_by_the_margin_means_nothing_is_quantized(tmp_path, monkeypatch):
+    monkeypatch.setattr(fit_measured, "interleaved_latency", _clock({}, per_node=0.001))
+    with pytest.raises(UnsupportedModelError, match="nothing was quantized.*measured .*x the float model"):
+        _quantize(tmp_path)
+    assert not (tmp_path / "q.onnx").exists()
+    # a gain inside the timing noise (under 3%) is not a gain either
+    monkeypatch.setattr(fit_measured, "interleaved_latency", _clock({}, base=1.0, per_node=0.1))
+    monkeypatch.setattr(fit_measured.FitMeasured, "_ranked", lambda self, model, plan, names: names)
+    with pytest.raises(UnsupportedModelError, match="nothing was quantized"):
+        _quantize(tmp_path)
+
+
+def test_force_and_no_measure_skip_it(tmp_path, monkeypatch):
+    clock = _clock({}, per_node=1.0)  # every rewrite far slower: would float everything
+    monkeypatch.setattr(fit_measured, "interleaved_latency", clock)
+    assert set(_quantize(tmp_path, force=True).quantized) == set(_names())
+    plain = qinject.quantize_onnx(CNN / "model.onnx", tmp_path / "p.onnx", calib=CNN / "calib.npz",
+                                  target="local-cpu", progress=False)
+    assert plain.quantized and plain.measured is None and clock.seen == []
+
+
+def test_the_halvings_of_the_candidates():
+    assert fit_measured._halvings(11) == [5, 2, 1]
+    assert fit_measured._halvings(2) == [1]
+    assert fit_measured._halvings(1) == []
+
+
+def test_on_the_real_clock_the_kept_rewrite_never_measured_slower_than_float(tmp_path):
+    """Whatever this machine's load: either a plan measured no slower than float is written, with its
+    figures, or nothing is quantized and no file is written."""
+    try:
+        result = _quantize(tmp_path)
+    except UnsupportedModelError as exc:
+        assert "measured" in str(exc) and not (tmp_path / "q.onnx").exists()
+        return
+    assert result.measured["quantized_ms"] <= result.measured["float_ms"]
+    assert set(result.quantized) == {n for n in _names() if result.plan.choice(n) is not None}
+
+
+def test_the_cli_measures_by_default_and_says_what_it_kept(tmp_path):
+    measuring = {k: v for k, v in os.environ.items() if k != "QINJECT_NO_MEASURE"}
+    done = run_cli("quantize", CNN / "model.onnx", "-o", tmp_path / "q.onnx", "--calib", CNN / "calib.npz",
+                   env=measuring)
+    if done.returncode == 0:
+        line = next(ln for ln in done.stdout.splitlines() if ln.startswith("measured on this machine"))
+        found = re.search(r"float ([0-9.]+) ms, quantized ([0-9.]+) ms", line)
+        assert found, line
+        assert float(found[2]) <= float(found[1])
+    else:  # slower here whatever was kept: one line, no file
+        assert done.stderr.startswith("error: nothing was quantized") and done.stderr.count("\n") == 1
+        assert not (tmp_path / "q.onnx").exists()
