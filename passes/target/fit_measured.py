@@ -6,8 +6,8 @@ table prices each node alone; what it cannot see is the fixed cost of every extr
 conversions between them, which decides sub-millisecond models (a small BERT export, a Keras toy):
 their rewrite can be priced faster and run slower. So the plan's rewrite is timed against the float
 model on the calibration sample, interleaved (``qinject.runtime.measure``). If it is slower, plans
-keeping only the nodes the estimate credits most (all, half, a quarter, ..., one) are timed together
-with the float model, and the fastest one is kept if it beats float by a margin above the timing
+keeping only the nodes the estimate credits most (all again, half, a quarter, ..., one) are timed
+together with the float model, and the fastest one is kept if it beats float by a margin above the timing
 noise (``PARTIAL_GAIN``); if none does, every node stays
 float (and quantize says nothing was quantized). Each floated node gets a note; the kept plan is
 stored in ``qinject.core.ir.CHOSEN_PLAN`` and the timing in ``MEASURED_LATENCY`` for the report.
@@ -66,21 +66,23 @@ class FitMeasured(Pass):
         except QinjectError as exc:  # a timing never stops a quantization: the rewrite runs it again
             warnings.warn(f"measuring the rewrite on this machine skipped: {exc}", QinjectWarning, stacklevel=2)
             return PassResult(model, False)
-        kept, kept_ms, tried = chosen, full_ms, 1
-        if full_ms > float_ms:
+        kept, kept_ms, tried, first_ratio = chosen, full_ms, 1, full_ms / float_ms
+        if first_ratio > 1.0:
+            # One timing, all candidates interleaved with float (the whole plan again: the first timing
+            # may have been unlucky); each must beat float beyond the noise, since it was found slower.
             ranked = self._ranked(model, plan, chosen)
-            sizes = _halvings(len(ranked))
+            sizes = [len(ranked), *_halvings(len(ranked))]
             candidates = [_keeping(plan, ranked[:k], chosen) for k in sizes]
             times = interleaved_latency([model, *(self._rewrite(model, p) for p in candidates)], feed,
                                         self.budget_s)
-            float_ms, tried = times[0], 1 + len(candidates)
-            best = min(range(len(candidates)), key=lambda i: times[1 + i], default=None)
-            if best is not None and times[1 + best] < PARTIAL_GAIN * float_ms:
-                kept, kept_ms = ranked[:sizes[best]], times[1 + best]
+            tried = 1 + len(candidates)
+            best = min(range(len(candidates)), key=lambda i: times[1 + i])
+            if times[1 + best] < PARTIAL_GAIN * times[0]:
+                kept, kept_ms, float_ms = ranked[:sizes[best]], times[1 + best], times[0]
             else:
-                kept, kept_ms = [], float_ms
+                kept, kept_ms, float_ms = [], times[0], times[0]
             plan = _keeping(plan, kept, chosen)
-            self._note(model, sorted(set(chosen) - set(kept)), full_ms / float_ms, len(chosen))
+            self._note(model, sorted(set(chosen) - set(kept)), first_ratio, len(chosen))
         model.meta[qir.CHOSEN_PLAN] = plan
         model.meta[qir.MEASURED_LATENCY] = {"float_ms": float_ms, "quantized_ms": kept_ms, "tried": tried}
         return PassResult(model, False)

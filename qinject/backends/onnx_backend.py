@@ -180,7 +180,7 @@ def session(model: ir.Model | onnx.ModelProto | str | os.PathLike,
     ``weights`` supplies the tensors of a weightless proto (see ``weightless``) without copying them.
     """
     if isinstance(model, ir.Model):
-        with qir.weightless(model) as stubbed:
+        with qir.weightless(model, numpy_only=True) as stubbed:
             return session(to_proto(model), options, stubbed)
     options = options or session_options()
     mapped = _write_mapping_external_data(model, weights) if weights and isinstance(model, onnx.ModelProto) else None

@@ -53,18 +53,23 @@ PLACEHOLDER_LOCATION = "__qinject_weights_in_memory__"
 
 
 @contextmanager
-def weightless(model: ir.Model, threshold: int = 1024) -> Iterator[dict[str, ir.TensorProtocol]]:
+def weightless(model: ir.Model, threshold: int = 1024, numpy_only: bool = False
+               ) -> Iterator[dict[str, ir.TensorProtocol]]:
     """Within the block, large initializers serialise as external-data stubs instead of bytes.
 
     Serialising hundreds of MB of weights only to hand them to the version converter, shape
     inference or a calibration session costs seconds and doubles memory; the stubs keep the proto
     small. Yields ``name -> tensor`` of the stubbed tensors (no copies), e.g. for
     ``SessionOptions.add_external_initializers``; the real tensors are back in place after the block.
+    ``numpy_only`` keeps inline the tensors whose numpy form onnxruntime cannot take as an OrtValue
+    (4-bit and other sub-byte or ml_dtypes types: their arrays are numpy void).
     """
     swapped: dict[str, ir.TensorProtocol] = {}
     for name, value in model.graph.initializers.items():
         tensor = value.const_value
         # External tensors always: their relative location means nothing to a proto without a folder.
+        if numpy_only and tensor is not None and _void_in_numpy(tensor.dtype):
+            continue
         if tensor is not None and (tensor.nbytes > threshold or isinstance(tensor, ir.ExternalTensor)):
             swapped[name] = tensor
             value.const_value = ir.ExternalTensor(PLACEHOLDER_LOCATION, 0, tensor.nbytes, tensor.dtype,
@@ -74,6 +79,11 @@ def weightless(model: ir.Model, threshold: int = 1024) -> Iterator[dict[str, ir.
     finally:
         for name, tensor in swapped.items():
             model.graph.initializers[name].const_value = tensor
+
+
+def _void_in_numpy(dtype: ir.DataType) -> bool:
+    return dtype.bitwidth < 8 or dtype in (ir.DataType.BFLOAT16, ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ,
+                                           ir.DataType.FLOAT8E5M2, ir.DataType.FLOAT8E5M2FNUZ)
 
 
 def round_trip(model: ir.Model, transform: Callable[[onnx.ModelProto], onnx.ModelProto]) -> ir.Model:
