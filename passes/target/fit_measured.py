@@ -16,6 +16,7 @@ stored in ``qinject.core.ir.CHOSEN_PLAN`` and the timing in ``MEASURED_LATENCY``
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 
 import onnx_ir as ir
 
@@ -24,6 +25,7 @@ from qinject.core.calib_data import QinjectWarning
 from qinject.core.errors import QinjectError, UnsupportedModelError
 from qinject.core.pass_manager import Pass, PassResult
 from qinject.core.plan import NodeQuant, Plan
+from qinject.core.rules import Rules
 from qinject.core.search_result import chosen_plan
 from qinject.cost.estimate import estimate
 from qinject.cost.latency_table import LatencyTable, load_target
@@ -44,14 +46,16 @@ class FitMeasured(Pass):
         batch: the size given to a symbolic batch dimension.
         method, percentile: the activation ranges the rewrite uses (as ``insert-qdq``'s).
         budget_s: seconds each timing takes (the float model's and the candidates' runs interleaved).
+        pinned: the nodes the user's plan names, or the user's rules (a search's): the nodes they name
+            keep what was asked, as in ``fit-target``.
     """
 
     name = "fit-measured"
     analysis = True
 
     def __init__(self, plan: Plan | None, target: LatencyTable | str, batch: int = 1, method: str = "minmax",
-                 percentile: float = 99.99, budget_s: float = 2.0) -> None:
-        self.plan, self.batch = plan, batch
+                 percentile: float = 99.99, budget_s: float = 2.0, pinned: Iterable[str] | Rules = ()) -> None:
+        self.plan, self.batch, self.pinned = plan, batch, pinned
         self.table = target if isinstance(target, LatencyTable) else load_target(target)
         self.method, self.percentile, self.budget_s = method, percentile, budget_s
 
@@ -67,20 +71,23 @@ class FitMeasured(Pass):
             warnings.warn(f"measuring the rewrite on this machine skipped: {exc}", QinjectWarning, stacklevel=2)
             return PassResult(model, False)
         kept, kept_ms, tried, first_ratio = chosen, full_ms, 1, full_ms / float_ms
-        if first_ratio > 1.0:
+        named = set(self.pinned.pins(model)[0]) if isinstance(self.pinned, Rules) else set(self.pinned)
+        pinned = [n for n in chosen if n in named]
+        if first_ratio > 1.0 and len(pinned) < len(chosen):
             # One timing, all candidates interleaved with float (the whole plan again: the first timing
             # may have been unlucky); each must beat float beyond the noise, since it was found slower.
-            ranked = self._ranked(model, plan, chosen)
-            sizes = [len(ranked), *_halvings(len(ranked))]
-            candidates = [_keeping(plan, ranked[:k], chosen) for k in sizes]
+            ranked = self._ranked(model, plan, [n for n in chosen if n not in named])
+            sizes = [len(ranked), *_halvings(len(ranked)), *([0] if pinned else [])]
+            candidates = [_keeping(plan, pinned + ranked[:k], chosen) for k in sizes]
             times = interleaved_latency([model, *(self._rewrite(model, p) for p in candidates)], feed,
                                         self.budget_s)
             tried = 1 + len(candidates)
             best = min(range(len(candidates)), key=lambda i: times[1 + i])
             if times[1 + best] < PARTIAL_GAIN * times[0]:
-                kept, kept_ms, float_ms = ranked[:sizes[best]], times[1 + best], times[0]
-            else:
-                kept, kept_ms, float_ms = [], times[0], times[0]
+                kept, kept_ms = pinned + ranked[:sizes[best]], times[1 + best]
+            else:  # all float but what the plan or rules name (the last candidate, when there is any)
+                kept, kept_ms = pinned, times[-1] if pinned else times[0]
+            float_ms = times[0]
             plan = _keeping(plan, kept, chosen)
             self._note(model, sorted(set(chosen) - set(kept)), first_ratio, len(chosen))
         model.meta[qir.CHOSEN_PLAN] = plan

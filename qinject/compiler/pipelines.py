@@ -93,6 +93,8 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
     times the final plan's rewrite against the float model on this machine and keeps float the nodes
     that make it slower (``passes/target/fit_measured.py``)."""
 
+    # the nodes a user's plan or rules name: every fit leaves them as named
+    pinned = set(plan.nodes) if plan is not None and search is None else set()
     if profile or (fit and target is not None):
         target = target if isinstance(target, LatencyTable) else load_target(target or "local-cpu")
     plugins.load()
@@ -121,7 +123,8 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
             passes.append(BiasCorrection(data, plan))
     if measure and fit and target is not None and target.kind == "measured":
         # last before the rewrite: it times the plan every pass above settled, and the estimate prices its result
-        passes.append(FitMeasured(plan, target, latency_batch, method=method, percentile=percentile))
+        passes.append(FitMeasured(plan, target, latency_batch, method=method, percentile=percentile,
+                                  pinned=pinned if search is None else search.rules or ()))
         plan = None
     if target is not None:
         passes.append(EstimateCost(plan, target, latency_batch))

@@ -16,6 +16,7 @@ import qinject
 from qinject.core import ir as qir
 from qinject.core.errors import UnsupportedModelError
 from qinject.passes.target import fit_measured
+from qinject.plan import NodeQuant, Plan
 from tests.builders import CNN, run_cli
 
 
@@ -125,3 +126,13 @@ def test_the_cli_measures_by_default_and_says_what_it_kept(tmp_path):
     else:  # slower here whatever was kept: one line, no file
         assert done.stderr.startswith("error: nothing was quantized") and done.stderr.count("\n") == 1
         assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_node_the_plan_names_keeps_what_was_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr(fit_measured, "interleaved_latency", _clock({}, per_node=-0.01))
+    chosen = _quantize(tmp_path).quantized
+    slow = chosen[0]
+    monkeypatch.setattr(fit_measured, "interleaved_latency", _clock({slow: 0.5}, per_node=0.01))
+    result = _quantize(tmp_path, plan=Plan(NodeQuant(), {slow: NodeQuant()}))
+    assert result.quantized == [slow]  # the others went float; the named one stayed, slower or not
+    assert result.measured["quantized_ms"] > result.measured["float_ms"]  # the CLI warns about it
