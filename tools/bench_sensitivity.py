@@ -147,7 +147,7 @@ def order_by(scores: dict[str, float], nodes: list[str]) -> list[str]:
 
 def oracle_and_curves(case: Case, model: object, result: Result, table: object, latency_batch: int) -> None:
     """The held-out measurements: each node alone at W4A8, then every ordering's cumulative plans."""
-    from qinject.passes import FoldConstantWeights, FoldConvAffine
+    from qinject.passes import FoldConstants, FoldConvAffine
     from qinject.passes.sensitivity.base import alone, choice_for
 
     from qinject.core.pass_manager import PassManager
@@ -176,7 +176,7 @@ def oracle_and_curves(case: Case, model: object, result: Result, table: object, 
         outs = ex.run(ex.quantized(Plan(None, {n: choice_for(BITS) for n in p})) for p in prefixes)
         accuracy = {frozenset(): result.float_accuracy} | {p: top1(o, truth) for p, o in zip(prefixes, outs)}
 
-    folded = PassManager([FoldConstantWeights(), FoldConvAffine()]).run(load_onnx(case.latency_path)).model
+    folded = PassManager([FoldConstants(), FoldConvAffine()]).run(load_onnx(case.latency_path)).model
     float_us = estimate(folded, Plan(None), table, latency_batch, baselines=False).total_us
     saving = {frozenset(): 0.0}
     for p in prefixes:

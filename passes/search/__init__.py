@@ -4,12 +4,12 @@
 
 from __future__ import annotations
 
-from qinject.passes.search.bisection import BisectionSearch
-from qinject.passes.search.greedy import GreedySearch
-from qinject.passes.search.ilp import IlpSearch
-from qinject.passes.search.pareto import ParetoSweep
+from qinject.passes.search.bisection import Bisection
+from qinject.passes.search.greedy import Greedy
+from qinject.passes.search.ilp import Ilp
+from qinject.passes.search.pareto import Pareto
 
-SEARCH_PASSES = {"bisection": BisectionSearch, "greedy": GreedySearch, "ilp": IlpSearch, "pareto": ParetoSweep}
+SEARCH_PASSES = {"bisection": Bisection, "greedy": Greedy, "ilp": Ilp, "pareto": Pareto}
 SEARCHES = tuple(SEARCH_PASSES)
 
-__all__ = ["SEARCHES", "SEARCH_PASSES", "BisectionSearch", "GreedySearch", "IlpSearch", "ParetoSweep"]
+__all__ = ["SEARCHES", "SEARCH_PASSES", "Bisection", "Greedy", "Ilp", "Pareto"]

@@ -1,5 +1,5 @@
 """Sensitivity signals: one analysis pass per signal (``quant_error``, ``noise``, ``hessian``,
-``interlayer``, ``bit_errors``) over the shared machinery in ``base``; ``SIGNALS`` names them for the
+``interlayer``, ``bit_error``) over the shared machinery in ``base``; ``SIGNALS`` names them for the
 command line, ``signal_pass`` builds one, ``report(model)`` gathers every signal present into one
 JSON-able dict and ``format_table`` prints a signal per node and bit width.
 """
@@ -24,10 +24,10 @@ from qinject.passes.sensitivity.base import (
     signals_present,
     width_label,
 )
-from qinject.passes.sensitivity.bit_errors import BitErrors
-from qinject.passes.sensitivity.hessian import HessianTrace
-from qinject.passes.sensitivity.interlayer import InterLayer
-from qinject.passes.sensitivity.noise import NoiseInjection
+from qinject.passes.sensitivity.bit_error import BitError
+from qinject.passes.sensitivity.hessian import Hessian
+from qinject.passes.sensitivity.interlayer import Interlayer
+from qinject.passes.sensitivity.noise import Noise
 from qinject.passes.sensitivity.quant_error import QuantError
 
 from qinject.core.errors import QinjectError
@@ -35,14 +35,14 @@ from qinject.core.errors import QinjectError
 # The signals by their command-line name: (module in qinject.passes.sensitivity, pass class, signal key).
 SIGNALS = {
     "quant-error": ("quant_error", "QuantError", "quant_error"),
-    "noise": ("noise", "NoiseInjection", "noise"),
-    "hessian": ("hessian", "HessianTrace", "hessian"),
-    "interlayer": ("interlayer", "InterLayer", "interlayer"),
-    "bit-error": ("bit_errors", "BitErrors", "bit_errors"),
+    "noise": ("noise", "Noise", "noise"),
+    "hessian": ("hessian", "Hessian", "hessian"),
+    "interlayer": ("interlayer", "Interlayer", "interlayer"),
+    "bit-error": ("bit_error", "BitError", "bit_error"),
 }
 PASSES: dict[str, type[SensitivityPass]] = {
-    "quant-error": QuantError, "noise": NoiseInjection, "hessian": HessianTrace, "interlayer": InterLayer,
-    "bit-error": BitErrors,
+    "quant-error": QuantError, "noise": Noise, "hessian": Hessian, "interlayer": Interlayer,
+    "bit-error": BitError,
 }
 
 
@@ -96,6 +96,6 @@ def format_table(model: ir.Model, signal: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EVALUATIONS", "PASSES", "SIGNALS", "AnalysisData", "BitErrors", "HessianTrace", "InterLayer",
-           "NodeSignal", "NoiseInjection", "QuantError", "SensitivityPass", "alone", "choice_for",
+__all__ = ["EVALUATIONS", "PASSES", "SIGNALS", "AnalysisData", "BitError", "Hessian", "Interlayer",
+           "NodeSignal", "Noise", "QuantError", "SensitivityPass", "alone", "choice_for",
            "format_table", "ranking", "report", "signal_of", "signal_pass", "signals_present", "width_label"]

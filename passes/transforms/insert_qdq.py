@@ -13,12 +13,12 @@ A tensor quantized through range-preserving ops (MaxPool, Reshape, ...) reuses t
 onnxruntime keeps those ops on integers.
 
 Nodes whose choice is ``dynamic`` or ``weight-only`` (``qinject.plan``) get those forms instead
-(``passes/transforms/insert_qdq_modes.py``): their activations stay float, with no calibrated Q/DQ, so they need
+(``passes/transforms/_insert_qdq_modes.py``): their activations stay float, with no calibrated Q/DQ, so they need
 no calibration statistics; a node without such a form stays float with a note.
 
 Quantizable nodes inside If/Loop/Scan bodies are quantized too, at the plan's choice for their name
 (dynamic and weight-only included), static ones when calibration observed their inputs
-(``qinject.subgraph_taps``): weights and input activations, with the Q/DQ nodes placed in the body
+(``qinject.passes.transforms._subgraph_taps``): weights and input activations, with the Q/DQ nodes placed in the body
 itself so onnxruntime can fuse them there. Their outputs stay float. A note on the control-flow node
 says what was quantized inside and what was not, and why.
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-from qinject.passes.transforms import insert_qdq_modes
+from qinject.passes.transforms import _insert_qdq_modes
 
 from qinject.core import ir as qir
 from qinject.core import numerics, op_facts
@@ -168,14 +168,14 @@ class _Rewrite:
 
     def lower_mode(self, node: ir.Node, choice: NodeQuant) -> bool:
         """Give the node its dynamic or weight-only form, in the graph (or body) that holds it. False,
-        untouched but for a note, where it has none (``insert_qdq_modes.refusal``)."""
-        why = insert_qdq_modes.refusal(node, choice)
+        untouched but for a note, where it has none (``_insert_qdq_modes.refusal``)."""
+        why = _insert_qdq_modes.refusal(node, choice)
         if why is not None:
             node.meta.setdefault(qir.QUANT_NOTES, []).append(why)
             return False
         node.meta[qir.QUANT_APPLIED] = choice
         node.meta.setdefault(qir.QUANT_NOTES, [])
-        core = insert_qdq_modes.lower(node, choice, self)
+        core = _insert_qdq_modes.lower(node, choice, self)
         core.meta.update({qir.QUANT_APPLIED: choice, qir.QUANT_NOTES: node.meta[qir.QUANT_NOTES]})
         if choice.mode == WEIGHT_ONLY:
             self.weight_only.append(core)
@@ -184,7 +184,7 @@ class _Rewrite:
     def note_unfused(self) -> None:
         """Note the weight-only nodes onnxruntime will not fuse, now that every consumer is rewritten."""
         for node in self.weight_only:
-            why = insert_qdq_modes.unfused_note(node)
+            why = _insert_qdq_modes.unfused_note(node)
             if why is not None:
                 node.meta[qir.QUANT_NOTES].append(why)
 

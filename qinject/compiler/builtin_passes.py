@@ -20,7 +20,7 @@ from qinject.passes.sensitivity import SIGNALS, signal_pass
 from qinject.passes.target.estimate_cost import EstimateCost
 from qinject.passes.target.fit_target import FitTarget
 from qinject.passes.transforms.calibrate import Calibrate
-from qinject.passes.transforms.fold_constants import FoldConstantWeights
+from qinject.passes.transforms.fold_constants import FoldConstants
 from qinject.passes.transforms.fold_conv_affine import FoldConvAffine
 from qinject.passes.transforms.insert_qdq import InsertQDQ
 from qinject.passes.transforms.lower_jax_to_onnx import LowerJaxToOnnx
@@ -41,7 +41,7 @@ def _calib(context: Context) -> object:
 (Constant, Identity, Cast, Reshape, ConstantOfShape, ...), so the rewrite sees constant weights.""")
 def _fold_constants(context: Context, o: dict[str, Any]) -> Pass:
 
-    return FoldConstantWeights()
+    return FoldConstants()
 
 
 @register("fold-conv-affine", doc="""Fold BatchNormalization, and Mul/Add by per-channel constants, after a
