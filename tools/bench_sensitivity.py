@@ -105,8 +105,8 @@ def available_signals() -> tuple[list[str], list[str]]:
     """(metrics whose pass exists in this checkout, metrics whose pass does not yet)."""
     from qinject.passes.sensitivity import SIGNALS
 
-    present = [m for m, (module, _, _) in SIGNALS.items()
-               if importlib.util.find_spec(f"qinject.passes.sensitivity.{module}") is not None]
+    present = [m for m, cls in SIGNALS.items()
+               if importlib.util.find_spec(f"qinject.passes.sensitivity.{cls.signal}") is not None]
     return present, [m for m in SIGNALS if m not in present]
 
 
@@ -121,7 +121,7 @@ def analyse(case: Case, metrics: list[str], bits: tuple[int, ...], result: Resul
     model = qinject.analyze(case.path, case.calib, [], bits=bits, progress=False)
     data = AnalysisData.load(case.calib, model, 512)  # analyze's default limit
     for metric in metrics:
-        key = SIGNALS[metric][2]
+        key = SIGNALS[metric].signal
         options = dict(SIGNAL_OPTIONS.get(case.name, {}).get(metric, {}))
         if metric == "interlayer":
             options["base"] = result.interlayer_base = "hessian" if signal_of(model, "hessian") else "quant_error"

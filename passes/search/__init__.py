@@ -9,7 +9,9 @@ from qinject.passes.search.greedy import Greedy
 from qinject.passes.search.ilp import Ilp
 from qinject.passes.search.pareto import Pareto
 
-SEARCH_PASSES = {"bisection": Bisection, "greedy": Greedy, "ilp": Ilp, "pareto": Pareto}
+# The searches by name (``search{algo=...}``, ``--search``): a search's name is its module's and its
+# class's, and its pass's ``algorithm`` (tests/compiler/test_names.py).
+SEARCH_PASSES = {cls.algorithm: cls for cls in (Bisection, Greedy, Ilp, Pareto)}
 SEARCHES = tuple(SEARCH_PASSES)
 
 __all__ = ["SEARCHES", "SEARCH_PASSES", "Bisection", "Greedy", "Ilp", "Pareto"]
