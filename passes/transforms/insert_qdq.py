@@ -404,10 +404,10 @@ class _Rewrite:
             raise UnsupportedModelError(f"node {node.name!r}: bias {b.name!r} contains NaN or Inf")
         scale = (np.float64(act_scales[0]) * weight_scale.astype(np.float64)).astype(np.float32)
         kernel_layout = choice.weights <= 8 and choice.activations <= 8 and scale.size in (1, bias.size)
-        if node.op_type == "Gemm" and (bias.ndim != 1 or _attr(node, "alpha", 1.0) != 1.0
-                                       or _attr(node, "beta", 1.0) != 1.0):
+        unfused = op_facts.bias_unfused(node, bias)
+        if unfused is not None:
             kernel_layout = False
-            notes.append("bias not fused: Gemm bias is not a plain 1-D vector with alpha = beta = 1")
+            notes.append(f"bias not fused: {unfused}")
         if kernel_layout and np.any(np.abs(np.rint(bias / scale.reshape(-1).astype(np.float64))) > INT32_MAX):
             kernel_layout = False
             notes.append("bias not fused: bias / (activation scale x weight scale) overflows int32; "
@@ -482,9 +482,4 @@ def _note_subgraph_nodes(inner: list[ir.Node], owners: dict[int, ir.Node], kept_
 
 def _names(names: list[str]) -> str:
     return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-
-
-def _attr(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else float(attr.value)
 
