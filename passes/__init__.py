@@ -18,18 +18,21 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
-    "Calibrate": "transforms.calibrate", "FoldConstantWeights": "transforms.fold_constants",
+    "Calibrate": "transforms.calibrate", "FoldConstants": "transforms.fold_constants",
     "FoldConvAffine": "transforms.fold_conv_affine", "InsertQDQ": "transforms.insert_qdq",
     "LowerJaxToOnnx": "transforms.lower_jax_to_onnx", "UpgradeOpset": "transforms.upgrade_opset",
     "EstimateCost": "target.estimate_cost", "FitMeasured": "target.fit_measured", "FitTarget": "target.fit_target",
     "ProfileTarget": "target.profile_target",
     "AdaRound": "rounding.adaround", "BiasCorrection": "rounding.bias_correction",
-    "BisectionSearch": "search", "GreedySearch": "search", "IlpSearch": "search", "ParetoSweep": "search",
+    "Bisection": "search", "Greedy": "search", "Ilp": "search", "Pareto": "search",
     "SEARCH_PASSES": "search",
 }
+# Old spellings the README once showed, still accepted: the class each now names.
+_RENAMED = {"FoldConstantWeights": "FoldConstants"}
 
 
 def __getattr__(name: str) -> object:
+    name = _RENAMED.get(name, name)
     if name in _WHERE:
         return getattr(importlib.import_module(f"qinject.passes.{_WHERE[name]}"), name)
     raise AttributeError(f"module 'qinject.passes' has no attribute {name!r}")
@@ -39,6 +42,6 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_WHERE])
 
 
-__all__ = ["SEARCH_PASSES", "AdaRound", "BiasCorrection", "BisectionSearch", "Calibrate", "EstimateCost",
-           "FitMeasured", "FitTarget", "FoldConstantWeights", "FoldConvAffine", "GreedySearch", "IlpSearch", "InsertQDQ",
-           "LowerJaxToOnnx", "ParetoSweep", "ProfileTarget", "UpgradeOpset"]
+__all__ = ["SEARCH_PASSES", "AdaRound", "BiasCorrection", "Bisection", "Calibrate", "EstimateCost",
+           "FitMeasured", "FitTarget", "FoldConstants", "FoldConvAffine", "Greedy", "Ilp", "InsertQDQ",
+           "LowerJaxToOnnx", "Pareto", "ProfileTarget", "UpgradeOpset"]

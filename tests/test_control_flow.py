@@ -1,6 +1,6 @@
 """Control flow: models with If, Loop and Scan subgraphs whose bodies hold quantizable MatMuls that
 read outer-scope weights and values. Main graph and body nodes are quantized (calibration observes
-body tensors through taps: qinject.subgraph_taps), Q/DQ sit inside the bodies, the output is
+body tensors through taps: qinject._subgraph_taps), Q/DQ sit inside the bodies, the output is
 checker-valid, and onnxruntime runs it on integer kernels inside the bodies with outputs near float
 (W8A8: output SQNR >= 25 dB; 27-40 dB measured, the Loop lowest: its state is requantized on each of
 its 3 iterations). What cannot be calibrated (a branch that never ran; a Loop body tensor whose shape

@@ -164,13 +164,13 @@ def measure_all(paths: dict[str, Path], feeds: dict[str, np.ndarray]) -> dict[st
 
 
 def estimate_all(case: Case, plans: dict, table) -> dict[str, object]:
-    from qinject.passes import FoldConstantWeights, FoldConvAffine
+    from qinject.passes import FoldConstants, FoldConvAffine
 
     from qinject.core.pass_manager import PassManager
     from qinject.cost.estimate import estimate
     from qinject.frontends.onnx_frontend import load_onnx
 
-    folded = PassManager([FoldConstantWeights(), FoldConvAffine()]).run(load_onnx(case.path)).model
+    folded = PassManager([FoldConstants(), FoldConvAffine()]).run(load_onnx(case.path)).model
     return {label: estimate(folded, plan, table, case.batch, baselines=False) for label, plan in plans.items()}
 
 

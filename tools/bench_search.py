@@ -122,12 +122,12 @@ def make_case(name: str, work: Path, latency_batch: int) -> Case:
 
 
 def priced_model(case: Case) -> object:
-    from qinject.passes import FoldConstantWeights, FoldConvAffine
+    from qinject.passes import FoldConstants, FoldConvAffine
 
     import qinject
     from qinject.core.pass_manager import PassManager
 
-    return PassManager([FoldConstantWeights(), FoldConvAffine()]).run(qinject.load_onnx(case.latency_path)).model
+    return PassManager([FoldConstants(), FoldConvAffine()]).run(qinject.load_onnx(case.latency_path)).model
 
 
 def ort_score(case: Case, work: Path, evaluator: object) -> tuple[float, str]:

@@ -105,8 +105,8 @@ def available_signals() -> tuple[list[str], list[str]]:
     """(metrics whose pass exists in this checkout, metrics whose pass does not yet)."""
     from qinject.passes.sensitivity import SIGNALS
 
-    present = [m for m, (module, _, _) in SIGNALS.items()
-               if importlib.util.find_spec(f"qinject.passes.sensitivity.{module}") is not None]
+    present = [m for m, cls in SIGNALS.items()
+               if importlib.util.find_spec(f"qinject.passes.sensitivity.{cls.signal}") is not None]
     return present, [m for m in SIGNALS if m not in present]
 
 
@@ -121,7 +121,7 @@ def analyse(case: Case, metrics: list[str], bits: tuple[int, ...], result: Resul
     model = qinject.analyze(case.path, case.calib, [], bits=bits, progress=False)
     data = AnalysisData.load(case.calib, model, 512)  # analyze's default limit
     for metric in metrics:
-        key = SIGNALS[metric][2]
+        key = SIGNALS[metric].signal
         options = dict(SIGNAL_OPTIONS.get(case.name, {}).get(metric, {}))
         if metric == "interlayer":
             options["base"] = result.interlayer_base = "hessian" if signal_of(model, "hessian") else "quant_error"
@@ -147,7 +147,7 @@ def order_by(scores: dict[str, float], nodes: list[str]) -> list[str]:
 
 def oracle_and_curves(case: Case, model: object, result: Result, table: object, latency_batch: int) -> None:
     """The held-out measurements: each node alone at W4A8, then every ordering's cumulative plans."""
-    from qinject.passes import FoldConstantWeights, FoldConvAffine
+    from qinject.passes import FoldConstants, FoldConvAffine
     from qinject.passes.sensitivity.base import alone, choice_for
 
     from qinject.core.pass_manager import PassManager
@@ -176,7 +176,7 @@ def oracle_and_curves(case: Case, model: object, result: Result, table: object, 
         outs = ex.run(ex.quantized(Plan(None, {n: choice_for(BITS) for n in p})) for p in prefixes)
         accuracy = {frozenset(): result.float_accuracy} | {p: top1(o, truth) for p, o in zip(prefixes, outs)}
 
-    folded = PassManager([FoldConstantWeights(), FoldConvAffine()]).run(load_onnx(case.latency_path)).model
+    folded = PassManager([FoldConstants(), FoldConvAffine()]).run(load_onnx(case.latency_path)).model
     float_us = estimate(folded, Plan(None), table, latency_batch, baselines=False).total_us
     saving = {frozenset(): 0.0}
     for p in prefixes:

@@ -134,7 +134,7 @@ class AdaRound(Pass):
         v, state = jnp.asarray(v0, jnp.float32), optimiser.init(jnp.asarray(v0, jnp.float32))
         rng = np.random.default_rng(seed)
         warm = int(0.2 * self.iterations)
-        if node.op_type in ("MatMul", "Gemm") and node.domain in ("", "ai.onnx") and x.ndim > 2:
+        if op_facts.fact(node).dense and x.ndim > 2:
             x = x.reshape(-1, x.shape[-1])  # a dense layer acts on each row (position) alone
             rows = 8 * self.batch
         else:

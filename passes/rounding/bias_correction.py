@@ -66,7 +66,8 @@ class BiasCorrection(Pass):
             reference = np.asarray(node.meta.get(FLOAT_WEIGHT, w), dtype=np.float32)
             f = jax.jit(node_function(program, node))
             x = inputs[node.name]
-            shift = np.mean(np.asarray(f(x, wq)) - np.asarray(f(x, reference)), axis=_non_channel_axes(node, x))
+            diff = np.asarray(f(x, wq)) - np.asarray(f(x, reference))
+            shift = np.mean(diff, axis=_non_channel_axes(node, diff.ndim))
             bias = node.inputs[op_facts.fact(node).bias_input]
             old = bias.const_value.numpy()
             bias.const_value = ir.tensor((old - shift.reshape(old.shape)).astype(old.dtype), name=bias.name)
@@ -86,8 +87,7 @@ def _own_bias(node: ir.Node) -> bool:
     return True
 
 
-def _non_channel_axes(node: ir.Node, x: np.ndarray) -> tuple[int, ...]:
-    """The output axes other than the channel one: Conv's channel is axis 1, Gemm's/MatMul's last."""
-    out_rank = x.ndim if node.op_type != "Gemm" else 2
-    channel = 1 if node.op_type in ("Conv", "ConvTranspose") else out_rank - 1
-    return tuple(i for i in range(out_rank) if i != channel)
+def _non_channel_axes(node: ir.Node, rank: int) -> tuple[int, ...]:
+    """The output axes other than its channel one (the op facts': Conv's axis 1, Gemm's last)."""
+    channel = op_facts.output_channel_axis(node, rank)
+    return tuple(i for i in range(rank) if i != channel)

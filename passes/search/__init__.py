@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
-from qinject.passes.search.bisection import BisectionSearch
-from qinject.passes.search.greedy import GreedySearch
-from qinject.passes.search.ilp import IlpSearch
-from qinject.passes.search.pareto import ParetoSweep
+from qinject.passes.search.bisection import Bisection
+from qinject.passes.search.greedy import Greedy
+from qinject.passes.search.ilp import Ilp
+from qinject.passes.search.pareto import Pareto
 
-SEARCH_PASSES = {"bisection": BisectionSearch, "greedy": GreedySearch, "ilp": IlpSearch, "pareto": ParetoSweep}
+# The searches by name (``search{algo=...}``, ``--search``): a search's name is its module's and its
+# class's, and its pass's ``algorithm`` (tests/compiler/test_names.py).
+SEARCH_PASSES = {cls.algorithm: cls for cls in (Bisection, Greedy, Ilp, Pareto)}
 SEARCHES = tuple(SEARCH_PASSES)
 
-__all__ = ["SEARCHES", "SEARCH_PASSES", "BisectionSearch", "GreedySearch", "IlpSearch", "ParetoSweep"]
+__all__ = ["SEARCHES", "SEARCH_PASSES", "Bisection", "Greedy", "Ilp", "Pareto"]

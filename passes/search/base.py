@@ -138,7 +138,7 @@ class SearchSpace:
         self.priced = priced_model(latency_model if latency_model is not None else model, batch)
         if latency_model is not None and [n.name for n in qir.searchable_nodes(self.priced)] != self.all_nodes:
             raise QinjectError("the latency model's quantizable nodes differ from the model's")
-        key = SIGNALS[signal][2] if signal in SIGNALS else signal
+        key = SIGNALS[signal].signal if signal in SIGNALS else signal
         values = signal_of(model, key)
         missing = [n for n in self.nodes if n not in values]
         if missing:

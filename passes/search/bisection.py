@@ -7,7 +7,7 @@ from qinject.passes.search.base import SearchPass, SearchSpace, last_passing
 from qinject.core.search_result import SearchResult
 
 
-class BisectionSearch(SearchPass):
+class Bisection(SearchPass):
     """Lower nodes 16 → 8 → 4 bits in order of sensitivity per microsecond saved, keeping the
     longest prefix that meets the budget at each level (found by ``last_passing``: about log2(N)
     evaluations per level, fewer when the predicted damage tracks the metric), or the fastest

@@ -7,7 +7,7 @@ from qinject.passes.search.base import SearchPass, SearchSpace
 from qinject.core.search_result import SearchResult
 
 
-class GreedySearch(SearchPass):
+class Greedy(SearchPass):
     """Lower nodes 16 → 8 → 4 bits one at a time, in order of sensitivity per microsecond saved,
     keeping each lowering that still meets the budget (one evaluation per node and level, after
     one for the whole level lowered at once, which settles the level when it passes and is faster).

@@ -80,7 +80,7 @@ def adjacent_pairs(model: ir.Model) -> list[tuple[str, str]]:
     return sorted(pairs, key=lambda p: (order[p[0]], order[p[1]]))
 
 
-class Ilp:
+class IlpProblem:
     """The 0/1 program: x[n, b] = 1 when node n runs at width b; y[(u, v), (a, b)] linearises
     x[u, a]·x[v, b] for each pair term of the latency model."""
 
@@ -145,7 +145,7 @@ class Ilp:
         return {n: b for (n, b), i in self.x.items() if res.x[i] > 0.5}
 
 
-class IlpSearch(SearchPass):
+class Ilp(SearchPass):
     """Choose bits per node by integer programming over the latency model (``LatencyModel``:
     each node at each width plus the conversions between adjacent nodes of different widths) and
     the nodes' summed sensitivity.
@@ -176,7 +176,7 @@ class IlpSearch(SearchPass):
         free = set(space.nodes)
         pairs = [(u, v) for u, v in adjacent_pairs(space.priced) if u in free and v in free]
         model = LatencyModel.fit(space, pairs)
-        ilp = Ilp(model, space.scores, pairs if self.tie_residuals else ())
+        ilp = IlpProblem(model, space.scores, pairs if self.tie_residuals else ())
         top, bottom = space.uniform(space.levels[0]), space.uniform(space.levels[-1])
         if self.objective == "latency":
             most = space.damage(bottom) - space.damage(top)

@@ -6,13 +6,13 @@ import os
 from pathlib import Path
 
 from qinject.passes.search.base import SearchSpace
-from qinject.passes.search.ilp import IlpSearch
+from qinject.passes.search.ilp import Ilp
 
 from qinject.core.errors import QinjectError
 from qinject.core.search_result import SearchResult, Trial
 
 
-class ParetoSweep(IlpSearch):
+class Pareto(Ilp):
     """Evaluate the ILP frontier (W16A16 to the fastest plan, ``points`` sensitivity budgets) and
     keep the measured Pareto front: the plans no other plan beats on both metric and latency. The
     chosen plan is the fastest front point that meets the budget. It costs one evaluation per

@@ -1,6 +1,6 @@
 """Sensitivity signals: one analysis pass per signal (``quant_error``, ``noise``, ``hessian``,
-``interlayer``, ``bit_errors``) over the shared machinery in ``base``; ``SIGNALS`` names them for the
-command line, ``signal_pass`` builds one, ``report(model)`` gathers every signal present into one
+``interlayer``, ``bit_error``) over the shared machinery in ``base``; ``SIGNALS`` names them for the
+pipelines and the command line, ``signal_pass`` builds one, ``report(model)`` gathers every signal present into one
 JSON-able dict and ``format_table`` prints a signal per node and bit width.
 """
 
@@ -24,26 +24,19 @@ from qinject.passes.sensitivity.base import (
     signals_present,
     width_label,
 )
-from qinject.passes.sensitivity.bit_errors import BitErrors
-from qinject.passes.sensitivity.hessian import HessianTrace
-from qinject.passes.sensitivity.interlayer import InterLayer
-from qinject.passes.sensitivity.noise import NoiseInjection
+from qinject.passes.sensitivity.bit_error import BitError
+from qinject.passes.sensitivity.hessian import Hessian
+from qinject.passes.sensitivity.interlayer import Interlayer
+from qinject.passes.sensitivity.noise import Noise
 from qinject.passes.sensitivity.quant_error import QuantError
 
 from qinject.core.errors import QinjectError
 
-# The signals by their command-line name: (module in qinject.passes.sensitivity, pass class, signal key).
-SIGNALS = {
-    "quant-error": ("quant_error", "QuantError", "quant_error"),
-    "noise": ("noise", "NoiseInjection", "noise"),
-    "hessian": ("hessian", "HessianTrace", "hessian"),
-    "interlayer": ("interlayer", "InterLayer", "interlayer"),
-    "bit-error": ("bit_errors", "BitErrors", "bit_errors"),
-}
-PASSES: dict[str, type[SensitivityPass]] = {
-    "quant-error": QuantError, "noise": NoiseInjection, "hessian": HessianTrace, "interlayer": InterLayer,
-    "bit-error": BitErrors,
-}
+# The signals by name (``sensitivity{metric=...}``, ``--signal``, ``--metric``): a signal's name is its
+# module's (``bit_error.py`` -> ``bit-error``) and its class's (``BitError``); its pass's ``signal`` is
+# the key its values are stored under, the module's name again (tests/compiler/test_names.py).
+SIGNALS: dict[str, type[SensitivityPass]] = {
+    cls.signal.replace("_", "-"): cls for cls in (QuantError, Noise, Hessian, Interlayer, BitError)}
 
 
 def signal_pass(metric: str, data: object, **options: object) -> SensitivityPass:
@@ -51,7 +44,7 @@ def signal_pass(metric: str, data: object, **options: object) -> SensitivityPass
 
     if metric not in SIGNALS:
         raise QinjectError(f"unknown sensitivity metric {metric!r} (expected one of {', '.join(SIGNALS)})")
-    return PASSES[metric](data, **options)
+    return SIGNALS[metric](data, **options)
 
 
 def report(model: ir.Model) -> dict:
@@ -72,9 +65,9 @@ def report(model: ir.Model) -> dict:
 def _cost_unit(signal: str) -> str:
     """What a signal's recorded count counts (its pass says: evaluations, or Hessian-vector products)."""
 
-    for name, (_, _, key) in SIGNALS.items():
-        if key == signal:
-            return PASSES[name].cost_unit
+    for cls in SIGNALS.values():
+        if cls.signal == signal:
+            return cls.cost_unit
     return "model evaluations"
 
 
@@ -96,6 +89,6 @@ def format_table(model: ir.Model, signal: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["EVALUATIONS", "PASSES", "SIGNALS", "AnalysisData", "BitErrors", "HessianTrace", "InterLayer",
-           "NodeSignal", "NoiseInjection", "QuantError", "SensitivityPass", "alone", "choice_for",
+__all__ = ["EVALUATIONS", "SIGNALS", "AnalysisData", "BitError", "Hessian", "Interlayer",
+           "NodeSignal", "Noise", "QuantError", "SensitivityPass", "alone", "choice_for",
            "format_table", "ranking", "report", "signal_of", "signal_pass", "signals_present", "width_label"]

@@ -56,7 +56,7 @@ from qinject.core.pass_manager import PassResult
 from qinject.runtime.damage import EPS, is_classifier, probabilities
 
 
-class HessianTrace(SensitivityPass):
+class Hessian(SensitivityPass):
     """HAWQ's Ω per node and bit width: per-parameter Hessian trace times the weight's quantization
     error. A node without a float constant weight (an attention MatMul) scores 0 at every width,
     with ``details["weight"] = None``: Ω weighs weight error only.

@@ -39,7 +39,7 @@ from qinject.runtime.damage import damage
 from qinject.runtime.executor import Executor
 
 
-class InterLayer(SensitivityPass):
+class Interlayer(SensitivityPass):
     """Conditional sensitivity along a base signal's order, and optional adjacent-pair interactions.
 
     Options (besides ``SensitivityPass``'s):

@@ -53,7 +53,7 @@ from qinject.runtime.damage import damage
 from qinject.runtime.executor import Executor
 
 
-class NoiseInjection(SensitivityPass):
+class Noise(SensitivityPass):
     """Damage of b-bit rounding noise injected at one node's weight and activation inputs.
 
     Options (besides ``SensitivityPass``'s evaluation data, bit widths, seed, workers, progress,

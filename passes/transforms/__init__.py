@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 from qinject.passes.transforms.calibrate import Calibrate
-from qinject.passes.transforms.fold_constants import FoldConstantWeights
+from qinject.passes.transforms.fold_constants import FoldConstants
 from qinject.passes.transforms.fold_conv_affine import FoldConvAffine
 from qinject.passes.transforms.insert_qdq import InsertQDQ
 from qinject.passes.transforms.lower_jax_to_onnx import LowerJaxToOnnx
@@ -20,7 +20,7 @@ from qinject.core.plan import Plan
 def prepare() -> list[Pass]:
     """What every pipeline runs first, and what the cost model sees: the constant chains feeding
     weights folded, Conv affines fused."""
-    return [FoldConstantWeights(), FoldConvAffine()]
+    return [FoldConstants(), FoldConvAffine()]
 
 
 def rewrite(plan: Plan, calib: object, method: str = "minmax", batch_size: int = 16, percentile: float = 99.99,
@@ -45,5 +45,5 @@ def keep_slow_kernels_float(model: ir.Model, plan: Plan) -> tuple[Plan, dict[str
     return Plan(plan.default, {**plan.nodes, **dict.fromkeys(kept)}), kept
 
 
-__all__ = ["Calibrate", "FoldConstantWeights", "FoldConvAffine", "InsertQDQ", "LowerJaxToOnnx", "UpgradeOpset",
+__all__ = ["Calibrate", "FoldConstants", "FoldConvAffine", "InsertQDQ", "LowerJaxToOnnx", "UpgradeOpset",
            "keep_slow_kernels_float", "prepare", "rewrite"]

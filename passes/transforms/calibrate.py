@@ -9,7 +9,7 @@ Memory is one batch of activations plus the histograms, whatever the number of s
 itself is chosen later, by the rewrite, because the best clipping depends on the bit width.
 
 Tensors inside If/Loop/Scan bodies that feed quantizable nodes there are routed out to extra outputs
-of the calibration model (``qinject.subgraph_taps``); if onnxruntime refuses that model (a Loop body
+of the calibration model (``qinject.passes.transforms._subgraph_taps``); if onnxruntime refuses that model (a Loop body
 tensor whose shape varies by iteration), calibration warns and observes the main graph only, and
 the rewrite leaves those nodes float with a note.
 """
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import onnx
 import onnx_ir as ir
-from qinject.passes.transforms import subgraph_taps
+from qinject.passes.transforms import _subgraph_taps
 from tqdm.auto import tqdm
 
 from qinject.backends import jax_backend, onnx_backend
@@ -181,7 +181,7 @@ def _with_outputs(model: ir.Model, values: list[ir.Value]) -> tuple[onnx.ModelPr
     proto = onnx_backend.to_proto(model)
     present = {o.name for o in proto.graph.output}
     inner = {v.name: _elem(v) for v in values if v.graph is not model.graph}
-    routed = subgraph_taps.tap(proto, inner) if inner else {}
+    routed = _subgraph_taps.tap(proto, inner) if inner else {}
     missing = sorted(set(inner) - set(routed))
     if missing:
         raise CalibrationDataError(f"cannot route body tensor(s) {missing} out of their control-flow node")

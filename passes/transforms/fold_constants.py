@@ -23,7 +23,7 @@ FOLDABLE = frozenset({
 })
 
 
-class FoldConstantWeights(Pass):
+class FoldConstants(Pass):
     """Replace constant chains feeding quantizable weights/biases by initializers."""
 
     name = "fold-constants"

@@ -13,12 +13,12 @@ A tensor quantized through range-preserving ops (MaxPool, Reshape, ...) reuses t
 onnxruntime keeps those ops on integers.
 
 Nodes whose choice is ``dynamic`` or ``weight-only`` (``qinject.plan``) get those forms instead
-(``passes/transforms/insert_qdq_modes.py``): their activations stay float, with no calibrated Q/DQ, so they need
+(``passes/transforms/_insert_qdq_modes.py``): their activations stay float, with no calibrated Q/DQ, so they need
 no calibration statistics; a node without such a form stays float with a note.
 
 Quantizable nodes inside If/Loop/Scan bodies are quantized too, at the plan's choice for their name
 (dynamic and weight-only included), static ones when calibration observed their inputs
-(``qinject.subgraph_taps``): weights and input activations, with the Q/DQ nodes placed in the body
+(``qinject.passes.transforms._subgraph_taps``): weights and input activations, with the Q/DQ nodes placed in the body
 itself so onnxruntime can fuse them there. Their outputs stay float. A note on the control-flow node
 says what was quantized inside and what was not, and why.
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-from qinject.passes.transforms import insert_qdq_modes
+from qinject.passes.transforms import _insert_qdq_modes
 
 from qinject.core import ir as qir
 from qinject.core import numerics, op_facts
@@ -168,14 +168,14 @@ class _Rewrite:
 
     def lower_mode(self, node: ir.Node, choice: NodeQuant) -> bool:
         """Give the node its dynamic or weight-only form, in the graph (or body) that holds it. False,
-        untouched but for a note, where it has none (``insert_qdq_modes.refusal``)."""
-        why = insert_qdq_modes.refusal(node, choice)
+        untouched but for a note, where it has none (``_insert_qdq_modes.refusal``)."""
+        why = _insert_qdq_modes.refusal(node, choice)
         if why is not None:
             node.meta.setdefault(qir.QUANT_NOTES, []).append(why)
             return False
         node.meta[qir.QUANT_APPLIED] = choice
         node.meta.setdefault(qir.QUANT_NOTES, [])
-        core = insert_qdq_modes.lower(node, choice, self)
+        core = _insert_qdq_modes.lower(node, choice, self)
         core.meta.update({qir.QUANT_APPLIED: choice, qir.QUANT_NOTES: node.meta[qir.QUANT_NOTES]})
         if choice.mode == WEIGHT_ONLY:
             self.weight_only.append(core)
@@ -184,7 +184,7 @@ class _Rewrite:
     def note_unfused(self) -> None:
         """Note the weight-only nodes onnxruntime will not fuse, now that every consumer is rewritten."""
         for node in self.weight_only:
-            why = insert_qdq_modes.unfused_note(node)
+            why = _insert_qdq_modes.unfused_note(node)
             if why is not None:
                 node.meta[qir.QUANT_NOTES].append(why)
 
@@ -404,10 +404,10 @@ class _Rewrite:
             raise UnsupportedModelError(f"node {node.name!r}: bias {b.name!r} contains NaN or Inf")
         scale = (np.float64(act_scales[0]) * weight_scale.astype(np.float64)).astype(np.float32)
         kernel_layout = choice.weights <= 8 and choice.activations <= 8 and scale.size in (1, bias.size)
-        if node.op_type == "Gemm" and (bias.ndim != 1 or _attr(node, "alpha", 1.0) != 1.0
-                                       or _attr(node, "beta", 1.0) != 1.0):
+        unfused = op_facts.bias_unfused(node, bias)
+        if unfused is not None:
             kernel_layout = False
-            notes.append("bias not fused: Gemm bias is not a plain 1-D vector with alpha = beta = 1")
+            notes.append(f"bias not fused: {unfused}")
         if kernel_layout and np.any(np.abs(np.rint(bias / scale.reshape(-1).astype(np.float64))) > INT32_MAX):
             kernel_layout = False
             notes.append("bias not fused: bias / (activation scale x weight scale) overflows int32; "
@@ -482,9 +482,4 @@ def _note_subgraph_nodes(inner: list[ir.Node], owners: dict[int, ir.Node], kept_
 
 def _names(names: list[str]) -> str:
     return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-
-
-def _attr(node: ir.Node, name: str, default: float) -> float:
-    attr = node.attributes.get(name)
-    return default if attr is None else float(attr.value)
 

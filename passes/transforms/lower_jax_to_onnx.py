@@ -31,8 +31,8 @@ from collections import Counter
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
-from qinject.passes.transforms import jax_to_onnx_rules  # noqa: F401  (importing it fills RULES)
-from qinject.passes.transforms.jax_lowering import (
+from qinject.passes.transforms import _jax_to_onnx_rules  # noqa: F401  (importing it fills RULES)
+from qinject.passes.transforms._jax_lowering import (
     JAX,
     RULES,
     Emitter,

@@ -33,10 +33,9 @@ from qinject.app.plots import node_latency_plot, sensitivity_plot
 from qinject.app.report import build_report
 from qinject.backends import onnx_backend
 from qinject.compiler import plugins
-from qinject.compiler.builtin_passes import SEARCH_NAMES, SIGNAL_NAMES
 from qinject.compiler.instrument import IRDump, PrintIRAfter, VerifyEach, timing_table
 from qinject.compiler.pipeline import parse
-from qinject.compiler.registry import Context, build, describe, passes
+from qinject.compiler.registry import Context, build, choices, describe, passes
 from qinject.core import ir as qir
 from qinject.core.errors import QinjectError
 from qinject.core.jsonfile import write_json
@@ -119,12 +118,12 @@ def cli() -> None:
               help="Input shape for latency estimates (repeatable; default: the shapes calibration saw).")
 @click.option("--max-drop", help="Search a mixed-precision plan within this accuracy budget: '1%' relative, "
               "'0.5pt' absolute points, or a number (absolute). Default 1% when --search is given.")
-@click.option("--search", "algorithm", type=click.Choice(SEARCH_NAMES),
+@click.option("--search", "algorithm", type=click.Choice(choices("search", "algo")),
               help="Search algorithm (default bisection when --max-drop is given).")
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path),
               help="Evaluation .npz (or a folder of them): inputs by name, optional 'labels' (top-1 accuracy; "
               "without: agreement with the float model, or output fidelity). Default: the calibration data.")
-@click.option("--signal", type=click.Choice(SIGNAL_NAMES),
+@click.option("--signal", type=click.Choice(choices("sensitivity", "metric")),
               default="quant-error", show_default=True, help="Sensitivity signal the search ranks nodes by.")
 @click.option("--adaround", is_flag=True, help="AdaRound the weights of static nodes: per-channel at 4 bits, per-tensor up to 8 (a search: its 4-bit nodes).")
 @click.option("--bias-correction", is_flag=True, help="Correct the biases of the nodes --adaround acts on for their rounding (after --adaround: for its rounding).")
@@ -279,7 +278,7 @@ def cost(model: Path, target: str, plan_path: Path | None, weights: str, activat
               help="Calibration data (.npz keyed by input name, or a folder); also the evaluation data "
                    "unless --eval is given.")
 @click.option("--metric", "metrics", multiple=True, required=True,
-              type=click.Choice(SIGNAL_NAMES),
+              type=click.Choice(choices("sensitivity", "metric")),
               help="Sensitivity signal(s) to compute (repeat the option for several).")
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path),
               help="Evaluation .npz: inputs by name and optional 'labels' (then damage is a loss increase).")

@@ -8,7 +8,7 @@ import os
 from qinject.core import op_facts
 from qinject.core.ir import quantizable_nodes, subgraph_owners, subgraph_quantizable_nodes
 from qinject.frontends.onnx_frontend import load_onnx
-from qinject.passes.transforms.fold_constants import FoldConstantWeights
+from qinject.passes.transforms.fold_constants import FoldConstants
 
 
 def quantizable_table(path: str | os.PathLike) -> tuple[list[list[object]], int]:
@@ -16,7 +16,7 @@ def quantizable_table(path: str | os.PathLike) -> tuple[list[list[object]], int]
     name says which main-graph node holds them (``name (in loop)``; MACs there are per iteration).
     Returns the rows and how many of them are inside bodies."""
     model = load_onnx(path)
-    FoldConstantWeights()(model)
+    FoldConstants()(model)
     owners = subgraph_owners(model)
     rows = []
     inner = subgraph_quantizable_nodes(model)

@@ -26,6 +26,7 @@ always correct.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +87,8 @@ def plan_for(node: ir.Node) -> Kernel | None:
     lhs, rhs = _operand(node, 0), _operand(node, 1)
     if lhs is None or rhs is None:
         return None
-    build = _BUILDERS.get((node.domain or "", node.op_type))
+    name = op_facts.fact(node).integer_kernel
+    build = INTEGER_KERNELS.get(name) if name is not None else None
     return build(node, lhs, rhs) if build else None
 
 
@@ -250,6 +252,25 @@ def _ones_like_broadcast(x: Any, kernel: Kernel, side: str) -> np.ndarray:
 
 
 # -- from each quantizable op to its kernel -----------------------------------------------------------------
+# Builders by the name an op's facts give (``OpFact.integer_kernel``): ``builder(node, lhs, rhs)`` maps
+# the node onto a dot or a convolution (a ``Kernel``), or returns None (it then runs in float).
+Builder = Callable[[ir.Node, Operand, Operand], "Kernel | None"]
+INTEGER_KERNELS: dict[str, Builder] = {}
+
+
+def integer_kernel(name: str) -> Callable[[Builder], Builder]:
+    """Register the decorated builder under ``name`` (what an op-facts entry's ``integer_kernel``
+    names; a plugin's op registers its own)."""
+
+    def register(fn: Builder) -> Builder:
+        if name in INTEGER_KERNELS:
+            raise ValueError(f"integer kernel {name!r} has two builders")
+        INTEGER_KERNELS[name] = fn
+        return fn
+
+    return register
+
+
 def _dot_output_axis(dims: Any, ranks: tuple[int, int], side: int, axis: int) -> int | None:
     """Where dimension ``axis`` of operand ``side`` lands in dot_general's output (None: contracted)."""
     (contract_l, contract_r), (batch_l, batch_r) = dims
@@ -265,7 +286,7 @@ def _dot_output_axis(dims: Any, ranks: tuple[int, int], side: int, axis: int) ->
     return len(batch_l) + len(free_l) + free_r.index(axis)
 
 
-def _dot_kernel(node: ir.Node, lhs: Operand, rhs: Operand, dims: Any, **extra: Any) -> Kernel | None:
+def dot_kernel(node: ir.Node, lhs: Operand, rhs: Operand, dims: Any, **extra: Any) -> Kernel | None:
     ranks = (len(node.inputs[0].shape), len(node.inputs[1].shape))
     out_channel = {}
     for side, operand in enumerate((lhs, rhs)):
@@ -278,10 +299,12 @@ def _dot_kernel(node: ir.Node, lhs: Operand, rhs: Operand, dims: Any, **extra: A
     return Kernel("dot", {"dimension_numbers": dims}, lhs, rhs, out_channel, **extra)
 
 
+@integer_kernel("jax-dot")
 def _jax_dot(node: ir.Node, lhs: Operand, rhs: Operand) -> Kernel | None:
-    return _dot_kernel(node, lhs, rhs, op_facts.jax_params(node)["dimension_numbers"])
+    return dot_kernel(node, lhs, rhs, op_facts.jax_params(node)["dimension_numbers"])
 
 
+@integer_kernel("jax-conv")
 def _jax_conv(node: ir.Node, lhs: Operand, rhs: Operand) -> Kernel | None:
     p = op_facts.jax_params(node)
     params = {k: p[k] for k in ("window_strides", "padding", "lhs_dilation", "rhs_dilation",
@@ -323,6 +346,7 @@ def _has_nonzero_zero_point(operand: Operand) -> bool:
     return bool(np.any(dq.inputs[2].const_value.numpy().astype(np.int32) != 0))
 
 
+@integer_kernel("onnx-conv")
 def _onnx_conv(node: ir.Node, lhs: Operand, rhs: Operand) -> Kernel | None:
     x_shape, w_shape = node.inputs[0].shape, node.inputs[1].shape
     if x_shape is None or not all(isinstance(d, int) for d in list(x_shape)[2:]):
@@ -343,12 +367,14 @@ def _onnx_conv(node: ir.Node, lhs: Operand, rhs: Operand) -> Kernel | None:
     return _conv_kernel(lhs, rhs, params, bias=2)
 
 
+@integer_kernel("onnx-gemm")
 def _onnx_gemm(node: ir.Node, lhs: Operand, rhs: Operand) -> Kernel | None:
     dims = (((0 if attr(node, "transA", 0) else 1,), (1 if attr(node, "transB", 0) else 0,)), ((), ()))
-    return _dot_kernel(node, lhs, rhs, dims, bias=2, alpha=float(attr(node, "alpha", 1.0)),
+    return dot_kernel(node, lhs, rhs, dims, bias=2, alpha=float(attr(node, "alpha", 1.0)),
                        beta=float(attr(node, "beta", 1.0)))
 
 
+@integer_kernel("onnx-matmul")
 def _onnx_matmul(node: ir.Node, lhs: Operand, rhs: Operand) -> Kernel | None:
     a, b = len(node.inputs[0].shape), len(node.inputs[1].shape)
     if b == 2 and a >= 2:
@@ -358,13 +384,5 @@ def _onnx_matmul(node: ir.Node, lhs: Operand, rhs: Operand) -> Kernel | None:
         dims = (((a - 1,), (a - 2,)), (batch, batch))
     else:
         return None  # broadcast batch dims: the float path handles them
-    return _dot_kernel(node, lhs, rhs, dims)
+    return dot_kernel(node, lhs, rhs, dims)
 
-
-_BUILDERS = {
-    (op_facts.JAX, "dot_general"): _jax_dot,
-    (op_facts.JAX, "conv_general_dilated"): _jax_conv,
-    ("", "Conv"): _onnx_conv,
-    ("", "Gemm"): _onnx_gemm,
-    ("", "MatMul"): _onnx_matmul,
-}

@@ -16,17 +16,21 @@ from qinject.core.stats import METHODS
 from qinject.passes.rounding.adaround import AdaRound
 from qinject.passes.rounding.bias_correction import BiasCorrection
 from qinject.passes.search import SEARCH_PASSES, SEARCHES
+from qinject.passes.search.base import SearchPass
 from qinject.passes.sensitivity import SIGNALS, signal_pass
+from qinject.passes.sensitivity.base import SensitivityPass
 from qinject.passes.target.estimate_cost import EstimateCost
 from qinject.passes.target.fit_measured import FitMeasured
 from qinject.passes.target.fit_target import FitTarget
 from qinject.passes.transforms.calibrate import Calibrate
-from qinject.passes.transforms.fold_constants import FoldConstantWeights
+from qinject.passes.transforms.fold_constants import FoldConstants
 from qinject.passes.transforms.fold_conv_affine import FoldConvAffine
 from qinject.passes.transforms.insert_qdq import InsertQDQ
 from qinject.passes.transforms.lower_jax_to_onnx import LowerJaxToOnnx
 from qinject.passes.transforms.upgrade_opset import UpgradeOpset
 
+# The choices of sensitivity{metric=...} and search{algo=...}, from the tables of the pass groups; the
+# command line reads them back from the registry (``registry.choices``).
 SIGNAL_NAMES = tuple(SIGNALS)
 SEARCH_NAMES = SEARCHES
 _METHOD = Option("method", str, "minmax", "how activation ranges are chosen", METHODS)
@@ -38,14 +42,16 @@ def _calib(context: Context) -> object:
     return arrays() if callable(arrays) else arrays
 
 
-@register("fold-constants", doc="""Fold the constant chains feeding quantizable nodes' weights and biases
+@register("fold-constants", pass_class=FoldConstants,
+          doc="""Fold the constant chains feeding quantizable nodes' weights and biases
 (Constant, Identity, Cast, Reshape, ConstantOfShape, ...), so the rewrite sees constant weights.""")
 def _fold_constants(context: Context, o: dict[str, Any]) -> Pass:
 
-    return FoldConstantWeights()
+    return FoldConstants()
 
 
-@register("fold-conv-affine", doc="""Fold BatchNormalization, and Mul/Add by per-channel constants, after a
+@register("fold-conv-affine", pass_class=FoldConvAffine,
+          doc="""Fold BatchNormalization, and Mul/Add by per-channel constants, after a
 Conv into the Conv, so the integer kernel computes what was quantized.""")
 def _fold_conv_affine(context: Context, o: dict[str, Any]) -> Pass:
 
@@ -53,6 +59,7 @@ def _fold_conv_affine(context: Context, o: dict[str, Any]) -> Pass:
 
 
 @register("upgrade-opset", (Option("opset", int, 21, "the least default-domain opset"),),
+          pass_class=UpgradeOpset,
           doc="""Convert the model to at least this opset (per-axis Q/DQ needs 13; int4/int16 need 21).""")
 def _upgrade_opset(context: Context, o: dict[str, Any]) -> Pass:
 
@@ -60,6 +67,7 @@ def _upgrade_opset(context: Context, o: dict[str, Any]) -> Pass:
 
 
 @register("calibrate", (_METHOD, Option("batch-size", int, 16, "samples per run for a symbolic batch")),
+          pass_class=Calibrate,
           doc="""Collect activation statistics (min/max and histograms) on the calibration data.""")
 def _calibrate(context: Context, o: dict[str, Any]) -> Pass:
 
@@ -68,6 +76,7 @@ def _calibrate(context: Context, o: dict[str, Any]) -> Pass:
 
 @register("sensitivity", (Option("metric", str, "quant-error", "the signal", SIGNAL_NAMES),
                           Option("seed", int, 0), Option("limit", int, 512, "at most this many samples")),
+          pass_class=SensitivityPass,
           doc="""Annotate every quantizable node with a sensitivity signal per bit width, measured on the
 calibration data (see `qinject analyze`).""")
 def _sensitivity(context: Context, o: dict[str, Any]) -> Pass:
@@ -82,6 +91,7 @@ def _sensitivity(context: Context, o: dict[str, Any]) -> Pass:
                      Option("adaround", bool, False, "AdaRound 4-bit weights in the evaluations"),
                      Option("bias-correction", bool, False, "correct 4-bit nodes' biases in the evaluations"),
                      Option("limit", int, 2048, "at most this many evaluation samples")),
+          pass_class=SearchPass,
           doc="""Choose 16/8/4 bits per node minimising the latency on the target within the accuracy budget
 on the evaluation data (the calibration data without --eval). Needs the `sensitivity` pass of the
 same signal before it; `insert-qdq` then applies the result.""")
@@ -98,6 +108,7 @@ def _search(context: Context, o: dict[str, Any]) -> Pass:
 @register("adaround", (Option("max-bits", int, 4, "round nodes with at most this many weight bits"),
                        Option("per-tensor-max-bits", int, 8, "and per-tensor weights of at most this many bits"),
                        Option("iterations", int, 500, "optimisation steps per layer")),
+          pass_class=AdaRound,
           doc="""AdaRound the low-bit weights of the plan (the search's, else insert-qdq's uniform one is not
 known yet: give a search first).""")
 def _adaround(context: Context, o: dict[str, Any]) -> Pass:
@@ -109,6 +120,7 @@ def _adaround(context: Context, o: dict[str, Any]) -> Pass:
 @register("bias-correction", (Option("max-bits", int, 4, "correct nodes with at most this many weight bits"),
                               Option("per-tensor-max-bits", int, 8,
                                      "and per-tensor weights of at most this many bits")),
+          pass_class=BiasCorrection,
           doc="""Subtract each low-bit node's mean output shift from its float bias (the search's plan).""")
 def _bias_correction(context: Context, o: dict[str, Any]) -> Pass:
 
@@ -117,6 +129,7 @@ def _bias_correction(context: Context, o: dict[str, Any]) -> Pass:
 
 
 @register("estimate-cost", (Option("batch", int, 0, "batch for a symbolic batch dimension (0: --latency-batch)"),),
+          pass_class=EstimateCost,
           doc="""Estimate the latency of the plan about to be applied on the target (the search's plan).""")
 def _estimate_cost(context: Context, o: dict[str, Any]) -> Pass:
 
@@ -129,6 +142,7 @@ def _estimate_cost(context: Context, o: dict[str, Any]) -> Pass:
                          Option("plan", str, "", "a plan file to fit instead"),
                          Option("auto-mode", bool, False, "run each node in its fastest execution mode"),
                          Option("batch", int, 0, "batch for a symbolic batch dimension (0: --latency-batch)")),
+          pass_class=FitTarget,
           doc="""Fit the plan to the target: nodes it prices faster in float stay float, and with
 auto-mode each node runs in its fastest mode (static, dynamic, weight-only); insert-qdq applies it.""")
 def _fit_target(context: Context, o: dict[str, Any]) -> Pass:
@@ -154,6 +168,7 @@ def _fit_measured(context: Context, o: dict[str, Any]) -> Pass:
                          Option("per-channel", bool, True, "one weight scale per output channel"),
                          Option("plan", str, "", "a plan file to apply instead"), _METHOD,
                          Option("percentile", float, 99.99, "for method=percentile")),
+          pass_class=InsertQDQ,
           doc="""Insert QuantizeLinear/DequantizeLinear: the search's plan if a search ran, else the plan
 file, else uniform weights/activations bits.""")
 def _insert_qdq(context: Context, o: dict[str, Any]) -> Pass:
@@ -163,7 +178,8 @@ def _insert_qdq(context: Context, o: dict[str, Any]) -> Pass:
     return InsertQDQ(plan, method=o["method"], percentile=o["percentile"], fallback=fallback)
 
 
-@register("lower-jax-to-onnx", doc="""Replace every jax-domain node by standard ONNX ops (for graphs traced
+@register("lower-jax-to-onnx", pass_class=LowerJaxToOnnx,
+          doc="""Replace every jax-domain node by standard ONNX ops (for graphs traced
 from JAX).""")
 def _lower(context: Context, o: dict[str, Any]) -> Pass:
 

@@ -71,11 +71,15 @@ class Context:
 
 @dataclass(frozen=True)
 class RegisteredPass:
+    """A pipeline name, how to build its pass, and the class it builds (for a group such as
+    ``search``, the group's base class: an option picks the member)."""
+
     name: str
     factory: Callable[[Context, dict[str, Any]], Pass]
     options: tuple[Option, ...]
     doc: str
     source: str = "built-in"
+    pass_class: type[Pass] | None = None
 
     def build(self, context: Context, raw: dict[str, str]) -> Pass:
         known = {o.name: o for o in self.options}
@@ -91,14 +95,16 @@ class RegisteredPass:
 REGISTRY: dict[str, RegisteredPass] = {}
 
 
-def register(name: str, options: tuple[Option, ...] = (), doc: str = "", source: str = "built-in"
+def register(name: str, options: tuple[Option, ...] = (), doc: str = "", source: str = "built-in",
+             pass_class: type[Pass] | None = None
              ) -> Callable[[Callable[[Context, dict[str, Any]], Pass]], Callable[[Context, dict[str, Any]], Pass]]:
-    """Decorator registering ``factory(context, options) -> Pass`` under ``name``."""
+    """Decorator registering ``factory(context, options) -> Pass`` under ``name``; ``pass_class`` is
+    the class it builds (whose ``name``, module and class name say ``name``: tests/compiler/test_names.py)."""
     def wrap(factory: Callable[[Context, dict[str, Any]], Pass]) -> Callable[[Context, dict[str, Any]], Pass]:
         if name in REGISTRY and REGISTRY[name].source != source:
             raise QinjectError(f"pass name {name!r} is already registered by {REGISTRY[name].source}")
         REGISTRY[name] = RegisteredPass(name, factory, tuple(options), inspect.cleandoc(doc or factory.__doc__ or ""),
-                                        source)
+                                        source, pass_class)
         return factory
     return wrap
 
@@ -114,7 +120,7 @@ def register_pass_class(cls: type[Pass], source: str) -> None:
         kwargs = {k.replace("-", "_"): v for k, v in values.items()}
         return cls(**kwargs, context=context) if takes_context else cls(**kwargs)
 
-    register(cls.name, options, cls.__doc__ or "", source)(factory)
+    register(cls.name, options, cls.__doc__ or "", source, cls)(factory)
 
 
 def passes() -> dict[str, RegisteredPass]:
@@ -140,6 +146,12 @@ def build(pipeline: Pipeline | str, context: Context | None = None) -> list[Pass
     return out
 
 
+def choices(name: str, option: str) -> tuple[str, ...]:
+    """The values option ``option`` of pass ``name`` accepts (the command line offers the same:
+    ``--search`` is ``search``'s ``algo``, ``--signal`` and ``--metric`` are ``sensitivity``'s ``metric``)."""
+    return next(o.choices for o in REGISTRY[name].options if o.name == option)
+
+
 def describe(name: str) -> str:
     """One pass's name, source, options and docstring (what ``qinject passes`` prints)."""
     entry = passes()[name]
@@ -150,4 +162,4 @@ def describe(name: str) -> str:
 
 
 __all__ = ["REGISTRY", "Context", "Option", "PipelineError", "PipelineSyntaxError", "RegisteredPass", "build",
-           "describe", "passes", "register", "register_pass_class"]
+           "choices", "describe", "passes", "register", "register_pass_class"]

@@ -1,8 +1,11 @@
 """The one table of op facts, keyed by (domain, op_type).
 
-For each op: is it quantizable, which input is the activation, which the weight and the bias, the
-weight's output-channel axis, how to count its multiply-accumulates, and whether the Q/DQ of a
-quantized producer may move past it. Ops not listed here flow through every pass unchanged.
+For each op: is it quantizable, which input is the activation, which the weight and the bias (and
+when the bias cannot join the integer kernel), the weight's output-channel and reduction axes, the
+output's channel axis, how to count its multiply-accumulates and group it in a latency key, its
+execution modes, which integer kernel the JAX backend builds for it, and whether the Q/DQ of a
+quantized producer may move past it. Ops not listed here flow through every pass unchanged; a new
+quantizable op is one entry here plus how it runs in JAX (``qinject.backends``).
 
 Two domains: ONNX's default domain, and ``jax``, whose nodes stand for jaxpr equations (op_type is
 the primitive's name; the primitive and its parameters are kept in the node's ``meta`` under
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from qinject.core.errors import QinjectError
@@ -55,8 +59,8 @@ class OpFact:
         channel_axis: the weight's output-channel axis, as a function of the node (attributes).
         macs: multiply-accumulates of one execution, from shapes; None if shapes are unknown.
         needs_quantized_output: onnxruntime fuses the op into an integer kernel only when its output
-            is quantized too (QLinearConv); Gemm and MatMul fuse with a float output (QGemm,
-            MatMulIntegerToFloat).
+            is quantized too (QLinearConv), or a function of the node saying when: Gemm and MatMul
+            fuse with a float output (QGemm, MatMulIntegerToFloat) unless a ReLU follows.
         range_preserving: moves or selects values without changing their range (MaxPool, Reshape):
             a Q/DQ after it may share the scale of the Q/DQ before it, letting onnxruntime run the
             op on integers or drop it from the integer chain.
@@ -77,6 +81,23 @@ class OpFact:
             jax's dot_general.
         reduction_axis: the weight's reduction (input-channel) axis, as a function of the node:
             weight-only blocks run along it (None: the op has no weight-only form).
+        two_activations: without a constant weight the op multiplies two activations (attention
+            scores: MatMul, dot_general) and both inputs are quantized.
+        weight_only_kernel: a weight-only node runs on an integer-weight kernel (onnxruntime's
+            MatMulNBits for MatMul/Gemm) rather than as dequantize + the float op (Conv).
+        bias_unfused: a function of the node and its bias array giving why the bias cannot be stored
+            in the integer kernel's layout (int32 at scale s_x * s_w), or None (it can).
+        output_channel_axis: the output's channel axis (negative: from the end), along which the
+            bias is added: bias correction averages the output's shift over the other axes.
+        dense: a dense layer: it acts on each row (the last axis) of its activation alone, so a
+            [..., K] activation may be taken as rows [N, K] (AdaRound samples rows).
+        sets_layout: onnxruntime chooses a spatial layout (NCHWc float, NHWC integer) for the op's
+            kernel and keeps its neighbours in it: the profiler times probes beside one.
+        groups: the number of groups of a grouped op, a function of the node (None: the default
+            domain's ``group`` attribute), which its latency key records.
+        integer_kernel: the name of the JAX backend's integer-kernel builder for the op
+            (``qinject.backends.jax_integer.INTEGER_KERNELS``), or None: it runs in float on
+            dequantized operands there.
     """
 
     quantizable: bool = False
@@ -85,7 +106,7 @@ class OpFact:
     bias_input: int | None = None
     channel_axis: Callable[[ir.Node], int | None] | None = None
     macs: Callable[[ir.Node], int | None] | None = None
-    needs_quantized_output: bool = False
+    needs_quantized_output: bool | Callable[[ir.Node], bool] = False
     range_preserving: bool = False
     epilogue: Callable[[ir.Node], bool] | None = None
     zero_copy: bool = False
@@ -94,6 +115,14 @@ class OpFact:
     slower_on_cpu: Callable[[ir.Node], str | None] | None = None
     dynamic: bool = False
     reduction_axis: Callable[[ir.Node], int | None] | None = None
+    two_activations: bool = False
+    weight_only_kernel: bool = False
+    bias_unfused: Callable[[ir.Node, np.ndarray], str | None] | None = None
+    output_channel_axis: int | None = None
+    dense: bool = False
+    sets_layout: bool = False
+    groups: Callable[[ir.Node], int] | None = None
+    integer_kernel: str | None = None
 
 
 def _dims(value: ir.Value | None) -> list[int] | None:
@@ -137,6 +166,11 @@ def _gemm_macs(node: ir.Node) -> int | None:
 def _attr_int(node: ir.Node, name: str, default: int) -> int:
     attr = node.attributes.get(name)
     return default if attr is None else int(attr.value)
+
+
+def _attr_float(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return default if attr is None else float(attr.value)
 
 
 def _is_const(value: ir.Value | None) -> bool:
@@ -230,18 +264,44 @@ def _grouped_conv(node: ir.Node) -> str | None:
             "its float one (quantize anyway with --force)")
 
 
+def _gemm_bias_unfused(node: ir.Node, bias: np.ndarray) -> str | None:
+    """onnxruntime's QGemm adds a 1-D int32 C at scale s_a * s_b, with alpha = beta = 1."""
+    if bias.ndim != 1 or _attr_float(node, "alpha", 1.0) != 1.0 or _attr_float(node, "beta", 1.0) != 1.0:
+        return "Gemm bias is not a plain 1-D vector with alpha = beta = 1"
+    return None
+
+
+def _quantized_output_before_epilogue(node: ir.Node) -> bool:
+    """Gemm/MatMul fuse with a float output, which must end at the op itself: with a ReLU after them
+    they run in float unless their output is quantized (after the ReLU)."""
+    uses = node.outputs[0].uses()
+    return len(uses) == 1 and is_epilogue(uses[0].node)
+
+
+def _group_attr(node: ir.Node) -> int:
+    return _attr_int(node, "group", 1)
+
+
 OP_FACTS: dict[tuple[str, str], OpFact] = {
     (ONNX, "Conv"): OpFact(True, (0,), 1, 2, lambda n: 0, _conv_macs, needs_quantized_output=True,
-                           slower_on_cpu=_grouped_conv, reduction_axis=lambda n: 1),
+                           slower_on_cpu=_grouped_conv, reduction_axis=lambda n: 1, output_channel_axis=1,
+                           sets_layout=True, groups=_group_attr, integer_kernel="onnx-conv"),
     # ConvTranspose weights are [C_in, C_out/group, k...]: output channels live on axis 1.
     (ONNX, "ConvTranspose"): OpFact(True, (0,), 1, 2, lambda n: 1, _conv_transpose_macs,
-                                    needs_quantized_output=True),
+                                    needs_quantized_output=True, output_channel_axis=1, sets_layout=True,
+                                    groups=_group_attr),
     # Gemm computes A' @ B' + C; B is [K, N] or, with transB, [N, K].
     (ONNX, "Gemm"): OpFact(True, (0,), 1, 2, lambda n: 0 if _attr_int(n, "transB", 0) else 1, _gemm_macs,
-                           dynamic=True, reduction_axis=lambda n: 1 if _attr_int(n, "transB", 0) else 0),
+                           needs_quantized_output=_quantized_output_before_epilogue, dynamic=True,
+                           reduction_axis=lambda n: 1 if _attr_int(n, "transB", 0) else 0, weight_only_kernel=True,
+                           bias_unfused=_gemm_bias_unfused, output_channel_axis=-1, dense=True,
+                           integer_kernel="onnx-gemm"),
     # MatMul's weight (when input 1 is constant) is [..., K, N]: output channels on the last axis.
     (ONNX, "MatMul"): OpFact(True, (0,), 1, None, lambda n: len(n.inputs[1].shape) - 1, _matmul_macs,
-                             dynamic=True, reduction_axis=lambda n: len(n.inputs[1].shape) - 2),
+                             needs_quantized_output=_quantized_output_before_epilogue, dynamic=True,
+                             reduction_axis=lambda n: len(n.inputs[1].shape) - 2, two_activations=True,
+                             weight_only_kernel=True, output_channel_axis=-1, dense=True,
+                             integer_kernel="onnx-matmul"),
 }
 for _op in ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout"):
     OP_FACTS[(ONNX, _op)] = OpFact(range_preserving=True,
@@ -257,10 +317,13 @@ OP_FACTS[(ONNX, "Relu")] = OpFact(epilogue=lambda n: True)
 
 OP_FACTS.update({
     (JAX, "dot_general"): OpFact(True, _dot_activations, _dot_weight, None, _dot_channel_axis, _dot_macs,
-                                 dynamic=True, reduction_axis=_dot_reduction_axis),
+                                 dynamic=True, reduction_axis=_dot_reduction_axis, two_activations=True,
+                                 weight_only_kernel=True, integer_kernel="jax-dot"),
     # Quantized output like ONNX Conv, so a JAX graph exported to ONNX fuses into QLinearConv.
     (JAX, "conv_general_dilated"): OpFact(True, (0,), 1, None, _conv_out_feature_axis, _jax_conv_macs,
-                                          needs_quantized_output=True, reduction_axis=_conv_in_feature_axis),
+                                          needs_quantized_output=True, reduction_axis=_conv_in_feature_axis,
+                                          groups=lambda n: jax_params(n)["feature_group_count"],
+                                          integer_kernel="jax-conv"),
     (JAX, "max"): OpFact(epilogue=_jax_relu),
     (JAX, "add"): OpFact(epilogue=_jax_bias_add),
 })
@@ -274,7 +337,12 @@ _PASSTHROUGH = OpFact()
 def fact(node: ir.Node) -> OpFact:
     """The facts of ``node``'s op; ops not in the table get an inert entry. (Plugin op facts are
     registered by the compiler layer, ``qinject.compiler.plugins.load``, before any pass runs.)"""
-    found = OP_FACTS.get((node.domain or ONNX, node.op_type))
+    return lookup(node.domain, node.op_type)
+
+
+def lookup(domain: str, op_type: str) -> OpFact:
+    """The facts of op ``op_type`` of ``domain`` (``""`` or None: the default domain)."""
+    found = OP_FACTS.get((domain or ONNX, op_type))
     return found if found is not None else _PASSTHROUGH
 
 
@@ -302,24 +370,19 @@ def weight_of(node: ir.Node) -> ir.Value | None:
     return w if _is_const(w) else None
 
 
-def _two_activations(node: ir.Node) -> bool:
-    """Activation x activation products (attention scores): both inputs are quantized."""
-    return (node.op_type == "MatMul" and node.domain in ("", "ai.onnx")) or (
-        node.domain == JAX and node.op_type == "dot_general")
-
-
 def is_quantizable(node: ir.Node) -> bool:
     """Quantizable ops with a constant weight; MatMul / dot_general of two activations count too."""
-    if not fact(node).quantizable:
+    f = fact(node)
+    if not f.quantizable:
         return False
-    return weight_of(node) is not None or _two_activations(node)
+    return weight_of(node) is not None or f.two_activations
 
 
 def activation_inputs(node: ir.Node) -> list[int]:
     """Indices of the node's inputs that are quantized as activations."""
     f = fact(node)
     idx = list(f.activation_inputs(node) if callable(f.activation_inputs) else f.activation_inputs)
-    if node.op_type == "MatMul" and weight_of(node) is None:
+    if f.two_activations and weight_of(node) is None:
         idx = [0, 1]  # activation x activation (attention scores)
     return [i for i in idx if i < len(node.inputs) and node.inputs[i] is not None]
 
@@ -350,8 +413,8 @@ def modes(node: ir.Node) -> tuple[str, ...]:
 
 def weight_only_kernel(node: ir.Node) -> bool:
     """Whether a weight-only ``node`` runs on an integer-weight kernel (onnxruntime's MatMulNBits for
-    MatMul/Gemm: the ops with a dynamic form) rather than as dequantize + the float op (Conv)."""
-    return fact(node).dynamic
+    MatMul/Gemm) rather than as dequantize + the float op (Conv)."""
+    return fact(node).weight_only_kernel
 
 
 def reduction_axis(node: ir.Node) -> int | None:
@@ -371,12 +434,8 @@ def needs_quantized_output(node: ir.Node) -> bool:
     """Whether onnxruntime fuses ``node`` into an integer kernel only if its output is quantized:
     Conv always (QLinearConv); Gemm/MatMul when a ReLU follows (fused with a float output they must
     end at the op itself, so with a ReLU after them they would run in float)."""
-    if fact(node).needs_quantized_output:
-        return True
-    if node.op_type not in ("Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
-        return False
-    uses = node.outputs[0].uses()
-    return len(uses) == 1 and is_epilogue(uses[0].node)
+    needs = fact(node).needs_quantized_output
+    return needs(node) if callable(needs) else needs
 
 
 def is_epilogue(node: ir.Node) -> bool:
@@ -413,7 +472,27 @@ def latency_key(node: ir.Node) -> tuple[str, str] | None:
             return None
         outs.append("x".join(map(str, dims)) or "scalar")
     signature = ";".join(parts) + "->" + ";".join(outs)
-    group = _attr_int(node, "group", 1) if node.domain in ("", "ai.onnx") else 1
-    if node.domain == JAX and node.op_type == "conv_general_dilated":
-        group = jax_params(node)["feature_group_count"]
+    group = groups(node)
     return node.op_type, signature + (f" g{group}" if group != 1 else "")
+
+
+def groups(node: ir.Node) -> int:
+    """The groups of a grouped op (1: not grouped); any default-domain op's ``group`` attribute counts."""
+    f = fact(node)
+    if f.groups is not None:
+        return f.groups(node)
+    return _attr_int(node, "group", 1) if node.domain in ("", "ai.onnx") else 1
+
+
+def bias_unfused(node: ir.Node, bias: np.ndarray) -> str | None:
+    """Why ``node``'s bias cannot be stored in its integer kernel's layout (s_x * s_w), or None."""
+    check = fact(node).bias_unfused
+    return check(node, bias) if check is not None else None
+
+
+def output_channel_axis(node: ir.Node, rank: int) -> int:
+    """The channel axis of ``node``'s output of rank ``rank`` (the axis its bias is added along)."""
+    axis = fact(node).output_channel_axis
+    if axis is None:
+        raise KeyError(f"op {node.op_type!r} of node {node.name!r} has no output channel axis in the op facts")
+    return axis % rank

@@ -185,7 +185,7 @@ class _Estimator:
         # Nodes inside If/Loop/Scan bodies are priced once each (one pass of a body, both branches).
         for node in qir.searchable_nodes(model):
             choice = plan.choice(node.name)
-            # a mode the op lacks leaves the node float in the rewrite (insert_qdq_modes.refusal)
+            # a mode the op lacks leaves the node float in the rewrite (_insert_qdq_modes.refusal)
             if choice is not None and (choice.mode == STATIC or choice.mode in op_facts.modes(node)):
                 self.choices[node.name] = choice
         self.unfused: set[str] = set()  # static nodes whose kernel onnxruntime cannot fuse (filled below)

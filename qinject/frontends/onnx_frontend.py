@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from onnx_ir.passes.common import NameFixPass
 
 from qinject.core import ir as qir
+from qinject.core import op_facts
 from qinject.core.errors import ModelLoadError, UnsupportedModelError
 
 MIN_OPSET = 1  # older opsets are upgraded by onnx's version converter, which refuses clearly
@@ -80,7 +81,7 @@ def _check_structure(graph: onnx.GraphProto, label: str) -> None:
     for node in graph.node:
         for name in node.input:
             if name not in defined and name not in producer:
-                kind = "an initializer" if node.op_type in ("Conv", "Gemm", "MatMul") else "a value"
+                kind = "an initializer" if op_facts.lookup(node.domain, node.op_type).quantizable else "a value"
                 raise ModelLoadError(f"{label}: node {node.name or node.op_type!r} reads {name!r}, which no node, "
                                      f"graph input or initializer defines (missing {kind}?)")
     for out in graph.output:

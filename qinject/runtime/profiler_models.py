@@ -137,13 +137,13 @@ def conv_fed(value: ir.Value) -> bool:
     while producer is not None and (op_facts.fact(producer).range_preserving or op_facts.is_epilogue(producer)
                                     or producer.op_type == "Concat"):
         producer = producer.inputs[0].producer() if producer.inputs and producer.inputs[0] is not None else None
-    return producer is not None and producer.op_type in ("Conv", "ConvTranspose") and _spatial(value)
+    return producer is not None and op_facts.fact(producer).sets_layout and _spatial(value)
 
 
 def conv_read(value: ir.Value) -> bool:
     """Whether a convolution reads ``value`` as its data input (through range-preserving ops too)."""
     for use in value.uses():
-        if use.node.op_type in ("Conv", "ConvTranspose") and use.idx == 0:
+        if op_facts.fact(use.node).sets_layout and use.idx == 0:
             return _spatial(value)
         if op_facts.fact(use.node).range_preserving and use.idx == 0 and conv_read(use.node.outputs[0]):
             return _spatial(value)

@@ -34,6 +34,7 @@ def site(tmp_path_factory) -> Path:
 
         [qinject.op_facts]
         demo-ops = qinject_demo_plugin:FACTS
+        demo-einsum = qinject_demo_plugin.einsum:FACTS
 
         [qinject.targets]
         demo-npu = qinject_demo_plugin:TABLE
@@ -99,6 +100,60 @@ def test_plugin_op_fact_makes_a_custom_op_quantizable(site):
     assert r.returncode == 0, r.stderr
     assert "quantizable ['dense']" in r.stdout
     assert "weight axis [0]" in r.stdout  # per channel along the plugin's channel axis
+
+
+def test_plugin_makes_a_standard_op_quantizable_end_to_end(site):
+    """Einsum, not quantizable in qinject itself, from one op-facts entry and its JAX integer kernel
+    (``qinject_demo_plugin.einsum``): insert-qdq writes Q/DQ around it, onnxruntime runs the result,
+    and the JAX backend runs it simulated and on int8."""
+    r = _python(site, """
+        import jax, numpy as np, onnx, onnxruntime as ort
+        from onnx import helper, TensorProto
+        import qinject
+        from qinject.backends import onnx_backend
+        from qinject.backends.jax_backend import Program, to_jax
+        from qinject.core import ir as qir, op_facts
+        from qinject.core.pass_manager import PassManager
+        from qinject.passes.transforms import rewrite
+        from qinject.plan import Plan
+        rng = np.random.default_rng(0)
+        w = (rng.standard_normal((8, 6)) / 3).astype(np.float32)
+        graph = helper.make_graph(
+            [helper.make_node("Einsum", ["x", "w"], ["y"], name="einsum", equation="bsk,kn->bsn"),
+             helper.make_node("Relu", ["y"], ["out"], name="relu")], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 6])],
+            [onnx.numpy_helper.from_array(w, "w")])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+        model = qinject.load_onnx(proto)
+        print("quantizable", [n.name for n in qir.quantizable_nodes(model)])
+        model = PassManager(rewrite(Plan.uniform(8, 8), [{"x": x}], progress=False)).run(model).model
+        einsum = next(n for n in model.graph if n.name == "einsum")
+        fed = [v.producer().op_type if v.producer() else None for v in einsum.inputs]
+        weight_dq = einsum.inputs[1].producer()
+        print("inputs", fed, "weight axis", weight_dq.attributes["axis"].value, "codes",
+              weight_dq.inputs[0].const_value.numpy().dtype)
+        float_out = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+        written = onnx_backend.to_proto(model)
+        ort_out = ort.InferenceSession(written.SerializeToString()).run(None, {"x": x})[0]
+        simulated = np.asarray(jax.jit(to_jax(model, "simulated"))(x))
+        integer = np.asarray(jax.jit(to_jax(model, "integer"))(x))
+        print("kernels", sorted(Program(model, "integer").kernels))
+        scale = float(np.abs(float_out).max())
+        print("ort vs float", float(np.abs(ort_out - float_out).max()) / scale < 0.05)
+        print("simulated vs ort", float(np.abs(simulated - ort_out).max()) / scale < 1e-5)
+        print("integer vs simulated", float(np.abs(integer - simulated).max()) / scale < 1e-4)
+        print("integer differs from float", bool(np.abs(integer - float_out).max() > 0))
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "quantizable ['einsum']" in r.stdout
+    assert "inputs ['DequantizeLinear', 'DequantizeLinear'] weight axis 1 codes int8" in r.stdout
+    assert "kernels ['einsum']" in r.stdout  # the plugin's integer kernel runs it on int8
+    assert "ort vs float True" in r.stdout
+    assert "simulated vs ort True" in r.stdout
+    assert "integer vs simulated True" in r.stdout
+    assert "integer differs from float True" in r.stdout
 
 
 def test_plugin_target_is_selectable_by_name(site):

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from qinject.passes import FoldConstantWeights, UpgradeOpset
+from qinject.passes import FoldConstants, UpgradeOpset
 
 from qinject.core import ir as qir
 from qinject.core.errors import ModelLoadError, UnsupportedModelError
@@ -33,7 +33,7 @@ def test_external_data_is_found(tmp_path) -> None:
 def test_constant_weights_are_folded() -> None:
     model = load_onnx(matmul_net())
     assert [n.name for n in qir.quantizable_nodes(model)] == ["mm1", "mm2"]  # mm1 counts as act x act
-    FoldConstantWeights()(model)
+    FoldConstants()(model)
     ops = [n.op_type for n in model.graph]
     assert "Constant" not in ops and "Identity" not in ops
     mm1 = next(n for n in model.graph if n.name == "mm1")
@@ -52,7 +52,7 @@ def test_constant_of_shape_weight_is_folded() -> None:
     proto.ir_version = 3  # initializers listed as graph inputs, as in the light model zoo
     model = load_onnx(proto)
     assert [v.name for v in model.graph.inputs] == ["x"]
-    FoldConstantWeights()(model)
+    FoldConstants()(model)
     mm = next(n for n in model.graph if n.name == "mm")
     assert np.array_equal(mm.inputs[1].const_value.numpy(), np.full((4, 3), 0.5, np.float32))
 

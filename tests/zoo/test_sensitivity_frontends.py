@@ -24,7 +24,7 @@ SAMPLES = 96
 
 def _scores(model, calib) -> dict[str, dict[str, float]]:
     analysed = qinject.analyze(model, calib, METRICS, limit=SAMPLES, progress=False)
-    return {m: {n: s.score[4] for n, s in signal_of(analysed, SIGNALS[m][2]).items()} for m in METRICS}
+    return {m: {n: s.score[4] for n, s in signal_of(analysed, SIGNALS[m].signal).items()} for m in METRICS}
 
 
 @pytest.mark.parametrize("name", [

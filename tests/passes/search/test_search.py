@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 from qinject.passes.search.base import Evaluator, SearchSpace, last_passing
-from qinject.passes.search.ilp import Ilp, LatencyModel, adjacent_pairs
+from qinject.passes.search.ilp import IlpProblem, LatencyModel, adjacent_pairs
 from qinject.passes.search.pareto import pareto_front
 from qinject.passes.sensitivity.base import AnalysisData
 
@@ -81,7 +81,7 @@ def test_ilp_is_optimal_by_enumeration(analysed):
     pairs = adjacent_pairs(space.model)
     assert ("conv1", "conv2") in pairs and ("fc1", "fc2") in pairs
     model = LatencyModel.fit(space, pairs)
-    ilp = Ilp(model, space.scores)
+    ilp = IlpProblem(model, space.scores)
     assignments = [dict(zip(space.nodes, bits)) for bits in itertools.product(space.levels, repeat=len(space.nodes))]
     # The second-order model is exact on this chain: each conversion sits between two nodes.
     for bits in assignments[::17]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from qinject.passes import Calibrate, FoldConstantWeights, FoldConvAffine, UpgradeOpset
+from qinject.passes import Calibrate, FoldConstants, FoldConvAffine, UpgradeOpset
 from qinject.passes.sensitivity.base import AnalysisData
 
 from qinject.core.pass_manager import PassManager
@@ -15,7 +15,7 @@ from tests.builders import conv_net
 
 def calibrated(proto: onnx.ModelProto, inputs: dict[str, np.ndarray]):
     """The model as the analysis pipeline prepares it: folded, opset 21, calibrated."""
-    return PassManager([FoldConstantWeights(), FoldConvAffine(), UpgradeOpset(21),
+    return PassManager([FoldConstants(), FoldConvAffine(), UpgradeOpset(21),
                         Calibrate(inputs, progress=False)]).run(load_onnx(proto)).model
 
 

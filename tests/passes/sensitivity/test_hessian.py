@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from qinject.passes import Calibrate, FoldConstantWeights, FoldConvAffine, UpgradeOpset
+from qinject.passes import Calibrate, FoldConstants, FoldConvAffine, UpgradeOpset
 from qinject.passes.sensitivity.base import EVALUATIONS, AnalysisData, ranking, signal_of
-from qinject.passes.sensitivity.hessian import HessianTrace
+from qinject.passes.sensitivity.hessian import Hessian
 
 from qinject.backends import onnx_backend
 from qinject.backends.jax_backend import to_jax_with_weights
@@ -24,7 +24,7 @@ from tests.builders import conv_net, matmul_net
 
 def _prepared(source, calib: dict):
     model = source if not isinstance(source, onnx.ModelProto) else load_onnx(source)
-    PassManager([FoldConstantWeights(), FoldConvAffine(), UpgradeOpset(21), Calibrate(calib, progress=False)]).run(model)
+    PassManager([FoldConstants(), FoldConvAffine(), UpgradeOpset(21), Calibrate(calib, progress=False)]).run(model)
     return model
 
 
@@ -48,7 +48,7 @@ def test_quadratic_trace_is_exact_and_converges(rng) -> None:
     proto.ir_version = 8
     model = _prepared(proto, {"x": x[:64]})
     # Batches of 512: the last one (464 samples) is padded, and the padding must not count.
-    HessianTrace({"x": x}, samples=n, batch_size=512, progress=False)(model)
+    Hessian({"x": x}, samples=n, batch_size=512, progress=False)(model)
     value = signal_of(model, "hessian")["lin"]
     s = np.mean((x.astype(np.float64) @ w0) ** 2)
     exact = 2.0 / (n * s) * np.sum(x.astype(np.float64) ** 2)
@@ -80,7 +80,7 @@ def test_an_outlier_weight_makes_its_node_the_most_sensitive_at_4_bits(rng) -> N
             array[0, 0].flat[np.argmax(np.abs(array[0, 0]))] *= 50
             w1.CopyFrom(numpy_helper.from_array(array, "w1"))
         model = _prepared(proto, {"x": x[:16]})
-        HessianTrace({"x": x}, max_iter=30, progress=False)(model)
+        Hessian({"x": x}, max_iter=30, progress=False)(model)
         values.append(signal_of(model, "hessian"))
         assert (ranking(model, "hessian", 4)[0] == "conv1") == outlier
     before, after = (v["conv1"] for v in values)
@@ -124,7 +124,7 @@ def test_jax_sourced_graph_with_labels_matches_the_exact_trace(rng) -> None:
     x = rng.standard_normal((40, 8)).astype(np.float32)
     labels = rng.integers(0, 3, 40)
     model = _prepared(trace_jax(_mlp, params, x[:16]), {"x": x[:16]})  # traced at batch 16: 40 = 16+16+8
-    HessianTrace(AnalysisData({"x": x}, labels), progress=False)(model)
+    Hessian(AnalysisData({"x": x}, labels), progress=False)(model)
     assert len(signal_of(model, "hessian")) == 4  # fc1, fc2 and the two activation dots
 
     def cross_entropy(p: dict) -> jax.Array:
@@ -142,7 +142,7 @@ def test_onnx_graph_with_probabilities_out_matches_the_exact_kl_trace(rng) -> No
     proto.graph.output[0].name = "p"
     x = rng.standard_normal((50, 16)).astype(np.float32)
     model = _prepared(proto, {"x": x[:16]})
-    HessianTrace({"x": x}, batch_size=32, progress=False)(model)
+    Hessian({"x": x}, batch_size=32, progress=False)(model)
     fn, weights = to_jax_with_weights(model)
     p_ref = np.asarray(fn(weights, x), np.float64)
     assert np.allclose(p_ref.sum(axis=1), 1)  # already probabilities: used as they are, no softmax
@@ -161,7 +161,7 @@ def test_deterministic_for_a_seed_and_the_model_is_untouched(rng) -> None:
     for seed in (0, 0, 1):
         model = _prepared(matmul_net(), {"x": x[:16]})
         before = onnx_backend.to_proto(model).SerializeToString()
-        result = HessianTrace({"x": x}, seed=seed, max_iter=20, progress=False)(model)
+        result = Hessian({"x": x}, seed=seed, max_iter=20, progress=False)(model)
         assert not result.modified and onnx_backend.to_proto(model).SerializeToString() == before
         runs.append({name: (v.score, v.details) for name, v in signal_of(model, "hessian").items()})
         hvps, seconds = model.meta[EVALUATIONS]["hessian"]

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from qinject.passes import Calibrate, FoldConstantWeights, FoldConvAffine, UpgradeOpset
+from qinject.passes import Calibrate, FoldConstants, FoldConvAffine, UpgradeOpset
 from qinject.passes.sensitivity.base import EVALUATIONS, AnalysisData, alone, ranking, signal_of
-from qinject.passes.sensitivity.noise import NoiseInjection, activation_sigma, weight_sigma
+from qinject.passes.sensitivity.noise import Noise, activation_sigma, weight_sigma
 
 from qinject.backends import onnx_backend
 from qinject.core.pass_manager import PassManager
@@ -21,7 +21,7 @@ from tests.builders import conv_net, matmul_net
 
 def prepared(proto: onnx.ModelProto, x: np.ndarray):
     """The model as the analysis pipeline prepares it: folded, opset 21, calibrated on ``x``."""
-    return PassManager([FoldConstantWeights(), FoldConvAffine(), UpgradeOpset(21),
+    return PassManager([FoldConstants(), FoldConvAffine(), UpgradeOpset(21),
                         Calibrate({"x": x}, progress=False)]).run(load_onnx(proto)).model
 
 
@@ -46,7 +46,7 @@ def test_damage_grows_as_bits_shrink_and_the_graph_is_untouched():
         x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
         model = prepared(proto, x)
         before = onnx_backend.to_proto(model).SerializeToString()
-        NoiseInjection(AnalysisData({"x": x}), workers=1, progress=False)(model)
+        Noise(AnalysisData({"x": x}), workers=1, progress=False)(model)
         assert onnx_backend.to_proto(model).SerializeToString() == before
         values = signal_of(model, "noise")
         assert len(values) == (3 if proto.graph.name == "conv_net" else 2)
@@ -61,7 +61,7 @@ def test_a_weight_outlier_makes_its_node_the_most_sensitive_at_4_bits():
     plain, data = conv_case()
     spiked, _ = conv_case(outlier="w2")
     for model in (plain, spiked):
-        NoiseInjection(data, bits=(4,), workers=1, progress=False)(model)
+        Noise(data, bits=(4,), workers=1, progress=False)(model)
     before, after = signal_of(plain, "noise"), signal_of(spiked, "noise")
     # One channel of 16 gets a 50x larger step, so 2500x the noise variance there: ~150x in all.
     power = [np.mean(np.broadcast_to(weight_sigma(m.graph.node("conv2"), 4), (16, 8, 3, 3)) ** 2)
@@ -76,7 +76,7 @@ def test_same_seed_same_results_other_seed_other_results_labels_give_a_loss_chan
     runs = []
     for seed in (0, 0, 1):
         m, _ = conv_case(labels=True)
-        NoiseInjection(data, bits=(8, 4), seed=seed, workers=1, progress=False)(m)
+        Noise(data, bits=(8, 4), seed=seed, workers=1, progress=False)(m)
         runs.append(scores(m))
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
@@ -88,7 +88,7 @@ def test_same_seed_same_results_other_seed_other_results_labels_give_a_loss_chan
 
 def test_noise_levels_are_those_of_the_rewrite():
     model, data = conv_case()
-    pass_ = NoiseInjection(data, workers=1, progress=False)
+    pass_ = Noise(data, workers=1, progress=False)
     nodes = {n.name: n for n in model.graph}
     with Executor(model, data.inputs, workers=1) as ex:
         for bits in (8, 4):
@@ -121,7 +121,7 @@ def test_activation_noise_reaches_only_that_node_and_is_deterministic():
     proto.ir_version = 8
     x = rng.standard_normal((300, 8)).astype(np.float32)  # more than one worker chunk (256)
     model = prepared(proto, x)
-    pass_ = NoiseInjection(AnalysisData({"x": x}), seed=3)
+    pass_ = Noise(AnalysisData({"x": x}), seed=3)
     mma = next(n for n in model.graph if n.name == "mma")
     variant = pass_._variant(model, 0, mma, 4, 0, False, True)
     ops = {n.name: n for n in variant.graph}
@@ -148,10 +148,10 @@ def test_activation_noise_reaches_only_that_node_and_is_deterministic():
 
 def test_separate_kinds_and_the_default_pool():
     model, data = conv_case()
-    NoiseInjection(data, bits=(4,), draws=1, separate=True, progress=False)(model)  # default pool: every core
+    Noise(data, bits=(4,), draws=1, separate=True, progress=False)(model)  # default pool: every core
     assert model.meta[EVALUATIONS]["noise"][0] == 1 + 3 * 1 * 3
     serial, _ = conv_case()
-    NoiseInjection(data, bits=(4,), draws=1, separate=True, workers=1, progress=False)(serial)
+    Noise(data, bits=(4,), draws=1, separate=True, workers=1, progress=False)(serial)
     assert scores(model) == scores(serial)
     for v in signal_of(model, "noise").values():
         assert v.details["weight_damage"][4] > 0 and v.details["activation_damage"][4] > 0

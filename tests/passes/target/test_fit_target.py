@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from qinject.passes import FitTarget, FoldConstantWeights
+from qinject.passes import FitTarget, FoldConstants
 
 import qinject
 from qinject.core import ir as qir
@@ -54,7 +54,7 @@ def test_widths_without_an_integer_kernel_are_kept_as_asked():
     """4-bit static weights run as dequantize + float on a CPU: asked for their size, they are kept."""
     table = _cnn_table(None)
     model = load_onnx(CNN / "model.onnx")
-    FoldConstantWeights()(model)
+    FoldConstants()(model)
     model.meta[qir.INPUT_SHAPES] = {"input": (1, 1, 8, 8)}
     FitTarget(Plan.uniform(4, 8), table)(model)
     chosen = model.meta[qir.CHOSEN_PLAN]
@@ -63,7 +63,7 @@ def test_widths_without_an_integer_kernel_are_kept_as_asked():
 
 def test_auto_mode_picks_the_mode_the_table_prices_fastest():
     model = load_onnx(matmul_net())
-    FoldConstantWeights()(model)
+    FoldConstants()(model)
     model.meta[qir.INPUT_SHAPES] = {"x": (64, 16)}
     priced = qir.with_batch(model, 64)
     mm1 = next(n for n in priced.graph if n.name == "mm1")
@@ -78,7 +78,7 @@ def test_auto_mode_picks_the_mode_the_table_prices_fastest():
     assert any("runs W8A8 dynamic" in note for note in mm1_notes(model))
     table.entries.pop((*key, 8, 8, "dynamic"))
     again = load_onnx(matmul_net())
-    FoldConstantWeights()(again)
+    FoldConstants()(again)
     again.meta[qir.INPUT_SHAPES] = {"x": (64, 16)}
     FitTarget(Plan(), table, batch=64, auto_mode=False)(again)
     assert again.meta[qir.CHOSEN_PLAN].choice("mm1").mode == "static"

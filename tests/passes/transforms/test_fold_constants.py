@@ -1,4 +1,4 @@
-"""FoldConstantWeights folds constant weight chains, and leaves int64 shape arithmetic exactly as
+"""FoldConstants folds constant weight chains, and leaves int64 shape arithmetic exactly as
 exported (TorchScript attention: Shape -> Gather(0-d index) -> Unsqueeze -> Concat -> Reshape)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from qinject.passes import FoldConstantWeights
+from qinject.passes import FoldConstants
 
 from qinject.core.pass_manager import PassManager
 from qinject.frontends.onnx_frontend import load_onnx
@@ -39,7 +39,7 @@ def _attention_scores() -> onnx.ModelProto:
 
 def test_shape_arithmetic_under_an_activation_matmul_is_left_alone():
     model = load_onnx(_attention_scores())
-    result = PassManager([FoldConstantWeights()]).run(model)
+    result = PassManager([FoldConstants()]).run(model)
     assert not result.modified
     assert [n.op_type for n in result.model.graph].count("Constant") == 3
     rng = np.random.default_rng(0)
@@ -52,6 +52,6 @@ def test_shape_arithmetic_under_an_activation_matmul_is_left_alone():
 
 
 def test_constant_weight_chains_still_fold():
-    model = PassManager([FoldConstantWeights()]).run(load_onnx(matmul_net())).model
+    model = PassManager([FoldConstants()]).run(load_onnx(matmul_net())).model
     assert [n.op_type for n in model.graph] == ["MatMul", "Relu", "MatMul"]
     assert {"w1", "w2"} <= set(model.graph.initializers)

@@ -3,8 +3,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from qinject import quantize_onnx
+from qinject.backends import onnx_backend
 from qinject.core.errors import PlanError
 from qinject.core.numerics import sqnr_db
 from qinject.plan import NodeQuant, Plan
@@ -139,3 +141,22 @@ def test_conv_output_quantized_only_when_it_pays(tmp_path, rng) -> None:
     assert any("output kept float" in n for n in result.notes["conv"])
     producers = {o: n.op_type for n in q.graph.node for o in n.output}
     assert producers[next(n for n in q.graph.node if n.name == "sigmoid").input[0]] == "Conv"
+
+
+def test_a_gemm_bias_with_alpha_keeps_its_own_scale_and_says_why():
+    """The op facts' ``bias_unfused`` (QGemm adds a plain 1-D C with alpha = beta = 1): the bias gets
+    its own int32 scale, with a note, and the output stays right."""
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", alpha=2.0),
+         helper.make_node("Relu", ["y"], ["out"], name="relu")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    result = quantize_onnx(proto, calib=[{"x": x}], progress=False)
+    assert "bias not fused: Gemm bias is not a plain 1-D vector with alpha = beta = 1" in result.notes["fc"]
+    out = run(onnx_backend.to_proto(result.model), {"x": x})[0]
+    assert np.abs(out - np.maximum(2.0 * x @ w + b, 0)).max() < 0.1

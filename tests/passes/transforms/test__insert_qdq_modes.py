@@ -1,4 +1,4 @@
-"""The dynamic and weight-only forms of the Q/DQ rewrite (passes/insert_qdq_modes.py): the kernels
+"""The dynamic and weight-only forms of the Q/DQ rewrite (passes/_insert_qdq_modes.py): the kernels
 onnxruntime fuses them into (its optimised graph, ORT_ENABLE_ALL), outputs near the float model, the
 file shrinking, mixed plans, forms that stay float with a note, and control-flow bodies.
 

@@ -56,7 +56,7 @@ _PATTERNS = {
 }
 
 
-class BitErrors(SensitivityPass):
+class BitError(SensitivityPass):
     """Damage of random bit flips in one node's stored integer weight, per width and error rate.
 
     Options (besides ``SensitivityPass``'s evaluation data, bit widths, seed, workers, progress,
@@ -66,8 +66,8 @@ class BitErrors(SensitivityPass):
         score_rate: the rate whose mean damage is the score (one of ``rates``; default 1e-3).
     """
 
-    name = "sensitivity-bit-errors"
-    signal = "bit_errors"
+    name = "sensitivity-bit-error"
+    signal = "bit_error"
 
     def __init__(self, data: AnalysisData | object, bits: tuple[int, ...] = BITS, *,
                  rates: tuple[float, ...] = (1e-4, 1e-3, 1e-2), seeds: int = 3, score_rate: float = 1e-3,
@@ -75,12 +75,12 @@ class BitErrors(SensitivityPass):
         super().__init__(data, bits, **options)
         self.rates = tuple(sorted({float(r) for r in rates}))
         if not self.rates or not all(0.0 <= r <= 1.0 for r in self.rates):
-            raise QinjectError(f"sensitivity-bit-errors: rates must be probabilities in [0, 1], got {rates}")
+            raise QinjectError(f"sensitivity-bit-error: rates must be probabilities in [0, 1], got {rates}")
         if float(score_rate) not in self.rates:
-            raise QinjectError(f"sensitivity-bit-errors: score_rate {score_rate} is not one of the rates "
+            raise QinjectError(f"sensitivity-bit-error: score_rate {score_rate} is not one of the rates "
                                f"{self.rates}")
         if seeds < 1:
-            raise QinjectError(f"sensitivity-bit-errors: seeds must be at least 1, got {seeds}")
+            raise QinjectError(f"sensitivity-bit-error: seeds must be at least 1, got {seeds}")
         self.seeds, self.score_rate = seeds, float(score_rate)
 
     def measure(self, model: ir.Model, executor: Executor, data: AnalysisData) -> dict[str, NodeSignal]:

@@ -1,4 +1,4 @@
-"""What the JAX-to-ONNX lowering rules (``jax_to_onnx_rules``) and the pass that applies them
+"""What the JAX-to-ONNX lowering rules (``_jax_to_onnx_rules``) and the pass that applies them
 (``lower_jax_to_onnx``) share: the rule table ``RULES`` and its ``@lowering`` decorator, the
 ``Emitter`` a rule builds its ONNX nodes with, and the constant and layout helpers."""
 

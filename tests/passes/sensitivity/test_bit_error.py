@@ -7,9 +7,9 @@ import math
 import ml_dtypes
 import numpy as np
 import pytest
-from qinject.passes import Calibrate, FoldConstantWeights, FoldConvAffine, UpgradeOpset
+from qinject.passes import Calibrate, FoldConstants, FoldConvAffine, UpgradeOpset
 from qinject.passes.sensitivity.base import EVALUATIONS, AnalysisData, signal_of
-from qinject.passes.sensitivity.bit_errors import BitErrors, bernoulli_positions, flip_bits
+from qinject.passes.sensitivity.bit_error import BitError, bernoulli_positions, flip_bits
 from qinject.passes.sensitivity.quant_error import QuantError
 
 from qinject.backends import onnx_backend
@@ -22,7 +22,7 @@ from tests.builders import conv_net, matmul_net
 def case(builder=conv_net, labels: bool = False):
     shape = (32, 3, 8, 8) if builder is conv_net else (64, 16)
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    model = PassManager([FoldConstantWeights(), FoldConvAffine(), UpgradeOpset(21),
+    model = PassManager([FoldConstants(), FoldConvAffine(), UpgradeOpset(21),
                          Calibrate({"x": x}, progress=False)]).run(load_onnx(builder())).model
     y = np.random.default_rng(2).integers(0, 10 if builder is conv_net else 4, len(x)) if labels else None
     return model, AnalysisData({"x": x}, y)
@@ -31,25 +31,25 @@ def case(builder=conv_net, labels: bool = False):
 def test_zero_rate_is_the_plain_quantization_damage_and_the_graph_is_untouched():
     model, data = case(labels=True)
     before = onnx_backend.to_proto(model).SerializeToString()
-    BitErrors(data, rates=(0.0, 1e-2), seeds=2, score_rate=0.0, workers=1, progress=False)(model)
+    BitError(data, rates=(0.0, 1e-2), seeds=2, score_rate=0.0, workers=1, progress=False)(model)
     assert onnx_backend.to_proto(model).SerializeToString() == before
     QuantError(data, workers=1, progress=False)(model)
     quant = signal_of(model, "quant_error")
-    for name, v in signal_of(model, "bit_errors").items():
+    for name, v in signal_of(model, "bit_error").items():
         assert v.score == quant[name].score == v.details["baseline"]
         for bits in (16, 8, 4):
             assert v.details["flips_mean"][bits][0.0] == 0
             assert v.details["damage_std"][bits][0.0] == 0
     # The reference, then per node and width the baseline and 2 seeds at the one nonzero rate.
-    assert model.meta[EVALUATIONS]["bit_errors"][0] == 1 + 3 * 3 * (1 + 2)
+    assert model.meta[EVALUATIONS]["bit_error"][0] == 1 + 3 * 3 * (1 + 2)
 
 
 def test_damage_and_flips_grow_with_the_rate():
     rates = (1e-4, 1e-3, 1e-2)
     for builder in (conv_net, matmul_net):
         model, data = case(builder)
-        BitErrors(data, bits=(8, 4), rates=rates, seeds=3, workers=1, progress=False)(model)
-        values = signal_of(model, "bit_errors")
+        BitError(data, bits=(8, 4), rates=rates, seeds=3, workers=1, progress=False)(model)
+        values = signal_of(model, "bit_error")
         for v in values.values():
             for bits in (8, 4):
                 mean, flips = v.details["damage_mean"][bits], v.details["flips_mean"][bits]
@@ -70,13 +70,13 @@ def test_damage_and_flips_grow_with_the_rate():
 
 def test_same_seed_same_results_and_the_default_pool():
     model, data = case(labels=True)
-    BitErrors(data, bits=(4,), rates=(1e-2,), score_rate=1e-2, seeds=2, progress=False)(model)  # default pool
-    runs = [signal_of(model, "bit_errors")]
+    BitError(data, bits=(4,), rates=(1e-2,), score_rate=1e-2, seeds=2, progress=False)(model)  # default pool
+    runs = [signal_of(model, "bit_error")]
     for seed in (0, 1):
         m, _ = case(labels=True)
-        BitErrors(data, bits=(4,), rates=(1e-2,), score_rate=1e-2, seeds=2, seed=seed, workers=1,
+        BitError(data, bits=(4,), rates=(1e-2,), score_rate=1e-2, seeds=2, seed=seed, workers=1,
                   progress=False)(m)
-        runs.append(signal_of(m, "bit_errors"))
+        runs.append(signal_of(m, "bit_error"))
     same = [{n: (v.score, v.details) for n, v in run.items()} for run in runs[:2]]
     assert same[0] == same[1]
     assert {n: v.score for n, v in runs[0].items()} != {n: v.score for n, v in runs[2].items()}
@@ -126,9 +126,9 @@ def test_bernoulli_positions_follow_the_rate():
 def test_options_are_checked():
     _, data = case()
     with pytest.raises(QinjectError, match="score_rate"):
-        BitErrors(data, rates=(1e-4,), score_rate=1e-3)
+        BitError(data, rates=(1e-4,), score_rate=1e-3)
     with pytest.raises(QinjectError, match="probabilities"):
-        BitErrors(data, rates=(2.0,), score_rate=2.0)
+        BitError(data, rates=(2.0,), score_rate=2.0)
 
 
 def test_a_jax_graph_flips_its_dot_general_weights():
@@ -142,9 +142,9 @@ def test_a_jax_graph_flips_its_dot_general_weights():
     x = rng.standard_normal((32, 16)).astype(np.float32)
     model = trace_jax(lambda p, x: jnp.maximum(x @ p["w1"], 0.0) @ p["w2"], params, x)
     model = PassManager([Calibrate({"x": x}, progress=False)]).run(model).model
-    BitErrors(AnalysisData({"x": x}), bits=(8,), rates=(1e-2,), score_rate=1e-2, seeds=2, workers=1,
+    BitError(AnalysisData({"x": x}), bits=(8,), rates=(1e-2,), score_rate=1e-2, seeds=2, workers=1,
               progress=False)(model)
-    values = signal_of(model, "bit_errors")
+    values = signal_of(model, "bit_error")
     assert len(values) == 2  # the two dot_generals
     for v in values.values():
         assert v.details["stored_bits"][8] > 0 and v.details["flips_mean"][8][1e-2] > 0

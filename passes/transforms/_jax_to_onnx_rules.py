@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from qinject.passes.transforms.jax_lowering import (
+from qinject.passes.transforms._jax_lowering import (
     JAX,
     Emitter,
     Lowered,
