@@ -155,6 +155,7 @@ def _fit_target(context: Context, o: dict[str, Any]) -> Pass:
 @register("fit-measured", (_METHOD, Option("percentile", float, 99.99, "for method=percentile"),
                            Option("budget", float, 2.0, "seconds each timing takes"),
                            Option("batch", int, 0, "batch for a symbolic batch dimension (0: --latency-batch)")),
+          pass_class=FitMeasured,
           doc="""Time the plan's rewrite against the float model on this machine; if it is slower, keep float
 the nodes the target's estimate credits least until it is faster (or all of them).""")
 def _fit_measured(context: Context, o: dict[str, Any]) -> Pass:
