@@ -1,0 +1,120 @@
+"""Evaluations on a Ray cluster: the ``Executor``'s pool when ``executor="ray"`` or ``"ray://HOST:PORT"``.
+
+The evaluation inputs go into Ray's object store once per ``Executor``; long-lived actors
+(``eval_worker.Worker``, one CPU each) hold them and run one serialised model variant per task, in
+a single-threaded onnxruntime session, exactly as a process-pool worker does, so every output is
+the same bit for bit whatever the pool and however many workers. Ray's ``ActorPool`` hands each
+variant to an idle actor; each result comes back tagged with its submission index and is put back in
+submission order. Variants are built and serialised lazily by the caller while earlier ones run,
+at most two per actor ahead.
+
+Faults are Ray's: an actor whose process dies is restarted (``max_restarts=-1``) and the task it was
+running is retried on it (``max_task_retries``); after that many deaths on one variant the variant
+is reported as killing its worker. A model onnxruntime refuses or fails is the model's fault: the
+actor answers ``("error", message)``, which is reported at once and never retried. The evaluation
+count is the caller's, incremented once per result received, so a retry is never counted twice.
+
+``import ray`` is deferred to the first Ray pool: Ray is an optional extra (``qinject[ray]``), and
+importing it costs a third of a second that no other command should pay.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from qinject.core.errors import QinjectError
+from qinject.runtime import eval_worker
+
+PROCESS, RAY = "process", "ray"
+MAX_TASK_RETRIES = 2  # a variant that kills its worker three times running is the variant's fault
+AHEAD = 2  # variants submitted per actor before the first result is awaited
+
+
+def check(spec: str | None) -> str:
+    """The executor named by ``spec`` (None: the process pool), refused in one line if unknown or if
+    it needs Ray and Ray is not installed."""
+    spec = PROCESS if spec is None else str(spec)
+    if spec != PROCESS and not is_ray(spec):
+        raise QinjectError(f"unknown executor {spec!r} (expected 'process', 'ray' for a local Ray, or "
+                           "'ray://HOST:PORT' for an existing cluster)")
+    if is_ray(spec) and importlib.util.find_spec("ray") is None:
+        raise QinjectError(f"executor {spec!r} needs Ray, which is not installed: pip install 'qinject[ray]'")
+    return spec
+
+
+def is_ray(spec: str | None) -> bool:
+    return spec == RAY or (spec or "").startswith("ray://")
+
+
+def connect(spec: str) -> Any:
+    """The ``ray`` module, initialised: an already initialised Ray is used as it is (a test's, a
+    user's); ``"ray"`` starts or joins a local one, ``"ray://HOST:PORT"`` connects to a cluster."""
+    import ray  # deferred: an optional extra, 0.3 s to import (see the module docstring)
+
+    if not ray.is_initialized():
+        if spec == RAY:
+            # Quiet and cheap: no dashboard, worker output not forwarded, no usage report from a
+            # machine that may be offline.
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        else:
+            ray.init(address=spec, logging_level=logging.ERROR)
+    return ray
+
+
+class RayPool:
+    """``workers`` actors (default: one per CPU of the cluster) holding ``inputs``."""
+
+    def __init__(self, spec: str, workers: int | None, inputs: dict[str, np.ndarray]) -> None:
+        ray = self.ray = connect(spec)
+        from ray.util import ActorPool  # deferred with ray itself
+
+        # The actor's code travels by value: a node runs it with numpy and onnxruntime, without qinject
+        # (importing qinject would also cost every actor 1.6 s of start-up).
+        ray.cloudpickle.register_pickle_by_value(eval_worker)
+        n = workers if workers is not None else max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.inputs = ray.put(inputs)  # once; a restarted actor reads it again from the store
+        actor = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=MAX_TASK_RETRIES)(eval_worker.Worker)
+        self.actors = [actor.remote() for _ in range(max(1, n))]
+        self.pool = ActorPool(self.actors)
+
+    def map(self, blobs: Iterable[bytes], done: Callable[[], None]) -> list[np.ndarray]:
+        """Each serialised model's first output, in the order given; ``done()`` after each result."""
+        items = enumerate(blobs)
+        results: dict[int, np.ndarray] = {}
+
+        def submit() -> None:
+            item = next(items, None)
+            if item is not None:
+                # the inputs' reference nested in a list, so the actor reads them only when it lacks them
+                self.pool.submit(lambda actor, job: actor.run.remote(*job, [self.inputs]), item)
+
+        for _ in range(AHEAD * len(self.actors)):
+            submit()
+        while self.pool.has_next():
+            try:
+                index, status, payload = self.pool.get_next_unordered()
+            except self.ray.exceptions.RayError as exc:
+                raise QinjectError(f"an evaluation worker died {MAX_TASK_RETRIES + 1} times running one model "
+                                   f"variant ({type(exc).__name__}); onnxruntime may crash on it") from None
+            if status != "ok":
+                raise QinjectError(f"onnxruntime could not run a model variant: {payload}")
+            results[index] = payload
+            done()
+            submit()
+        return [results[i] for i in range(len(results))]
+
+    def pids(self) -> list[int]:
+        """The process id of each actor (a restarted actor has a new one)."""
+        return self.ray.get([a.pid.remote() for a in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
