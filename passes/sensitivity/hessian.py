@@ -76,8 +76,9 @@ class HessianTrace(SensitivityPass):
     def __init__(self, data: AnalysisData | object, bits: tuple[int, ...] = BITS, *, seed: int = 0,
                  workers: int | None = None, progress: bool = True, method: str = "minmax",
                  tol: float = 1e-3, max_iter: int = 100, min_iter: int = 5, samples: int = 256,
-                 batch_size: int = 64, limit: int | None = None) -> None:
-        super().__init__(data, bits, seed=seed, workers=workers, progress=progress, method=method, limit=limit)
+                 batch_size: int = 64, limit: int | None = None, executor: str | None = None) -> None:
+        super().__init__(data, bits, seed=seed, workers=workers, progress=progress, method=method, limit=limit,
+                         executor=executor)
         if not 1 <= min_iter <= max_iter:
             raise ValueError(f"need 1 <= min_iter <= max_iter, got min_iter={min_iter}, max_iter={max_iter}")
         self.tol, self.max_iter, self.min_iter = tol, max_iter, min_iter
