@@ -63,17 +63,23 @@ class Worker:
     """One long-lived evaluator: the inputs once, then any number of serialised models."""
 
     def __init__(self, inputs: dict[str, np.ndarray] | None = None) -> None:
-        self.inputs = inputs
+        self.inputs, self.source = inputs, None
 
     def run(self, index: int, blob: bytes, stored: list | None = None) -> tuple[int, str, object]:
         """``(index, status, payload)``: ``evaluate``'s reply, tagged with the caller's index. A Ray
-        actor, new or restarted, reads its inputs from the object store (``stored``: ``[ObjectRef]``)
-        on its first task: passed to the constructor instead, Ray would warn that a restart needs them."""
-        if self.inputs is None:
+        actor serves every executor of its driver in turn: it reads the inputs of the task's executor
+        (``stored``: ``[ObjectRef]``) from the object store when it does not hold them (new, restarted,
+        or last used by another executor). Passed to the constructor instead, they would tie the actor
+        to one executor, and Ray warns that a restart needs them."""
+        if stored is not None and stored[0] != self.source:
             import ray  # deferred: only a Ray actor gets here, and a Ray worker has imported ray already
 
-            self.inputs = ray.get(stored[0])
+            self.inputs, self.source = ray.get(stored[0]), stored[0]
         return (index, *evaluate(blob, self.inputs))
+
+    def forget(self) -> None:
+        """Drop the inputs (their executor closed), so the object store can free them."""
+        self.inputs = self.source = None
 
     def pid(self) -> int:
         return os.getpid()

@@ -1,7 +1,8 @@
 """Evaluations on a Ray cluster: the ``Executor``'s pool when ``executor="ray"`` or ``"ray://HOST:PORT"``.
 
 The evaluation inputs go into Ray's object store once per ``Executor``; long-lived actors
-(``eval_worker.Worker``, one CPU each) hold them and run one serialised model variant per task, in
+(``eval_worker.Worker``, one CPU each, started once per driver and shared by its executors in turn)
+read them once and run one serialised model variant per task, in
 a single-threaded onnxruntime session, exactly as a process-pool worker does, so every output is
 the same bit for bit whatever the pool and however many workers. Ray's ``ActorPool`` hands each
 variant to an idle actor; each result comes back tagged with its submission index and is put back in
@@ -34,6 +35,9 @@ from qinject.runtime import eval_worker
 PROCESS, RAY = "process", "ray"
 MAX_TASK_RETRIES = 2  # a variant that kills its worker three times running is the variant's fault
 AHEAD = 2  # variants submitted per actor before the first result is awaited
+# Actors by cluster node and job: an actor starts a Python process (a second or two), so the signals
+# and the search of one run share them rather than start their own.
+_ACTORS: dict[tuple[str, str], list] = {}
 
 
 def check(spec: str | None) -> str:
@@ -80,8 +84,7 @@ class RayPool:
         ray.cloudpickle.register_pickle_by_value(eval_worker)
         n = workers if workers is not None else max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.inputs = ray.put(inputs)  # once; a restarted actor reads it again from the store
-        actor = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=MAX_TASK_RETRIES)(eval_worker.Worker)
-        self.actors = [actor.remote() for _ in range(max(1, n))]
+        self.actors = _actors(ray, max(1, n))
         self.pool = ActorPool(self.actors)
 
     def map(self, blobs: Iterable[bytes], done: Callable[[], None]) -> list[np.ndarray]:
@@ -115,6 +118,17 @@ class RayPool:
         return self.ray.get([a.pid.remote() for a in self.actors])
 
     def close(self) -> None:
+        """Frees the inputs; the actors stay for the next executor (Ray ends them with the driver)."""
         for actor in self.actors:
-            self.ray.kill(actor)
-        self.actors = []
+            actor.forget.remote()
+        self.actors, self.inputs = [], None
+
+
+def _actors(ray: Any, n: int) -> list:
+    """``n`` actors of this driver on this cluster, started on first need."""
+    context = ray.get_runtime_context()
+    actors = _ACTORS.setdefault((context.get_node_id(), context.get_job_id()), [])
+    if len(actors) < n:
+        worker = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=MAX_TASK_RETRIES)(eval_worker.Worker)
+        actors += [worker.remote() for _ in range(n - len(actors))]
+    return actors[:n]

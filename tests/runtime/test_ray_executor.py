@@ -1,0 +1,179 @@
+"""The Ray executor: every sensitivity signal and every search give the process pool's results, bit for
+bit, whatever the worker count; an actor killed mid-run is restarted and its evaluation retried, with
+the results and the evaluation count unchanged; a model's failure is reported, not retried.
+
+One local Ray (``ray.init(num_cpus=2)``) serves the whole module: starting it costs ~4 s."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import signal
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from qinject.passes.search import SEARCH_PASSES
+from qinject.passes.sensitivity import SIGNALS, report, signal_pass
+from qinject.passes.sensitivity.base import EVALUATIONS, PREFIX, alone
+
+import qinject
+from qinject.app.cli import cli
+from qinject.core import ir as qir
+from qinject.core.errors import QinjectError
+from qinject.core.search_result import search_result
+from qinject.runtime import ray_executor
+from qinject.runtime.executor import Executor
+from tests.builders import CNN
+from tests.passes.sensitivity.fixtures import conv_case
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    """The digits CNN, calibrated and annotated by quant-error (what the searches rank by)."""
+    return qinject.analyze(CNN / "model.onnx", CNN / "calib.npz", ["quant-error"], workers=1, progress=False)
+
+
+def _variants(ex: Executor) -> list:
+    nodes = [n.name for n in qir.searchable_nodes(ex.model)]
+    return [ex.model, *(ex.quantized(alone(n, b)) for n in nodes for b in (16, 8, 4))]
+
+
+def test_outputs_equal_the_process_pools_bit_for_bit_at_any_worker_count(cnn):
+    with np.load(CNN / "eval.npz") as data:
+        inputs = {"input": data["input"]}
+    with Executor(cnn, inputs, workers=2) as ex:
+        expected = ex.run(_variants(ex))
+        assert ex.count == len(expected)
+    for workers in (1, 2):
+        with Executor(cnn, inputs, workers=workers, executor="ray") as ex:
+            outputs = ex.run(_variants(ex))
+            assert ex.count == len(expected)
+            assert len(ex._pool.actors) == workers
+        assert all(np.array_equal(a, b) for a, b in zip(outputs, expected, strict=True))
+
+
+def _without_seconds(model) -> dict:
+    out = report(model)
+    for value in out["signals"].values():
+        value.pop("seconds")
+    return out
+
+
+def test_every_signal_through_ray_equals_the_process_pool():
+    """quant-error, noise, bit-error and interlayer evaluate through the executor. Hessian runs no model
+    evaluation (its Hessian-vector products run in this process whatever the executor), so it runs
+    once and both models get its annotations: interlayer orders the nodes by it."""
+    models = {executor: conv_case(labels=True) for executor in ("process", "ray")}
+    hessian = models["process"][0]
+    signal_pass("hessian", models["process"][1], progress=False, max_iter=10)(hessian)
+    for node in qir.searchable_nodes(models["ray"][0]):
+        node.meta[PREFIX + "hessian"] = hessian.graph.node(node.name).meta[PREFIX + "hessian"]
+    models["ray"][0].meta[EVALUATIONS] = dict(hessian.meta[EVALUATIONS])
+    results = {}
+    for executor, (model, data) in models.items():
+        for name in ("quant-error", "noise", "bit-error", "interlayer"):
+            signal_pass(name, data, workers=2, executor=executor, progress=False, **(
+                {"rates": (1e-2,), "score_rate": 1e-2, "seeds": 2} if name == "bit-error" else {}))(model)
+        results[executor] = _without_seconds(model)
+    assert sorted(results["ray"]["signals"]) == sorted(key for *_, key in SIGNALS.values())
+    assert results["ray"] == results["process"]
+    counts = {k: v["evaluations"] for k, v in results["ray"]["signals"].items()}
+    assert counts["quant_error"] == 1 + 3 * 3 and counts["interlayer"] == 1 + 3 * 3, counts
+
+
+@pytest.mark.parametrize("algorithm", sorted(SEARCH_PASSES))
+def test_every_search_through_ray_equals_the_process_pool(cnn, algorithm):
+    found = {}
+    for executor in ("process", "ray"):
+        model = cnn.clone()
+        SEARCH_PASSES[algorithm](CNN / "eval.npz", "0.5pt", "nvidia-a100", batch=256, workers=2, executor=executor,
+                                 progress=False, limit=300)(model)
+        found[executor] = search_result(model)
+    ray_result, process_result = found["ray"], found["process"]
+    assert ray_result.evaluations == process_result.evaluations >= 2
+    assert ray_result.bits == process_result.bits and ray_result.score == process_result.score
+    assert [(t.label, t.bits, t.score) for t in ray_result.trials] == \
+        [(t.label, t.bits, t.score) for t in process_result.trials]
+
+
+def test_an_actor_killed_mid_run_is_replaced_and_nothing_is_lost_or_counted_twice(cnn):
+    with np.load(CNN / "eval.npz") as data:
+        inputs = {"input": np.tile(data["input"], (6, 1, 1, 1))}  # ~0.3 s per evaluation
+    with Executor(cnn, inputs, workers=1) as ex:
+        plans = [alone(n.name, b) for n in qir.searchable_nodes(cnn) for b in (8, 4)]
+        expected = ex.run(ex.quantized(p) for p in plans)
+    killed: list[int] = []
+    with Executor(cnn, inputs, workers=2, executor="ray") as ex:
+
+        def variants():
+            for i, plan in enumerate(plans):
+                if i == 2 * len(ex._pool.actors) + 1:
+                    # Asked for the next variant after a result came back: both actors hold a task
+                    # (the pool keeps two per actor queued), so the one killed dies mid-evaluation.
+                    killed.append(ex._pool.pids()[0])
+                    os.kill(killed[0], signal.SIGKILL)
+                yield ex.quantized(plan)
+
+        ex.run([ex.model])  # the actors exist, with their inputs
+        before = ex._pool.pids()
+        outputs = ex.run(variants())
+        assert ex.count == 1 + len(plans)
+        after = ex._pool.pids()
+    assert killed == [before[0]] and after[0] != before[0] and after[1] == before[1]
+    assert len(outputs) == len(expected)
+    assert all(np.array_equal(a, b) for a, b in zip(outputs, expected, strict=True))
+
+
+def test_a_model_onnxruntime_cannot_run_is_reported_not_retried(cnn):
+    with np.load(CNN / "eval.npz") as data:
+        inputs = {"input": data["input"][:16]}
+    with Executor(cnn, inputs, workers=2, executor="ray") as ex:
+        ex.run([ex.model])
+        pids = ex._pool.pids()
+        with pytest.raises(QinjectError, match="onnxruntime could not run a model variant: .*Protobuf"):
+            ex._pool.map([b"not an onnx model"], lambda: None)
+        assert ex._pool.pids() == pids  # no actor died, none was restarted
+        assert ex.count == 1
+        assert len(ex.run([ex.model])) == 1  # the pool still works
+
+
+def test_cli_analyze_with_executor_ray(tmp_path):
+    outputs = {}
+    for executor in ("process", "ray"):
+        path = tmp_path / f"{executor}.json"
+        result = CliRunner().invoke(cli, ["analyze", str(CNN / "model.onnx"), "--calib", str(CNN / "calib.npz"),
+                                          "--metric", "quant-error", "--limit", "64", "--executor", executor,
+                                          "--json", str(path)])
+        assert result.exit_code == 0, result.output
+        outputs[executor] = path.read_text()
+    ray_out, process_out = (json.loads(outputs[k]) for k in ("ray", "process"))
+    ray_out["signals"]["quant_error"].pop("seconds"), process_out["signals"]["quant_error"].pop("seconds")
+    assert ray_out == process_out
+
+
+def test_unknown_executor_and_missing_ray_are_one_line_errors(monkeypatch):
+    with pytest.raises(QinjectError, match=r"unknown executor 'dask' \(expected 'process', 'ray'"):
+        ray_executor.check("dask")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    for spec in ("ray", "ray://head:10001"):
+        with pytest.raises(QinjectError, match=r"needs Ray, which is not installed: pip install 'qinject\[ray\]'"):
+            ray_executor.check(spec)
+    assert ray_executor.check(None) == ray_executor.check("process") == "process"
+    result = CliRunner().invoke(cli, ["analyze", str(CNN / "model.onnx"), "--calib", str(CNN / "calib.npz"),
+                                      "--metric", "noise", "--executor", "ray"])
+    assert result.exit_code == 1 and "pip install 'qinject[ray]'" in result.output
