@@ -177,3 +177,13 @@ def test_unknown_executor_and_missing_ray_are_one_line_errors(monkeypatch):
     result = CliRunner().invoke(cli, ["analyze", str(CNN / "model.onnx"), "--calib", str(CNN / "calib.npz"),
                                       "--metric", "noise", "--executor", "ray"])
     assert result.exit_code == 1 and "pip install 'qinject[ray]'" in result.output
+
+
+def test_actors_import_neither_qinject_nor_jax(cnn):
+    """The actors' code travels by value: a cluster node needs numpy, onnxruntime and Ray only."""
+    with Executor(cnn, {"input": np.zeros((2, 1, 8, 8), np.float32)}, workers=1, executor="ray") as ex:
+        ex.run([ex.model])
+        (pid,) = ex._pool.pids()
+    with open(f"/proc/{pid}/maps") as maps:  # the native libraries the actor's process has loaded
+        loaded = maps.read()
+    assert "onnxruntime" in loaded and "jaxlib" not in loaded and "onnx_cpp2py_export" not in loaded
