@@ -221,7 +221,7 @@ def main() -> None:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     start = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     ray_init_s = time.perf_counter() - start
     results = [bench_model(name, args.evals or EVALS[name]) for name in args.models]
     body = "## Scale-out: the process pool and Ray (`tools/bench_ray.py`)\n\n" + report(results, ray_init_s)

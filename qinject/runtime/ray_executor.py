@@ -58,7 +58,8 @@ def is_ray(spec: str | None) -> bool:
 
 def connect(spec: str) -> Any:
     """The ``ray`` module, initialised: an already initialised Ray is used as it is (a test's, a
-    user's); ``"ray"`` starts or joins a local one, ``"ray://HOST:PORT"`` connects to a cluster."""
+    user's); ``"ray"`` starts a local one (or joins ``RAY_ADDRESS``, set in a Ray job's driver),
+    ``"ray://HOST:PORT"`` connects to a cluster."""
     import ray  # deferred: an optional extra, 0.3 s to import (see the module docstring)
 
     if not ray.is_initialized():
@@ -66,9 +67,18 @@ def connect(spec: str) -> Any:
             # Quiet and cheap: no dashboard, worker output not forwarded, no usage report from a
             # machine that may be offline.
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            # "local", not Ray's default search for a running cluster: a cluster that died leaves its
+            # address in /tmp/ray, and ray.init() would wait on it.
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                     log_to_driver=False, logging_level=logging.ERROR)
         else:
-            ray.init(address=spec, logging_level=logging.ERROR)
+            try:
+                ray.init(address=spec, logging_level=logging.ERROR)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise QinjectError(f"cannot connect to the Ray cluster at {spec} ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else ''}); is its client server on "
+                                   "that port? With token authentication, set RAY_AUTH_MODE=token (and "
+                                   "RAY_AUTH_TOKEN unless ~/.ray/auth_token holds the cluster's token)") from None
     return ray
 
 

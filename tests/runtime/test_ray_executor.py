@@ -10,7 +10,12 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +31,7 @@ from qinject.core.errors import QinjectError
 from qinject.core.search_result import search_result
 from qinject.runtime import ray_executor
 from qinject.runtime.executor import Executor
-from tests.builders import CNN
+from tests.builders import CNN, run_cli
 from tests.passes.sensitivity.fixtures import conv_case
 
 ray = pytest.importorskip("ray")
@@ -36,7 +41,8 @@ ray = pytest.importorskip("ray")
 def local_ray():
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR)
     yield
     ray.shutdown()
 
@@ -187,3 +193,44 @@ def test_actors_import_neither_qinject_nor_jax(cnn):
     with open(f"/proc/{pid}/maps") as maps:  # the native libraries the actor's process has loaded
         loaded = maps.read()
     assert "onnxruntime" in loaded and "jaxlib" not in loaded and "onnx_cpp2py_export" not in loaded
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.long
+def test_an_existing_cluster_through_ray_client(tmp_path):
+    """``--executor ray://HOST:PORT``: a cluster started apart (``ray start --head``), reached through
+    Ray Client from another process, gives the process pool's figures. Token authentication on, as
+    Ray 2.59 starts clusters by default."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    client, gcs = _free_port(), _free_port()
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             f"--port={gcs}", f"--ray-client-server-port={client}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        outputs = {}
+        for executor in ("process", f"ray://127.0.0.1:{client}"):
+            path = tmp_path / f"{len(outputs)}.json"
+            for _ in range(30):  # the head takes a few seconds to open its client port
+                r = run_cli("analyze", CNN / "model.onnx", "--calib", CNN / "calib.npz", "--metric", "noise",
+                            "--limit", "64", "--executor", executor, "--json", path, env=env)
+                if r.returncode == 0 or "cannot connect" not in r.stderr:
+                    break
+            assert r.returncode == 0, r.stderr
+            outputs[executor] = json.loads(path.read_text())
+            outputs[executor]["signals"]["noise"].pop("seconds")
+        assert outputs["process"] == outputs[f"ray://127.0.0.1:{client}"]
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        # ray start leaves the dead head's address behind in /tmp/ray, where Ray's default
+        # ray.init() would look for a cluster to join
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
+            current.unlink()
