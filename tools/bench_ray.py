@@ -174,8 +174,10 @@ def projection(r: Result, ray_init_s: float) -> list[str]:
     return lines
 
 
-def report(results: list[Result], ray_init_s: float) -> str:
-    out = [f"Machine: {machine()}; a shared machine (other jobs were running), measured under `nice -n 10`. "
+def report(results: list[Result], ray_init_s: float, load: tuple[float, float]) -> str:
+    out = [f"Machine: {machine()}; a shared machine: other jobs ran meanwhile (1-minute load average "
+           f"{load[0]:.1f} at the start, {load[1]:.1f} at the end, on 2 cores), measured under `nice -n 10`, so "
+           "2 workers could not always have both cores. "
            f"{source_state()}.", "",
            "Evaluations per second through `Executor` (the variants a sensitivity sweep evaluates: each node "
            "alone at 16, 8 and 4 bits, built and serialised by the driver while earlier ones run). Process "
@@ -220,11 +222,13 @@ def main() -> None:
     import ray  # the benchmark needs the optional extra
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    load_start = os.getloadavg()[0]
     start = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     ray_init_s = time.perf_counter() - start
     results = [bench_model(name, args.evals or EVALS[name]) for name in args.models]
-    body = "## Scale-out: the process pool and Ray (`tools/bench_ray.py`)\n\n" + report(results, ray_init_s)
+    load = (load_start, os.getloadavg()[0])
+    body = "## Scale-out: the process pool and Ray (`tools/bench_ray.py`)\n\n" + report(results, ray_init_s, load)
     print(body)
     if not args.no_write:
         write_section(ROOT / "BENCHMARKS.md", SECTION, body)

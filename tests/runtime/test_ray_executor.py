@@ -7,9 +7,11 @@ One local Ray (``ray.init(num_cpus=2)``) serves the whole module: starting it co
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -23,12 +25,14 @@ from click.testing import CliRunner
 from qinject.passes.search import SEARCH_PASSES
 from qinject.passes.sensitivity import SIGNALS, report, signal_pass
 from qinject.passes.sensitivity.base import EVALUATIONS, PREFIX, alone
+from tqdm.auto import tqdm
 
 import qinject
 from qinject.app.cli import cli
 from qinject.core import ir as qir
 from qinject.core.errors import QinjectError
 from qinject.core.search_result import search_result
+from qinject.runtime import executor as executor_module
 from qinject.runtime import ray_executor
 from qinject.runtime.executor import Executor
 from tests.builders import CNN, run_cli
@@ -234,3 +238,22 @@ def test_an_existing_cluster_through_ray_client(tmp_path):
         current = Path("/tmp/ray/ray_current_cluster")
         if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
             current.unlink()
+
+
+def test_one_progress_bar_follows_a_whole_signal(monkeypatch):
+    """Every run of the signal (the float reference, then its variants) moves one bar, per result."""
+    shown = io.StringIO()
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": False, "file": shown, "mininterval": 0})
+
+    monkeypatch.setattr(executor_module, "tqdm", Bar)
+    model, data = conv_case()
+    signal_pass("noise", data, executor="ray", workers=2, progress=True)(model)
+    lines = [line for line in shown.getvalue().replace("\r", "\n").splitlines() if line.strip()]
+    count = model.meta[EVALUATIONS]["noise"][0]
+    assert all(line.startswith("noise: ") for line in lines), lines
+    done = [int(m.group(1)) for m in map(re.compile(r"(\d+)/\d+").search, lines) if m]  # not the first "0it"
+    assert done == sorted(done) and set(range(1, count + 1)) <= set(done)  # moved by each result
+    assert f"{count}/{count}" in lines[-1]
