@@ -135,8 +135,8 @@ class Executor:
                 yield bar
             return
         if self._bar is None:
-            self._bar = tqdm(total=0, desc=self._progress, unit="eval", disable=None, leave=False)
-        if self._bar.total is not None:  # unknown once any run's length is
+            self._bar = tqdm(total=total, desc=self._progress, unit="eval", disable=None, leave=False)
+        elif self._bar.total is not None:  # unknown once any run's length is
             self._bar.total = None if total is None else self._bar.total + total
             self._bar.refresh()
         yield self._bar
