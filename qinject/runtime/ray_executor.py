@@ -75,10 +75,11 @@ def connect(spec: str) -> Any:
             try:
                 ray.init(address=spec, logging_level=logging.ERROR)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise QinjectError(f"cannot connect to the Ray cluster at {spec} ({type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0] if str(exc) else ''}); is its client server on "
-                                   "that port? With token authentication, set RAY_AUTH_MODE=token (and "
-                                   "RAY_AUTH_TOKEN unless ~/.ray/auth_token holds the cluster's token)") from None
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise QinjectError(f"cannot connect to the Ray cluster at {spec} ({type(exc).__name__}: {first}); "
+                                   "is its client server on that port? With token authentication, set "
+                                   "RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN unless ~/.ray/auth_token holds "
+                                   "the cluster's token)") from None
     return ray
 
 
@@ -114,8 +115,8 @@ class RayPool:
             try:
                 index, status, payload = self.pool.get_next_unordered()
             except self.ray.exceptions.RayError as exc:
-                raise QinjectError(f"an evaluation worker died {MAX_TASK_RETRIES + 1} times running one model "
-                                   f"variant ({type(exc).__name__}); onnxruntime may crash on it") from None
+                raise QinjectError(f"an evaluation worker died {MAX_TASK_RETRIES + 1} times running one "
+                                   f"model variant ({type(exc).__name__}); onnxruntime may crash on it") from None
             if status != "ok":
                 raise QinjectError(f"onnxruntime could not run a model variant: {payload}")
             results[index] = payload
@@ -139,6 +140,7 @@ def _actors(ray: Any, n: int) -> list:
     context = ray.get_runtime_context()
     actors = _ACTORS.setdefault((context.get_node_id(), context.get_job_id()), [])
     if len(actors) < n:
-        worker = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=MAX_TASK_RETRIES)(eval_worker.Worker)
+        options = {"num_cpus": 1, "max_restarts": -1, "max_task_retries": MAX_TASK_RETRIES}
+        worker = ray.remote(**options)(eval_worker.Worker)
         actors += [worker.remote() for _ in range(n - len(actors))]
     return actors[:n]

@@ -110,8 +110,8 @@ def test_every_search_through_ray_equals_the_process_pool(cnn, algorithm):
     found = {}
     for executor in ("process", "ray"):
         model = cnn.clone()
-        SEARCH_PASSES[algorithm](CNN / "eval.npz", "0.5pt", "nvidia-a100", batch=256, workers=2, executor=executor,
-                                 progress=False, limit=300)(model)
+        SEARCH_PASSES[algorithm](CNN / "eval.npz", "0.5pt", "nvidia-a100", batch=256, workers=2,
+                                 executor=executor, progress=False, limit=300)(model)
         found[executor] = search_result(model)
     ray_result, process_result = found["ray"], found["process"]
     assert ray_result.evaluations == process_result.evaluations >= 2
@@ -165,9 +165,9 @@ def test_cli_analyze_with_executor_ray(tmp_path):
     outputs = {}
     for executor in ("process", "ray"):
         path = tmp_path / f"{executor}.json"
-        result = CliRunner().invoke(cli, ["analyze", str(CNN / "model.onnx"), "--calib", str(CNN / "calib.npz"),
-                                          "--metric", "quant-error", "--limit", "64", "--executor", executor,
-                                          "--json", str(path)])
+        result = CliRunner().invoke(cli, ["analyze", str(CNN / "model.onnx"), "--calib",
+                                          str(CNN / "calib.npz"), "--metric", "quant-error", "--limit", "64",
+                                          "--executor", executor, "--json", str(path)])
         assert result.exit_code == 0, result.output
         outputs[executor] = path.read_text()
     ray_out, process_out = (json.loads(outputs[k]) for k in ("ray", "process"))
