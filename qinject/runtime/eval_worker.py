@@ -62,6 +62,8 @@ def evaluate(blob: bytes, inputs: dict[str, np.ndarray]) -> tuple[str, object]:
 class Worker:
     """One long-lived evaluator: the inputs once, then any number of serialised models."""
 
+    failure = "onnxruntime could not run a model variant"  # what an ("error", message) reply means
+
     def __init__(self, inputs: dict[str, np.ndarray] | None = None) -> None:
         self.inputs, self.source = inputs, None
 

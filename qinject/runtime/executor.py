@@ -219,6 +219,12 @@ def as_onnx(model: ir.Model) -> ir.Model:
     return model
 
 
+def to_onnx_bytes(model: ir.Model) -> bytes:
+    """The model as a self-contained ONNX file's bytes (jax nodes lowered, external data embedded):
+    what a worker, here or on a cluster, loads."""
+    return _serialise(model)
+
+
 def _serialise(model: ir.Model) -> bytes:
 
     model = as_onnx(model)

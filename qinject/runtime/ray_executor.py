@@ -24,20 +24,25 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
+from qinject.core.calib_data import QinjectWarning
 from qinject.core.errors import QinjectError
 from qinject.runtime import eval_worker
 
 PROCESS, RAY = "process", "ray"
 MAX_TASK_RETRIES = 2  # a variant that kills its worker three times running is the variant's fault
 AHEAD = 2  # variants submitted per actor before the first result is awaited
-# Actors by cluster node and job: an actor starts a Python process (a second or two), so the signals
-# and the search of one run share them rather than start their own.
-_ACTORS: dict[tuple[str, str], list] = {}
+START_TIMEOUT_S = 120.0  # an actor the cluster cannot place by then (no free CPU) is given up
+# Actors by driver (cluster node, job) and kind: an actor starts a Python process (a second or two),
+# so the signals and the search of one run share them rather than start their own. Each holds a CPU
+# for its life, so a driver keeps one kind at a time: another kind's actors would wait for CPUs
+# that the first kind never gives back.
+_ACTORS: dict[tuple[str, str, str], list] = {}
 
 
 def check(spec: str | None) -> str:
@@ -84,24 +89,37 @@ def connect(spec: str) -> Any:
 
 
 class RayPool:
-    """``workers`` actors (default: one per CPU of the cluster) holding ``inputs``."""
+    """``workers`` actors (default: one per CPU of the cluster) holding ``inputs``.
 
-    def __init__(self, spec: str, workers: int | None, inputs: dict[str, np.ndarray]) -> None:
+    The actors are ``worker`` objects (``eval_worker.Worker``: ``inputs`` are the evaluation inputs,
+    each job a serialised model): ``run(index, job, [ObjectRef of inputs])`` answers ``(index, "ok",
+    result)`` or ``(index, "error", message)`` and reads the inputs whenever it does not hold them;
+    ``forget()`` drops them; ``pid()`` is its process id; ``failure`` says what an error reply means.
+    """
+
+    def __init__(self, spec: str, workers: int | None, inputs: object, worker: type = eval_worker.Worker
+                 ) -> None:
         ray = self.ray = connect(spec)
         from ray.util import ActorPool  # deferred with ray itself
 
         # The actor's code travels by value: a node runs it with numpy and onnxruntime, without qinject
         # (importing qinject would also cost every actor 1.6 s of start-up).
         ray.cloudpickle.register_pickle_by_value(eval_worker)
-        n = workers if workers is not None else max(1, int(ray.cluster_resources().get("CPU", 1)))
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if workers is not None and workers > cpus:
+            warnings.warn(f"{workers} Ray workers asked for, but the cluster has {cpus} CPUs: using {cpus} "
+                          "(each actor holds one)", QinjectWarning, stacklevel=2)
+        n = min(workers or cpus, cpus)
         self.inputs = ray.put(inputs)  # once; a restarted actor reads it again from the store
-        self.actors = _actors(ray, max(1, n))
+        self.worker = worker
+        self.actors = _actors(ray, max(1, n), worker)
         self.pool = ActorPool(self.actors)
 
-    def map(self, blobs: Iterable[bytes], done: Callable[[], None]) -> list[np.ndarray]:
-        """Each serialised model's first output, in the order given; ``done()`` after each result."""
-        items = enumerate(blobs)
-        results: dict[int, np.ndarray] = {}
+    def map(self, jobs: Iterable[Any], done: Callable[[], None]) -> list[Any]:
+        """Each job's result (a serialised model's first output), in the order given; ``done()``
+        after each result."""
+        items = enumerate(jobs)
+        results: dict[int, Any] = {}
 
         def submit() -> None:
             item = next(items, None)
@@ -115,10 +133,10 @@ class RayPool:
             try:
                 index, status, payload = self.pool.get_next_unordered()
             except self.ray.exceptions.RayError as exc:
-                raise QinjectError(f"an evaluation worker died {MAX_TASK_RETRIES + 1} times running one "
-                                   f"model variant ({type(exc).__name__}); onnxruntime may crash on it") from None
+                raise QinjectError(f"a Ray worker died {MAX_TASK_RETRIES + 1} times running one job "
+                                   f"({type(exc).__name__}); the job may crash it ({self.worker.failure})") from None
             if status != "ok":
-                raise QinjectError(f"onnxruntime could not run a model variant: {payload}")
+                raise QinjectError(f"{self.worker.failure}: {payload}")
             results[index] = payload
             done()
             submit()
@@ -135,12 +153,31 @@ class RayPool:
         self.actors, self.inputs = [], None
 
 
-def _actors(ray: Any, n: int) -> list:
-    """``n`` actors of this driver on this cluster, started on first need."""
+def _actors(ray: Any, n: int, worker: type) -> list:
+    """``n`` ``worker`` actors of this driver on this cluster (fewer, with a warning, if the cluster
+    cannot place them all), started on first need; this driver's actors of other kinds end."""
     context = ray.get_runtime_context()
-    actors = _ACTORS.setdefault((context.get_node_id(), context.get_job_id()), [])
+    driver = (context.get_node_id(), context.get_job_id())
+    key = (*driver, f"{worker.__module__}.{worker.__qualname__}")
+    for other in [k for k in _ACTORS if k[:2] == driver and k != key]:
+        for actor in _ACTORS.pop(other):
+            ray.kill(actor)
+    actors = _ACTORS.setdefault(key, [])
     if len(actors) < n:
         options = {"num_cpus": 1, "max_restarts": -1, "max_task_retries": MAX_TASK_RETRIES}
-        worker = ray.remote(**options)(eval_worker.Worker)
-        actors += [worker.remote() for _ in range(n - len(actors))]
+        remote = ray.remote(**options)(worker)
+        new = [remote.remote() for _ in range(n - len(actors))]
+        pings = [actor.pid.remote() for actor in new]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=START_TIMEOUT_S)
+        for actor, ping in zip(new, pings):
+            if ping in ready:
+                actors.append(actor)
+            else:  # a task sent to it would wait for ever
+                ray.kill(actor)
+        if len(actors) < n:
+            if not actors:
+                raise QinjectError(f"no Ray actor started within {START_TIMEOUT_S:g} s: the cluster has no free "
+                                   "CPU for qinject's workers")
+            warnings.warn(f"only {len(actors)} of {n} Ray actors started within {START_TIMEOUT_S:g} s (no free "
+                          "CPU for the others); evaluating on those", QinjectWarning, stacklevel=3)
     return actors[:n]

@@ -24,12 +24,13 @@ import pytest
 from click.testing import CliRunner
 from qinject.passes.search import SEARCH_PASSES
 from qinject.passes.sensitivity import SIGNALS, report, signal_pass
-from qinject.passes.sensitivity.base import EVALUATIONS, PREFIX, alone
+from qinject.passes.sensitivity.base import EVALUATIONS, alone
 from tqdm.auto import tqdm
 
 import qinject
 from qinject.app.cli import cli
 from qinject.core import ir as qir
+from qinject.core.calib_data import QinjectWarning
 from qinject.core.errors import QinjectError
 from qinject.core.search_result import search_result
 from qinject.runtime import executor as executor_module
@@ -84,25 +85,22 @@ def _without_seconds(model) -> dict:
 
 
 def test_every_signal_through_ray_equals_the_process_pool():
-    """quant-error, noise, bit-error and interlayer evaluate through the executor. Hessian runs no model
-    evaluation (its Hessian-vector products run in this process whatever the executor), so it runs
-    once and both models get its annotations: interlayer orders the nodes by it."""
-    models = {executor: conv_case(labels=True) for executor in ("process", "ray")}
-    hessian = models["process"][0]
-    signal_pass("hessian", models["process"][1], progress=False, max_iter=10)(hessian)
-    for node in qir.searchable_nodes(models["ray"][0]):
-        node.meta[PREFIX + "hessian"] = hessian.graph.node(node.name).meta[PREFIX + "hessian"]
-    models["ray"][0].meta[EVALUATIONS] = dict(hessian.meta[EVALUATIONS])
+    """quant-error, noise, bit-error and interlayer send model variants to the actors; hessian sends
+    nodes to actors that build the model's JAX function (locally it runs in this process)."""
     results = {}
-    for executor, (model, data) in models.items():
-        for name in ("quant-error", "noise", "bit-error", "interlayer"):
-            signal_pass(name, data, workers=2, executor=executor, progress=False, **(
-                {"rates": (1e-2,), "score_rate": 1e-2, "seeds": 2} if name == "bit-error" else {}))(model)
+    for executor in ("process", "ray"):
+        model, data = conv_case(labels=True)
+        for name in ("quant-error", "noise", "bit-error", "hessian", "interlayer"):
+            options = {"rates": (1e-2,), "score_rate": 1e-2, "seeds": 2} if name == "bit-error" else \
+                {"min_iter": 2, "max_iter": 4} if name == "hessian" else {}
+            signal_pass(name, data, workers=2, executor=executor, progress=False, **options)(model)
         results[executor] = _without_seconds(model)
     assert sorted(results["ray"]["signals"]) == sorted(key for *_, key in SIGNALS.values())
     assert results["ray"] == results["process"]
     counts = {k: v["evaluations"] for k, v in results["ray"]["signals"].items()}
     assert counts["quant_error"] == 1 + 3 * 3 and counts["interlayer"] == 1 + 3 * 3, counts
+    traces = {n: v["details"]["trace"] for n, v in results["ray"]["signals"]["hessian"]["nodes"].items()}
+    assert len(traces) == 3 and all(t > 0 for t in traces.values()), traces  # the loss is cross-entropy
 
 
 @pytest.mark.parametrize("algorithm", sorted(SEARCH_PASSES))
@@ -257,3 +255,12 @@ def test_one_progress_bar_follows_a_whole_signal(monkeypatch):
     done = [int(m.group(1)) for m in map(re.compile(r"(\d+)/\d+").search, lines) if m]
     assert done == sorted(done) and set(range(1, count + 1)) <= set(done)  # moved by each result
     assert f"{count}/{count}" in lines[-1]
+
+
+def test_more_workers_than_the_cluster_has_cpus_is_capped_with_a_warning(cnn):
+    with np.load(CNN / "eval.npz") as data:
+        inputs = {"input": data["input"][:16]}
+    with Executor(cnn, inputs, workers=5, executor="ray") as ex:
+        with pytest.warns(QinjectWarning, match="5 Ray workers asked for, but the cluster has 2 CPUs: using 2"):
+            ex.run([ex.model])
+        assert len(ex._pool.actors) == 2 and ex.count == 1
