@@ -41,6 +41,9 @@ MODELS = ("digits_cnn", "magika")
 EVALS = {"digits_cnn": 60, "magika": 12}
 MAGIKA_SAMPLES = 64  # one magika evaluation over its 885 held-out files takes ~23 s on this machine
 CONFIGS = (("process", 1), ("process", 2), ("ray", 1), ("ray", 2))
+# The Hessian signal: a fixed number of probes per node (no early stop), so both runs do equal work.
+HESSIAN = {"digits_cnn": {"samples": 256, "min_iter": 8, "max_iter": 8},
+           "magika": {"samples": 16, "min_iter": 3, "max_iter": 3}}
 SWEEP, NODES = 1000, 16  # the projection: a 1,000-evaluation sweep on a 16-node cluster
 LINK_BYTES_PER_S = 1.25e9  # 10 Gbit/s from the driver to the cluster
 
@@ -69,6 +72,9 @@ class Result:
     overhead_s: dict[str, float] = field(default_factory=dict)  # executor -> round trip per evaluation
     runs: list[Run] = field(default_factory=list)
     identical: bool = True
+    hessian: dict[str, float] = field(default_factory=dict)  # "process" (this process) / "ray" (2 actors) -> s
+    hessian_hvps: int = 0
+    hessian_identical: bool = True
 
 
 def load(name: str) -> tuple[object, dict[str, np.ndarray]]:
@@ -126,7 +132,24 @@ def bench_model(name: str, evals: int) -> Result:
         result.identical &= all(np.array_equal(a, b) for a, b in zip(outputs, baseline, strict=True))
         result.runs.append(Run(executor, workers, startup, seconds, evals))
         print(f"  {name}: {executor} x{workers}: {evals / seconds:.2f} evals/s (start-up {startup:.2f} s)", flush=True)
+    bench_hessian(result, model, inputs)
     return result
+
+
+def bench_hessian(result: Result, model: object, inputs: dict[str, np.ndarray]) -> None:
+    """The Hessian signal in this process and on 2 Ray actors (their start-up included)."""
+    from qinject.passes.sensitivity import report, signal_pass
+
+    found = {}
+    for executor in ("process", "ray"):
+        clone = model.clone()
+        start = time.perf_counter()
+        signal_pass("hessian", inputs, executor=executor, workers=2, progress=False, **HESSIAN[result.name])(clone)
+        result.hessian[executor] = time.perf_counter() - start
+        found[executor] = report(clone)["signals"]["hessian"]
+        print(f"  {result.name}: hessian {executor}: {result.hessian[executor]:.1f} s", flush=True)
+    result.hessian_hvps = found["ray"]["evaluations"]
+    result.hessian_identical = found["ray"]["nodes"] == found["process"]["nodes"]
 
 
 def round_trip(ex: object, size: int, workers: int, repeats: int = 20) -> float:
@@ -198,6 +221,13 @@ def report(results: list[Result], ray_init_s: float, load: tuple[float, float]) 
     for r in results:
         out.append(f"| {r.name} | {r.blob_bytes / 1e6:.2f} | {r.prepare_s * 1e3:.1f} | {r.compute_s * 1e3:.1f} | "
                    f"{r.overhead_s['process'] * 1e3:.1f} | {r.overhead_s['ray'] * 1e3:.1f} |")
+    out += ["", "The Hessian signal (Hutchinson probes per node, a fixed number so both runs do equal work; Ray: "
+            "2 actors, each building the model's JAX function, start-up included):", "",
+            "| model | samples | Hessian-vector products | this process s | Ray, 2 actors s | same figures |",
+            "|---|---:|---:|---:|---:|---|"]
+    for r in results:
+        out.append(f"| {r.name} | {HESSIAN[r.name]['samples']} | {r.hessian_hvps} | {r.hessian['process']:.1f} | "
+                   f"{r.hessian['ray']:.1f} | {'yes' if r.hessian_identical else 'NO'} |")
     out += ["", "Outputs identical, bit for bit, across all four configurations: "
             + ", ".join(f"{r.name} {'yes' if r.identical else 'NO'}" for r in results) + ".", "",
             f"**Projection: a {SWEEP:,}-evaluation sensitivity sweep on a {NODES}-node cluster**, assuming cores "
