@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
 
 # Function-level imports are allowed only for these third-party libraries, slow to import and needed
 # by few calls; each such import carries a comment saying why.
-HEAVY = {"scipy", "optax", "matplotlib", "tqdm", "networkx", "sklearn"}
+HEAVY = {"scipy", "optax", "matplotlib", "tqdm", "networkx", "sklearn", "ray"}
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,11 @@ class Evaluator:
 
     def __init__(self, model: ir.Model, data: AnalysisData, metric: Metric | None = None,
                  workers: int | None = None, method: str = "minmax", percentile: float = 99.99,
-                 low_bit_weights: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> None:
+                 low_bit_weights: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                 executor: str | None = None, progress: str | None = None) -> None:
         self.model, self.data = model, data
-        self.executor = Executor(model, data.inputs, workers=workers, method=method, percentile=percentile)
+        self.executor = Executor(model, data.inputs, workers=workers, method=method, percentile=percentile,
+                                 executor=executor, progress=progress)
         # node -> {initializer: array} its 4-bit choice uses instead (AdaRound, bias correction)
         self.low_bit_weights = dict(low_bit_weights or {})
         self.user_count = 0
@@ -380,6 +382,8 @@ class SearchPass(Pass):
             deployment batch; constants folded like the model's).
         rules: ``qinject.rules.Rules`` pinning the nodes they match (the search chooses the rest).
         modes: the execution modes a width may run in (``qinject.plan.MODES``; static always).
+        executor: where the evaluations run: None or "process" (the local process pool), "ray" (a local
+            Ray), "ray://HOST:PORT" (a Ray cluster); the results are the same.
     """
 
     analysis = True
@@ -391,7 +395,7 @@ class SearchPass(Pass):
                  workers: int | None = None, method: str = "minmax", percentile: float = 99.99,
                  limit: int | None = None, adaround: bool = False, bias_correction: bool = False,
                  calib: object = None, progress: bool = True, latency_model: ir.Model | None = None,
-                 rules: object = None, modes: Sequence[str] = MODES) -> None:
+                 rules: object = None, modes: Sequence[str] = MODES, executor: str | None = None) -> None:
 
         if (adaround or bias_correction) and calib is None:
             raise QinjectError("AdaRound and bias correction need calibration data (calib)")
@@ -405,11 +409,13 @@ class SearchPass(Pass):
             metric = UserMetric(metric)
         self.metric, self.signal, self.batch, self.levels = metric, signal, batch, tuple(levels)
         self.workers, self.method, self.percentile, self.limit = workers, method, percentile, limit
+        self.executor = executor  # where evaluations run: None/"process", "ray", "ray://HOST:PORT"
 
     def call(self, model: ir.Model) -> PassResult:
         data = AnalysisData.load(self.eval_data, model, self.limit)
         evaluator = Evaluator(model, data, self.metric, self.workers, self.method, self.percentile,
-                              self.low_bit_weights(model))
+                              self.low_bit_weights(model), executor=self.executor,
+                              progress=f"search {self.algorithm}" if self.progress else None)
         try:
             fixed = None
             if self.rules is not None:

@@ -169,14 +169,16 @@ class SensitivityPass(Pass):
 
     def __init__(self, data: AnalysisData | object, bits: tuple[int, ...] = BITS, *, seed: int = 0,
                  workers: int | None = None, progress: bool = True, method: str = "minmax",
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, executor: str | None = None) -> None:
         self.data, self.bits, self.seed = data, tuple(bits), seed
         self.workers, self.progress, self.method, self.limit = workers, progress, method, limit
+        self.executor = executor  # where evaluations run: None/"process", "ray", "ray://HOST:PORT"
 
     def call(self, model: ir.Model) -> PassResult:
         data = AnalysisData.load(self.data, model, self.limit)
         start = time.perf_counter()
-        with Executor(model, data.inputs, workers=self.workers, method=self.method) as executor:
+        with Executor(model, data.inputs, workers=self.workers, method=self.method, executor=self.executor,
+                      progress=self.signal.replace("_", " ") if self.progress else None) as executor:
             signals = self.measure(model, executor, data)
             count = executor.count
         for node in qir.searchable_nodes(model):

@@ -25,10 +25,16 @@ than ``tol`` relative between iterations (after ``min_iter``) or after ``max_ite
 Cost: no executor evaluations. The count recorded in ``model.meta[EVALUATIONS]["hessian"]`` is the
 number of Hessian-vector products, each over all evaluation samples (one probe of one node); one
 HVP costs about two forward + backward passes, i.e. four to six model evaluations.
+
+Where: in this process, or with ``executor="ray"``/``"ray://..."`` one node per Ray actor at a time
+(``TraceWorker``: the model goes to the actors as ONNX bytes with the data, once, and each actor
+builds the same JAX function; a graph with jax nodes stays in this process, its equations living in
+meta that ONNX does not carry). The actors import qinject and JAX, so a cluster's nodes need qinject.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from functools import partial
@@ -37,6 +43,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 import onnx_ir as ir
 from qinject.passes.sensitivity.base import (
     BITS,
@@ -50,10 +57,13 @@ from qinject.passes.sensitivity.base import (
 from tqdm.auto import tqdm
 
 from qinject.backends.jax_backend import to_jax_with_weights
+from qinject.core import ir as qir
 from qinject.core import numerics, op_facts
 from qinject.core.calib_data import rows, take
 from qinject.core.pass_manager import PassResult
+from qinject.runtime import ray_executor
 from qinject.runtime.damage import EPS, is_classifier, probabilities
+from qinject.runtime.executor import to_onnx_bytes
 
 
 class Hessian(SensitivityPass):
@@ -76,8 +86,9 @@ class Hessian(SensitivityPass):
     def __init__(self, data: AnalysisData | object, bits: tuple[int, ...] = BITS, *, seed: int = 0,
                  workers: int | None = None, progress: bool = True, method: str = "minmax",
                  tol: float = 1e-3, max_iter: int = 100, min_iter: int = 5, samples: int = 256,
-                 batch_size: int = 64, limit: int | None = None) -> None:
-        super().__init__(data, bits, seed=seed, workers=workers, progress=progress, method=method, limit=limit)
+                 batch_size: int = 64, limit: int | None = None, executor: str | None = None) -> None:
+        super().__init__(data, bits, seed=seed, workers=workers, progress=progress, method=method, limit=limit,
+                         executor=executor)
         if not 1 <= min_iter <= max_iter:
             raise ValueError(f"need 1 <= min_iter <= max_iter, got min_iter={min_iter}, max_iter={max_iter}")
         self.tol, self.max_iter, self.min_iter = tol, max_iter, min_iter
@@ -97,43 +108,35 @@ class Hessian(SensitivityPass):
 
     def traces(self, model: ir.Model, data: AnalysisData) -> dict[str, NodeSignal]:
         """``{node name: NodeSignal}`` for every quantizable node."""
-        fn, floats = to_jax_with_weights(model, "simulated")
-        weights = {k: jnp.asarray(v) for k, v in floats.items()}
-        batches = _batches(model, data, self.batch_size)
-        forward = jax.jit(lambda w, *xs: _first(fn(w, *xs)))
-        reference = np.concatenate([np.asarray(forward(weights, *xs))[: int(m.sum())] for _, xs, m in batches])
-        loss = _Loss(reference, data.labels)
-        targets = [loss.targets(start, len(m)) for start, _, m in batches]
-
-        @partial(jax.jit, static_argnums=0)  # one compilation per weight
-        def vhv(name: str, weights: dict, key: jax.Array, xs: tuple, target: tuple, mask: jax.Array) -> jax.Array:
-            # The probe is drawn inside, the same in every batch, so nothing else compiles per shape.
-            w = weights[name]
-            v = jax.random.rademacher(key, w.shape, w.dtype)
-
-            def of(a: jax.Array) -> jax.Array:
-                return loss(_first(fn({**weights, name: a}, *xs)), target, mask)
-
-            _, hv = jax.jvp(jax.grad(of), (w,), (v,))  # forward-over-reverse: H v
-            return jnp.vdot(v, hv)
-
+        floats = {name for name, v in model.graph.initializers.items()
+                  if v.const_value is not None and v.const_value.numpy().dtype.kind == "f"}
         signals, nodes = {}, []
         for node in iter_quantizable(model):
             w = op_facts.weight_of(node)
-            if w is not None and w.name in weights:
+            if w is not None and w.name in floats:
                 nodes.append((node, w))
             else:  # Ω has no weight error term to weigh (an attention MatMul): 0 at every width
                 signals[node.name] = NodeSignal(dict.fromkeys(self.bits, 0.0), {"weight": None})
-        bar = tqdm(nodes, desc="hessian trace", unit="node", disable=None if self.progress else True, leave=False)
-        for node, w in bar:
-            node_key = jax.random.fold_in(jax.random.PRNGKey(self.seed), zlib.crc32(node.name.encode()))
-
-            def probe(i: int, name: str = w.name, node_key: jax.Array = node_key) -> float:
-                key = jax.random.fold_in(node_key, i)
-                return sum(float(vhv(name, weights, key, xs, t, m)) for (_, xs, m), t in zip(batches, targets))
-
-            estimates, converged = hutchinson(probe, self.tol, self.min_iter, self.max_iter)
-            signals[node.name] = self._signal(node, w, estimates, converged, loss.kind)
+        jobs = [(w.name, node.name, self.seed, self.tol, self.min_iter, self.max_iter) for node, w in nodes]
+        with tqdm(total=len(jobs), desc="hessian trace", unit="node", disable=None if self.progress else True,
+                  leave=False) as bar:
+            if ray_executor.is_ray(self.executor) and jobs and not qir.has_jax_nodes(model):
+                # One node's probes on one actor, each actor holding the JAX function once. A graph with
+                # jax nodes keeps its equations in meta, which no ONNX file carries: it stays here.
+                pool = ray_executor.RayPool(self.executor, self.workers, (to_onnx_bytes(model), data.inputs,
+                                                                          data.labels, self.batch_size), TraceWorker)
+                try:
+                    found = pool.map(jobs, lambda: bar.update(1))
+                finally:
+                    pool.close()
+            else:
+                problem = Problem(model, data.inputs, data.labels, self.batch_size)
+                found = []
+                for job in jobs:
+                    found.append((*problem.trace(*job), problem.loss.kind))
+                    bar.update(1)
+        for (node, w), (estimates, converged, loss) in zip(nodes, found):
+            signals[node.name] = self._signal(node, w, estimates, converged, loss)
         return signals
 
     def _signal(self, node: ir.Node, weight: ir.Value, estimates: list[float], converged: bool, loss: str
@@ -160,6 +163,76 @@ def hutchinson(probe: Any, tol: float, min_iter: int, max_iter: int) -> tuple[li
             return estimates, True
         previous = mean
     return estimates, False
+
+
+class Problem:
+    """One model's loss on the evaluation samples and its jitted ``vᵀHv``: built once per process
+    that computes traces (this one, or a Ray actor)."""
+
+    def __init__(self, model: ir.Model, inputs: dict[str, np.ndarray], labels: np.ndarray | None,
+                 batch_size: int) -> None:
+        fn, floats = to_jax_with_weights(model, "simulated")
+        self.weights = {k: jnp.asarray(v) for k, v in floats.items()}
+        self.batches = _batches(model, AnalysisData(inputs, labels), batch_size)
+        forward = jax.jit(lambda w, *xs: _first(fn(w, *xs)))
+        reference = np.concatenate([np.asarray(forward(self.weights, *xs))[: int(m.sum())]
+                                    for _, xs, m in self.batches])
+        loss = self.loss = _Loss(reference, labels)
+        self.targets = [loss.targets(start, len(m)) for start, _, m in self.batches]
+
+        @partial(jax.jit, static_argnums=0)  # one compilation per weight
+        def vhv(name: str, weights: dict, key: jax.Array, xs: tuple, target: tuple, mask: jax.Array) -> jax.Array:
+            # The probe is drawn inside, the same in every batch, so nothing else compiles per shape.
+            w = weights[name]
+            v = jax.random.rademacher(key, w.shape, w.dtype)
+
+            def of(a: jax.Array) -> jax.Array:
+                return loss(_first(fn({**weights, name: a}, *xs)), target, mask)
+
+            _, hv = jax.jvp(jax.grad(of), (w,), (v,))  # forward-over-reverse: H v
+            return jnp.vdot(v, hv)
+
+        self.vhv = vhv
+
+    def trace(self, weight: str, node: str, seed: int, tol: float, min_iter: int, max_iter: int
+              ) -> tuple[list[float], bool]:
+        """Hutchinson's samples of ``Tr(H_weight)`` (a key per node, from the seed and its name)."""
+        node_key = jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(node.encode()))
+
+        def probe(i: int) -> float:
+            key = jax.random.fold_in(node_key, i)
+            return sum(float(self.vhv(weight, self.weights, key, xs, t, m))
+                       for (_, xs, m), t in zip(self.batches, self.targets))
+
+        return hutchinson(probe, tol, min_iter, max_iter)
+
+
+class TraceWorker:
+    """A Ray actor computing node traces (``ray_executor.RayPool``): the model, as ONNX bytes, and
+    its data arrive with a task, become a ``Problem`` once, and serve every node sent after."""
+
+    failure = "a Hessian trace failed"
+
+    def __init__(self) -> None:
+        self.problem, self.source = None, None
+
+    def run(self, index: int, job: tuple, stored: list) -> tuple[int, str, object]:
+        try:
+            if stored[0] != self.source:
+                import ray  # deferred: only a Ray actor gets here, and it has imported ray already
+
+                blob, inputs, labels, batch_size = ray.get(stored[0])
+                self.problem = Problem(ir.from_proto(onnx.ModelProto.FromString(blob)), inputs, labels, batch_size)
+                self.source = stored[0]
+            return index, "ok", (*self.problem.trace(*job), self.problem.loss.kind)
+        except Exception as exc:  # noqa: BLE001  (reported to the driver as one line)
+            return index, "error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+    def forget(self) -> None:
+        self.problem = self.source = None
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 def weight_sq_error(node: ir.Node, weight: ir.Value, bits: int) -> float:

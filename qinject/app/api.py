@@ -363,7 +363,8 @@ def _nothing_to_quantize(model: ir.Model, notes: dict[str, list[str]] | None = N
 
 def analyze(model: str | os.PathLike | onnx.ModelProto | ir.Model, calib: object, metrics: Sequence[str],
             *, eval_data: object = None, bits: tuple[int, ...] = (16, 8, 4), method: str = "minmax",
-            workers: int | None = None, seed: int = 0, limit: int | None = 512, progress: bool = True) -> ir.Model:
+            workers: int | None = None, seed: int = 0, limit: int | None = 512, progress: bool = True,
+            executor: str | None = None) -> ir.Model:
     """Run sensitivity signals (``qinject.passes.sensitivity.SIGNALS``: quant-error, noise, hessian,
     interlayer, bit-error) and return the calibrated model with every quantizable node annotated;
     ``qinject.passes.sensitivity.report(model)`` gathers them.
@@ -373,6 +374,8 @@ def analyze(model: str | os.PathLike | onnx.ModelProto | ir.Model, calib: object
             ``eval_data`` is None (then damage is measured against the float model's outputs).
         eval_data: an ``.npz`` (inputs by name, optional ``labels``), a dict or an array.
         limit: at most this many evaluation samples.
+        executor: where the evaluations run: None or "process" (a local pool of ``workers``
+            processes), "ray" (a local Ray) or "ray://HOST:PORT" (a Ray cluster; ``qinject[ray]``).
     """
     plugins.load()
 
@@ -381,7 +384,7 @@ def analyze(model: str | os.PathLike | onnx.ModelProto | ir.Model, calib: object
         eval_data = _calibration_arrays(calib, ir_model)
     data = AnalysisData.load(eval_data, ir_model, limit)  # bad data fails before any work
     passes = analysis_pipeline(metrics, calib, data, bits=bits, method=method, workers=workers, seed=seed,
-                               progress=progress)
+                               progress=progress, executor=executor)
     return PassManager(passes).run(ir_model).model
 
 

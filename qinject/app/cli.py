@@ -50,6 +50,7 @@ from qinject.passes import sensitivity
 from qinject.passes.search.pareto import format_front
 from qinject.passes.sensitivity.base import AnalysisData
 from qinject.passes.transforms import prepare
+from qinject.runtime import ray_executor
 from qinject.runtime.measure import compare_latency
 from qinject.runtime.profiler import run_profile
 
@@ -72,6 +73,19 @@ class _Group(click.Group):
             click.echo(f"internal error: {type(exc).__name__}: {exc} (set QINJECT_DEBUG=1 for the traceback)",
                        err=True)
             sys.exit(3)
+
+
+def _check_executor(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        ray_executor.check(value)  # an unknown name, or Ray asked for and not installed: before any work
+    return value
+
+
+_executor_option = click.option(
+    "--executor", callback=_check_executor, metavar="process|ray|ray://HOST:PORT",
+    help="Where evaluations run: 'process' (default: a local pool of --workers processes), 'ray' (a local "
+         "Ray), 'ray://HOST:PORT' (an existing Ray cluster; --workers actors, default one per CPU). Same "
+         "results on each. Ray: pip install 'qinject[ray]'.")
 
 
 def _one_line_warnings(message, category, filename, lineno, file=None, line=None) -> None:
@@ -129,6 +143,7 @@ def cli() -> None:
 @click.option("--bias-correction", is_flag=True, help="Correct the biases of the nodes --adaround acts on for their rounding (after --adaround: for its rounding).")
 @click.option("--pareto-plot", type=click.Path(path_type=Path), help="With --search pareto: the frontier as PNG.")
 @click.option("--workers", type=int, help="Evaluation processes of the search (default: every core).")
+@_executor_option
 @click.option("--rules", "rules_path", type=click.Path(path_type=Path),
               help="Per-node rules (JSON): the plan; with a search, they pin the nodes they match.")
 @click.option("--force", is_flag=True, help="Also quantize nodes whose onnxruntime CPU integer kernel is slower "
@@ -144,7 +159,7 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
              block_size: str, modes: str, batch_size: int,
              save_plan: Path | None, target: str, latency_batch: int, max_drop: str | None, algorithm: str | None,
              eval_path: Path | None, signal: str, adaround: bool, bias_correction: bool,
-             pareto_plot: Path | None, workers: int | None, rules_path: Path | None,
+             pareto_plot: Path | None, workers: int | None, executor: str | None, rules_path: Path | None,
              shapes: tuple[str, ...], force: bool, no_measure: bool, profile: bool) -> None:
     """Quantize MODEL (ONNX) and write the Q/DQ model to OUTPUT.
 
@@ -175,7 +190,8 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
             raise QinjectError("a search needs --calib data (random inputs would rank the nodes by noise)")
         search = SearchOptions(max_drop=max_drop or "1%", eval_data=eval_path, search=algorithm or "bisection",
                                signal=signal, adaround=adaround, bias_correction=bias_correction,
-                               pareto_plot=pareto_plot, workers=workers, rules=rules, modes=_modes(modes))
+                               pareto_plot=pareto_plot, workers=workers, rules=rules, modes=_modes(modes),
+                               executor=executor)
     result = quantize_onnx(model, output, plan=plan, calib=calib, method=calib_method, batch_size=batch_size,
                            percentile=percentile, target=table, latency_batch=latency_batch, search=search,
                            adaround=adaround and not searching, bias_correction=bias_correction and not searching,
@@ -285,13 +301,15 @@ def cost(model: Path, target: str, plan_path: Path | None, weights: str, activat
 @click.option("--bits", default="16,8,4", show_default=True, help="Bit widths (weights; activations at least 8).")
 @click.option("--limit", type=int, default=512, show_default=True, help="At most this many evaluation samples.")
 @click.option("--workers", type=int, help="Evaluation processes (default: every core).")
+@_executor_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--calib-method", type=click.Choice(METHODS), default="minmax", show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every signal as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path),
               help="Write a PNG per signal (NAME.png becomes NAME.<signal>.png when there are several).")
 def analyze(model: Path, calib: Path, metrics: tuple[str, ...], eval_path: Path | None, bits: str, limit: int,
-            workers: int | None, seed: int, calib_method: str, json_path: Path | None, plot: Path | None) -> None:
+            workers: int | None, executor: str | None, seed: int, calib_method: str, json_path: Path | None,
+            plot: Path | None) -> None:
     """Measure how sensitive each quantizable node of MODEL is, per bit width."""
 
 
@@ -300,7 +318,7 @@ def analyze(model: Path, calib: Path, metrics: tuple[str, ...], eval_path: Path 
         if out is not None and not out.parent.is_dir():
             raise QinjectError(f"output folder {str(out.parent)!r} does not exist")
     analysed = run_analysis(model, calib, metrics, eval_data=eval_path, bits=widths, method=calib_method,
-                            workers=workers, seed=seed, limit=limit)
+                            workers=workers, seed=seed, limit=limit, executor=executor)
     present = sensitivity.signals_present(analysed)
     for signal in present:
         click.echo(f"\n{signal} (score per bit width; higher = more sensitive)")
@@ -436,13 +454,14 @@ def _modes(text: str) -> tuple[str, ...]:
 @click.option("--target", default="local-cpu", show_default=True, help="Latency table for search/estimate-cost.")
 @click.option("--latency-batch", type=int, default=1, show_default=True)
 @click.option("--workers", type=int, help="Evaluation processes (default: every core).")
+@_executor_option
 @click.option("--print-ir-after", "print_after", multiple=True, help="Print the IR after this pass (repeatable).")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR after every pass into this folder.")
 @click.option("--timing", is_flag=True, help="Print the seconds each pass took.")
 @click.option("--verify-each", is_flag=True, help="Run the full verifier (onnx.checker) after every pass.")
 def run(model: Path, output: Path, text: str, calib: Path | None, eval_path: Path | None, target: str,
-        latency_batch: int, workers: int | None, print_after: tuple[str, ...], dump_ir: Path | None, timing: bool,
-        verify_each: bool) -> None:
+        latency_batch: int, workers: int | None, executor: str | None, print_after: tuple[str, ...],
+        dump_ir: Path | None, timing: bool, verify_each: bool) -> None:
     """Run a textual pass PIPELINE on MODEL and write the result to OUTPUT."""
 
     pipeline = parse(text)  # a malformed pipeline fails before anything is read
@@ -452,7 +471,8 @@ def run(model: Path, output: Path, text: str, calib: Path | None, eval_path: Pat
     onnx_backend.check_output_path(output, model)
     load_target(target)
     ir_model = load_onnx(model)
-    context = Context(calib=calib, eval_data=eval_path, target=target, latency_batch=latency_batch, workers=workers)
+    context = Context(calib=calib, eval_data=eval_path, target=target, latency_batch=latency_batch, workers=workers,
+                      executor=executor)
     # concatenated only if a pass needs whole arrays (sensitivity, search, AdaRound, bias correction)
     context.extra["calib_arrays"] = functools.cache(lambda: _calibration_arrays(calib, ir_model)) if calib else None
     manager = PassManager(build(pipeline, context))

@@ -82,7 +82,7 @@ calibration data (see `qinject analyze`).""")
 def _sensitivity(context: Context, o: dict[str, Any]) -> Pass:
 
     return signal_pass(o["metric"], _calib(context), seed=o["seed"], workers=context.workers,
-                       progress=context.progress, limit=o["limit"])
+                       executor=context.executor, progress=context.progress, limit=o["limit"])
 
 
 @register("search", (Option("algo", str, "bisection", "the search", SEARCH_NAMES),
@@ -101,6 +101,7 @@ def _search(context: Context, o: dict[str, Any]) -> Pass:
     evaluation = context.eval_data if context.eval_data is not None else data
     return SEARCH_PASSES[o["algo"]](evaluation, o["max-drop"], context.target, metric=context.metric,
                                     signal=o["signal"], batch=context.latency_batch, workers=context.workers,
+                                    executor=context.executor,
                                     limit=o["limit"], adaround=o["adaround"], bias_correction=o["bias-correction"],
                                     calib=data, progress=context.progress)
 

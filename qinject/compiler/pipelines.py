@@ -28,6 +28,7 @@ from qinject.passes.transforms import prepare
 from qinject.passes.transforms.calibrate import Calibrate
 from qinject.passes.transforms.insert_qdq import InsertQDQ
 from qinject.passes.transforms.upgrade_opset import UpgradeOpset
+from qinject.runtime import ray_executor
 from qinject.runtime.evaluation import Budget
 
 
@@ -48,6 +49,8 @@ class SearchOptions:
         limit: at most this many samples for the sensitivity analysis and the evaluations.
         rules: ``qinject.rules.Rules`` pinning the nodes they match; the search chooses the rest.
         modes: the execution modes a width may run in (``qinject.plan.MODES``; static always).
+        executor: where the sensitivity analysis and the search evaluate: None or "process" (the
+            local process pool of ``workers``), "ray" (a local Ray), "ray://HOST:PORT" (a Ray cluster).
     """
 
     max_drop: str | float = "1%"
@@ -63,6 +66,7 @@ class SearchOptions:
     limit: int | None = 2048
     rules: Any = None
     modes: tuple[str, ...] = ("static", "dynamic", "weight-only")
+    executor: str | None = None
 
     def __post_init__(self) -> None:
 
@@ -71,6 +75,7 @@ class SearchOptions:
         if self.signal not in SIGNALS:
             raise QinjectError(f"unknown sensitivity signal {self.signal!r} (expected one of {', '.join(SIGNALS)})")
         Budget.parse(self.max_drop)  # a bad budget fails before any work
+        ray_executor.check(self.executor)  # so does an unknown executor, or Ray asked for and missing
 
 
 def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "minmax", batch_size: int = 16,
@@ -140,9 +145,10 @@ def _search_passes(options: SearchOptions, analysis: object, method: str, percen
                                    "rank the nodes by noise)")
     evaluation = options.eval_data if options.eval_data is not None else analysis
     passes = [signal_pass(options.signal, analysis, seed=options.seed, workers=options.workers,
-                          progress=progress, method=method)]
+                          progress=progress, method=method, executor=options.executor)]
     kwargs = {"metric": options.metric, "signal": options.signal, "batch": latency_batch,
-              "workers": options.workers, "method": method, "percentile": percentile, "limit": options.limit}
+              "workers": options.workers, "method": method, "percentile": percentile, "limit": options.limit,
+              "executor": options.executor}
     kwargs.update(adaround=options.adaround, bias_correction=options.bias_correction, calib=analysis,
                   progress=progress, rules=options.rules, modes=options.modes)
     if options.search == "pareto":
@@ -153,15 +159,18 @@ def _search_passes(options: SearchOptions, analysis: object, method: str, percen
 
 def analysis_pipeline(metrics: Sequence[str], calib: object, data: object, bits: tuple[int, ...] = (16, 8, 4),
                       method: str = "minmax", workers: int | None = None, seed: int = 0,
-                      progress: bool = True) -> list[Pass]:
+                      progress: bool = True, executor: str | None = None) -> list[Pass]:
     """The passes of ``qinject analyze``: prepare, opset 21, calibrate on ``calib``, then each signal in
-    ``metrics`` measured on ``data`` (an ``AnalysisData``; interlayer brings the hessian it orders by)."""
+    ``metrics`` measured on ``data`` (an ``AnalysisData``; interlayer brings the hessian it orders by),
+    evaluated where ``executor`` says (``qinject.runtime.executor.Executor``)."""
+    ray_executor.check(executor)
     plugins.load()
     wanted = list(dict.fromkeys(metrics))
     if "interlayer" in wanted and "hessian" not in wanted:
         wanted.insert(wanted.index("interlayer"), "hessian")  # its base order
     return [*prepare(), UpgradeOpset(21), Calibrate(calib, method=method, progress=progress),
-            *(signal_pass(m, data, bits=bits, seed=seed, workers=workers, progress=progress, method=method)
+            *(signal_pass(m, data, bits=bits, seed=seed, workers=workers, progress=progress, method=method,
+                          executor=executor)
               for m in wanted)]
 
 

@@ -64,6 +64,7 @@ class Context:
     target: str = "local-cpu"
     latency_batch: int = 1
     workers: int | None = None
+    executor: str | None = None  # where sensitivity and search evaluations run (``Executor``)
     progress: bool = True
     metric: Callable[..., float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

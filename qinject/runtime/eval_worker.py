@@ -1,14 +1,17 @@
-"""A worker process of ``qinject.executor``: runs serialised ONNX models on fixed inputs.
+"""A worker of ``qinject.executor``: runs serialised ONNX models on fixed inputs.
 
 Started as a plain script (``python eval_worker.py``), so it imports only numpy and onnxruntime,
 starts fast, and never re-imports the user's main module (as multiprocessing's spawn would) or
 inherits JAX's threads (as fork would). Protocol on stdin/stdout, pickled: first the inputs (a dict
 of arrays), then one serialised model per request; each is answered by ``("ok", output)`` or
-``("error", message)``. EOF on stdin ends the worker.
+``("error", message)``. EOF on stdin ends the worker. ``Worker`` is the same loop as an object, the
+body of a Ray actor (``qinject.runtime.ray_executor`` ships this module to the cluster by value, so
+a node needs numpy, onnxruntime and Ray, not qinject).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 
@@ -47,6 +50,43 @@ def run_session(sess: object, inputs: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate(outs)
 
 
+def evaluate(blob: bytes, inputs: dict[str, np.ndarray]) -> tuple[str, object]:
+    """``("ok", first output)``, or ``("error", one line)`` when onnxruntime refuses or fails the model
+    (a model's fault: reported, never retried)."""
+    try:
+        return "ok", run_model(blob, inputs)
+    except Exception as exc:  # noqa: BLE001  (reported to the parent as one line)
+        return "error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+class Worker:
+    """One long-lived evaluator: the inputs once, then any number of serialised models."""
+
+    failure = "onnxruntime could not run a model variant"  # what an ("error", message) reply means
+
+    def __init__(self, inputs: dict[str, np.ndarray] | None = None) -> None:
+        self.inputs, self.source = inputs, None
+
+    def run(self, index: int, blob: bytes, stored: list | None = None) -> tuple[int, str, object]:
+        """``(index, status, payload)``: ``evaluate``'s reply, tagged with the caller's index. A Ray
+        actor serves every executor of its driver in turn: it reads the inputs of the task's executor
+        (``stored``: ``[ObjectRef]``) from the object store when it does not hold them (new, restarted,
+        or last used by another executor). Passed to the constructor instead, they would tie the actor
+        to one executor, and Ray warns that a restart needs them."""
+        if stored is not None and stored[0] != self.source:
+            import ray  # deferred: only a Ray actor gets here, and a Ray worker has imported ray already
+
+            self.inputs, self.source = ray.get(stored[0]), stored[0]
+        return (index, *evaluate(blob, self.inputs))
+
+    def forget(self) -> None:
+        """Drop the inputs (their executor closed), so the object store can free them."""
+        self.inputs = self.source = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
 def main() -> None:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but the protocol on stdout
@@ -56,11 +96,7 @@ def main() -> None:
             blob = pickle.load(stdin)
         except EOFError:
             return
-        try:
-            reply = ("ok", run_model(blob, inputs))
-        except Exception as exc:  # noqa: BLE001  (reported to the parent as one line)
-            reply = ("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        pickle.dump(reply, stdout, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(evaluate(blob, inputs), stdout, protocol=pickle.HIGHEST_PROTOCOL)
         stdout.flush()
 
 

@@ -8,7 +8,9 @@ both cores of this machine. Results do not depend on the number of workers or on
 a variant: each variant runs whole in one single-threaded session. The workers are plain scripts
 (``qinject/runtime/eval_worker.py``) fed through pipes, not ``multiprocessing`` processes: spawn would
 re-import the caller's main module (scripts without a ``__main__`` guard would recurse) and fork is
-unsafe after JAX has started its threads.
+unsafe after JAX has started its threads. With ``executor="ray"`` (a local Ray) or
+``"ray://HOST:PORT"`` (a cluster) the variants run on Ray actors instead
+(``qinject/runtime/ray_executor.py``), with the same outputs bit for bit.
 
 Typical use::
 
@@ -20,13 +22,14 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pickle
 import queue
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,7 +43,7 @@ from qinject.core.errors import QinjectError
 from qinject.core.plan import Plan
 from qinject.passes.transforms.insert_qdq import InsertQDQ
 from qinject.passes.transforms.lower_jax_to_onnx import LowerJaxToOnnx
-from qinject.runtime import eval_worker
+from qinject.runtime import eval_worker, ray_executor
 
 
 class Executor:
@@ -49,17 +52,26 @@ class Executor:
     Args:
         model: the calibrated float IR model (calibration statistics in ``meta``).
         inputs: the evaluation inputs, keyed by graph input name (first axis = samples).
-        workers: processes in the pool (default: the machine's cores); 1 runs in this process.
+        workers: processes in the pool (default: the machine's cores); 1 runs in this process. With
+            Ray: actors (default: one per CPU of the cluster).
         method, percentile: how activation ranges are chosen when a plan is applied.
+        executor: "process" (None: the local process pool), "ray" (a local Ray) or "ray://HOST:PORT".
+        progress: one progress bar under this name for every evaluation this executor runs (the
+            whole analysis or search), instead of one per ``run``.
     """
 
     def __init__(self, model: ir.Model, inputs: dict[str, np.ndarray], workers: int | None = None,
-                 method: str = "minmax", percentile: float = 99.99) -> None:
+                 method: str = "minmax", percentile: float = 99.99, executor: str | None = None,
+                 progress: str | None = None) -> None:
         self.model, self.inputs = model, {k: np.require(v, requirements="C") for k, v in inputs.items()}
+        self.executor = ray_executor.check(executor)
+        self.requested_workers = workers
         self.workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
         self.method, self.percentile = method, percentile
         self.count = 0
-        self._pool: _WorkerPool | None = None
+        self._pool: _WorkerPool | ray_executor.RayPool | None = None
+        self._progress = progress
+        self._bar: Any = None
         self._reference: np.ndarray | None = None
         missing = [v.name for v in model.graph.inputs if v.name not in self.inputs]
         if missing:
@@ -95,14 +107,39 @@ class Executor:
             ) -> list[np.ndarray]:
         """Each variant's first output on the evaluation inputs, in order. Variants may be a lazy
         iterable (built while earlier ones run); ``progress`` names a progress bar."""
+        if total is None and isinstance(variants, Sequence):
+            total = len(variants)
         variants = iter(variants)
         outputs: list[np.ndarray] = []
-        with tqdm(total=total, desc=progress or None, unit="eval", disable=None if progress else True,
-                  leave=False) as bar:
+        with self._progress_bar(progress, total) as bar:
+            if ray_executor.is_ray(self.executor):
+                if self._pool is None:
+                    self._pool = ray_executor.RayPool(self.executor, self.requested_workers, self.inputs)
+
+                def done() -> None:  # counted as each result arrives: a retried evaluation counts once
+                    self.count += 1
+                    bar.update(1)
+
+                return self._pool.map((_serialise(v) for v in variants), done)
             while batch := [_serialise(v) for v in itertools.islice(variants, 2 * self.workers)]:
                 outputs.extend(self._run_blobs(batch))
                 bar.update(len(batch))
         return outputs
+
+    @contextlib.contextmanager
+    def _progress_bar(self, progress: str | bool | None, total: int | None) -> Iterator[Any]:
+        """This run's bar, or the executor's one bar (its total grows by each run's)."""
+        if not self._progress:
+            with tqdm(total=total, desc=progress or None, unit="eval", disable=None if progress else True,
+                      leave=False) as bar:
+                yield bar
+            return
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc=self._progress, unit="eval", disable=None, leave=False)
+        elif self._bar.total is not None:  # unknown once any run's length is
+            self._bar.total = None if total is None else self._bar.total + total
+            self._bar.refresh()
+        yield self._bar
 
     def _run_blobs(self, blobs: list[bytes]) -> list[np.ndarray]:
         self.count += len(blobs)
@@ -116,6 +153,9 @@ class Executor:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def __enter__(self) -> Executor:
         return self
@@ -177,6 +217,12 @@ def as_onnx(model: ir.Model) -> ir.Model:
 
         return LowerJaxToOnnx()(model.clone()).model
     return model
+
+
+def to_onnx_bytes(model: ir.Model) -> bytes:
+    """The model as a self-contained ONNX file's bytes (jax nodes lowered, external data embedded):
+    what a worker, here or on a cluster, loads."""
+    return _serialise(model)
 
 
 def _serialise(model: ir.Model) -> bytes:
