@@ -95,7 +95,7 @@ def test_every_signal_through_ray_equals_the_process_pool():
                 {"min_iter": 2, "max_iter": 4} if name == "hessian" else {}
             signal_pass(name, data, workers=2, executor=executor, progress=False, **options)(model)
         results[executor] = _without_seconds(model)
-    assert sorted(results["ray"]["signals"]) == sorted(key for *_, key in SIGNALS.values())
+    assert sorted(results["ray"]["signals"]) == sorted(cls.signal for cls in SIGNALS.values())
     assert results["ray"] == results["process"]
     counts = {k: v["evaluations"] for k, v in results["ray"]["signals"].items()}
     assert counts["quant_error"] == 1 + 3 * 3 and counts["interlayer"] == 1 + 3 * 3, counts
