@@ -43,7 +43,8 @@ from qinject.core.calib_data import rows
 from qinject.core.errors import QinjectError
 from qinject.core.pass_manager import Pass, PassResult
 from qinject.core.plan import Plan
-from qinject.core.search_result import chosen_plan
+from qinject.core import ir as qir
+from qinject.core.search_result import chosen_plan, search_result
 from qinject.runtime import damage
 
 RESULT = "qinject.finetune.result"  # model meta: FinetuneReport
@@ -89,6 +90,8 @@ class Finetune(Pass):
             freeze_threshold, momentum: the oscillation frequency that freezes, its EMA momentum;
             dampening: λ of the dampening term.
         checkpoint, checkpoint_every: an .npz path saved every so many steps, resumed from if present.
+        fallback: the plan when none is given and no search or fit-target chose one (a pipeline's
+            uniform ``insert-qdq{weights=..}``).
     """
 
     name = "finetune"
@@ -98,7 +101,8 @@ class Finetune(Pass):
                  optimizer: Any = None, train_weights: bool = True, init: str = "mse", oscillation: str = "auto",
                  freeze_threshold: float = 0.02, momentum: float = 0.01, dampening: float = 0.0,
                  method: str = "minmax", percentile: float = 99.99, checkpoint: str | None = None,
-                 checkpoint_every: int = 100, seed: int = 0, progress: bool = True, limit: int | None = None) -> None:
+                 checkpoint_every: int = 100, seed: int = 0, progress: bool = True, limit: int | None = None,
+                 fallback: Plan | None = None) -> None:
         if oscillation not in OSCILLATION:
             raise QinjectError(f"finetune: oscillation must be one of {', '.join(OSCILLATION)}, got {oscillation!r}")
         if init not in ("mse", "minmax"):
@@ -110,10 +114,14 @@ class Finetune(Pass):
         self.train_weights, self.init, self.oscillation = train_weights, init, oscillation
         self.freeze_threshold, self.momentum, self.dampening = freeze_threshold, momentum, dampening
         self.method, self.percentile, self.seed, self.progress, self.limit = method, percentile, seed, progress, limit
-        self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
+        self.checkpoint, self.checkpoint_every, self.fallback = checkpoint, checkpoint_every, fallback
 
     def call(self, model: ir.Model) -> PassResult:
-        plan = chosen_plan(model, self.plan)
+        plan = self.plan
+        if plan is None and self.fallback is not None and search_result(model) is None and \
+                qir.CHOSEN_PLAN not in model.meta:
+            plan = self.fallback
+        plan = chosen_plan(model, plan)
         data = AnalysisData.load(self.data, model, self.limit)
         net = Trainable(model, plan, method=self.method, percentile=self.percentile,
                         train_weights=self.train_weights, init=self.init)

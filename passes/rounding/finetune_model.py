@@ -96,7 +96,7 @@ class Trainable:
     # -- building --------------------------------------------------------------------------------------
     def _weights(self, init: str) -> None:
         floats = {n.name: n for n in qir.quantizable_nodes(self.model)}
-        for node in qir.quantizable_nodes(self.qdq):
+        for node in self.qdq.graph:  # rewritten nodes read a DequantizeLinear, no longer a constant
             choice = node.meta.get(qir.QUANT_APPLIED)
             source = floats.get(node.name)
             if choice is None or not choice.quantizes_activations or source is None:
@@ -170,7 +170,7 @@ class Trainable:
         """(value, type) -> whether the plan quantizes it symmetrically (the rewrite's ActKey)."""
         floats = {n.name: n for n in qir.quantizable_nodes(self.model)}
         out: dict[tuple[str, QType], bool] = {}
-        for node in qir.quantizable_nodes(self.qdq):
+        for node in self.qdq.graph:  # rewritten nodes read a DequantizeLinear, no longer a constant
             choice, source = node.meta.get(qir.QUANT_APPLIED), floats.get(node.name)
             if choice is None or source is None or not choice.quantizes_activations:
                 continue
