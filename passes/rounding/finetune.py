@@ -97,7 +97,7 @@ class Finetune(Pass):
     name = "finetune"
 
     def __init__(self, data: object, plan: Plan | None = None, *, steps: int = 500, batch: int = 32,
-                 lr: float = 1e-2, weight_lr: float = 5e-2, loss: Callable[..., Any] | None = None,
+                 lr: float = 1e-2, weight_lr: float = 1e-2, loss: Callable[..., Any] | None = None,
                  optimizer: Any = None, train_weights: bool = True, init: str = "mse", oscillation: str = "auto",
                  freeze_threshold: float = 0.02, momentum: float = 0.01, dampening: float = 0.0,
                  method: str = "minmax", percentile: float = 99.99, checkpoint: str | None = None,

@@ -32,7 +32,7 @@ from qinject.core.stats import METHODS
 @click.option("--batch", type=int, default=32, show_default=True, help="Samples per step.")
 @click.option("--lr", type=float, default=1e-2, show_default=True,
               help="Scale/offset step, as a fraction of the initial scale.")
-@click.option("--weight-lr", type=float, default=5e-2, show_default=True,
+@click.option("--weight-lr", type=float, default=1e-2, show_default=True,
               help="Weight step, as a fraction of the channel's quantization step.")
 @click.option("--scales-only", is_flag=True, help="Train scales and offsets only, not the weights.")
 @click.option("--oscillation", type=click.Choice(["auto", "freeze", "dampen", "both", "off"]), default="auto", show_default=True,

@@ -119,7 +119,7 @@ def _bias_correction(context: Context, o: dict[str, Any]) -> Pass:
 @register("finetune", (Option("steps", int, 500, "optimisation steps"),
                        Option("batch", int, 32, "samples per step"),
                        Option("lr", float, 1e-2, "scale/offset step, as a fraction of the initial scale"),
-                       Option("weight-lr", float, 5e-2, "weight step, as a fraction of the channel's quantization step"),
+                       Option("weight-lr", float, 1e-2, "weight step, as a fraction of the channel's quantization step"),
                        Option("train-weights", bool, True, "train float weights and biases too"),
                        Option("init", str, "mse", "weight scales from", ("mse", "minmax")),
                        Option("oscillation", str, "auto", "oscillation control", OSCILLATION),

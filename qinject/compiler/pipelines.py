@@ -87,7 +87,7 @@ class FinetuneOptions:
     steps: int = 500
     batch: int = 32
     lr: float = 1e-2
-    weight_lr: float = 5e-2
+    weight_lr: float = 1e-2
     loss: Callable[..., Any] | None = None
     optimizer: Any = None
     train_weights: bool = True
