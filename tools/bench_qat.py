@@ -103,7 +103,9 @@ def run_case(case: Case, steps: int) -> list[tuple]:
     from qinject.core.plan import NodeQuant, Plan
     from qinject.passes.transforms.insert_qdq import InsertQDQ
 
-    calibrated = PassManager(standard_pipeline(Plan(), case.calib, progress=False)[:-1]).run(case.model).model
+    # prepared for the lowest plan (opset 21 for int4), calibrated once for all
+    calibrated = PassManager(standard_pipeline(Plan.uniform(4, 4), case.calib, progress=False)[:-1]).run(
+        case.model).model
     rows = [("float", "", case.evaluate(qinject.to_jax(case.model, "simulated")), 0, 0.0)]
     for label, (w, a) in PLANS.items():
         plan = Plan(NodeQuant(weights=w, activations=a))
