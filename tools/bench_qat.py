@@ -158,11 +158,15 @@ def report(results: dict[str, tuple[Case, list[tuple]]], argv: list[str], second
                          f"{steps or ''} | {f'{secs:.0f}' if secs else ''} |")
             if method.startswith("QAT"):
                 goal = 0.5 if label == "W4A8" else 2.0
-                gap = (base - score) * 100
-                verdicts.append(f"{name} {label}: QAT {gap:+.2f} pt below float, goal {goal} pt: "
+                gap = round((base - score) * 100, 2)  # as shown: 0.5 pt is one sample in 200 of 1600, not float noise
+                verdicts.append(f"{name} {label}: QAT {gap:.2f} pt below float, goal {goal} pt: "
                                 + ("met" if gap <= goal else f"**missed by {gap - goal:.2f} pt**"))
     lines += ["", "Goals (QAT within 0.5 pt of float at W4A8, within 2 pt at W4A4):", ""]
     lines += [f"- {v}" for v in verdicts]
+    lines += ["", "Magika is where the goals are missed: QAT recovers 2.7 pt of agreement at W4A8 and 39 pt at W4A4 "
+              "over round-to-nearest, far from float. It trained on the calibration quarter of the files only, "
+              "for 200 steps (about 16 minutes per plan on this CPU, each step a batch of 32 through its "
+              "convolution); longer runs and more files were not tried here."]
     return "\n".join(lines)
 
 
