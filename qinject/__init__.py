@@ -7,11 +7,13 @@ QuantizeLinear/DequantizeLinear, and emit an executable. See docs/ARCHITECTURE.m
 from __future__ import annotations
 
 from qinject.app.api import (
+    FinetuneOptions,
     QuantizeResult,
     SearchOptions,
     analyze,
     estimate_latency,
     export_onnx,
+    finetune,
     load_onnx,
     quantize_jax,
     quantize_onnx,
@@ -23,6 +25,7 @@ from qinject.core.errors import QinjectError
 from qinject.core.plan import NodeQuant, Plan
 
 __all__ = [
+    "FinetuneOptions",
     "NodeQuant",
     "Plan",
     "QinjectError",
@@ -31,6 +34,7 @@ __all__ = [
     "analyze",
     "estimate_latency",
     "export_onnx",
+    "finetune",
     "load_onnx",
     "quantize_jax",
     "quantize_onnx",

@@ -36,6 +36,7 @@ from qinject.passes.transforms import _insert_qdq_modes
 from qinject.core import ir as qir
 from qinject.core import numerics, op_facts
 from qinject.core.errors import PlanError, QinjectError, UnsupportedModelError
+from qinject.core.learned import learned
 from qinject.core.pass_manager import Pass, PassResult
 from qinject.core.plan import WEIGHT_ONLY, NodeQuant, Plan
 from qinject.core.quant_points import OUTPUT_MIN_SQNR_DB, output_point, output_sqnr_db, range_source
@@ -333,6 +334,9 @@ class _Rewrite:
             if shared is not None:
                 return _QParams(shared.scale, shared.zero_point)
             source = range_source(source)
+        found = learned(value, key.qtype, key.symmetric)  # fine-tuned (passes/rounding/finetune.py)
+        if found is not None:
+            return _QParams(found.scale.reshape(()), found.zero_point.reshape(()))
         stats = value.meta.get(qir.ACT_STATS)
         if stats is None:
             raise QinjectError(f"node {node.name!r}: no calibration statistics for activation {value.name!r} "
@@ -354,8 +358,12 @@ class _Rewrite:
             raise UnsupportedModelError(f"node {node.name!r}: weight {w.name!r} is {array.dtype}, not float")
         if not np.all(np.isfinite(array)):
             raise UnsupportedModelError(f"node {node.name!r}: weight {w.name!r} contains NaN or Inf")
-        lo, hi = numerics.weight_range(array, axis)
-        scale, zp = numerics.scale_zero_point(lo, hi, qtype, choice.weight_symmetric)
+        found = learned(w, qtype, choice.weight_symmetric, axis)  # fine-tuned (passes/rounding/finetune.py)
+        if found is not None:
+            scale, zp = found.scale, found.zero_point
+        else:
+            lo, hi = numerics.weight_range(array, axis)
+            scale, zp = numerics.scale_zero_point(lo, hi, qtype, choice.weight_symmetric)
         scale = _representable(scale, w)
         q = numerics.quantize(array, scale, zp, qtype, axis)
         self._check_collapse(w, array, q, zp, qtype, axis, choice)

@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from qinject.backends import jax_backend, onnx_backend
 from qinject.compiler import plugins
-from qinject.compiler.pipelines import SearchOptions, analysis_pipeline, standard_pipeline
+from qinject.compiler.pipelines import FinetuneOptions, SearchOptions, analysis_pipeline, standard_pipeline
 from qinject.core import ir as qir
 from qinject.core import op_facts
 from qinject.core.calib_data import QinjectWarning, input_specs, largest_uniform_group, open_source, rows
@@ -30,11 +30,12 @@ from qinject.core.search_result import search_result
 from qinject.cost.estimate import CostReport, estimate
 from qinject.cost.latency_table import LatencyTable, load_target
 from qinject.frontends import jax_frontend, onnx_frontend
+from qinject.passes.rounding.finetune import RESULT as FINETUNE_RESULT
 from qinject.passes.sensitivity.base import AnalysisData
 from qinject.passes.transforms import keep_slow_kernels_float, prepare
 from qinject.passes.transforms.lower_jax_to_onnx import LowerJaxToOnnx
 
-__all__ = ["QuantizeResult", "SearchOptions", "analyze", "estimate_latency", "export_onnx", "load_onnx", "quantize_jax", "quantize_onnx",
+__all__ = ["FinetuneOptions", "QuantizeResult", "SearchOptions", "analyze", "finetune", "estimate_latency", "export_onnx", "load_onnx", "quantize_jax", "quantize_onnx",
            "save_onnx", "standard_pipeline", "to_jax", "trace_jax"]
 
 
@@ -74,6 +75,10 @@ class QuantizeResult:
     cost: CostReport | None = None
     search: Any = None  # qinject.search.SearchResult when a search chose the plan
     measured: dict[str, float] | None = None  # {"float_ms", "quantized_ms", "tried"}: timed here (``measure``)
+    finetune: Any = None  # passes.rounding.finetune.FinetuneReport when the plan was fine-tuned
+    # the same quantization again with fine-tuning (``qinject.finetune(result, ...)``); None when the
+    # source was an IR model, which the rewrite changed in place
+    rerun: Callable[[FinetuneOptions], QuantizeResult] | None = field(default=None, repr=False)
 
     def to_jax(self, mode: str = "integer") -> Callable[..., Any]:
         """The quantized model as a jittable JAX function of the graph inputs (see ``to_jax``)."""
@@ -150,7 +155,8 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
                   search: SearchOptions | None = None, adaround: bool = False,
                   bias_correction: bool = False, rules: Any = None,
                   input_shapes: dict[str, Sequence[int]] | None = None, force: bool = False,
-                  auto_mode: bool = False, profile: bool = False, measure: bool = False) -> QuantizeResult:
+                  auto_mode: bool = False, profile: bool = False, measure: bool = False,
+                  finetune: FinetuneOptions | None = None) -> QuantizeResult:
     """Quantize an ONNX model: fold constants, calibrate, insert Q/DQ, and optionally save.
 
     Args:
@@ -183,6 +189,8 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
             float model here before writing it, and keep float the nodes that make it slower (all of
             them if need be: then nothing is quantized); ``result.measured`` has the timing. Not with
             ``force``.
+        finetune: train the plan's scales and weights before the rewrite (``FinetuneOptions``;
+            ``qinject.finetune`` is the short way).
 
     Example:
         >>> result = quantize_onnx("models/digits_cnn/model.onnx", "/tmp/q.onnx",
@@ -198,7 +206,7 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
     if rules is not None and search is None:
         plan = _plan_from_rules(rules, ir_model)
     kept_float: dict[str, str] = {}
-    if search is None:
+    if search is None and output is not None:  # a result kept in memory may still run in JAX (to_jax)
         _check_runs_on_onnxruntime(ir_model, plan)
         if not force and not _accelerator(target):
             plan, kept_float = keep_slow_kernels_float(ir_model, plan)
@@ -206,7 +214,12 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
         search, kept_float = _pin_slow_kernels_float(ir_model, search)
     result = _quantize(ir_model, plan, calib, method, batch_size, percentile, progress, target, latency_batch,
                        search, adaround, bias_correction, kept_float, fit=not force, auto_mode=auto_mode,
-                       profile=profile, measure=measure)
+                       profile=profile, measure=measure, finetune=finetune)
+    if not isinstance(model, ir.Model):
+        result.rerun = lambda options: quantize_onnx(
+            model, plan=result.plan, calib=calib, method=method, batch_size=batch_size, percentile=percentile,
+            progress=progress, target=target, latency_batch=latency_batch, input_shapes=input_shapes, force=True,
+            finetune=options)
     if output is not None:
         result.output = save_onnx(result.model, output, input_path=input_path)
     return result
@@ -248,7 +261,8 @@ def _check_runs_on_onnxruntime(model: ir.Model, plan: Plan) -> None:
 def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | os.PathLike | None = None,
                  plan: Plan | None = None, calib: object = None, method: str = "minmax",
                  percentile: float = 99.99, progress: bool = True,
-                 target: LatencyTable | str | None = None, search: SearchOptions | None = None) -> QuantizeResult:
+                 target: LatencyTable | str | None = None, search: SearchOptions | None = None,
+                 finetune: FinetuneOptions | None = None) -> QuantizeResult:
     """Trace ``fn(params, *example_inputs)``, calibrate and quantize it, optionally write ONNX.
 
     The same passes as ``quantize_onnx`` run on the traced graph; calibration runs through the
@@ -266,6 +280,7 @@ def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | 
         target: a latency table (or target name/path): the result's ``cost`` is the plan's
             estimated latency on it.
         search: search for a mixed-precision plan instead of applying ``plan`` (see ``quantize_onnx``).
+        finetune: train the plan's scales and weights before the rewrite (see ``qinject.finetune``).
 
     Example:
         >>> result = quantize_jax(forward, params, x[:64], calib=x_calib)  # doctest: +SKIP
@@ -277,7 +292,11 @@ def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | 
     if output is not None:
         onnx_backend.check_output_path(output)
     ir_model = trace_jax(fn, params, *example_inputs)
-    result = _quantize(ir_model, plan, calib, method, 16, percentile, progress, target, 1, search)
+    result = _quantize(ir_model, plan, calib, method, 16, percentile, progress, target, 1, search,
+                       finetune=finetune)
+    result.rerun = lambda options: quantize_jax(fn, params, *example_inputs, plan=result.plan, calib=calib,
+                                                method=method, percentile=percentile, progress=progress,
+                                                target=target, finetune=options)
     if output is not None:
         result.output = result.save(output)
     return result
@@ -287,7 +306,8 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
               progress: bool, target: LatencyTable | str | None = None, latency_batch: int = 1,
               search: SearchOptions | None = None, adaround: bool = False,
               bias_correction: bool = False, kept_float: dict[str, str] | None = None, fit: bool = False,
-              auto_mode: bool = False, profile: bool = False, measure: bool = False) -> QuantizeResult:
+              auto_mode: bool = False, profile: bool = False, measure: bool = False,
+              finetune: FinetuneOptions | None = None) -> QuantizeResult:
 
     if not any(op_facts.fact(n).quantizable for n in ir_model.graph.all_nodes()):
         raise UnsupportedModelError(_nothing_to_quantize(ir_model))
@@ -297,10 +317,10 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
             array = weight.const_value.numpy()
             if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
                 raise UnsupportedModelError(f"node {node.name!r}: weight {weight.name!r} contains NaN or Inf")
-    needs_arrays = search is not None or adaround or bias_correction
+    needs_arrays = search is not None or adaround or bias_correction or (finetune is not None and finetune.data is None)
     if needs_arrays and calib is None:
 
-        raise CalibrationDataError("a search, AdaRound and bias correction need calibration data")
+        raise CalibrationDataError("a search, AdaRound, bias correction and fine-tuning need calibration data")
     analysis = _calibration_arrays(calib, ir_model) if needs_arrays else None
     if search is not None and search.eval_data is not None:
 
@@ -308,14 +328,15 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
         search = dataclasses.replace(search, eval_data=AnalysisData.load(search.eval_data, ir_model, search.limit))
     manager = PassManager(standard_pipeline(plan, calib, method, batch_size, percentile, progress, target,
                                             latency_batch, search, analysis, adaround, bias_correction, fit,
-                                            auto_mode, profile, measure))
+                                            auto_mode, profile, measure, finetune))
     ir_model = manager.run(ir_model).model
     found = search_result(ir_model)
     if found is not None:
         plan = found.plan
     plan = ir_model.meta.get(qir.CHOSEN_PLAN, plan)
     result = QuantizeResult(ir_model, plan, timings=manager.timings, cost=ir_model.meta.get(qir.COST_REPORT),
-                            search=found, measured=ir_model.meta.get(qir.MEASURED_LATENCY))
+                            search=found, measured=ir_model.meta.get(qir.MEASURED_LATENCY),
+                            finetune=ir_model.meta.get(FINETUNE_RESULT))
     inner = [n for n in ir_model.graph.all_nodes() if n.graph is not ir_model.graph]
     for node in [*ir_model.graph, *inner]:  # main graph first, then control-flow bodies
         if qir.QUANT_APPLIED in node.meta:
@@ -359,6 +380,53 @@ def _nothing_to_quantize(model: ir.Model, notes: dict[str, list[str]] | None = N
     ops = sorted({n.op_type for n in nodes})
     return (f"the model has no quantizable op (Conv, ConvTranspose, Gemm, MatMul, ...; it has "
             f"{', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''}): nothing to quantize")
+
+
+def finetune(model_or_result: QuantizeResult | str | os.PathLike | onnx.ModelProto | ir.Model, data: object,
+             steps: int = 500, loss: Callable[..., Any] | None = None, *, output: str | os.PathLike | None = None,
+             plan: Plan | None = None, calib: object = None, progress: bool = True, **options: Any) -> QuantizeResult:
+    """Quantization-aware fine-tuning: the plan's quantized model trained on ``data``, then written in the
+    same QDQ form as a plain quantization (``passes/rounding/finetune.py``).
+
+    Args:
+        model_or_result: a ``QuantizeResult`` of ``quantize_onnx`` (from a file or ModelProto) or
+            ``quantize_jax``: the same quantization is run again with fine-tuning, on its plan (a
+            search's too); or a float ONNX model (path, ModelProto, IR model), quantized by ``plan``.
+        data: training inputs (an ``.npz``, a dict by input name or an array; ``labels`` optional).
+        steps: optimisation steps.
+        loss: ``loss(outputs, batch) -> scalar`` in JAX; None: distillation from the float model
+            (KL for classifiers, normalised MSE otherwise), which needs no labels.
+        output: where to write the fine-tuned QDQ ONNX model.
+        plan: for a float model: the plan (default W8A8); calib: its calibration data (default ``data``).
+        options: ``FinetuneOptions`` fields (batch, lr, weight_lr, optimizer, train_weights, init,
+            oscillation, checkpoint, checkpoint_every, seed, limit).
+
+    Returns:
+        The ``QuantizeResult``; its ``finetune`` says what the training did.
+
+    Example:
+        >>> result = quantize_jax(forward, params, x[:64], calib=x_calib, plan=Plan.uniform(4, 8))  # doctest: +SKIP
+        >>> tuned = finetune(result, x_train, steps=300)                                          # doctest: +SKIP
+        >>> tuned.save("model.qat.onnx"); qfn = tuned.to_jax("integer")                           # doctest: +SKIP
+    """
+    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(FinetuneOptions)})
+    if unknown:
+        raise QinjectError(f"finetune: unknown option(s) {unknown} (expected some of "
+                           f"{sorted(f.name for f in dataclasses.fields(FinetuneOptions))})")
+    settings = FinetuneOptions(data=data, steps=steps, loss=loss, **options)
+    if isinstance(model_or_result, QuantizeResult):
+        if model_or_result.rerun is None:
+            raise QinjectError("this QuantizeResult was quantized from an IR model, which the rewrite changed in "
+                               "place; fine-tune from the float model instead: qinject.finetune('model.onnx', data, "
+                               "plan=result.plan)")
+        if output is not None:
+            onnx_backend.check_output_path(output)
+        result = model_or_result.rerun(settings)
+        if output is not None:
+            result.output = result.save(output)
+        return result
+    return quantize_onnx(model_or_result, output, plan=plan, calib=data if calib is None else calib,
+                         progress=progress, finetune=settings)
 
 
 def analyze(model: str | os.PathLike | onnx.ModelProto | ir.Model, calib: object, metrics: Sequence[str],

@@ -27,6 +27,7 @@ from qinject.app.api import (
     save_onnx,
 )
 from qinject.app.api import analyze as run_analysis
+from qinject.app.cli_finetune import finetune_command
 from qinject.app.demo import run_demo
 from qinject.app.inspect import quantizable_table
 from qinject.app.plots import node_latency_plot, sensitivity_plot
@@ -600,6 +601,9 @@ def _format_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+cli.add_command(finetune_command)
 
 
 def main() -> None:

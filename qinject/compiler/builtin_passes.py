@@ -15,6 +15,7 @@ from qinject.core.plan import Plan
 from qinject.core.stats import METHODS
 from qinject.passes.rounding.adaround import AdaRound
 from qinject.passes.rounding.bias_correction import BiasCorrection
+from qinject.passes.rounding.finetune import OSCILLATION, Finetune
 from qinject.passes.search import SEARCH_PASSES, SEARCHES
 from qinject.passes.search.base import SearchPass
 from qinject.passes.sensitivity import SIGNALS, signal_pass
@@ -127,6 +128,29 @@ def _bias_correction(context: Context, o: dict[str, Any]) -> Pass:
 
     return BiasCorrection(_calib(context), None, max_bits=o["max-bits"],
                           per_tensor_max_bits=o["per-tensor-max-bits"])
+
+
+@register("finetune", (Option("steps", int, 500, "optimisation steps"),
+                       Option("batch", int, 32, "samples per step"),
+                       Option("lr", float, 1e-2, "scale/offset step, as a fraction of the initial scale"),
+                       Option("weight-lr", float, 1e-2, "weight step, as a fraction of the channel's quantization step"),
+                       Option("train-weights", bool, True, "train float weights and biases too"),
+                       Option("init", str, "mse", "weight scales from", ("mse", "minmax")),
+                       Option("oscillation", str, "auto", "oscillation control", OSCILLATION),
+                       Option("checkpoint", str, "", "an .npz saved as it trains, resumed from if present"),
+                       Option("weights", int, 8, "uniform weight bits when no search ran (as insert-qdq's)"),
+                       Option("activations", int, 8, "uniform activation bits when no search ran"),
+                       Option("plan", str, "", "a plan file to train instead"), _METHOD),
+          doc="""Quantization-aware fine-tuning of the plan (the search's or fitted one, else the plan file, else
+uniform bits: give insert-qdq the same): LSQ+ scales and offsets, and the weights, trained by
+distillation from the float model on the calibration data; insert-qdq then writes the learned values.""")
+def _finetune(context: Context, o: dict[str, Any]) -> Pass:
+
+    return Finetune(_calib(context), steps=o["steps"], batch=o["batch"], lr=o["lr"], weight_lr=o["weight-lr"],
+                    train_weights=o["train-weights"], init=o["init"], oscillation=o["oscillation"],
+                    checkpoint=o["checkpoint"] or None, method=o["method"], progress=context.progress,
+                    plan=Plan.load(o["plan"]) if o["plan"] else None,
+                    fallback=Plan.uniform(o["weights"], o["activations"]))
 
 
 @register("estimate-cost", (Option("batch", int, 0, "batch for a symbolic batch dimension (0: --latency-batch)"),),

@@ -18,6 +18,7 @@ from qinject.core.plan import Plan
 from qinject.cost.latency_table import LatencyTable, load_target
 from qinject.passes.rounding.adaround import AdaRound
 from qinject.passes.rounding.bias_correction import BiasCorrection
+from qinject.passes.rounding.finetune import Finetune
 from qinject.passes.search import SEARCH_PASSES, SEARCHES
 from qinject.passes.sensitivity import SIGNALS, signal_pass
 from qinject.passes.target.estimate_cost import EstimateCost
@@ -78,12 +79,50 @@ class SearchOptions:
         ray_executor.check(self.executor)  # so does an unknown executor, or Ray asked for and missing
 
 
+@dataclass
+class FinetuneOptions:
+    """Quantization-aware fine-tuning of the plan before the rewrite (``passes/rounding/finetune.py``).
+
+    Attributes:
+        data: training inputs (``.npz``/dict/array, optional ``labels``); None: the calibration data.
+        steps, batch, lr, weight_lr, loss, optimizer, train_weights, init, oscillation, checkpoint,
+        checkpoint_every, seed, limit: as ``Finetune`` takes them.
+    """
+
+    data: object = None
+    steps: int = 500
+    batch: int = 32
+    lr: float = 1e-2
+    weight_lr: float = 1e-2
+    loss: Callable[..., Any] | None = None
+    optimizer: Any = None
+    train_weights: bool = True
+    init: str = "mse"
+    oscillation: str = "auto"
+    checkpoint: str | os.PathLike | None = None
+    checkpoint_every: int = 100
+    seed: int = 0
+    limit: int | None = None
+
+    def build(self, data: object, plan: Plan | None, method: str, percentile: float, progress: bool) -> Finetune:
+        """The pass, training on ``self.data`` or else ``data`` (the calibration data)."""
+        if self.data is None and data is None:
+            raise CalibrationDataError("fine-tuning needs training data (or calibration data to train on)")
+        return Finetune(self.data if self.data is not None else data, plan, steps=self.steps, batch=self.batch,
+                        lr=self.lr, weight_lr=self.weight_lr, loss=self.loss, optimizer=self.optimizer,
+                        train_weights=self.train_weights, init=self.init, oscillation=self.oscillation,
+                        method=method, percentile=percentile,
+                        checkpoint=None if self.checkpoint is None else str(self.checkpoint),
+                        checkpoint_every=self.checkpoint_every, seed=self.seed, progress=progress, limit=self.limit)
+
+
 def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "minmax", batch_size: int = 16,
                       percentile: float = 99.99, progress: bool = True,
                       target: LatencyTable | str | None = None, latency_batch: int = 1,
                       search: SearchOptions | None = None, analysis_data: object = None,
                       adaround: bool = False, bias_correction: bool = False, fit: bool = False,
-                      auto_mode: bool = False, profile: bool = False, measure: bool = False) -> list:
+                      auto_mode: bool = False, profile: bool = False, measure: bool = False,
+                      finetune: FinetuneOptions | None = None) -> list:
     """The passes of ``qinject quantize``, in order. With ``target``, the plan's latency is estimated
     on it just before the rewrite. With ``search``, the plan is chosen: a sensitivity signal on the
     calibration data, then a search pass on the evaluation data (and AdaRound / bias correction of the
@@ -94,9 +133,10 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
     ``fit`` fits the plan to a measured ``target`` first (``passes/target/fit_target.py``: float where the
     table prices float faster; with ``auto_mode``, each node in its fastest execution mode). ``profile`` measures
     the shapes a measured ``target`` lacks on this machine before anything is priced
-    (``passes/target/profile_target.py``, cached). ``measure`` (with ``fit``, on a measured ``target``)
-    times the final plan's rewrite against the float model on this machine and keeps float the nodes
-    that make it slower (``passes/target/fit_measured.py``)."""
+    (``passes/target/profile_target.py``, cached). ``finetune`` trains the plan's scales and weights
+    (quantization-aware, ``passes/rounding/finetune.py``) just before the rewrite. ``measure`` (with
+    ``fit``, on a measured ``target``) then times the final plan's rewrite against the float model on
+    this machine and keeps float the nodes that make it slower (``passes/target/fit_measured.py``)."""
 
     # the nodes a user's plan or rules name: every fit leaves them as named
     pinned = set(plan.nodes) if plan is not None and search is None else set()
@@ -126,6 +166,9 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
             passes.append(AdaRound(data, plan, progress=progress))
         if bias_correction:
             passes.append(BiasCorrection(data, plan))
+    if finetune is not None:
+        data = calib if analysis_data is None else analysis_data
+        passes.append(finetune.build(data, plan, method, percentile, progress))
     if measure and fit and target is not None and target.kind == "measured":
         # last before the rewrite: it times the plan every pass above settled, and the estimate prices its result
         passes.append(FitMeasured(plan, target, latency_batch, method=method, percentile=percentile,
@@ -174,4 +217,4 @@ def analysis_pipeline(metrics: Sequence[str], calib: object, data: object, bits:
               for m in wanted)]
 
 
-__all__ = ["SEARCHES", "SearchOptions", "analysis_pipeline", "standard_pipeline"]
+__all__ = ["SEARCHES", "FinetuneOptions", "SearchOptions", "analysis_pipeline", "standard_pipeline"]

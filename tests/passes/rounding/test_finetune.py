@@ -1,0 +1,160 @@
+"""Quantization-aware fine-tuning (passes/rounding/finetune.py): it trains, needs no labels, resumes,
+and what it writes is what it trained."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import qinject
+from qinject.backends import onnx_backend
+from qinject.compiler.pipelines import standard_pipeline
+from qinject.compiler.registry import Context, build
+from qinject.core.pass_manager import PassManager
+from qinject.core.plan import NodeQuant, Plan
+from qinject.passes.rounding import finetune_state as fs
+from qinject.passes.rounding.finetune import RESULT, Finetune
+from qinject.passes.rounding.finetune_model import Trainable
+from qinject.passes.transforms.insert_qdq import InsertQDQ
+from qinject.runtime.damage import kl_divergence
+from tests.builders import conv_net, run_cli
+
+W4A8 = Plan(NodeQuant(weights=4, activations=8))
+
+
+def _images(n: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((n, 3, 8, 8)).astype(np.float32)}
+
+
+def _calibrated(plan: Plan, data: dict[str, np.ndarray]):
+    passes = standard_pipeline(plan, data, progress=False)[:-1]  # all but the rewrite
+    return PassManager(passes).run(qinject.load_onnx(conv_net())).model
+
+
+@pytest.mark.slow  # the test that proves the feature end to end (about 20 s on 2 cores)
+def test_distillation_without_labels_lowers_the_loss_and_the_onnx_equals_the_jax_simulation(tmp_path):
+    data = _images()
+    model = _calibrated(W4A8, data)
+    ptq = model.clone()
+    InsertQDQ(W4A8)(ptq)
+    Finetune(data, W4A8, steps=40, batch=16, progress=False)(model)  # no labels in the data
+    report = model.meta[RESULT]
+    assert report.loss_end < 0.5 * report.loss_start
+    trained = Trainable(model.clone(), W4A8, init="minmax")  # the written values, as the trainer sees them
+    InsertQDQ(W4A8)(model)
+    path = onnx_backend.save(model, tmp_path / "qat.onnx")
+    x = _images(16, seed=1)["x"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"x": x})[0]
+    jax_out = np.asarray(qinject.to_jax(model, "simulated")(x))
+    step = float(np.abs(jax_out).max()) / 127
+    assert np.abs(onnx_out - jax_out).max() <= step  # "within rounding": one output step at most
+    # the trainer's own forward with the learned parameters computes the same function
+    trainer_out = np.asarray(trained.forward(jax.tree_util.tree_map(jnp.asarray, trained.params), {}, [x])[0])
+    assert np.abs(trainer_out - jax_out).max() <= step
+    # learned numbers reached the file: the weight scales differ from the min/max ones PTQ wrote
+    names = [n for n in ptq.graph.initializers if n.endswith("weight_scale_int4") or n.endswith("W_scale_int4")
+             or "scale_int4" in n]
+    assert names and any(not np.allclose(ptq.graph.initializers[n].const_value.numpy(),
+                                         model.graph.initializers[n].const_value.numpy()) for n in names)
+    # and on the data it trained on (64 random images: too few to generalise), the fine-tuned model's
+    # output distribution is closer to float's than round-to-nearest's (KL, what distillation minimises)
+    seen = data["x"]
+    float_out = np.asarray(qinject.to_jax(qinject.load_onnx(conv_net()), "simulated")(seen))
+    errors = [kl_divergence(float_out, np.asarray(qinject.to_jax(m, "simulated")(seen))) for m in (model, ptq)]
+    assert errors[0] < 0.7 * errors[1]
+
+
+def test_a_user_loss_sees_labels_and_teacher():
+    data = {**_images(32), "labels": np.arange(32) % 10}
+    model = _calibrated(W4A8, data)
+    seen = {}
+
+    def loss(outputs, batch):
+        seen.update(keys=sorted(batch), shape=outputs.shape)
+        logp = jax.nn.log_softmax(outputs)
+        return -jnp.mean(jnp.take_along_axis(logp, batch["labels"][:, None], axis=1))
+
+    Finetune(data, W4A8, steps=20, batch=16, loss=loss, progress=False)(model)
+    assert seen["keys"] == ["labels", "teacher", "x"] and seen["shape"] == (16, 10)
+    assert model.meta[RESULT].loss_end < model.meta[RESULT].loss_start
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(tmp_path, monkeypatch):
+    data = _images(32)
+
+    def trained(checkpoint=None):
+        model = _calibrated(W4A8, data)
+        Finetune(data, W4A8, steps=6, batch=8, checkpoint=checkpoint, checkpoint_every=3, progress=False)(model)
+        return model
+
+    whole = trained()
+    path = str(tmp_path / "ft.npz")
+    save = fs.save_checkpoint
+
+    def killed(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt  # the run dies just after its first checkpoint
+
+    monkeypatch.setattr(fs, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trained(path)
+    monkeypatch.setattr(fs, "save_checkpoint", save)
+    resumed = trained(path)
+    assert resumed.meta[RESULT].resumed_from == 3 and resumed.meta[RESULT].steps == 3
+    for name, value in whole.graph.initializers.items():
+        np.testing.assert_array_equal(value.const_value.numpy(), resumed.graph.initializers[name].const_value.numpy())
+    # a checkpoint of another plan is refused, not silently loaded
+    other = _calibrated(Plan(NodeQuant(weights=8, activations=8, per_channel=False)), data)
+    with pytest.raises(qinject.QinjectError, match="holds the parameters of another model or plan"):
+        Finetune(data, Plan(NodeQuant(weights=8, activations=8, per_channel=False)), steps=6, checkpoint=path,
+                 progress=False)(other)
+
+
+def test_oscillating_weights_freeze_and_steady_ones_do_not():
+    state = fs.init_oscillation(jnp.zeros(2))
+    for t in range(40):  # weight 0 flips 0,1,0,1,...; weight 1 climbs by one code every 4 steps
+        state = fs.update_oscillation(state, jnp.array([t % 2, (t + 1) // 4], jnp.float32), 0.1, 0.3)
+    assert bool(state["mask"][0]) and not bool(state["mask"][1])
+    assert float(state["held"][0]) in (0.0, 1.0)
+
+
+def test_jax_function_w4a4_fine_tunes_in_memory():
+    rng = np.random.default_rng(0)
+    params = {"fc1.weight": rng.standard_normal((16, 12)).astype(np.float32) / 4,
+              "fc2.weight": rng.standard_normal((12, 5)).astype(np.float32) / 3}
+
+    def forward(p, x):
+        return jnp.maximum(x @ p["fc1.weight"], 0) @ p["fc2.weight"]
+
+    x = rng.standard_normal((256, 16)).astype(np.float32)
+    plan = Plan(NodeQuant(weights=4, activations=4))
+    ptq = qinject.quantize_jax(forward, params, x[:32], calib=x, plan=plan, progress=False)
+    tuned = qinject.finetune(ptq, x, steps=60, batch=32, progress=False)
+    assert tuned.finetune.loss_end < tuned.finetune.loss_start
+    float_out = forward(params, x[:32])
+    err = {name: float(jnp.mean((r.to_jax("simulated")(x[:32]) - float_out) ** 2)) for name, r in
+           (("ptq", ptq), ("qat", tuned))}
+    assert err["qat"] < err["ptq"]
+
+
+def test_finetune_is_a_registered_pipeline_pass():
+    passes = build("finetune{steps=3,weights=4}", Context(calib=_images(8)))
+    assert isinstance(passes[0], Finetune) and passes[0].steps == 3
+    assert passes[0].fallback == Plan.uniform(4, 8)
+
+
+def test_cli_finetune_writes_a_model_and_its_plan(tmp_path):
+    np.savez(tmp_path / "train.npz", **_images(32))
+    import onnx
+
+    onnx.save(conv_net(), tmp_path / "m.onnx")
+    Plan(NodeQuant(weights=4, activations=8)).save(tmp_path / "p.json")
+    done = run_cli("finetune", tmp_path / "m.onnx", "--plan", tmp_path / "p.json", "--data", tmp_path / "train.npz",
+                   "--steps", "5", "--batch", "8", "-o", tmp_path / "out.onnx", "--save-plan", tmp_path / "out.plan.json")
+    assert done.returncode == 0, done.stderr
+    assert "fine-tuned" in done.stdout and (tmp_path / "out.onnx").exists()
+    assert Plan.load(tmp_path / "out.plan.json") == Plan.load(tmp_path / "p.json")  # the plan round-trips
