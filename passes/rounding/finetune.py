@@ -2,7 +2,7 @@
 
 Post-training quantization stops at a floor (4-bit weights lose accuracy that rounding alone does
 not recover, 4-bit activations more). This pass trains the plan's quantized model itself, through
-the JAX backend's simulated mode (``finetune_model.Trainable``: the exact QDQ graph the rewrite will
+the JAX backend's simulated mode (``_finetune_model.Trainable``: the exact QDQ graph the rewrite will
 write): per-channel weight scales and per-tensor activation scales and offsets are parameters with
 LSQ+'s gradients and gradient scaling (``qinject.backends.lsq``), rounding is straight-through, and
 the float weights and biases train too (``train_weights``). The loss is the user's
@@ -13,7 +13,7 @@ used as they are), normalised MSE otherwise.
 Optimiser: Adam (optax) with a cosine decay, each parameter's step in its own unit: a scale or
 offset moves by ``lr`` times its initial scale, a weight by ``weight_lr`` times its channel's step, so
 one learning rate serves every layer and model; or any optax ``optimizer`` on the raw gradients.
-Oscillation control (``finetune_state``) is on by default for weights of at most 4 bits.
+Oscillation control (``_finetune_state``) is on by default for weights of at most 4 bits.
 
 What it writes is what a plain rewrite writes, with the learned numbers: weights on their learned
 grid, and the learned scales and zero points in the values' meta, which ``InsertQDQ`` applies; so
@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx_ir as ir
-from qinject.passes.rounding import finetune_state as fs
-from qinject.passes.rounding.finetune_model import Trainable
+from qinject.passes.rounding import _finetune_state as fs
+from qinject.passes.rounding._finetune_model import Trainable
 from qinject.passes.sensitivity.base import AnalysisData
 
 from qinject.backends import lsq

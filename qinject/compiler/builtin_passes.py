@@ -141,6 +141,7 @@ def _bias_correction(context: Context, o: dict[str, Any]) -> Pass:
                        Option("weights", int, 8, "uniform weight bits when no search ran (as insert-qdq's)"),
                        Option("activations", int, 8, "uniform activation bits when no search ran"),
                        Option("plan", str, "", "a plan file to train instead"), _METHOD),
+          pass_class=Finetune,
           doc="""Quantization-aware fine-tuning of the plan (the search's or fitted one, else the plan file, else
 uniform bits: give insert-qdq the same): LSQ+ scales and offsets, and the weights, trained by
 distillation from the float model on the calibration data; insert-qdq then writes the learned values.""")

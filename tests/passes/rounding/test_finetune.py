@@ -15,9 +15,9 @@ from qinject.compiler.pipelines import standard_pipeline
 from qinject.compiler.registry import Context, build
 from qinject.core.pass_manager import PassManager
 from qinject.core.plan import NodeQuant, Plan
-from qinject.passes.rounding import finetune_state as fs
+from qinject.passes.rounding import _finetune_state as fs
 from qinject.passes.rounding.finetune import RESULT, Finetune
-from qinject.passes.rounding.finetune_model import Trainable
+from qinject.passes.rounding._finetune_model import Trainable
 from qinject.passes.transforms.insert_qdq import InsertQDQ
 from qinject.runtime.damage import kl_divergence
 from tests.builders import conv_net, run_cli
