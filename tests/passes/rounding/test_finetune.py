@@ -52,6 +52,9 @@ def test_distillation_without_labels_lowers_the_loss_and_the_onnx_equals_the_jax
     jax_out = np.asarray(qinject.to_jax(model, "simulated")(x))
     step = float(np.abs(jax_out).max()) / 127
     assert np.abs(onnx_out - jax_out).max() <= step  # "within rounding": one output step at most
+    # the same learned graph as the integer JAX function (int8 kernels, jittable)
+    integer_out = np.asarray(jax.jit(qinject.to_jax(model, "integer"))(x))
+    assert np.abs(integer_out - jax_out).max() <= 2 * step
     # the trainer's own forward with the learned parameters computes the same function
     trainer_out = np.asarray(trained.forward(jax.tree_util.tree_map(jnp.asarray, trained.params), {}, [x])[0])
     assert np.abs(trainer_out - jax_out).max() <= step
