@@ -206,8 +206,9 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
     if rules is not None and search is None:
         plan = _plan_from_rules(rules, ir_model)
     kept_float: dict[str, str] = {}
-    if search is None and output is not None:  # a result kept in memory may still run in JAX (to_jax)
-        _check_runs_on_onnxruntime(ir_model, plan)
+    if search is None:
+        if output is not None:  # a result kept in memory may still run in JAX (to_jax)
+            _check_runs_on_onnxruntime(ir_model, plan)
         if not force and not _accelerator(target):
             plan, kept_float = keep_slow_kernels_float(ir_model, plan)
     elif not force and not _accelerator(target or "local-cpu"):
