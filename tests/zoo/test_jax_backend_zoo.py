@@ -26,7 +26,7 @@ QUICK = ("squeezenet", "shufflenet")
 
 # -m long: VGG-19 (20 GFLOPs, 548 MB of weights; AlexNet and ZFNet-512 have its structure) and
 # DenseNet-121 (27 s; Inception v1/v2 cover concatenated branches, ResNet-50 the residual joins).
-LONG = ("vgg19", "densenet121")
+LONG = ("vgg19", "densenet121", "inception_v2", "zfnet512", "bvlc_alexnet")
 
 
 def _light_params():

@@ -41,7 +41,7 @@ def images() -> tuple[np.ndarray, np.ndarray]:
             rng.standard_normal((3, 3, 224, 224)).astype(np.float32))
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long) if n in ("vgg19", "zfnet512") else n
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long) if n in ("vgg19", "zfnet512", "bvlc_alexnet") else n
                                   for n in NAMES])
 def test_light_model_quantizes(name, images, tmp_path) -> None:
     import onnxruntime as ort

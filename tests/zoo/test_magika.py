@@ -27,6 +27,7 @@ WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")
 METHOD = "mse"
 
 
+@pytest.mark.long  # magika's W8A8 fidelity is also a golden figure of the default suite's corpus run
 def test_magika_w8a8_agrees_with_float_on_real_files(tmp_path):
     model_path = magika_model_path()
     calib_files, held_out_files = real_files(seed=0)
