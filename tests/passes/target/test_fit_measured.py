@@ -136,3 +136,11 @@ def test_a_node_the_plan_names_keeps_what_was_asked(tmp_path, monkeypatch):
     result = _quantize(tmp_path, plan=Plan(NodeQuant(), {slow: NodeQuant()}))
     assert result.quantized == [slow]  # the others went float; the named one stayed, slower or not
     assert result.measured["quantized_ms"] > result.measured["float_ms"]  # the CLI warns about it
+
+
+def test_a_whole_plan_faster_by_less_than_the_noise_is_timed_again_and_not_kept(tmp_path, monkeypatch):
+    clock = _clock({}, per_node=-0.004)  # 5 nodes: 0.98x, inside the 3% timing noise
+    monkeypatch.setattr(fit_measured, "interleaved_latency", clock)
+    with pytest.raises(UnsupportedModelError, match=r"measured 0\.98x .*kept only under 0\.97x"):
+        _quantize(tmp_path)
+    assert len(clock.seen) == 2  # the first timing, then the plan with its halvings
