@@ -347,7 +347,8 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
                 result.notes.setdefault(node.name, []).extend(node.meta[key])
     for name, reason in (kept_float or {}).items():
         result.notes.setdefault(name, []).append(reason)
-    if not result.quantized and _plans_anything(plan):
+    # nothing left of what was asked (or searched): fit-target or fit-measured kept it all float
+    if not result.quantized and (_plans_anything(plan) or (found is not None and _plans_anything(found.plan))):
         raise UnsupportedModelError(_nothing_to_quantize(ir_model, result.notes))
     return result
 

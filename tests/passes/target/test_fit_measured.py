@@ -144,3 +144,11 @@ def test_a_whole_plan_faster_by_less_than_the_noise_is_timed_again_and_not_kept(
     with pytest.raises(UnsupportedModelError, match=r"measured 0\.98x .*kept only under 0\.97x"):
         _quantize(tmp_path)
     assert len(clock.seen) == 2  # the first timing, then the plan with its halvings
+
+
+def test_a_searched_plan_the_timing_floats_entirely_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(fit_measured, "interleaved_latency", _clock({}, per_node=0.5))
+    search = qinject.SearchOptions(max_drop="5%", eval_data=CNN / "eval.npz", limit=128)
+    with pytest.raises(UnsupportedModelError, match="nothing was quantized.*measured"):
+        _quantize(tmp_path, search=search)
+    assert not (tmp_path / "q.onnx").exists()
