@@ -116,8 +116,8 @@ class FitMeasured(Pass):
     def _note(model: ir.Model, floated: list[str], ratio: float, total: int) -> None:
         nodes = {n.name: n for n in model.graph.all_nodes()}
         why = (f"kept float: the rewrite of all {total} chosen node(s) measured {ratio:.2f}x the float model's "
-               f"time on this machine (kept only under {MIN_GAIN:.2f}x), and this node's estimated saving was among the smallest (--force "
-               "quantizes anyway)")
+               f"time on this machine (kept only under {MIN_GAIN:.2f}x), and this node's estimated saving was "
+               "among the smallest (--force quantizes anyway)")
         for name in floated:
             nodes[name].meta.setdefault(qir.QUANT_NOTES, []).append(why)
 

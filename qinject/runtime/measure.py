@@ -94,5 +94,6 @@ def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
 
 
-__all__ = ["INTEGER_KERNELS", "compare_latency", "interleaved_latency", "fused_kernels", "latency_ms", "predict", "sqnr_db", "top1_accuracy",
+__all__ = ["INTEGER_KERNELS", "compare_latency", "fused_kernels", "interleaved_latency", "latency_ms", "predict",
+           "sqnr_db", "top1_accuracy",
            "top1_agreement"]
