@@ -62,7 +62,7 @@ def weightless(model: ir.Model, threshold: int = 1024, numpy_only: bool = False
     small. Yields ``name -> tensor`` of the stubbed tensors (no copies), e.g. for
     ``SessionOptions.add_external_initializers``; the real tensors are back in place after the block.
     ``numpy_only`` keeps inline the tensors whose numpy form onnxruntime cannot take as an OrtValue
-    (4-bit and other sub-byte or ml_dtypes types: their arrays are numpy void).
+    (ml_dtypes' types such as int4 and bfloat16, and strings).
     """
     swapped: dict[str, ir.TensorProtocol] = {}
     for name, value in model.graph.initializers.items():
@@ -82,8 +82,9 @@ def weightless(model: ir.Model, threshold: int = 1024, numpy_only: bool = False
 
 
 def _void_in_numpy(dtype: ir.DataType) -> bool:
-    return dtype.bitwidth < 8 or dtype in (ir.DataType.BFLOAT16, ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ,
-                                           ir.DataType.FLOAT8E5M2, ir.DataType.FLOAT8E5M2FNUZ)
+    """ml_dtypes' types (int4, bfloat16, float8, ...: not numpy built-ins) and strings."""
+    array_type = np.dtype(dtype.numpy())
+    return array_type.isbuiltin != 1 or array_type.kind == "O"
 
 
 def round_trip(model: ir.Model, transform: Callable[[onnx.ModelProto], onnx.ModelProto]) -> ir.Model:
