@@ -290,7 +290,8 @@ def run_tool(cmd: list[str], timeout: float, log: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(THREADS))
     env.pop("QINJECT_NO_MEASURE", None)  # qinject runs as users run it
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
+        # In the case's own folder: onnxruntime's quant_pre_process leaves temporary files in the cwd.
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(log.parent))
     except subprocess.TimeoutExpired as exc:
         log.write_text(f"$ {shlex.join(cmd)}\nTIMEOUT\n{exc.stdout or ''}\n{exc.stderr or ''}")
         return {"error": f"timeout after {timeout:.0f} s", "seconds": time.perf_counter() - start}
@@ -642,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     args.tools = [t for t in args.tools.split(",") if t]
     if args.rounds * args.runs_per_round < 20:
         ap.error("at least 20 latency runs (rounds x runs-per-round)")
-    root = args.workdir or Path(tempfile.mkdtemp(prefix="bench_realworld_"))
+    root = (args.workdir or Path(tempfile.mkdtemp(prefix="bench_realworld_"))).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if args.exports_rev:
         _use_exports_rev(args.exports_rev, root)
