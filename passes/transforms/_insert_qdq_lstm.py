@@ -8,7 +8,7 @@ initial_h/c and the peepholes P pass through as float. The kernel quantizes X (a
 each step's hidden state to uint8 at run time from their own range, as DynamicQuantizeLinear does.
 
 What stays float, with a note: R computed at run time; ``layout=1`` (the contrib op has no layout
-attribute: onnxruntime's own quantizer drops it and computes a wrong result); asymmetric or unsigned
+attribute; onnxruntime's own quantizer drops it, though its LSTM kernels refuse layout=1 anyway); asymmetric or unsigned
 weights (the kernel reads one weight zero point per matrix, the first one).
 """
 
@@ -35,7 +35,7 @@ def refusal(node: ir.Node, choice: NodeQuant) -> str | None:
     attr = node.attributes.get("layout")
     if attr is not None and attr.value != 0:
         return ("left float: DynamicQuantizeLSTM has no 'layout' attribute (it takes [seq, batch, ...] tensors), "
-                "this LSTM has layout=1; export the LSTM time-major to run it dynamic")
+                "this LSTM has layout=1 (which onnxruntime does not run in float either); export it time-major")
     if not choice.weight_symmetric or not choice.weight_signed:
         return ("left float: DynamicQuantizeLSTM reads one weight zero point per matrix, so it takes symmetric "
                 "int8 weights; plan weight_symmetric and weight_signed true")

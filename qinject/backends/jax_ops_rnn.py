@@ -7,8 +7,9 @@ and zeroes its outputs there, and the reverse direction runs each sequence backw
 length, as onnxruntime does. Activations: Sigmoid, Tanh and Relu (others are refused by name).
 
 DynamicQuantizeLSTM is simulated: the int8 weights are dequantized, and what the kernel quantizes at
-run time is quantized here the same way (uint8, DynamicQuantizeLinear's range rule): X of all steps at
-once, then each step's hidden state over the whole batch. onnxruntime splits the batch between its
+run time is quantized here the same way (uint8, DynamicQuantizeLinear's range rule): each direction's
+X, all steps at once (up to the longest sequence; reversed, each sequence's own steps), then each
+step's hidden state over the whole batch. onnxruntime splits the batch between its
 threads for the recurrent step (at batch >= 2 with hidden <= 256, or batch > 4) and quantizes each
 thread's rows from their own range; on one thread, or at batch 1, the two agree exactly up to float
 rounding, otherwise within the rounding of one quantization step.
@@ -84,13 +85,17 @@ def _run(node: ir.Node, x: Any, w: Any, r: Any, b: Any, lengths: Any, h0: Any, c
     c0 = zeros if c0 is None else jnp.asarray(c0, jnp.float32)
     b = jnp.zeros((dirs, 2 * gates), jnp.float32) if b is None else jnp.asarray(b, jnp.float32)
     p = jnp.zeros((dirs, 3 * hidden), jnp.float32) if p is None else jnp.asarray(p, jnp.float32)
-    cell = _Cell(attr(node, "clip"), bool(attr(node, "input_forget", 0)), quantize)
-    x_in = _through_int8(x) if quantize else x  # the kernel quantizes X once, all steps together
+    # onnxruntime's recurrent GEMM reads the previous step's row of Y, zero once a sequence has ended,
+    # or without Y its final state buffer (frozen there): what the hidden state's range is taken over
+    zero_ended = bool(node.outputs and node.outputs[0].name)
+    cell = _Cell(attr(node, "clip"), bool(attr(node, "input_forget", 0)), quantize, zero_ended)
     ys, hs, cs = [], [], []
     for d in range(dirs):
         reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
         acts = [_ACTIVATIONS[a] for a in names[3 * d:3 * d + 3]]
-        xs = _reversed(x_in, lengths) if reverse else x_in
+        xs = _reversed(x, lengths) if reverse else x
+        if quantize:  # the kernel quantizes this direction's X once, every step together (module doc)
+            xs = _through_int8(_steps_read(xs, lengths, reverse))
         projected = jnp.einsum("tbk,gk->tbg", xs, w[d], precision=HIGHEST) + b[d, :gates] + b[d, gates:]
         y, h, c = cell.scan(projected, jnp.asarray(r[d]), p[d], h0[d], c0[d], lengths, acts)
         ys.append(_reversed(y, lengths) if reverse else y)
@@ -105,8 +110,8 @@ def _run(node: ir.Node, x: Any, w: Any, r: Any, b: Any, lengths: Any, h0: Any, c
 class _Cell:
     """One direction's recurrence, the gates in ONNX's order (i, o, f, c)."""
 
-    def __init__(self, clip: float | None, input_forget: bool, quantize: bool) -> None:
-        self.clip, self.input_forget, self.quantize = clip, input_forget, quantize
+    def __init__(self, clip: float | None, input_forget: bool, quantize: bool, zero_ended: bool) -> None:
+        self.clip, self.input_forget, self.quantize, self.zero_ended = clip, input_forget, quantize, zero_ended
 
     def scan(self, projected: Any, r: Any, p: Any, h0: Any, c0: Any, lengths: Any,
              acts: list[Callable[[Any], Any]]) -> tuple[Any, Any, Any]:
@@ -116,7 +121,9 @@ class _Cell:
         def step(carry: tuple[Any, Any], inputs: tuple[Any, Any]) -> tuple[tuple[Any, Any], Any]:
             h, c = carry
             t, xw = inputs
-            h_in = _through_int8(h) if self.quantize else h  # the kernel quantizes H_{t-1} per step
+            h_in = h
+            if self.quantize:  # the kernel quantizes H_{t-1} per step (an ended row: see zero_ended)
+                h_in = _through_int8(jnp.where((t > lengths)[:, None], 0.0, h) if self.zero_ended else h)
             z = xw + jnp.einsum("bh,gh->bg", h_in, r, precision=HIGHEST)
             zi, zo, zf, zc = jnp.split(z, 4, axis=-1)
             i = f(self._clip(zi + pi * c))
@@ -140,6 +147,15 @@ def _through_int8(x: Any) -> Any:
     """``x`` quantized to uint8 from its own range and dequantized (DynamicQuantizeLinear's rule)."""
     codes, scale, zero = dynamic_quantize(x, xp=jnp)
     return (codes - zero) * scale
+
+
+def _steps_read(xs: Any, lengths: Any, reverse: bool) -> Any:
+    """The rows of X the kernel quantizes, zero elsewhere (a zero leaves the range, which holds 0, as
+    it is): steps up to the longest sequence; reversed, each sequence's own steps (onnxruntime's
+    reversed copy of X holds zeros past a sequence's length)."""
+    t = jnp.arange(xs.shape[0], dtype=jnp.int32)[:, None]
+    read = t < (lengths[None, :] if reverse else jnp.max(lengths))
+    return jnp.where(read.reshape(read.shape + (1,) * (xs.ndim - 2)), xs, 0.0)
 
 
 def _reversed(x: Any, lengths: Any) -> Any:
