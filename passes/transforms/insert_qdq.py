@@ -13,8 +13,9 @@ A tensor quantized through range-preserving ops (MaxPool, Reshape, ...) reuses t
 onnxruntime keeps those ops on integers.
 
 Nodes whose choice is ``dynamic`` or ``weight-only`` (``qinject.plan``) get those forms instead
-(``passes/transforms/_insert_qdq_modes.py``): their activations stay float, with no calibrated Q/DQ, so they need
-no calibration statistics; a node without such a form stays float with a note.
+(``passes/transforms/_insert_qdq_modes.py``; LSTM's DynamicQuantizeLSTM in ``_insert_qdq_lstm.py``): their
+activations stay float, with no calibrated Q/DQ, so they need no calibration statistics; a node
+without such a form (a static choice on an LSTM too) stays float with a note.
 
 Quantizable nodes inside If/Loop/Scan bodies are quantized too, at the plan's choice for their name
 (dynamic and weight-only included), static ones when calibration observed their inputs
