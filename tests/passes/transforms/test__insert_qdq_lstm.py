@@ -1,7 +1,7 @@
 """LSTM's dynamic mode (passes/transforms/_insert_qdq_lstm.py): onnxruntime's DynamicQuantizeLSTM in its
 optimised graph, outputs near the float model, the JAX backend's simulation of the kernel against
 onnxruntime on the quantized file, the forms that stay float with a note (static, layout=1, GRU), a
-plan naming an LSTM dynamic, and the two real LSTM exports of the corpus.
+plan naming an LSTM dynamic, its cost (estimate, profiler), and the two real LSTM exports of the corpus.
 
 onnxruntime runs on one thread in the comparisons with JAX: it then quantizes each step's hidden state
 over the whole batch, as the JAX backend does (``qinject.backends.jax_ops_rnn``). Measured: JAX vs
@@ -26,10 +26,10 @@ from qinject.core import ir as qir
 from qinject.core import op_facts
 from qinject.core.errors import PlanError, UnsupportedModelError
 from qinject.cost.estimate import estimate
-from qinject.cost.latency_table import load_target
+from qinject.cost.latency_table import LatencyTable, Roofline, load_target
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.plan import NodeQuant, Plan
-from qinject.runtime import measure
+from qinject.runtime import measure, profiler
 
 S, B, I, H = 7, 2, 12, 16
 DYNAMIC = NodeQuant(mode="dynamic")
@@ -208,3 +208,12 @@ def test_real_lstm_exports_run_dynamic(tmp_path, name) -> None:
     (f,), (q,) = _ort(model, feeds)[:1], _ort(out, feeds)[:1]
     assert _cosine(f, q) > 0.999
     np.testing.assert_allclose(_jax(out, feeds)[0], q, atol=1e-5)
+
+
+def test_profiler_times_lstm_float_and_dynamic_only() -> None:
+    table = LatencyTable("test-cpu", "measured", Roofline({"fp32": 1e11}, 1e10, 1.0))
+    run = profiler.run_profile(_lstm("bidirectional"), table, warmup=1, repeats=3, progress=False)
+    assert not run.failed, run.failed
+    modes = sorted((e.weight_bits, e.activation_bits, e.mode) for e in table.entries.values() if e.op == "LSTM")
+    assert modes == [(8, 8, "dynamic"), (32, 32, "static")]  # no static widths: LSTM has no static form
+    assert all(e.latency_us > 0 for e in table.entries.values())
