@@ -8,8 +8,8 @@ initial_h/c and the peepholes P pass through as float. The kernel quantizes X (a
 each step's hidden state to uint8 at run time from their own range, as DynamicQuantizeLinear does.
 
 What stays float, with a note: R computed at run time; ``layout=1`` (the contrib op has no layout
-attribute; onnxruntime's own quantizer drops it, though its LSTM kernels refuse layout=1 anyway); asymmetric or unsigned
-weights (the kernel reads one weight zero point per matrix, the first one).
+attribute; onnxruntime's own quantizer drops it, though its LSTM kernels refuse layout=1 anyway);
+asymmetric or unsigned weights (the kernel reads one weight zero point per matrix, the first one).
 """
 
 from __future__ import annotations
@@ -31,14 +31,16 @@ def refusal(node: ir.Node, choice: NodeQuant) -> str | None:
     """Why the LSTM ``node`` has no DynamicQuantizeLSTM form under ``choice`` (it stays float), or None."""
     r = node.inputs[R] if len(node.inputs) > R else None
     if r is None or r.const_value is None or r.is_graph_input():
-        return "left float: DynamicQuantizeLSTM needs a constant recurrent weight R, it is computed at run time"
+        return ("left float: DynamicQuantizeLSTM needs a constant recurrent weight R, it is computed at "
+                "run time")
     attr = node.attributes.get("layout")
     if attr is not None and attr.value != 0:
-        return ("left float: DynamicQuantizeLSTM has no 'layout' attribute (it takes [seq, batch, ...] tensors), "
-                "this LSTM has layout=1 (which onnxruntime does not run in float either); export it time-major")
+        return ("left float: DynamicQuantizeLSTM has no 'layout' attribute (it takes [seq, batch, ...] "
+                "tensors), this LSTM has layout=1 (which onnxruntime does not run in float either); "
+                "export it time-major")
     if not choice.weight_symmetric or not choice.weight_signed:
-        return ("left float: DynamicQuantizeLSTM reads one weight zero point per matrix, so it takes symmetric "
-                "int8 weights; plan weight_symmetric and weight_signed true")
+        return ("left float: DynamicQuantizeLSTM reads one weight zero point per matrix, so it takes "
+                "symmetric int8 weights; plan weight_symmetric and weight_signed true")
     return None
 
 
@@ -53,14 +55,16 @@ def lower(node: ir.Node, choice: NodeQuant, namer) -> ir.Node:
         q, scale, zp = _int8_gates(node, w, choice)
         stem = f"{w.name}_dynamic"
         # codes [dirs, 4 * hidden, K] -> [dirs, K, 4 * hidden], the layout the kernel's GEMM reads
-        codes = qir.add_initializer(graph, namer.fresh(f"{stem}_quantized"), np.ascontiguousarray(q.transpose(0, 2, 1)))
+        codes = qir.add_initializer(graph, namer.fresh(f"{stem}_quantized"),
+                                    np.ascontiguousarray(q.transpose(0, 2, 1)))
         inputs.append(codes)
         quantized.append((qir.add_initializer(graph, namer.fresh(f"{stem}_scale"), scale),
                           qir.add_initializer(graph, namer.fresh(f"{stem}_zero_point"), zp)))
     inputs += [node.inputs[i] if i < len(node.inputs) else None for i in _CARRIED]
     inputs += [v for pair in quantized for v in pair]
-    new = ir.Node(MS_DOMAIN, "DynamicQuantizeLSTM", inputs, [a for n, a in node.attributes.items() if n != "layout"],
-                  num_outputs=len(node.outputs), name=node.name)
+    attributes = [a for n, a in node.attributes.items() if n != "layout"]
+    new = ir.Node(MS_DOMAIN, "DynamicQuantizeLSTM", inputs, attributes, num_outputs=len(node.outputs),
+                  name=node.name)
     for old, value in zip(node.outputs, new.outputs):
         value.name, value.shape, value.type = namer.fresh(f"{old.name}_dynamic"), old.shape, old.type
         value.meta.update(old.meta)

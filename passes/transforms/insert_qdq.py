@@ -506,6 +506,6 @@ def _unknown_nodes(model: ir.Model, names: list[str], plan: Plan) -> str:
         reason = op_facts.fact(node).float_reason if node is not None else None
         if reason is not None and plan.nodes[name] is not None:
             mode = plan.nodes[name].mode
-            return (f"plan names node {name!r} ({node.op_type}) with mode {mode!r}, but it has no quantized form: "
-                    f"{reason.removeprefix('left float: ')}; leave it out of the plan (it runs float)")
+            return (f"plan names node {name!r} ({node.op_type}) with mode {mode!r}, but it has no quantized "
+                    f"form: {reason.removeprefix('left float: ')}; leave it out of the plan (it runs float)")
     return f"plan names node(s) {names} that are not quantizable nodes of the model"

@@ -111,7 +111,8 @@ class Program:
                           and n.op_type not in _BUILTIN})
         if missing:
             raise UnsupportedModelError(f"the JAX backend has no lowering for ONNX op(s) {missing}")
-        other = sorted({f"{n.domain}::{n.op_type}" for n in self.nodes if n.domain not in (*_ONNX_DOMAINS, op_facts.JAX)
+        other = sorted({f"{n.domain}::{n.op_type}" for n in self.nodes
+                        if n.domain not in (*_ONNX_DOMAINS, op_facts.JAX)
                         and (n.domain, n.op_type) not in CONTRIB_OPS})
         if other:
             raise UnsupportedModelError(f"the JAX backend has no lowering for op(s) {other} of other domains")

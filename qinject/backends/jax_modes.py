@@ -66,7 +66,8 @@ def op_modes(node: ir.Node) -> tuple[str, ...]:
     constant: after the rewrite it is a DequantizeLinear output."""
     f = op_facts.fact(node)
     weight_only = f.reduction_axis is not None
-    return ((STATIC,) if f.no_static is None else ()) + ((DYNAMIC,) if f.dynamic else ()) + ((WEIGHT_ONLY,) if weight_only else ())
+    return (((STATIC,) if f.no_static is None else ()) + ((DYNAMIC,) if f.dynamic else ())
+            + ((WEIGHT_ONLY,) if weight_only else ()))
 
 
 def input_kind(value: ir.Value | None) -> str | None:

@@ -30,7 +30,8 @@ from qinject.backends.jax_qdq import dynamic_quantize
 from qinject.core.errors import UnsupportedModelError
 
 MS_DOMAIN = "com.microsoft"
-_ACTIVATIONS: dict[str, Callable[[Any], Any]] = {"sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "relu": jax.nn.relu}
+_ACTIVATIONS: dict[str, Callable[[Any], Any]] = {"sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh,
+                                                  "relu": jax.nn.relu}
 
 
 @onnx_op("LSTM")
@@ -41,10 +42,11 @@ def _lstm(node: ir.Node, x: Any, w: Any, r: Any, b: Any = None, lengths: Any = N
 
 @contrib_op(MS_DOMAIN, "DynamicQuantizeLSTM")
 def _dynamic_quantize_lstm(node: ir.Node, x: Any, w: Any, r: Any, b: Any = None, lengths: Any = None,
-                           h0: Any = None, c0: Any = None, p: Any = None, w_scale: Any = None, w_zero: Any = None,
-                           r_scale: Any = None, r_zero: Any = None) -> tuple[Any, ...]:
+                           h0: Any = None, c0: Any = None, p: Any = None, w_scale: Any = None,
+                           w_zero: Any = None, r_scale: Any = None, r_zero: Any = None) -> tuple[Any, ...]:
     if w_scale is None or r_scale is None:
-        raise UnsupportedModelError(f"{what(node, 'W_scale / R_scale')} are missing (inputs 8 and 10 are required)")
+        raise UnsupportedModelError(f"{what(node, 'W_scale / R_scale')} are missing (inputs 8 and 10 are "
+                                    "required)")
     w = _dequantized(w, w_scale, w_zero)
     r = _dequantized(r, r_scale, r_zero)
     return _run(node, x, w, r, b, lengths, h0, c0, p, 0, quantize=True)
@@ -77,8 +79,8 @@ def _run(node: ir.Node, x: Any, w: Any, r: Any, b: Any, lengths: Any, h0: Any, c
     names = [a.lower() for a in attr(node, "activations", None) or ["Sigmoid", "Tanh", "Tanh"] * dirs]
     unknown = sorted({a for a in names if a not in _ACTIVATIONS})
     if unknown or attr(node, "activation_alpha") is not None:
-        raise UnsupportedModelError(f"{what(node, 'activations')}: the JAX backend runs Sigmoid, Tanh and Relu "
-                                    f"without alpha/beta, found {unknown or 'activation_alpha'}")
+        raise UnsupportedModelError(f"{what(node, 'activations')}: the JAX backend runs Sigmoid, Tanh and "
+                                    f"Relu without alpha/beta, found {unknown or 'activation_alpha'}")
     lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
     zeros = jnp.zeros((dirs, batch, hidden), jnp.float32)
     h0 = zeros if h0 is None else jnp.asarray(h0, jnp.float32)
@@ -111,7 +113,8 @@ class _Cell:
     """One direction's recurrence, the gates in ONNX's order (i, o, f, c)."""
 
     def __init__(self, clip: float | None, input_forget: bool, quantize: bool, zero_ended: bool) -> None:
-        self.clip, self.input_forget, self.quantize, self.zero_ended = clip, input_forget, quantize, zero_ended
+        self.clip, self.input_forget = clip, input_forget
+        self.quantize, self.zero_ended = quantize, zero_ended
 
     def scan(self, projected: Any, r: Any, p: Any, h0: Any, c0: Any, lengths: Any,
              acts: list[Callable[[Any], Any]]) -> tuple[Any, Any, Any]:

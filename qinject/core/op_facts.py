@@ -331,9 +331,9 @@ OP_FACTS[(ONNX, "Concat")] = OpFact(joins_integers=True)
 # LSTM's weights W [dirs, 4 * hidden, input] and R [dirs, 4 * hidden, hidden] have their gate rows
 # (output channels) on axis 1. Its one integer kernel is onnxruntime's DynamicQuantizeLSTM.
 OP_FACTS[(ONNX, "LSTM")] = OpFact(
-    True, (0,), 1, 3, lambda n: 1, _lstm_macs, dynamic=True, dynamic_lowering="recurrent", weight_inputs=(1, 2),
-    no_static=("onnxruntime has no Q/DQ integer kernel for LSTM; its integer kernel, DynamicQuantizeLSTM, runs "
-               "mode 'dynamic'"))
+    True, (0,), 1, 3, lambda n: 1, _lstm_macs, dynamic=True, dynamic_lowering="recurrent",
+    weight_inputs=(1, 2), no_static=("onnxruntime has no Q/DQ integer kernel for LSTM; its integer kernel, "
+                                     "DynamicQuantizeLSTM, runs mode 'dynamic'"))
 for _op in ("GRU", "RNN"):
     OP_FACTS[(ONNX, _op)] = OpFact(float_reason=(
         f"left float: onnxruntime has no integer kernel for {_op} in any mode (static or dynamic: its one "
@@ -428,11 +428,13 @@ def slower_on_cpu(node: ir.Node) -> str | None:
 
 def modes(node: ir.Node) -> tuple[str, ...]:
     """The execution modes (``qinject.plan.MODES``) the rewrite can give ``node``: static for every
-    quantizable node whose op has a static form (not LSTM); dynamic and weight-only where the op has those forms and a constant weight."""
+    quantizable node whose op has a static form (not LSTM); dynamic and weight-only where the op has
+    those forms and a constant weight."""
     if not is_quantizable(node):
         return ()
     f, has_weight = fact(node), weight_of(node) is not None
-    return (("static",) if f.no_static is None else ()) + (("dynamic",) if f.dynamic and has_weight else ()) + (
+    static = ("static",) if f.no_static is None else ()
+    return static + (("dynamic",) if f.dynamic and has_weight else ()) + (
         ("weight-only",) if has_weight and reduction_axis(node) is not None else ())  # an outer product has none
 
 

@@ -19,9 +19,9 @@ onnxruntime do:
   tensor and width, as the rewrite shares its Q/DQ pairs. No peer tool models this cost.
 
 Execution modes (``qinject.plan.MODES``) other than static read and write float: a dynamic node
-(MatMul, Gemm, LSTM) costs its int8 kernel plus the run-time quantization pass over its input; a weight-only MatMul/Gemm
-(onnxruntime's MatMulNBits) moves its packed weight and computes in float; other weight-only ops run
-the float op on a weight dequantized every run. Neither needs a conversion around it.
+(MatMul, Gemm, LSTM) costs its int8 kernel plus the run-time quantization pass over its input; a
+weight-only MatMul/Gemm (onnxruntime's MatMulNBits) moves its packed weight and computes in float;
+other weight-only ops run the float op on a weight dequantized every run. Neither needs a conversion around it.
 
 Measured entries win over the roofline; every node's ``source`` says which one priced it, and why
 the roofline was used when the table is a measured one.
@@ -185,7 +185,8 @@ class _Estimator:
         # Nodes inside If/Loop/Scan bodies are priced once each (one pass of a body, both branches).
         for node in qir.searchable_nodes(model):
             choice = plan.choice(node.name)
-            # a mode the op lacks (static LSTM too) leaves the node float in the rewrite (_insert_qdq_modes.refusal)
+            # a mode the op lacks (static LSTM too) leaves the node float in the rewrite
+            # (_insert_qdq_modes.refusal)
             if choice is not None and choice.mode in op_facts.modes(node):
                 self.choices[node.name] = choice
         self.unfused: set[str] = set()  # static nodes whose kernel onnxruntime cannot fuse (filled below)
