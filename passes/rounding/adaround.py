@@ -216,6 +216,8 @@ def rounding_nodes(model: ir.Model, plan: Plan | None, max_bits: int, per_tensor
     nodes, reasons = [], {}
     for node in chosen:
         reason = skip_reason(plan.choice(node.name), max_bits, per_tensor_max_bits)
+        if reason is None and plan.choice(node.name).mode not in op_facts.modes(node):
+            reason = f"the node stays float (this {node.op_type} has no {plan.choice(node.name).mode} form)"
         if reason is None:
             nodes.append(node)
         else:

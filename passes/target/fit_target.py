@@ -104,9 +104,10 @@ class _Fitter:
             self._try(name, given[name] if current == other else other)
         for name in others:
             if self.choices[name] == others[name]:
+                had_static = STATIC in op_facts.modes(self.nodes[name])  # else the static choice was float
                 self.notes.setdefault(name, []).append(
                     f"runs {others[name].label}: {self.table.target} prices the plan faster than with "
-                    f"{given[name].label} here")
+                    f"{given[name].label if had_static else 'it float (it has no static form)'} here")
 
     def float_where_faster(self) -> None:
         for _ in range(2):

@@ -8,6 +8,8 @@ each writes the pattern onnxruntime fuses:
   own ``quantize_dynamic``, fused into DynamicQuantizeMatMul (the bias too) or, where several
   consumers share a DynamicQuantizeLinear, MatMulIntegerToFloat. Each node gets its own
   DynamicQuantizeLinear, so each fuses whole (the cost model prices the quantizing pass per node).
+- ``dynamic`` (LSTM with constant W and R): onnxruntime's DynamicQuantizeLSTM
+  (``passes/transforms/_insert_qdq_lstm.py``); the op facts' ``dynamic_lowering`` picks it.
 - ``weight-only``: the weight becomes an int4/int8 initializer behind a block-wise DequantizeLinear
   (opset 21, ``block_size`` weights per scale along the reduction axis). A 2-D MatMul weight fuses
   into MatMulNBits; Conv and N-D MatMul weights run as dequantize + the float op.
@@ -36,10 +38,15 @@ from typing import Protocol
 import numpy as np
 import onnx_ir as ir
 
+from qinject.passes.transforms import _insert_qdq_lstm
+
 from qinject.core import ir as qir
 from qinject.core import numerics, op_facts
 from qinject.core.errors import UnsupportedModelError
-from qinject.core.plan import DYNAMIC, NodeQuant
+from qinject.core.plan import DYNAMIC, STATIC, NodeQuant
+
+# op_facts' ``dynamic_lowering`` -> (refusal, lowering) of that dynamic form
+_DYNAMIC_FORMS = {"recurrent": (_insert_qdq_lstm.refusal, _insert_qdq_lstm.lower)}
 
 
 class Namer(Protocol):
@@ -56,13 +63,18 @@ def refusal(node: ir.Node, choice: NodeQuant) -> str | None:
     """Why ``node`` cannot run in ``choice.mode`` (it then stays float), or None."""
     modes = op_facts.modes(node)
     if choice.mode not in modes:
+        why = op_facts.fact(node).no_static if choice.mode == STATIC else None
         return (f"left float: mode {choice.mode!r} is not available for this {node.op_type} "
-                f"(it can run {', '.join(modes) or 'float only'}); choose one of those in the plan")
+                f"(it can run {', '.join(modes) or 'float only'}{f': {why}' if why else ''}); "
+                "choose one of those in the plan")
     if choice.mode == DYNAMIC:
         odd = [v for v in _activations(node) if v.dtype is not None and v.dtype != ir.DataType.FLOAT]
         if odd:
             return (f"left float: DynamicQuantizeLinear takes float32 activations, {odd[0].name!r} is "
                     f"{odd[0].dtype.name.lower()}")
+    form = _DYNAMIC_FORMS.get(op_facts.fact(node).dynamic_lowering) if choice.mode == DYNAMIC else None
+    if form is not None:
+        return form[0](node, choice)
     return _onnx_refusal(node, choice) if _is_onnx(node) else None
 
 
@@ -83,13 +95,17 @@ def _onnx_refusal(node: ir.Node, choice: NodeQuant) -> str | None:
 
 def lower(node: ir.Node, choice: NodeQuant, namer: Namer) -> ir.Node:
     """Rewrite ``node`` (``refusal`` said yes) into ``choice.mode``; returns the node that stands for it
-    (its name and meta): MatMulInteger, or the MatMul a Gemm became, or ``node`` itself.
+    (its name and meta): MatMulInteger, or the MatMul a Gemm became, DynamicQuantizeLSTM, or
+    ``node`` itself.
 
     Ops of other domains (jax's dot_general, conv_general_dilated) keep their op: a weight-only one
     reads the block-wise DequantizeLinear, a dynamic one reads DequantizeLinear(DynamicQuantizeLinear(x))
     and an int8 weight behind a DequantizeLinear (what the JAX backend runs; lowered to ONNX, the op
     becomes MatMul/Conv)."""
     onnx_op = _is_onnx(node)
+    form = _DYNAMIC_FORMS.get(op_facts.fact(node).dynamic_lowering) if choice.mode == DYNAMIC else None
+    if form is not None:
+        return form[1](node, choice, namer)
     if choice.mode == DYNAMIC:
         return _dynamic(node, choice, namer) if onnx_op else _dynamic_dequantized(node, choice, namer)
     if onnx_op and node.op_type == "Gemm":

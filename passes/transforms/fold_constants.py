@@ -36,7 +36,7 @@ class FoldConstants(Pass):
             f = op_facts.fact(node)
             if not f.quantizable:
                 continue
-            for idx in (op_facts.weight_index(node), f.bias_input):
+            for idx in (op_facts.weight_index(node), f.bias_input, *(f.weight_inputs or ())):  # LSTM's R too
                 if idx is not None and idx < len(node.inputs) and node.inputs[idx] is not None:
                     folded += fold_value(graph, node.inputs[idx], opset)
         return PassResult(model, folded > 0)

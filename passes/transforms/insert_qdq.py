@@ -13,8 +13,9 @@ A tensor quantized through range-preserving ops (MaxPool, Reshape, ...) reuses t
 onnxruntime keeps those ops on integers.
 
 Nodes whose choice is ``dynamic`` or ``weight-only`` (``qinject.plan``) get those forms instead
-(``passes/transforms/_insert_qdq_modes.py``): their activations stay float, with no calibrated Q/DQ, so they need
-no calibration statistics; a node without such a form stays float with a note.
+(``passes/transforms/_insert_qdq_modes.py``; LSTM's DynamicQuantizeLSTM in ``_insert_qdq_lstm.py``): their
+activations stay float, with no calibrated Q/DQ, so they need no calibration statistics; a node
+without such a form (a static choice on an LSTM too) stays float with a note.
 
 Quantizable nodes inside If/Loop/Scan bodies are quantized too, at the plan's choice for their name
 (dynamic and weight-only included), static ones when calibration observed their inputs
@@ -32,13 +33,14 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 from qinject.passes.transforms import _insert_qdq_modes
+from qinject.passes.transforms._insert_qdq_lstm import MS_DOMAIN
 
 from qinject.core import ir as qir
 from qinject.core import numerics, op_facts
 from qinject.core.errors import PlanError, QinjectError, UnsupportedModelError
 from qinject.core.learned import learned
 from qinject.core.pass_manager import Pass, PassResult
-from qinject.core.plan import WEIGHT_ONLY, NodeQuant, Plan
+from qinject.core.plan import STATIC, WEIGHT_ONLY, NodeQuant, Plan
 from qinject.core.quant_points import OUTPUT_MIN_SQNR_DB, output_point, output_sqnr_db, range_source
 from qinject.core.search_result import search_result
 from qinject.core.stats import select_range
@@ -96,7 +98,7 @@ class InsertQDQ(Pass):
         inner = qir.subgraph_quantizable_nodes(model)
         unknown = sorted(set(plan.nodes) - {n.name for n in nodes + inner})
         if unknown:
-            raise PlanError(f"plan names node(s) {unknown} that are not quantizable nodes of the model")
+            raise PlanError(_unknown_nodes(model, unknown, plan))
         chosen = [(n, plan.choice(n.name)) for n in nodes if plan.choice(n.name) is not None]
         inner_chosen = [(n, plan.choice(n.name)) for n in inner if plan.choice(n.name) is not None]
         for node in graph.all_nodes():
@@ -112,19 +114,22 @@ class InsertQDQ(Pass):
         if opset < need:
             raise QinjectError(f"the plan needs opset {need} but the model has {opset} (run upgrade-opset first)")
         rewrite = _Rewrite(graph, self.method, self.percentile)
+        static = []
         for node, choice in chosen:
-            if choice.quantizes_activations:
+            if choice.quantizes_activations and STATIC in op_facts.modes(node):
                 rewrite.quantize_node(node, choice)
-            else:
+                static.append((node, choice))
+            else:  # another mode, or static where the op has no static form (a note says so)
                 rewrite.lower_mode(node, choice)
         # Outputs last: whether an output point is free depends on which inputs got quantized.
-        for node, choice in chosen:
-            if choice.quantizes_activations:
-                rewrite.quantize_output(node, choice)
+        for node, choice in static:
+            rewrite.quantize_output(node, choice)
         rewrite.route_range_preserving_consumers()
         kept_float = {id(n): why for n, choice in inner_chosen if (why := rewrite.quantize_body_node(n, choice))}
         _note_subgraph_nodes(inner, owners, kept_float)
         rewrite.note_unfused()
+        if any(n.domain == MS_DOMAIN for n in graph.all_nodes()):  # DynamicQuantizeLSTM
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
         for g in (graph, *graph.subgraphs()):  # a lowered body node's float weight may live in its body
             qir.drop_unused_initializers(g)
         graph.sort()
@@ -193,7 +198,7 @@ class _Rewrite:
         """Quantize a node inside a control-flow body (its output stays float). Untouched, and why for
         the owner's note, if it has no form for a dynamic / weight-only choice, or a static node has no
         calibration statistics for an input (onnxruntime could not observe it, or the branch never ran)."""
-        if not choice.quantizes_activations:
+        if not choice.quantizes_activations or STATIC not in op_facts.modes(node):
             return None if self.lower_mode(node, choice) else f"no {choice.mode} form"
         points = [node.inputs[i] for i in op_facts.activation_inputs(node)]
         missing = [v.name for v in points if self._range_stats(v) is None]
@@ -491,3 +496,16 @@ def _note_subgraph_nodes(inner: list[ir.Node], owners: dict[int, ir.Node], kept_
 def _names(names: list[str]) -> str:
     return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
+
+def _unknown_nodes(model: ir.Model, names: list[str], plan: Plan) -> str:
+    """The error for a plan naming nodes that are not quantizable: why, for ops that have no quantized
+    form at all (GRU: onnxruntime has no integer kernel for it)."""
+    by_name = {n.name: n for n in model.graph.all_nodes()}
+    for name in names:
+        node = by_name.get(name)
+        reason = op_facts.fact(node).float_reason if node is not None else None
+        if reason is not None and plan.nodes[name] is not None:
+            mode = plan.nodes[name].mode
+            return (f"plan names node {name!r} ({node.op_type}) with mode {mode!r}, but it has no quantized "
+                    f"form: {reason.removeprefix('left float: ')}; leave it out of the plan (it runs float)")
+    return f"plan names node(s) {names} that are not quantizable nodes of the model"

@@ -380,8 +380,10 @@ def _nothing_to_quantize(model: ir.Model, notes: dict[str, list[str]] | None = N
                 f"{node.name!r} ({node.op_type}) reads {weight.name if weight else 'its weight'!r}, {where}); "
                 "make the weights initializers (e.g. export with the parameters baked in)")
     ops = sorted({n.op_type for n in nodes})
-    return (f"the model has no quantizable op (Conv, ConvTranspose, Gemm, MatMul, ...; it has "
-            f"{', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''}): nothing to quantize")
+    why = next((f" ({n.op_type}: {r.removeprefix('left float: ')})" for n in nodes
+                if (r := op_facts.fact(n).float_reason) is not None), "")  # GRU: no integer kernel at all
+    return (f"the model has no quantizable op (Conv, ConvTranspose, Gemm, MatMul, LSTM, ...; it has "
+            f"{', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''}): nothing to quantize{why}")
 
 
 def finetune(model_or_result: QuantizeResult | str | os.PathLike | onnx.ModelProto | ir.Model, data: object,

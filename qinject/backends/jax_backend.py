@@ -43,8 +43,9 @@ from qinject.backends import (
     jax_integer,
     jax_modes,
     jax_ops_nn,  # noqa: F401  (registers the neural-network ops into ONNX_OPS)
+    jax_ops_rnn,  # noqa: F401  (registers LSTM into ONNX_OPS, DynamicQuantizeLSTM into CONTRIB_OPS)
 )
-from qinject.backends.jax_ops import ONNX_OPS, attr
+from qinject.backends.jax_ops import CONTRIB_OPS, ONNX_OPS, attr
 from qinject.backends.jax_qdq import dynamic_quantize, expand_blocks, param_axis, qparams
 from qinject.core import numerics, op_facts
 from qinject.core.errors import UnsupportedModelError
@@ -110,9 +111,11 @@ class Program:
                           and n.op_type not in _BUILTIN})
         if missing:
             raise UnsupportedModelError(f"the JAX backend has no lowering for ONNX op(s) {missing}")
-        other = sorted({n.domain for n in self.nodes if n.domain not in (*_ONNX_DOMAINS, op_facts.JAX)})
+        other = sorted({f"{n.domain}::{n.op_type}" for n in self.nodes
+                        if n.domain not in (*_ONNX_DOMAINS, op_facts.JAX)
+                        and (n.domain, n.op_type) not in CONTRIB_OPS})
         if other:
-            raise UnsupportedModelError(f"the JAX backend cannot run nodes of domain(s) {other}")
+            raise UnsupportedModelError(f"the JAX backend has no lowering for op(s) {other} of other domains")
         for node in self.nodes:
             jax_modes.check(node)
         self.kernels = {}  # node name -> its integer kernel (integer mode)
@@ -155,7 +158,11 @@ class Program:
                                             "it cannot be re-bound")
             out = eqn.primitive.bind(*args, **eqn.params)
             return list(out) if eqn.primitive.multiple_results else [out]
-        builtin = _BUILTIN.get(node.op_type)
+        contrib = CONTRIB_OPS.get((node.domain, node.op_type))
+        if contrib is not None:
+            out = contrib(node, *args)
+            return list(out) if isinstance(out, (tuple, list)) else [out]
+        builtin = _BUILTIN.get(node.op_type) if node.domain in _ONNX_DOMAINS else None
         if builtin is not None:
             out = builtin(self, node, args)
             return list(out) if isinstance(out, tuple) else [out]

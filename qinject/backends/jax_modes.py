@@ -4,7 +4,8 @@ The backend runs the graph the Q/DQ rewrite wrote, op by op; a mode is a shape o
 a switch of the backend:
 
 - dynamic: ``DynamicQuantizeLinear`` quantizes an activation at run time, read either through a
-  ``DequantizeLinear`` (any op: MatMul, Gemm, jax's dot_general) or by ``MatMulInteger``;
+  ``DequantizeLinear`` (any op: MatMul, Gemm, jax's dot_general) or by ``MatMulInteger``; or a
+  contrib kernel quantizes its own activations (LSTM's ``DynamicQuantizeLSTM``, ``jax_ops_rnn``);
 - weight-only: the weight is a ``DequantizeLinear`` of integer codes (block-wise along the reduction
   axis), the activations stay float.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qinject.backends.jax_ops import attr
+from qinject.backends.jax_ops import CONTRIB_OPS, attr
 from qinject.core import ir as qir
 from qinject.core import op_facts
 from qinject.core.errors import PlanError
@@ -38,6 +39,8 @@ def check(node: ir.Node) -> None:
     if mode == STATIC:
         return
     where = f"node {node.name!r} ({node.op_type})"
+    if mode == DYNAMIC and (node.domain, node.op_type) in CONTRIB_OPS:
+        return  # a kernel that quantizes its own activations at run time (DynamicQuantizeLSTM)
     if op_facts.fact(node).quantizable:  # the rewrite may also leave the choice on the integer op it wrote
         available = op_modes(node)
         if mode not in available:
@@ -63,7 +66,8 @@ def op_modes(node: ir.Node) -> tuple[str, ...]:
     constant: after the rewrite it is a DequantizeLinear output."""
     f = op_facts.fact(node)
     weight_only = f.reduction_axis is not None
-    return (STATIC,) + ((DYNAMIC,) if f.dynamic else ()) + ((WEIGHT_ONLY,) if weight_only else ())
+    return (((STATIC,) if f.no_static is None else ()) + ((DYNAMIC,) if f.dynamic else ())
+            + ((WEIGHT_ONLY,) if weight_only else ()))
 
 
 def input_kind(value: ir.Value | None) -> str | None:

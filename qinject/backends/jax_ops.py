@@ -27,9 +27,9 @@ is canonicalised by JAX (int64 -> int32 unless x64 is on).
 Floating-point contractions (Conv, MatMul, Gemm, Einsum) ask for ``Precision.HIGHEST``: accelerators
 otherwise run float32 products as TF32/bfloat16, three decimal digits away from onnxruntime.
 
-Neural-network ops (convolution, pooling, normalisation) live in ``jax_ops_nn``, which registers
-into the same table when it is imported (``jax_backend`` imports it: the table is whole wherever the
-backend runs).
+Neural-network ops (convolution, pooling, normalisation) live in ``jax_ops_nn`` and recurrent ones
+(LSTM, and the contrib DynamicQuantizeLSTM) in ``jax_ops_rnn``, which register into the same tables
+when they are imported (``jax_backend`` imports them: the tables are whole wherever the backend runs).
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ from jax import lax
 from qinject.core.errors import UnsupportedModelError
 
 ONNX_OPS: dict[str, Callable[..., Any]] = {}
+# Ops of other domains onnxruntime runs (its com.microsoft contrib ops), by (domain, op_type): the
+# forms the Q/DQ rewrite writes that have no default-domain equivalent (DynamicQuantizeLSTM).
+CONTRIB_OPS: dict[tuple[str, str], Callable[..., Any]] = {}
 
 HIGHEST = lax.Precision.HIGHEST
 # The opset assumed for a node that belongs to no graph (built by hand, e.g. in tests).
@@ -63,6 +66,18 @@ def onnx_op(*op_types: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
             if op_type in ONNX_OPS:
                 raise ValueError(f"ONNX op {op_type!r} has two JAX lowerings")
             ONNX_OPS[op_type] = fn
+        return fn
+
+    return register
+
+
+def contrib_op(domain: str, op_type: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register the decorated lowering for ``op_type`` of ``domain`` (a contrib op) in ``CONTRIB_OPS``."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if (domain, op_type) in CONTRIB_OPS:
+            raise ValueError(f"op {domain}::{op_type} has two JAX lowerings")
+        CONTRIB_OPS[(domain, op_type)] = fn
         return fn
 
     return register

@@ -77,8 +77,8 @@ class OpFact:
             slower than its float one (None: it is not). A plain quantize leaves such nodes float
             unless forced, so the output is never slower than the float model for their sake.
         dynamic: the op has a dynamic-quantization form (activations quantized at run time): MatMul
-            and Gemm with a constant weight, which onnxruntime fuses into DynamicQuantizeMatMul, and
-            jax's dot_general.
+            and Gemm with a constant weight, which onnxruntime fuses into DynamicQuantizeMatMul, jax's
+            dot_general, and LSTM (onnxruntime's DynamicQuantizeLSTM).
         reduction_axis: the weight's reduction (input-channel) axis, as a function of the node:
             weight-only blocks run along it (None: the op has no weight-only form).
         two_activations: without a constant weight the op multiplies two activations (attention
@@ -98,6 +98,12 @@ class OpFact:
         integer_kernel: the name of the JAX backend's integer-kernel builder for the op
             (``qinject.backends.jax_integer.INTEGER_KERNELS``), or None: it runs in float on
             dequantized operands there.
+        no_static: why the op has no static form (calibrated Q/DQ around it), or None (it has one):
+            such an op runs only its other modes (LSTM: dynamic), and a static choice leaves it float.
+        dynamic_lowering: how the Q/DQ rewrite writes the op's dynamic form: None, the MatMulInteger
+            pattern (MatMul, Gemm); "recurrent", onnxruntime's DynamicQuantizeLSTM (LSTM).
+        weight_inputs: every constant weight input of an op with several (LSTM's W and R), which a
+            dynamic form stores as integers; None: only ``weight_input``.
     """
 
     quantizable: bool = False
@@ -123,6 +129,9 @@ class OpFact:
     sets_layout: bool = False
     groups: Callable[[ir.Node], int] | None = None
     integer_kernel: str | None = None
+    no_static: str | None = None
+    dynamic_lowering: str | None = None
+    weight_inputs: tuple[int, ...] | None = None
 
 
 def _dims(value: ir.Value | None) -> list[int] | None:
@@ -161,6 +170,16 @@ def _gemm_macs(node: ir.Node) -> int | None:
         return None
     k = a[0] if _attr_int(node, "transA", 0) else a[1]
     return math.prod(out) * k
+
+
+def _lstm_macs(node: ir.Node) -> int | None:
+    """Per step and direction, [batch, input] @ W' and [batch, hidden] @ R' (each [.., 4 * hidden])."""
+    x, w, r = _dims(node.inputs[0]), _dims(node.inputs[1]), _dims(node.inputs[2])
+    if x is None or w is None or r is None:
+        return None
+    directions, gates, inputs = w
+    steps_by_batch = x[0] * x[1]  # [seq, batch] or [batch, seq] (layout 1): the same product
+    return steps_by_batch * directions * gates * (inputs + r[2])
 
 
 def _attr_int(node: ir.Node, name: str, default: int) -> int:
@@ -309,10 +328,16 @@ for _op in ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"
 for _op in ("Shape", "Constant", "Size"):
     OP_FACTS[(ONNX, _op)] = OpFact(zero_copy=True)
 OP_FACTS[(ONNX, "Concat")] = OpFact(joins_integers=True)
-for _op in ("LSTM", "GRU", "RNN"):
+# LSTM's weights W [dirs, 4 * hidden, input] and R [dirs, 4 * hidden, hidden] have their gate rows
+# (output channels) on axis 1. Its one integer kernel is onnxruntime's DynamicQuantizeLSTM.
+OP_FACTS[(ONNX, "LSTM")] = OpFact(
+    True, (0,), 1, 3, lambda n: 1, _lstm_macs, dynamic=True, dynamic_lowering="recurrent",
+    weight_inputs=(1, 2), no_static=("onnxruntime has no Q/DQ integer kernel for LSTM; its integer kernel, "
+                                     "DynamicQuantizeLSTM, runs mode 'dynamic'"))
+for _op in ("GRU", "RNN"):
     OP_FACTS[(ONNX, _op)] = OpFact(float_reason=(
-        f"left float: onnxruntime has no Q/DQ integer kernel for {_op} (its integer recurrent kernel, "
-        "DynamicQuantizeLSTM, is reached only by dynamic quantization); the ops around it are quantized"))
+        f"left float: onnxruntime has no integer kernel for {_op} in any mode (static or dynamic: its one "
+        "integer recurrent kernel is DynamicQuantizeLSTM, for LSTM); the ops around it are quantized"))
 OP_FACTS[(ONNX, "Relu")] = OpFact(epilogue=lambda n: True)
 
 OP_FACTS.update({
@@ -403,11 +428,13 @@ def slower_on_cpu(node: ir.Node) -> str | None:
 
 def modes(node: ir.Node) -> tuple[str, ...]:
     """The execution modes (``qinject.plan.MODES``) the rewrite can give ``node``: static for every
-    quantizable node; dynamic and weight-only where the op has those forms and a constant weight."""
+    quantizable node whose op has a static form (not LSTM); dynamic and weight-only where the op has
+    those forms and a constant weight."""
     if not is_quantizable(node):
         return ()
     f, has_weight = fact(node), weight_of(node) is not None
-    return ("static",) + (("dynamic",) if f.dynamic and has_weight else ()) + (
+    static = ("static",) if f.no_static is None else ()
+    return static + (("dynamic",) if f.dynamic and has_weight else ()) + (
         ("weight-only",) if has_weight and reduction_axis(node) is not None else ())  # an outer product has none
 
 

@@ -29,8 +29,9 @@ Execution modes (``mode``):
 - ``static``: Q/DQ on weights and activations with calibrated activation scales; onnxruntime runs
   QLinearConv / QGemm / QLinearMatMul at 8 bits.
 - ``dynamic``: int8 weights, activations quantized at run time from their own range (no calibrated
-  scale); MatMul and Gemm only, 8-bit only. Written as DynamicQuantizeLinear -> MatMulInteger, which
-  onnxruntime fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat.
+  scale); MatMul, Gemm and LSTM, 8-bit only. Written as DynamicQuantizeLinear -> MatMulInteger, which
+  onnxruntime fuses into DynamicQuantizeMatMul / MatMulIntegerToFloat, and for LSTM as onnxruntime's
+  DynamicQuantizeLSTM (LSTM has no static form: a static choice leaves it float).
 - ``weight-only``: 4- or 8-bit weights in blocks of ``block_size`` along the reduction axis,
   activations stay float (``activations`` is ignored). For MatMul/Gemm onnxruntime fuses the
   block-wise DequantizeLinear into MatMulNBits; other ops run the dequantized float weight.

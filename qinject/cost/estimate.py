@@ -19,9 +19,9 @@ onnxruntime do:
   tensor and width, as the rewrite shares its Q/DQ pairs. No peer tool models this cost.
 
 Execution modes (``qinject.plan.MODES``) other than static read and write float: a dynamic node
-costs its int8 kernel plus the run-time quantization pass over its input; a weight-only MatMul/Gemm
-(onnxruntime's MatMulNBits) moves its packed weight and computes in float; other weight-only ops run
-the float op on a weight dequantized every run. Neither needs a conversion around it.
+(MatMul, Gemm, LSTM) costs its int8 kernel plus the run-time quantization pass over its input; a
+weight-only MatMul/Gemm (onnxruntime's MatMulNBits) moves its packed weight and computes in float;
+other weight-only ops run the float op on a weight dequantized every run. Neither needs a conversion around it.
 
 Measured entries win over the roofline; every node's ``source`` says which one priced it, and why
 the roofline was used when the table is a measured one.
@@ -185,8 +185,9 @@ class _Estimator:
         # Nodes inside If/Loop/Scan bodies are priced once each (one pass of a body, both branches).
         for node in qir.searchable_nodes(model):
             choice = plan.choice(node.name)
-            # a mode the op lacks leaves the node float in the rewrite (_insert_qdq_modes.refusal)
-            if choice is not None and (choice.mode == STATIC or choice.mode in op_facts.modes(node)):
+            # a mode the op lacks (static LSTM too) leaves the node float in the rewrite
+            # (_insert_qdq_modes.refusal)
+            if choice is not None and choice.mode in op_facts.modes(node):
                 self.choices[node.name] = choice
         self.unfused: set[str] = set()  # static nodes whose kernel onnxruntime cannot fuse (filled below)
         self.bits = self._integer_tensors()
@@ -311,8 +312,11 @@ class _Estimator:
         out_bytes = _elements(node.outputs[0]) * _bytes(FLOAT_BITS)
         fp32 = _float_precision(roofline)
         if choice.mode == DYNAMIC:
-            # the int8 kernel, then the pass that finds the input's range and quantizes it
-            us = roofline.node_us(macs, _elements(weight) * _bytes(8) + inputs + out_bytes,
+            # the int8 kernel (every weight of it: LSTM's W and R), then the pass that finds the input's
+            # range and quantizes it
+            extra = op_facts.fact(node).weight_inputs or ()
+            weights = _elements(weight) if not extra else sum(_elements(node.inputs[i]) for i in extra)
+            us = roofline.node_us(macs, weights * _bytes(8) + inputs + out_bytes,
                                   roofline.precision(8, 8))
             us += inputs * (_bytes(FLOAT_BITS) + _bytes(8)) / roofline.memory_bytes_per_s * 1e6
         elif op_facts.weight_only_kernel(node) and not self._read_quantized(node.outputs[0], False):

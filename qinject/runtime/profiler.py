@@ -303,7 +303,8 @@ def _node_probes(node: ir.Node, key: tuple[str, str], model: ir.Model, static: s
         yield _node_probe((*key, FLOAT_BITS, FLOAT_BITS, STATIC), [node], model, static, None)
         return
     group = pm.node_group(node)
-    for w, a in bits:
+    static_form = STATIC in op_facts.modes(node)  # LSTM has none: a static width would time float again
+    for w, a in (b for b in bits if static_form or b == (FLOAT_BITS, FLOAT_BITS)):
         # A node without a weight (activation x activation) is keyed by its activation bits twice.
         w_key = w if (w == FLOAT_BITS or op_facts.weight_of(node) is not None) else a
         quant = None if (w, a) == (FLOAT_BITS, FLOAT_BITS) else NodeQuant(weights=w, activations=a)

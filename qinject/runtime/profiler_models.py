@@ -359,9 +359,12 @@ def copy_names(name: str, count: int) -> list[str]:
 def mode_applied(proto: onnx.ModelProto, name: str, mode: str) -> bool:
     """Whether the rewrite gave node ``name`` of a quantized ``proto`` its ``mode`` form: the node that
     keeps its name (MatMulInteger, the MatMul a Gemm became, the op itself) reads a
-    DynamicQuantizeLinear (dynamic) or the DequantizeLinear of its weight (weight-only)."""
+    DynamicQuantizeLinear (dynamic) or the DequantizeLinear of its weight (weight-only); or, dynamic,
+    it became a contrib kernel quantizing its own activations (an LSTM's DynamicQuantizeLSTM)."""
     producers = {o: n.op_type for n in proto.graph.node for o in n.output}
     node = next((n for n in proto.graph.node if n.name == name), None)
+    if node is not None and mode == DYNAMIC and node.domain == "com.microsoft":
+        return True
     wanted = "DynamicQuantizeLinear" if mode == DYNAMIC else "DequantizeLinear"
     return node is not None and any(producers.get(x) == wanted for x in node.input)
 

@@ -359,6 +359,13 @@ CASES = [
     case("Dropout", f32(3, 4), opset=9, ratio=0.5, id="old"),
     case("Dropout", f32(3, 4), np.array(0.4, np.float32), opset=12, outputs=2, id="mask"),
     case("Dropout", f32(3, 4), np.array(0.4, np.float32), np.array(False), opset=13, id="inference"),
+    case("LSTM", f32(5, 2, 4), f32(1, 12, 4), f32(1, 12, 3), f32(1, 24), opset=14, outputs=3, hidden_size=3,
+         id="forward"),
+    case("LSTM", f32(5, 2, 4), f32(2, 12, 4), f32(2, 12, 3), f32(2, 24), np.array([5, 3], np.int32),
+         f32(2, 2, 3), f32(2, 2, 3), f32(2, 9), opset=14, outputs=3, hidden_size=3, direction="bidirectional",
+         clip=2.0, id="bidirectional-lengths-peepholes-clip"),
+    case("LSTM", f32(5, 2, 4), f32(1, 12, 4), f32(1, 12, 3), opset=14, outputs=2, hidden_size=3,
+         direction="reverse", input_forget=1, activations=["Sigmoid", "Relu", "Tanh"], id="reverse-forget-relu"),
 ]
 
 # Ops needing 64-bit results that jit cannot return exactly without x64 (checked there instead).
