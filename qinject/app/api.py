@@ -22,7 +22,7 @@ from qinject.compiler.pipelines import FinetuneOptions, SearchOptions, analysis_
 from qinject.core import ir as qir
 from qinject.core import op_facts
 from qinject.core.calib_data import QinjectWarning, input_specs, largest_uniform_group, open_source, rows
-from qinject.core.errors import CalibrationDataError, PlanError, QinjectError, UnsupportedModelError
+from qinject.core.errors import CalibrationDataError, QinjectError, UnsupportedModelError
 from qinject.core.pass_manager import PassManager
 from qinject.core.plan import Plan
 from qinject.core.rules import Rule, Rules, describe_unmatched
@@ -207,8 +207,6 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
         plan = _plan_from_rules(rules, ir_model)
     kept_float: dict[str, str] = {}
     if search is None:
-        if output is not None:  # a result kept in memory may still run in JAX (to_jax)
-            _check_runs_on_onnxruntime(ir_model, plan)
         if not force and not _accelerator(target):
             plan, kept_float = keep_slow_kernels_float(ir_model, plan)
     elif not force and not _accelerator(target or "local-cpu"):
@@ -246,17 +244,6 @@ def _pin_slow_kernels_float(model: ir.Model, search: SearchOptions) -> tuple[Sea
     pins = tuple(Rule(name=re.escape(name), skip=True, comment="slower quantized on onnxruntime's CPU")
                  for name in kept)
     return dataclasses.replace(search, rules=Rules((*user.rules, *pins), user.default)), kept
-
-
-def _check_runs_on_onnxruntime(model: ir.Model, plan: Plan) -> None:
-    """Refuse, before any work, a plan whose ONNX output onnxruntime could not load."""
-
-    nodes = qir.quantizable_nodes(model) + qir.subgraph_quantizable_nodes(model)
-    four = [n.name for n in nodes if (c := plan.choice(n.name)) is not None and c.activations == 4]
-    if four:
-        raise PlanError(f"4-bit activations ({len(four)} node(s), e.g. {four[0]!r}) cannot run on onnxruntime, "
-                        "which has no uint4 activation kernels (QLinearConv, QGemm, MaxPool reject them); use "
-                        "8-bit activations, or keep the model in JAX (qinject.quantize_jax, result.to_jax())")
 
 
 def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | os.PathLike | None = None,
