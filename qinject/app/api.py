@@ -373,7 +373,8 @@ def _nothing_to_quantize(model: ir.Model, notes: dict[str, list[str]] | None = N
 
 def finetune(model_or_result: QuantizeResult | str | os.PathLike | onnx.ModelProto | ir.Model, data: object,
              steps: int = 500, loss: Callable[..., Any] | None = None, *, output: str | os.PathLike | None = None,
-             plan: Plan | None = None, calib: object = None, progress: bool = True, **options: Any) -> QuantizeResult:
+             plan: Plan | None = None, calib: object = None, method: str = "minmax", progress: bool = True,
+             **options: Any) -> QuantizeResult:
     """Quantization-aware fine-tuning: the plan's quantized model trained on ``data``, then written in the
     same QDQ form as a plain quantization (``passes/rounding/finetune.py``).
 
@@ -386,9 +387,10 @@ def finetune(model_or_result: QuantizeResult | str | os.PathLike | onnx.ModelPro
         loss: ``loss(outputs, batch) -> scalar`` in JAX; None: distillation from the float model
             (KL for classifiers, normalised MSE otherwise), which needs no labels.
         output: where to write the fine-tuned QDQ ONNX model.
-        plan: for a float model: the plan (default W8A8); calib: its calibration data (default ``data``).
+        plan: for a float model: the plan (default W8A8); calib: its calibration data (default ``data``);
+            method: its calibration range method (as ``quantize_onnx``'s).
         options: ``FinetuneOptions`` fields (batch, lr, weight_lr, optimizer, train_weights, init,
-            oscillation, checkpoint, checkpoint_every, seed, limit).
+            act_init, oscillation, checkpoint, checkpoint_every, seed, limit).
 
     Returns:
         The ``QuantizeResult``; its ``finetune`` says what the training did.
@@ -414,7 +416,7 @@ def finetune(model_or_result: QuantizeResult | str | os.PathLike | onnx.ModelPro
         if output is not None:
             result.output = result.save(output)
         return result
-    return quantize_onnx(model_or_result, output, plan=plan, calib=data if calib is None else calib,
+    return quantize_onnx(model_or_result, output, plan=plan, calib=data if calib is None else calib, method=method,
                          progress=progress, finetune=settings)
 
 
