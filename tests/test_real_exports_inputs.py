@@ -1,5 +1,5 @@
 """What models from real exporters bring: symbolic dims anywhere, scalar inputs, token ids, weights
-that are not constants, float16, external data, plans onnxruntime cannot run. Each case is a small
+that are not constants, float16, external data, 4-bit activations. Each case is a small
 graph built inline with the trait a real export had (see tests/realworld for the exports themselves)."""
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 import qinject
 from qinject.app.api import SearchOptions
 from qinject.backends import onnx_backend
-from qinject.compiler.pipelines import standard_pipeline
 from qinject.core import ir as qir
 from qinject.core.calib_data import input_specs, open_source
-from qinject.core.errors import CalibrationDataError, PlanError, QinjectError, UnsupportedModelError
+from qinject.core.errors import CalibrationDataError, UnsupportedModelError
 from qinject.core.numerics import sqnr_db
 from qinject.core.pass_manager import PassManager
 from qinject.frontends.onnx_frontend import load_onnx
@@ -185,18 +184,14 @@ def test_weights_that_are_graph_inputs_are_named_and_exit_non_zero(tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
 
-def test_four_bit_activations_are_refused_up_front_because_onnxruntime_cannot_load_them(tmp_path):
-    with pytest.raises(PlanError, match="4-bit activations .* no uint4 activation kernels"):
-        qinject.quantize_onnx(conv_net(), tmp_path / "q.onnx", plan=Plan.uniform(8, 4), progress=False)
-    # The refusal stands only while onnxruntime really rejects them: the same rewrite, saved unchecked.
-    ir_model = PassManager(standard_pipeline(Plan.uniform(8, 4), calib=None, progress=False)).run(
-        load_onnx(conv_net())).model
-    with pytest.raises(Exception, match="uint4"):
-        ort.InferenceSession(onnx_backend.to_proto(ir_model).SerializeToString(), providers=["CPUExecutionProvider"])
-    # and the saver, which runs every file once, refuses to write it
-    with pytest.raises(QinjectError, match="onnxruntime cannot run the quantized model, so it was not written"):
-        onnx_backend.save(ir_model, tmp_path / "q.onnx")
-    assert list(tmp_path.iterdir()) == []
+def test_four_bit_activations_are_written_in_a_form_onnxruntime_loads(tmp_path):
+    # onnxruntime's default session used to turn Relu -> MaxPool -> Q(uint4) into a uint4 MaxPool and
+    # reject the file; it is now written with Clip -> 8-bit Q/DQ pairs (backends/onnx_narrow.py)
+    result = qinject.quantize_onnx(conv_net(), tmp_path / "q.onnx", plan=Plan.uniform(8, 4), progress=False)
+    session = ort.InferenceSession(str(result.output), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    want = np.asarray(result.to_jax("simulated")(x))
+    assert np.abs(session.run(None, {"x": x})[0] - want).max() <= 1e-4 * np.abs(want).max()
 
 
 # -- float types and external data ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ with the float model on held-out real files).
 
 Every variant is the same calibrated model (minmax) rewritten by ``InsertQDQ`` and evaluated in the
 JAX backend's simulated mode, which is what the written QDQ ONNX computes (the tests bound the
-difference by one output step) and the only runtime for 4-bit activations (onnxruntime rejects them).
+difference by one output step; the W4A4 files, written as Clip -> 8-bit Q/DQ pairs, run on onnxruntime).
 QAT trains by distillation from the float model, without labels, on unlabelled training inputs:
 the digits' and the transformer's own training splits (rebuilt by their training scripts; transformer
 lines that also occur in the calibration or held-out splits are dropped), magika's calibration files.
@@ -141,8 +141,8 @@ def report(results: dict[str, tuple[Case, list[tuple]]], argv: list[str], second
              f"- versions: {source_state()}, Python {platform.python_version()}",
              f"- reproduce: `nice -n 10 python tools/bench_qat.py{(' ' + shlex.join(argv)) if argv else ''}`",
              "- every variant is the same minmax-calibrated model rewritten by insert-qdq and run in the JAX "
-             "backend's simulated mode (what the QDQ ONNX computes; 4-bit activations have no onnxruntime "
-             "kernels). QAT: distillation from the float model (no labels), Adam, batch 64 (magika 32), on "
+             "backend's simulated mode (what the QDQ ONNX computes; W4A4 files too, their 4-bit pairs written as "
+             "Clip -> 8-bit Q/DQ, which onnxruntime's default session runs). QAT: distillation from the float model (no labels), Adam, batch 64 (magika 32), on "
              "unlabelled training inputs (digits and transformer: their training splits; magika: its "
              "calibration files); seconds include compilation. AdaRound: 500 steps per layer on the calibration split.",
              "", "| model | metric | plan | method | score | vs float | steps | seconds |", "|---|---|---|---|---|---|---|---|"]

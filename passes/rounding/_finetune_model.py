@@ -5,7 +5,8 @@ calibration method), so what is trained is exactly the graph that will be writte
 activation points, the same shared pairs. Then, in the JAX backend's simulated mode:
 
 - each activation QuantizeLinear → DequantizeLinear pair is LSQ+ fake quantization with a learnable
-  scale and offset (``qinject.backends.lsq``), initialised from the calibrated ones; a pair that
+  scale and offset (``qinject.backends.lsq``), initialised from the calibrated ones, or by LSQ+'s MSE
+  on the values it sees on training batches (``init_activations_mse``); a pair that
   reuses the scale of the tensor upstream of range-preserving ops (MaxPool, Reshape, ...) shares
   its parameters, as the rewrite shares them;
 - each static node's weight DequantizeLinear is LSQ+ fake quantization of the float weight (learnable
@@ -22,7 +23,7 @@ and the learned scales and zero points in the values' meta (``qinject.core.learn
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,7 @@ class Trainable:
         self.quantizers: dict[str, Quantizer] = {}
         self.params: dict[str, dict[str, np.ndarray]] = {"scale": {}, "offset": {}, "weight": {}, "bias": {}}
         self.biases: dict[str, str] = {}
+        self._activation_nodes: dict[int, str] = {}  # id of an activation QuantizeLinear -> its key
         self._weights(init)
         self._activations()
 
@@ -163,8 +165,39 @@ class Trainable:
                                   elements)
                 self._add(quant, scale, offset)
             self.program.overrides[id(q)] = self._activation_fn(self.quantizers[key])
+            self._activation_nodes[id(q)] = key
             for dq in dqs:
                 self.program.overrides[id(dq)] = _identity
+
+    def init_activations_mse(self, batches: Iterable[list[np.ndarray]], limit: int = 1 << 20) -> None:
+        """Re-initialise every activation scale and offset by LSQ+'s MSE (``lsq.mse_scale``) on the values
+        its quantizer sees when ``batches`` (positional inputs) run through the graph at the initial
+        parameters; at most ``limit`` values per quantizer, drawn evenly."""
+        seen: dict[str, list[np.ndarray]] = {key: [] for key in self._activation_nodes.values()}
+        kept = dict(self.program.overrides)
+
+        def recording(key: str, run: Callable[[list[Any]], list[Any]]) -> Callable[[list[Any]], list[Any]]:
+            def record(args: list[Any]) -> list[Any]:
+                seen[key].append(np.asarray(args[0], np.float32).ravel())
+                return run(args)
+            return record
+
+        for node, key in self._activation_nodes.items():
+            self.program.overrides[node] = recording(key, kept[node])
+        try:
+            params = {kind: {k: jnp.asarray(v) for k, v in group.items()} for kind, group in self.params.items()}
+            for inputs in batches:  # eagerly: the recorded values must be concrete arrays
+                self.forward(params, {}, inputs)
+        finally:
+            self.program.overrides = kept
+        for key, parts in seen.items():
+            if not parts:
+                continue
+            values = np.concatenate(parts)
+            values = values[np.linspace(0, values.size - 1, min(limit, values.size)).astype(np.int64)]
+            q = self.quantizers[key]
+            scale, offset = lsq.mse_scale(values, q.qmin, q.qmax, q.symmetric)
+            self.params["scale"][key], self.params["offset"][key] = scale, offset
 
     def _activation_symmetry(self) -> dict[tuple[str, QType], bool]:
         """(value, type) -> whether the plan quantizes it symmetrically (the rewrite's ActKey)."""

@@ -40,7 +40,7 @@ from qinject.passes.sensitivity.base import AnalysisData
 from qinject.backends import lsq
 from qinject.backends.jax_backend import Program
 from qinject.core.calib_data import rows
-from qinject.core.errors import QinjectError
+from qinject.core.errors import QinjectError, UnsupportedModelError
 from qinject.core.pass_manager import Pass, PassResult
 from qinject.core.plan import Plan
 from qinject.core import ir as qir
@@ -49,6 +49,7 @@ from qinject.runtime import damage
 
 RESULT = "qinject.finetune.result"  # model meta: FinetuneReport
 OSCILLATION = ("auto", "freeze", "dampen", "both", "off")
+ACT_INIT_SAMPLES = 256  # samples whose activations set the MSE initialisation (act_init="mse")
 
 
 @dataclass
@@ -84,8 +85,9 @@ class Finetune(Pass):
             batch: the inputs by name, ``labels`` if any, ``teacher``: the float model's outputs).
         optimizer: an optax optimiser on the raw gradients instead of the default.
         train_weights: train float weights and biases too (else scales and offsets only).
-        init: weight scales from "mse" (LSQ+) or "minmax" (the rewrite's); activations start from the
-            calibrated scales (``method``).
+        init: weight scales from "mse" (LSQ+) or "minmax" (the rewrite's).
+        act_init: activation scales and offsets from "calib" (the calibrated range, ``method``) or "mse"
+            (LSQ+'s MSE on the values each quantizer sees on up to ``ACT_INIT_SAMPLES`` training samples).
         oscillation: "auto" (freeze at <= 4-bit weights), "freeze", "dampen", "both" or "off";
             freeze_threshold, momentum: the oscillation frequency that freezes, its EMA momentum;
             dampening: λ of the dampening term.
@@ -98,7 +100,8 @@ class Finetune(Pass):
 
     def __init__(self, data: object, plan: Plan | None = None, *, steps: int = 500, batch: int = 32,
                  lr: float = 1e-2, weight_lr: float = 1e-2, loss: Callable[..., Any] | None = None,
-                 optimizer: Any = None, train_weights: bool = True, init: str = "mse", oscillation: str = "auto",
+                 optimizer: Any = None, train_weights: bool = True, init: str = "mse", act_init: str = "calib",
+                 oscillation: str = "auto",
                  freeze_threshold: float = 0.02, momentum: float = 0.01, dampening: float = 0.0,
                  method: str = "minmax", percentile: float = 99.99, checkpoint: str | None = None,
                  checkpoint_every: int = 100, seed: int = 0, progress: bool = True, limit: int | None = None,
@@ -107,11 +110,13 @@ class Finetune(Pass):
             raise QinjectError(f"finetune: oscillation must be one of {', '.join(OSCILLATION)}, got {oscillation!r}")
         if init not in ("mse", "minmax"):
             raise QinjectError(f"finetune: init must be 'mse' or 'minmax', got {init!r}")
+        if act_init not in ("calib", "mse"):
+            raise QinjectError(f"finetune: act_init must be 'calib' or 'mse', got {act_init!r}")
         if steps < 1 or batch < 1:
             raise QinjectError(f"finetune: steps and batch must be at least 1, got {steps} and {batch}")
         self.data, self.plan, self.steps, self.batch = data, plan, steps, batch
         self.lr, self.weight_lr, self.loss, self.optimizer = lr, weight_lr, loss, optimizer
-        self.train_weights, self.init, self.oscillation = train_weights, init, oscillation
+        self.train_weights, self.init, self.act_init, self.oscillation = train_weights, init, act_init, oscillation
         self.freeze_threshold, self.momentum, self.dampening = freeze_threshold, momentum, dampening
         self.method, self.percentile, self.seed, self.progress, self.limit = method, percentile, seed, progress, limit
         self.checkpoint, self.checkpoint_every, self.fallback = checkpoint, checkpoint_every, fallback
@@ -122,6 +127,11 @@ class Finetune(Pass):
                 qir.CHOSEN_PLAN not in model.meta:
             plan = self.fallback
         plan = chosen_plan(model, plan)
+        flow = next((n for n in model.graph if qir.bodies(n)), None)
+        if flow is not None:  # the JAX backend has no If/Loop/Scan lowering: nothing here could run
+            raise UnsupportedModelError(
+                f"finetune: node {flow.name!r} ({flow.op_type}) holds a control-flow body, which the JAX backend "
+                "that fine-tuning trains through cannot run; quantize this model without fine-tuning")
         data = AnalysisData.load(self.data, model, self.limit)
         net = Trainable(model, plan, method=self.method, percentile=self.percentile,
                         train_weights=self.train_weights, init=self.init)
@@ -132,6 +142,10 @@ class Finetune(Pass):
         fixed = model.graph.inputs[0].shape[0] if model.graph.inputs[0].shape is not None else None
         size = fixed if isinstance(fixed, int) else min(self.batch, rows(data.inputs))
         teacher = _teacher(model, data.inputs, order, size)
+        if self.act_init == "mse":
+            n = rows(data.inputs)
+            net.init_activations_mse([[np.asarray(data.inputs[k])[np.minimum(np.arange(i, i + size), n - 1)]
+                                       for k in order] for i in range(0, min(n, ACT_INIT_SAMPLES), size)])
         loss_fn = self.loss or _distillation([_kind(t) for t in teacher])
         start_time = time.perf_counter()
         params = jax.tree_util.tree_map(jnp.asarray, net.params)

@@ -22,7 +22,7 @@ from qinject.compiler.pipelines import FinetuneOptions, SearchOptions, analysis_
 from qinject.core import ir as qir
 from qinject.core import op_facts
 from qinject.core.calib_data import QinjectWarning, input_specs, largest_uniform_group, open_source, rows
-from qinject.core.errors import CalibrationDataError, PlanError, QinjectError, UnsupportedModelError
+from qinject.core.errors import CalibrationDataError, QinjectError, UnsupportedModelError
 from qinject.core.pass_manager import PassManager
 from qinject.core.plan import Plan
 from qinject.core.rules import Rule, Rules, describe_unmatched
@@ -207,8 +207,6 @@ def quantize_onnx(model: str | os.PathLike | onnx.ModelProto | ir.Model, output:
         plan = _plan_from_rules(rules, ir_model)
     kept_float: dict[str, str] = {}
     if search is None:
-        if output is not None:  # a result kept in memory may still run in JAX (to_jax)
-            _check_runs_on_onnxruntime(ir_model, plan)
         if not force and not _accelerator(target):
             plan, kept_float = keep_slow_kernels_float(ir_model, plan)
     elif not force and not _accelerator(target or "local-cpu"):
@@ -246,17 +244,6 @@ def _pin_slow_kernels_float(model: ir.Model, search: SearchOptions) -> tuple[Sea
     pins = tuple(Rule(name=re.escape(name), skip=True, comment="slower quantized on onnxruntime's CPU")
                  for name in kept)
     return dataclasses.replace(search, rules=Rules((*user.rules, *pins), user.default)), kept
-
-
-def _check_runs_on_onnxruntime(model: ir.Model, plan: Plan) -> None:
-    """Refuse, before any work, a plan whose ONNX output onnxruntime could not load."""
-
-    nodes = qir.quantizable_nodes(model) + qir.subgraph_quantizable_nodes(model)
-    four = [n.name for n in nodes if (c := plan.choice(n.name)) is not None and c.activations == 4]
-    if four:
-        raise PlanError(f"4-bit activations ({len(four)} node(s), e.g. {four[0]!r}) cannot run on onnxruntime, "
-                        "which has no uint4 activation kernels (QLinearConv, QGemm, MaxPool reject them); use "
-                        "8-bit activations, or keep the model in JAX (qinject.quantize_jax, result.to_jax())")
 
 
 def quantize_jax(fn: Callable, params: Any, *example_inputs: Any, output: str | os.PathLike | None = None,
@@ -388,7 +375,8 @@ def _nothing_to_quantize(model: ir.Model, notes: dict[str, list[str]] | None = N
 
 def finetune(model_or_result: QuantizeResult | str | os.PathLike | onnx.ModelProto | ir.Model, data: object,
              steps: int = 500, loss: Callable[..., Any] | None = None, *, output: str | os.PathLike | None = None,
-             plan: Plan | None = None, calib: object = None, progress: bool = True, **options: Any) -> QuantizeResult:
+             plan: Plan | None = None, calib: object = None, method: str = "minmax", progress: bool = True,
+             **options: Any) -> QuantizeResult:
     """Quantization-aware fine-tuning: the plan's quantized model trained on ``data``, then written in the
     same QDQ form as a plain quantization (``passes/rounding/finetune.py``).
 
@@ -401,9 +389,10 @@ def finetune(model_or_result: QuantizeResult | str | os.PathLike | onnx.ModelPro
         loss: ``loss(outputs, batch) -> scalar`` in JAX; None: distillation from the float model
             (KL for classifiers, normalised MSE otherwise), which needs no labels.
         output: where to write the fine-tuned QDQ ONNX model.
-        plan: for a float model: the plan (default W8A8); calib: its calibration data (default ``data``).
+        plan: for a float model: the plan (default W8A8); calib: its calibration data (default ``data``);
+            method: its calibration range method (as ``quantize_onnx``'s).
         options: ``FinetuneOptions`` fields (batch, lr, weight_lr, optimizer, train_weights, init,
-            oscillation, checkpoint, checkpoint_every, seed, limit).
+            act_init, oscillation, checkpoint, checkpoint_every, seed, limit).
 
     Returns:
         The ``QuantizeResult``; its ``finetune`` says what the training did.
@@ -429,7 +418,7 @@ def finetune(model_or_result: QuantizeResult | str | os.PathLike | onnx.ModelPro
         if output is not None:
             result.output = result.save(output)
         return result
-    return quantize_onnx(model_or_result, output, plan=plan, calib=data if calib is None else calib,
+    return quantize_onnx(model_or_result, output, plan=plan, calib=data if calib is None else calib, method=method,
                          progress=progress, finetune=settings)
 
 

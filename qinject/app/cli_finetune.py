@@ -28,6 +28,8 @@ from qinject.core.stats import METHODS
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration data (default: --data).")
 @click.option("--calib-method", type=click.Choice(METHODS), default="minmax", show_default=True,
               help="How the activation ranges training starts from are chosen.")
+@click.option("--act-init", type=click.Choice(["calib", "mse"]), default="calib", show_default=True,
+              help="Activation scales start from the calibrated ranges, or from LSQ+'s MSE on training batches.")
 @click.option("--steps", type=int, default=500, show_default=True, help="Optimisation steps.")
 @click.option("--batch", type=int, default=32, show_default=True, help="Samples per step.")
 @click.option("--lr", type=float, default=1e-2, show_default=True,
@@ -43,7 +45,8 @@ from qinject.core.stats import METHODS
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--save-plan", type=click.Path(path_type=Path), help="Also write the plan trained, as JSON.")
 def finetune_command(model: Path, output: Path, data_path: Path, plan_path: Path | None, rules_path: Path | None,
-                     weights: str, activations: str, calib: Path | None, calib_method: str, steps: int, batch: int,
+                     weights: str, activations: str, calib: Path | None, calib_method: str, act_init: str,
+                     steps: int, batch: int,
                      lr: float, weight_lr: float, scales_only: bool, oscillation: str, checkpoint: Path | None,
                      checkpoint_every: int, seed: int, save_plan: Path | None) -> None:
     """Fine-tune MODEL (ONNX) quantized by a plan on --data and write the QDQ model to OUTPUT.
@@ -61,8 +64,8 @@ def finetune_command(model: Path, output: Path, data_path: Path, plan_path: Path
     if plan is None:
         plan = Plan(NodeQuant(weights=int(weights), activations=int(activations)))
     result = finetune(model, str(data_path), steps, output=output, plan=plan,
-                      calib=str(calib) if calib is not None else None, batch=batch, lr=lr, weight_lr=weight_lr,
-                      train_weights=not scales_only, oscillation=oscillation,
+                      calib=str(calib) if calib is not None else None, method=calib_method, batch=batch, lr=lr,
+                      weight_lr=weight_lr, train_weights=not scales_only, act_init=act_init, oscillation=oscillation,
                       checkpoint=str(checkpoint) if checkpoint is not None else None,
                       checkpoint_every=checkpoint_every, seed=seed)
     report = result.finetune

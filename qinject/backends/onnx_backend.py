@@ -11,6 +11,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from qinject.backends.onnx_narrow import widen_four_bit_activations
 from qinject.core import ir as qir
 from qinject.core.errors import QinjectError
 
@@ -19,7 +20,10 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as ONNX, its 4-bit activation Q/DQ pairs in the form onnxruntime loads
+    (``onnx_narrow``: Clip -> 8-bit Q/DQ, the same numbers)."""
     proto = ir.serde.serialize_model(model)
+    widen_four_bit_activations(proto)
     inputs = {i.name for i in proto.graph.input}
     if proto.ir_version < 4 and any(t.name not in inputs for t in proto.graph.initializer):
         # Before IR version 4 every initializer had to be a graph input too; folding constants

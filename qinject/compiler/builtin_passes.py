@@ -136,6 +136,7 @@ def _bias_correction(context: Context, o: dict[str, Any]) -> Pass:
                        Option("weight-lr", float, 1e-2, "weight step, as a fraction of the channel's quantization step"),
                        Option("train-weights", bool, True, "train float weights and biases too"),
                        Option("init", str, "mse", "weight scales from", ("mse", "minmax")),
+                       Option("act-init", str, "calib", "activation scales from", ("calib", "mse")),
                        Option("oscillation", str, "auto", "oscillation control", OSCILLATION),
                        Option("checkpoint", str, "", "an .npz saved as it trains, resumed from if present"),
                        Option("weights", int, 8, "uniform weight bits when no search ran (as insert-qdq's)"),
@@ -148,8 +149,8 @@ distillation from the float model on the calibration data; insert-qdq then write
 def _finetune(context: Context, o: dict[str, Any]) -> Pass:
 
     return Finetune(_calib(context), steps=o["steps"], batch=o["batch"], lr=o["lr"], weight_lr=o["weight-lr"],
-                    train_weights=o["train-weights"], init=o["init"], oscillation=o["oscillation"],
-                    checkpoint=o["checkpoint"] or None, method=o["method"], progress=context.progress,
+                    train_weights=o["train-weights"], init=o["init"], act_init=o["act-init"],
+                    oscillation=o["oscillation"], checkpoint=o["checkpoint"] or None, method=o["method"], progress=context.progress,
                     plan=Plan.load(o["plan"]) if o["plan"] else None,
                     fallback=Plan.uniform(o["weights"], o["activations"]))
 

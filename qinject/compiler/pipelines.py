@@ -85,7 +85,7 @@ class FinetuneOptions:
 
     Attributes:
         data: training inputs (``.npz``/dict/array, optional ``labels``); None: the calibration data.
-        steps, batch, lr, weight_lr, loss, optimizer, train_weights, init, oscillation, checkpoint,
+        steps, batch, lr, weight_lr, loss, optimizer, train_weights, init, act_init, oscillation, checkpoint,
         checkpoint_every, seed, limit: as ``Finetune`` takes them.
     """
 
@@ -98,6 +98,7 @@ class FinetuneOptions:
     optimizer: Any = None
     train_weights: bool = True
     init: str = "mse"
+    act_init: str = "calib"
     oscillation: str = "auto"
     checkpoint: str | os.PathLike | None = None
     checkpoint_every: int = 100
@@ -110,7 +111,8 @@ class FinetuneOptions:
             raise CalibrationDataError("fine-tuning needs training data (or calibration data to train on)")
         return Finetune(self.data if self.data is not None else data, plan, steps=self.steps, batch=self.batch,
                         lr=self.lr, weight_lr=self.weight_lr, loss=self.loss, optimizer=self.optimizer,
-                        train_weights=self.train_weights, init=self.init, oscillation=self.oscillation,
+                        train_weights=self.train_weights, init=self.init, act_init=self.act_init,
+                        oscillation=self.oscillation,
                         method=method, percentile=percentile,
                         checkpoint=None if self.checkpoint is None else str(self.checkpoint),
                         checkpoint_every=self.checkpoint_every, seed=self.seed, progress=progress, limit=self.limit)
