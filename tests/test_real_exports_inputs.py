@@ -90,7 +90,10 @@ def _if_only() -> onnx.ModelProto:
 # -- random calibration ---------------------------------------------------------------------------------
 
 def test_random_calibration_gives_one_size_per_named_dim_and_image_sizes(tmp_path):
-    result = qinject.quantize_onnx(_two_stride_detector(), tmp_path / "q.onnx", progress=False, target="local-cpu")
+    # force: local-cpu prices this net's 3-channel convolutions slower in int8 (1.9x float; measured
+    # 2.1x here), so fit-target would keep both float; this test is about the calibration shapes
+    result = qinject.quantize_onnx(_two_stride_detector(), tmp_path / "q.onnx", progress=False, target="local-cpu",
+                                   force=True)
     assert sorted(result.quantized) == ["coarse", "fine"]
     assert result.cost is not None  # priced at the shapes calibration saw
     (x,) = input_specs(load_onnx(_two_stride_detector()))
@@ -221,8 +224,10 @@ def test_small_external_data_models_quantize_plain_and_searched(tmp_path):
     onnx.save(conv_net(), tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
               location="ext.data", size_threshold=0)
     x = {"x": np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)}
+    # priced at batch 64: at batch 1 local-cpu prices this 8x8 net slower in int8 than float (16.6 vs
+    # 14.9 us: a kernel's fixed cost and the Q/DQ around it outweigh its work), and the search keeps it float
     searched = qinject.quantize_onnx(tmp_path / "ext.onnx", tmp_path / "s.onnx", calib=x, progress=False,
-                                     search=SearchOptions(max_drop="5%", workers=2))
+                                     search=SearchOptions(max_drop="5%", workers=2), latency_batch=64)
     assert searched.search is not None and (tmp_path / "s.onnx.data").exists()
 
 

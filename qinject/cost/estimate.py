@@ -42,11 +42,13 @@ from qinject.core.calib_data import QinjectWarning, input_specs, random_arrays
 from qinject.core.errors import QinjectError
 from qinject.core.plan import DYNAMIC, STATIC, WEIGHT_ONLY, NodeQuant, Plan
 from qinject.core.quant_points import OUTPUT_MIN_SQNR_DB, output_point, output_sqnr_db
+from qinject.cost import fallback
 from qinject.cost.latency_table import FLOAT_BITS, LatencyTable
 
 MEASURED = "measured"
 ROOFLINE = "roofline"
 MISSING = "roofline (shape not in the table)"
+FITTED = "fitted per op (shape not in the table)"
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ class _Estimator:
         # node keeps its output at its width; onnxruntime on a CPU (a measured table) has integer
         # kernels for 8 bits only, and the rewrite quantizes outputs accordingly.
         self.native = table.kind == "analytic"
+        self.fallback = _fallback(table)
         self.choices: dict[str, NodeQuant] = {}
         # Nodes inside If/Loop/Scan bodies are priced once each (one pass of a body, both branches).
         for node in qir.searchable_nodes(model):
@@ -288,12 +291,12 @@ class _Estimator:
         measured = self.table.lookup(*key, w_bits, a_bits) if key else None
         if measured is not None:
             return NodeCost(node.name, node.op_type, w_bits, a_bits, measured, MEASURED, quantizable)
-        source = MISSING if self.table.kind == "measured" else ROOFLINE
+        source = self._missing_source(node, w_bits, a_bits)
         if choice is not None and not self.native and (
                 node.name in self.unfused or not op_facts.runs_on_integer_kernel(node, w_bits, a_bits)):
             # onnxruntime's CPU has no integer kernel at these widths: it dequantizes and runs the float op
-            return NodeCost(node.name, node.op_type, w_bits, a_bits, self._dequantized_float(node, w_bits), source,
-                            quantizable)
+            return NodeCost(node.name, node.op_type, w_bits, a_bits, self._dequantized_float(node, w_bits),
+                            self._missing_source(node, FLOAT_BITS, FLOAT_BITS), quantizable)
         return NodeCost(node.name, node.op_type, w_bits, a_bits, self._roofline(node, choice, a_bits), source,
                         quantizable)
 
@@ -348,7 +351,8 @@ class _Estimator:
         if choice is None:
             moved = sum(_elements(v) * _bytes(self.bits.get(v.name, FLOAT_BITS)) for v in node.inputs if v)
             moved += sum(_elements(v) * _bytes(self.bits.get(v.name, a_bits)) for v in node.outputs)
-            return roofline.node_us(macs, moved, roofline.precision(a_bits, a_bits))
+            return self._fitted(node.op_type, FLOAT_BITS if a_bits == FLOAT_BITS else 0, a_bits,
+                                roofline.node_us(macs, moved, roofline.precision(a_bits, a_bits)))
         weight = op_facts.weight_of(node)
         w_bits = choice.weights if weight is not None else choice.activations
         moved = _elements(weight) * _bytes(w_bits) if weight is not None else 0.0
@@ -356,7 +360,21 @@ class _Estimator:
                      for i in op_facts.activation_inputs(node))
         out = output_point(node)
         moved += _elements(node.outputs[0]) * _bytes(self.bits.get(out.name, FLOAT_BITS))
-        return roofline.node_us(macs, moved, roofline.precision(w_bits, choice.activations))
+        return self._fitted(node.op_type, w_bits, choice.activations,
+                            roofline.node_us(macs, moved, roofline.precision(w_bits, choice.activations)))
+
+    def _fitted(self, op: str, w_bits: int, a_bits: int, roofline_us: float, mode: str = STATIC) -> float:
+        """A measured table's fit for the op at these widths (``qinject.cost.fallback``), applied to the
+        roofline's work; the roofline where the table has none."""
+        work = max(0.0, roofline_us - self.table.roofline.op_overhead_us)
+        price = self.fallback.price(op, w_bits, a_bits, mode, work)
+        return roofline_us if price is None else price
+
+    def _missing_source(self, node: ir.Node, w_bits: int, a_bits: int, mode: str = STATIC) -> str:
+        if self.table.kind != "measured":
+            return ROOFLINE
+        fit = self.fallback.fit_for(node.op_type, w_bits, a_bits, mode)
+        return FITTED if fit is not None and not op_facts.fact(node).zero_copy else MISSING
 
     # -- conversions -----------------------------------------------------------------------------------------
     def _conversions(self) -> list[ConversionCost]:
@@ -392,8 +410,42 @@ class _Estimator:
             return ConversionCost(value.name, have, want, elements, measured, MEASURED)
         roofline = self.table.roofline
         us = roofline.node_us(0, elements * (_bytes(have) + _bytes(want)), _float_precision(roofline))
+        fitted = self.fallback.price(op, 0, narrow, STATIC, us - roofline.op_overhead_us)
+        if fitted is not None:
+            if _changes_layout(value):
+                # onnxruntime runs integer convolutions channels-last (NHWC) and float ones in NCHWc
+                # blocks, so where the regions meet it adds a layout kernel beside the Q/DQ (keras_cnn:
+                # 3 Transposes and a ReorderInput more than float); a measured entry includes it
+                moved_us = elements * 2 * _bytes(FLOAT_BITS) / roofline.memory_bytes_per_s * 1e6
+                layout = self.fallback.price("Transpose", FLOAT_BITS, FLOAT_BITS, STATIC, moved_us)
+                fitted += layout or 0.0
+            return ConversionCost(value.name, have, want, elements, fitted, FITTED)
         return ConversionCost(value.name, have, want, elements, us,
                               MISSING if self.table.kind == "measured" else ROOFLINE)
+
+
+# One fit per table object, cached: a search prices hundreds of plans on the same table. The table is
+# held so that its id cannot be reused; a table grown since (profiled entries added) is fitted again.
+_FITS: dict[int, tuple[LatencyTable, int, fallback.Fallback]] = {}
+
+
+def _fallback(table: LatencyTable) -> fallback.Fallback:
+    cached = _FITS.get(id(table))
+    if cached is None or cached[0] is not table or cached[1] != len(table.entries):
+        cached = _FITS[id(table)] = (table, len(table.entries), fallback.fit(table))
+    return cached[2]
+
+
+def _changes_layout(value: ir.Value) -> bool:
+    """A spatial tensor (rank 4 or more) that a convolution writes or reads: the precision change there
+    is also a change of layout."""
+    if value.shape is None or len(value.shape) < 4:
+        return False
+    producer = value.producer()
+    while producer is not None and op_facts.is_epilogue(producer) and producer.inputs[0] is not None:
+        producer = producer.inputs[0].producer()  # the ReLU that runs inside the convolution
+    return (producer is not None and op_facts.fact(producer).sets_layout) or any(
+        op_facts.fact(use.node).sets_layout for use in value.uses())
 
 
 def _float_precision(roofline) -> str:
@@ -435,7 +487,7 @@ def format_report(report: CostReport, top: int | None = None) -> str:
         lines.append(f"  float baseline   {report.float_us / 1e3:.3f} ms  (saving {report.saving_vs_float:+.1%})")
     if not math.isnan(report.sixteen_bit_us):
         lines.append(f"  W16A16 baseline  {report.sixteen_bit_us / 1e3:.3f} ms  (saving {report.saving_vs_16_bit:+.1%})")
-    missing = sum(1 for n in report.nodes if n.source == MISSING)
+    missing = sum(1 for n in report.nodes if n.source in (MISSING, FITTED))
     if missing:
         lines.append(f"  {missing} node(s) priced by the roofline: their shapes are not in the table "
                      "(profile this model with `qinject profile`)")

@@ -1,0 +1,79 @@
+"""The fallback fitted per op and mode from a measured table's own entries (``qinject.cost.fallback``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from qinject.core import ir as qir
+from qinject.core import op_facts
+from qinject.cost import fallback
+from qinject.cost.estimate import FITTED, estimate
+from qinject.frontends.onnx_frontend import load_onnx
+from qinject.latency_table import Entry, LatencyTable, Roofline
+from qinject.plan import Plan
+from tests.builders import conv_net
+
+ROOF = Roofline({"fp32": 1e11, "int8": 4e11}, 1e10, op_overhead_us=0.5)
+LAUNCH, ELEMENTWISE_SCALE = 1.5, 1.2  # what the float elementwise entries are made of
+QUANTIZE = (3.0, 2.0)  # fixed us, scale of the QuantizeLinear entries
+CONV_SCALE = 4.0  # int8 Conv entries: the launch cost plus 4x their roofline work
+
+
+def _entry(op: str, shape: str, w_bits: int, a_bits: int, fixed: float, scale: float) -> Entry:
+    work = fallback.entry_work_us(Entry(op, shape, w_bits, a_bits, 1.0), ROOF)
+    return Entry(op, shape, w_bits, a_bits, fixed + scale * work)
+
+
+def _table(kind: str = "measured") -> LatencyTable:
+    table = LatencyTable("cpu", kind, ROOF)
+    for n in (1000, 20000, 400000):
+        table.add(_entry("QuantizeLinear", f"x{n}", 0, 8, *QUANTIZE))
+    for op, n in (("Add", 100), ("Add", 5000), ("Mul", 80000), ("Sigmoid", 900000)):
+        table.add(_entry(op, f"1x{n};1x{n}->1x{n}", 32, 32, LAUNCH, ELEMENTWISE_SCALE))
+    for h in (8, 16, 32):
+        table.add(_entry("Conv", f"1x16x{h}x{h};32x16x3x3->1x32x{h}x{h}", 8, 8, LAUNCH, CONV_SCALE))
+    return table
+
+
+def test_fits_recover_the_fixed_cost_and_scale_the_entries_were_made_of():
+    fits = fallback.fit(_table())
+    q = fits.fit_for("QuantizeLinear", 0, 8)
+    assert (q.fixed_us, q.scale) == pytest.approx(QUANTIZE)
+    pooled = fits.fit_for("Relu", 32, 32)  # no entry of its own: the fit over every MAC-free float op
+    assert (pooled.fixed_us, pooled.scale) == pytest.approx((LAUNCH, ELEMENTWISE_SCALE))
+    conv = fits.fit_for("Conv", 8, 8)  # the launch cost held, the slope its own
+    assert (conv.fixed_us, conv.scale) == pytest.approx((LAUNCH, CONV_SCALE))
+    assert fits.price("Conv", 8, 8, "static", 10.0) == pytest.approx(LAUNCH + CONV_SCALE * 10.0)
+
+
+def test_no_fit_from_too_few_sizes_for_an_op_with_macs_or_for_an_analytic_table():
+    fits = fallback.fit(_table())
+    assert fits.fit_for("Conv", 32, 32) is None  # no float Conv entries; a MAC op never takes the pooled fit
+    assert fits.fit_for("DequantizeLinear", 0, 8) is None
+    table = _table()
+    for n in (10, 20):
+        table.add(_entry("MatMul", f"4x{n};{n}x8->4x8", 8, 8, 1.0, 1.0))
+    assert fallback.fit(table).fit_for("MatMul", 8, 8) is None  # two sizes: fewer than MIN_ENTRIES
+    assert fallback.fit(_table("analytic")).fits == {}
+
+
+def test_the_estimate_prices_missing_shapes_and_conversions_by_the_fits_with_a_layout_kernel():
+    model = qir.with_batch(load_onnx(conv_net()), 1)
+    table = _table()
+    conv2 = next(n for n in model.graph if n.name == "conv2")
+    assert table.lookup(*op_facts.latency_key(conv2), 8, 8) is None
+    plain = LatencyTable("cpu", "measured", ROOF)  # the same roofline, no entries to fit
+    report = estimate(model, Plan.uniform(8, 8), table)
+    roofline_only = estimate(model, Plan.uniform(8, 8), plain)
+    fitted = {c.node: c for c in report.nodes}["conv2"]
+    work = {c.node: c for c in roofline_only.nodes}["conv2"].latency_us - ROOF.op_overhead_us
+    assert fitted.source == FITTED and fitted.latency_us == pytest.approx(LAUNCH + CONV_SCALE * work)
+    # x (1x3x8x8, into conv1) is quantized: the QuantizeLinear fit plus a layout kernel (the pooled
+    # float fit moving the tensor), since onnxruntime runs the integer convolution channels-last
+    x = next(c for c in report.conversions if c.tensor == "x")
+    elements = 3 * 8 * 8
+    q_work = elements * 5 / ROOF.memory_bytes_per_s * 1e6
+    layout_work = elements * 8 / ROOF.memory_bytes_per_s * 1e6
+    assert x.source == FITTED
+    layout = LAUNCH + ELEMENTWISE_SCALE * layout_work
+    assert x.latency_us == pytest.approx(QUANTIZE[0] + QUANTIZE[1] * q_work + layout)
