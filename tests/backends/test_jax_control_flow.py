@@ -173,4 +173,10 @@ def test_real_control_flow_exports_quantized_match_onnxruntime_within_one_step(n
     order = [v.name for v in result.model.graph.inputs]
     got = np.asarray(jax.jit(to_jax(result.model, "simulated"))(*[feeds[k] for k in order]))
     want = _ort(result.output, feeds)[0]
-    assert np.abs(got - want).max() <= np.abs(got).max() / 127  # one output step
+    step = np.abs(got).max() / 127
+    assert np.abs(got - want).max() <= step  # one output step
+    # integer mode: int8 kernels inside the bodies (the Gemm the branch or loop body holds)
+    integer = np.asarray(jax.jit(to_jax(result.model, "integer"))(*[feeds[k] for k in order]))
+    assert np.abs(integer - got).max() <= 2 * step
+    inner = {n.name for n in result.model.graph.all_nodes() if n.graph is not result.model.graph}
+    assert inner & set(result.quantized) & set(Program(result.model, "integer").kernels)
