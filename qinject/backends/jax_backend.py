@@ -24,6 +24,10 @@ The plan's execution modes (``qinject.plan``) are shapes of the rewritten graph,
   a float constant at trace time (fake-quantized weight); integer mode keeps the codes and block
   scales in the program and dequantizes there, then runs the float op.
 
+If, Loop and Scan run their bodies through this interpreter, in the same mode
+(``qinject.backends.jax_control_flow``: a known branch or ``lax.cond``, ``lax.scan`` or an unrolled loop,
+and ``lax.while_loop`` only for a data-dependent loop, which has no reverse-mode gradient).
+
 A node whose inputs are all concrete (weights, shapes) is evaluated once at trace time
 (``jax.ensure_compile_time_eval``), so shape arithmetic stays static under ``jit`` and dequantized
 weights become constants of the compiled program (except integer mode's weight-only weights).

@@ -46,7 +46,8 @@ def loop_scan_output_model(trip=3):
     inits = {"w": W, "w2": 0.3 * W2, "trip": np.array(trip, np.int64), "true": np.array(True)}
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
                            helper.make_node("Loop", ["trip", "true", "h"], ["y", "ys"], name="loop", body=body)],
-                          "loop_scan", [_value("x", shape=[4, 8])], [_value("y", shape=[4, 8]), _value("ys", shape=[trip, 4, 8])],
+                          "loop_scan", [_value("x", shape=[4, 8])],
+                          [_value("y", shape=[4, 8]), _value("ys", shape=[trip, 4, 8])],
                           [numpy_helper.from_array(a, n) for n, a in inits.items()])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
-import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
