@@ -97,8 +97,8 @@ class Trainable:
 
     # -- building --------------------------------------------------------------------------------------
     def _weights(self, init: str) -> None:
-        floats = {n.name: n for n in qir.quantizable_nodes(self.model)}
-        for node in self.qdq.graph:  # rewritten nodes read a DequantizeLinear, no longer a constant
+        floats = {n.name: n for n in qir.searchable_nodes(self.model)}  # inside If/Loop/Scan bodies too
+        for node in self.qdq.graph.all_nodes():  # rewritten nodes read a DequantizeLinear, no longer a constant
             choice = node.meta.get(qir.QUANT_APPLIED)
             source = floats.get(node.name)
             if choice is None or not choice.quantizes_activations or source is None:
@@ -143,7 +143,7 @@ class Trainable:
         symmetric = self._activation_symmetry()
         by_value: dict[tuple[str, QType], str] = {}
         pairs = []
-        for q in self.qdq.graph:
+        for q in self.qdq.graph.all_nodes():
             if q.op_type != "QuantizeLinear" or q.inputs[1] is None or q.inputs[1].name not in self.program.constants:
                 continue
             dqs = [u.node for u in q.outputs[0].uses() if u.node.op_type == "DequantizeLinear"]
@@ -151,8 +151,8 @@ class Trainable:
                 else QType(8, False)
             pairs.append((q, dqs, qtype))
             by_value[(q.inputs[0].name, qtype)] = ""
-        float_values = {v.name: v for n in self.model.graph for v in n.outputs}
-        float_values.update({v.name: v for v in self.model.graph.inputs})
+        float_values = {v.name: v for n in self.model.graph.all_nodes() for v in n.outputs}
+        float_values.update({v.name: v for g in (self.model.graph, *self.model.graph.subgraphs()) for v in g.inputs})
         for q, dqs, qtype in pairs:
             name = q.inputs[0].name
             scale, offset = self._pair_init(q)
@@ -201,9 +201,9 @@ class Trainable:
 
     def _activation_symmetry(self) -> dict[tuple[str, QType], bool]:
         """(value, type) -> whether the plan quantizes it symmetrically (the rewrite's ActKey)."""
-        floats = {n.name: n for n in qir.quantizable_nodes(self.model)}
+        floats = {n.name: n for n in qir.searchable_nodes(self.model)}
         out: dict[tuple[str, QType], bool] = {}
-        for node in self.qdq.graph:  # rewritten nodes read a DequantizeLinear, no longer a constant
+        for node in self.qdq.graph.all_nodes():  # rewritten nodes read a DequantizeLinear, no longer a constant
             choice, source = node.meta.get(qir.QUANT_APPLIED), floats.get(node.name)
             if choice is None or source is None or not choice.quantizes_activations:
                 continue
@@ -316,13 +316,15 @@ class Trainable:
             found.weights[value.name] = array
 
     def _float_value(self, name: str) -> ir.Value:
-        if name in self.model.graph.initializers:
-            return self.model.graph.initializers[name]
-        for node in self.model.graph:
+        graphs = (self.model.graph, *self.model.graph.subgraphs())  # a body node's tensors live in its body
+        for g in graphs:
+            if name in g.initializers:
+                return g.initializers[name]
+        for node in self.model.graph.all_nodes():
             for v in node.outputs:
                 if v.name == name:
                     return v
-        return next(v for v in self.model.graph.inputs if v.name == name)
+        return next(v for g in graphs for v in g.inputs if v.name == name)
 
 
 class _Program(Program):

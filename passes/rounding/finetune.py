@@ -39,7 +39,7 @@ from qinject.passes.sensitivity.base import AnalysisData
 
 from qinject.backends import lsq
 from qinject.backends.jax_backend import Program
-from qinject.core.calib_data import rows
+from qinject.core.calib_data import rows, take
 from qinject.core.errors import QinjectError, UnsupportedModelError
 from qinject.core.pass_manager import Pass, PassResult
 from qinject.core.plan import Plan
@@ -127,25 +127,24 @@ class Finetune(Pass):
                 qir.CHOSEN_PLAN not in model.meta:
             plan = self.fallback
         plan = chosen_plan(model, plan)
-        flow = next((n for n in model.graph if qir.bodies(n)), None)
-        if flow is not None:  # the JAX backend has no If/Loop/Scan lowering: nothing here could run
-            raise UnsupportedModelError(
-                f"finetune: node {flow.name!r} ({flow.op_type}) holds a control-flow body, which the JAX backend "
-                "that fine-tuning trains through cannot run; quantize this model without fine-tuning")
         data = AnalysisData.load(self.data, model, self.limit)
         net = Trainable(model, plan, method=self.method, percentile=self.percentile,
                         train_weights=self.train_weights, init=self.init)
         if not net.quantizers:
             raise QinjectError("finetune has nothing to train: the plan quantizes no static node of the model "
                                "(dynamic and weight-only nodes have no learned scales); check the plan")
-        order = [v.name for v in model.graph.inputs]
+        # A scalar input (an If's mode, a Loop's trip count) holds one value for every sample: it is bound
+        # as a constant, so its branch is taken and its loop runs a known number of times (differentiable).
+        scalars = {k: np.asarray(a) for k, a in data.inputs.items() if not np.ndim(a)}
+        order = [v.name for v in model.graph.inputs if v.name not in scalars]
+        bind = _binder([v.name for v in model.graph.inputs], scalars)
         fixed = model.graph.inputs[0].shape[0] if model.graph.inputs[0].shape is not None else None
         size = fixed if isinstance(fixed, int) else min(self.batch, rows(data.inputs))
-        teacher = _teacher(model, data.inputs, order, size)
+        teacher = _teacher(model, data.inputs, order, size, bind)
         if self.act_init == "mse":
             n = rows(data.inputs)
-            net.init_activations_mse([[np.asarray(data.inputs[k])[np.minimum(np.arange(i, i + size), n - 1)]
-                                       for k in order] for i in range(0, min(n, ACT_INIT_SAMPLES), size)])
+            net.init_activations_mse([bind([np.asarray(data.inputs[k])[np.minimum(np.arange(i, i + size), n - 1)]
+                                            for k in order]) for i in range(0, min(n, ACT_INIT_SAMPLES), size)])
         loss_fn = self.loss or _distillation([_kind(t) for t in teacher])
         start_time = time.perf_counter()
         params = jax.tree_util.tree_map(jnp.asarray, net.params)
@@ -162,7 +161,7 @@ class Finetune(Pass):
         damp = self.dampening if self.oscillation in ("dampen", "both") else 0.0
 
         def objective(p, osc, xs, batch):
-            outs = net.forward(p, fs.frozen(osc) if freeze else {}, xs)
+            outs = net.forward(p, fs.frozen(osc) if freeze else {}, bind(xs))
             value = loss_fn(outs[0] if len(outs) == 1 else tuple(outs), batch)
             for key in osc_keys if damp else ():
                 q, w = net.quantizers[key], p["weight"][key]
@@ -192,7 +191,7 @@ class Finetune(Pass):
                    disable=None if self.progress else True, leave=False)
         for t in range(begin, self.steps):
             idx = np.random.default_rng([self.seed, t]).integers(0, n, size=size)  # resumes identically
-            batch = {**{k: np.asarray(data.inputs[k])[idx] for k in data.inputs}, "teacher": _pick(teacher, idx)}
+            batch = {**take(data.inputs, idx), "teacher": _pick(teacher, idx)}
             if data.labels is not None:
                 batch["labels"] = data.labels[idx]
             params, opt_state, osc, value, metric = step(params, opt_state, osc, [batch[k] for k in order], batch)
@@ -238,11 +237,32 @@ class Finetune(Pass):
         return optimizer, units
 
 
-def _teacher(model: ir.Model, inputs: dict[str, np.ndarray], order: list[str], size: int) -> list[np.ndarray]:
-    """The float model's outputs on every sample (whole batches of ``size``, the last padded)."""
+def _binder(names: list[str], scalars: dict[str, np.ndarray]) -> Callable[[list[Any]], list[Any]]:
+    """``bind(batched inputs) -> every graph input, in order``, the scalar inputs as constants."""
+    def bind(xs: list[Any]) -> list[Any]:
+        rest = iter(xs)
+        return [scalars[k] if k in scalars else next(rest) for k in names]
+
+    return bind
+
+
+def _teacher(model: ir.Model, inputs: dict[str, np.ndarray], order: list[str], size: int,
+             bind: Callable[[list[Any]], list[Any]]) -> list[np.ndarray]:
+    """The float model's outputs on every sample (whole batches of ``size``, the last padded).
+
+    Raises:
+        UnsupportedModelError: if a Loop's trip count or condition depends on the data (the JAX backend
+            runs it as a while loop, which has no reverse-mode gradient).
+    """
     program = Program(model)
-    run = jax.jit(lambda *xs: program.run(program.constants, xs))
+    run = jax.jit(lambda *xs: program.run(program.constants, bind(list(xs))))
     n = rows(inputs)
+    first = np.minimum(np.arange(size), n - 1)
+    jax.eval_shape(run, *[np.asarray(inputs[k])[first] for k in order])  # traced once: which loops it made
+    if program.forward_only:
+        raise UnsupportedModelError(
+            f"finetune: Loop node {program.forward_only[0]!r} has a trip count or condition computed from the data, "
+            "which JAX cannot differentiate through; quantize this model without fine-tuning")
     parts: list[list[np.ndarray]] = []
     for start in range(0, n, size):
         idx = np.minimum(np.arange(start, start + size), n - 1)

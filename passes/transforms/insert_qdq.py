@@ -222,10 +222,13 @@ class _Rewrite:
         cached = self.body_acts.get((value.name, key, id(body)))
         if cached is not None:
             return cached
-        # a range-preserving op's output without statistics of its own takes its source's range
-        lo, hi = select_range(self._range_stats(value), self.method, key.qtype, key.symmetric, self.percentile)
-        scale, zp = numerics.scale_zero_point(lo, hi, key.qtype, key.symmetric)
-        params = _QParams(_representable(scale, value).reshape(()), zp.reshape(()))
+        found = learned(value, key.qtype, key.symmetric)  # fine-tuned (passes/rounding/finetune.py)
+        if found is not None:
+            scale, zp = found.scale, found.zero_point
+        else:  # a range-preserving op's output without statistics of its own takes its source's range
+            lo, hi = select_range(self._range_stats(value), self.method, key.qtype, key.symmetric, self.percentile)
+            scale, zp = numerics.scale_zero_point(lo, hi, key.qtype, key.symmetric)
+        params = _QParams(_representable(scale, value).reshape(()), np.asarray(zp).reshape(()))
         self._pair(value, key, params, body, self.fresh)
         self.body_acts[(value.name, key, id(body))] = params
         return params

@@ -24,6 +24,10 @@ The plan's execution modes (``qinject.plan``) are shapes of the rewritten graph,
   a float constant at trace time (fake-quantized weight); integer mode keeps the codes and block
   scales in the program and dequantizes there, then runs the float op.
 
+If, Loop and Scan run their bodies through this interpreter, in the same mode
+(``qinject.backends.jax_control_flow``: a known branch or ``lax.cond``, ``lax.scan`` or an unrolled loop,
+and ``lax.while_loop`` only for a data-dependent loop, which has no reverse-mode gradient).
+
 A node whose inputs are all concrete (weights, shapes) is evaluated once at trace time
 (``jax.ensure_compile_time_eval``), so shape arithmetic stays static under ``jit`` and dequantized
 weights become constants of the compiled program (except integer mode's weight-only weights).
@@ -40,6 +44,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qinject.backends import (
+    jax_control_flow,
     jax_integer,
     jax_modes,
     jax_ops_nn,  # noqa: F401  (registers the neural-network ops into ONNX_OPS)
@@ -104,25 +109,30 @@ class Program:
         self.model, self.mode, self.graph = model, mode, model.graph
         self.inputs = [v.name for v in self.graph.inputs]
         self.outputs = list(self.graph.outputs)
-        self.constants = {name: v.const_value.numpy() for name, v in self.graph.initializers.items()
-                          if v.const_value is not None}
+        # Bodies' own initializers too: they are read by name like the main graph's (``run_body``).
+        self.constants = {name: v.const_value.numpy() for g in (self.graph, *self.graph.subgraphs())
+                          for name, v in g.initializers.items() if v.const_value is not None}
         self.nodes = list(self.graph)
-        missing = sorted({n.op_type for n in self.nodes if n.domain in _ONNX_DOMAINS and n.op_type not in ONNX_OPS
-                          and n.op_type not in _BUILTIN})
+        every = list(self.graph.all_nodes())  # with those of If/Loop/Scan bodies, at any depth
+        missing = sorted({n.op_type for n in every if n.domain in _ONNX_DOMAINS and n.op_type not in ONNX_OPS
+                          and n.op_type not in _BUILTIN and n.op_type not in jax_control_flow.CONTROL_FLOW_OPS})
         if missing:
             raise UnsupportedModelError(f"the JAX backend has no lowering for ONNX op(s) {missing}")
-        other = sorted({f"{n.domain}::{n.op_type}" for n in self.nodes
+        other = sorted({f"{n.domain}::{n.op_type}" for n in every
                         if n.domain not in (*_ONNX_DOMAINS, op_facts.JAX)
                         and (n.domain, n.op_type) not in CONTRIB_OPS})
         if other:
             raise UnsupportedModelError(f"the JAX backend has no lowering for op(s) {other} of other domains")
-        for node in self.nodes:
+        for node in every:
             jax_modes.check(node)
         self.kernels = {}  # node name -> its integer kernel (integer mode)
         self.run_time_dequantize: set[int] = set()  # ids of weight-only DequantizeLinear nodes (integer mode)
+        # Loops the last trace lowered to lax.while_loop (a data-dependent trip count or condition): no
+        # reverse-mode gradient through them (qinject.backends.jax_control_flow).
+        self.forward_only: list[str] = []
         if mode == "integer":
-            self.kernels = {n.name: k for n in self.nodes if (k := jax_integer.plan_for(n)) is not None}
-            self.run_time_dequantize = {id(n) for n in self.nodes if jax_modes.dequantizes_at_run_time(n)}
+            self.kernels = {n.name: k for n in every if (k := jax_integer.plan_for(n)) is not None}
+            self.run_time_dequantize = {id(n) for n in every if jax_modes.dequantizes_at_run_time(n)}
 
     def run(self, constants: dict[str, Any], inputs: Sequence[Any], fetch: Sequence[str] = ()) -> list[Any]:
         """Compute the graph outputs (then the values named in ``fetch``) for positional ``inputs``."""
@@ -132,16 +142,33 @@ class Program:
         for value, array in zip(self.graph.inputs, inputs):
             _check_shape(value, array)
             env[value.name] = array
-        for node in self.nodes:
+        self.forward_only = []
+        self._execute(self.nodes, env)
+        results = [_as_declared(env[v.name], v) for v in self.outputs]
+        return results + [env[name] for name in fetch]
+
+    def run_body(self, graph: ir.Graph, outer: dict[str, Any], inputs: Sequence[Any]) -> list[Any]:
+        """The outputs of an If/Loop/Scan body for its positional ``inputs``; its nodes read the values of
+        the enclosing scopes (``outer``) by name, as ONNX bodies do."""
+        env = dict(outer)
+        for value, array in zip(graph.inputs, inputs):
+            env[value.name] = array
+        self._execute(list(graph), env)
+        return [env[v.name] for v in graph.outputs]
+
+    def _execute(self, nodes: list[ir.Node], env: dict[str, Any]) -> None:
+        for node in nodes:
             args = [None if v is None else env[v.name] for v in node.inputs]
             outs = self._evaluate(node, args, env)
             for value, out in zip(node.outputs, outs):
                 env[value.name] = out
-        results = [_as_declared(env[v.name], v) for v in self.outputs]
-        return results + [env[name] for name in fetch]
 
     # -- nodes -----------------------------------------------------------------------------------------
     def _evaluate(self, node: ir.Node, args: list[Any], env: dict[str, Any]) -> list[Any]:
+        if node.op_type in jax_control_flow.CONTROL_FLOW_OPS and node.domain in _ONNX_DOMAINS:
+            # Not evaluated whole at trace time: its bodies may read traced outer values; their
+            # nodes are, one by one, where their own inputs are concrete.
+            return jax_control_flow.run(node, args, env, self.run_body, self.forward_only)
         if all(not isinstance(a, jax.core.Tracer) for a in args) and id(node) not in self.run_time_dequantize:
             with jax.ensure_compile_time_eval():
                 return self._dispatch(node, args, env)

@@ -84,6 +84,8 @@ def plan_for(node: ir.Node) -> Kernel | None:
     """The integer kernel of ``node``, or None if it cannot run on integers."""
     if not op_facts.fact(node).quantizable or len(node.inputs) < 2:
         return None
+    if any(v is None or v.shape is None for v in (*node.inputs[:2], node.outputs[0])):
+        return None  # the kernels lay out their axes by rank (a body value may have none inferred): float
     lhs, rhs = _operand(node, 0), _operand(node, 1)
     if lhs is None or rhs is None:
         return None
