@@ -303,6 +303,7 @@ class Spec:
     bounds: dict[str, tuple[int, int]] = field(default_factory=dict)  # dynamo Dim min/max
     dynamo_build: Callable[[], Any] | None = None  # a different module for dynamo (torch.cond)
     notes: dict[str, str] = field(default_factory=dict)  # exporter -> note for the manifest
+    extra: dict[str, Any] = field(default_factory=dict)  # more manifest keys (feed_sequences, ...)
 
 
 def _seed(seed: int = GLOBAL_SEED) -> None:
@@ -353,19 +354,19 @@ VOCAB = 1000
 MAX_POS = 128
 
 
-def _hf_text_inputs(token_types: bool = False) -> list[dict[str, Any]]:
+def _hf_text_inputs(token_types: bool = False, vocab: int = VOCAB) -> list[dict[str, Any]]:
     axes = {0: "batch", 1: "sequence"}
-    inputs = [{"name": "input_ids", "kind": "tokens", "vocab_size": VOCAB, "axes": axes},
+    inputs = [{"name": "input_ids", "kind": "tokens", "vocab_size": vocab, "axes": axes},
               {"name": "attention_mask", "kind": "mask", "axes": axes}]
     if token_types:
         inputs.append({"name": "token_type_ids", "kind": "token_type", "axes": axes})
     return inputs
 
 
-def _text_args(token_types: bool = False):
+def _text_args(token_types: bool = False, vocab: int = VOCAB):
     import torch
     g = torch.Generator().manual_seed(GLOBAL_SEED)
-    ids = torch.randint(0, VOCAB, (2, 8), generator=g)
+    ids = torch.randint(0, vocab, (2, 8), generator=g)
     args = (ids, torch.ones(2, 8, dtype=torch.int64))
     return args + (torch.zeros(2, 8, dtype=torch.int64),) if token_types else args
 
@@ -400,6 +401,51 @@ def hf_bert() -> Spec:
                             f"intermediate 128, vocab {VOCAB}, 2 labels), random init",
                 realistic_inputs=TEXT_REALISTIC + "; token_type_ids int64 zeros (ones for a second segment)",
                 bounds={"sequence": (2, MAX_POS)})
+
+
+BERT_BASE_VOCAB = 30522   # bert-base-uncased's WordPiece vocabulary
+BERT_BASE_MAX_POS = 512
+
+
+def hf_bert_base() -> Spec:
+    """A BERT-base-size encoder (110M parameters), the size at which quantization pays on a CPU.
+
+    The small exports above run in well under a millisecond, where fixed per-kernel costs outweigh
+    the arithmetic; this one is what users deploy (12 layers, hidden 768, 128 tokens)."""
+    def build():
+        import torch
+        from transformers import BertConfig, BertModel
+        _seed()
+        cfg = BertConfig(vocab_size=BERT_BASE_VOCAB, hidden_size=768, num_hidden_layers=12,
+                         num_attention_heads=12, intermediate_size=3072,
+                         max_position_embeddings=BERT_BASE_MAX_POS)
+        model = BertModel(cfg, add_pooling_layer=False).eval()
+
+        class Wrap(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids).last_hidden_state
+        return Wrap().eval(), _text_args(True, BERT_BASE_VOCAB)
+
+    return Spec(key="bert_base", source="transformers", task="encoder", build=build,
+                inputs=_hf_text_inputs(True, BERT_BASE_VOCAB), outputs=["last_hidden_state"],
+                output_axes={"last_hidden_state": {0: "batch", 1: "sequence"}},
+                defaults={"batch": 1, "sequence": 128}, alternates={"batch": 2, "sequence": 16},
+                description="BertModel (no pooler) from BertConfig(hidden 768, 12 layers, 12 heads, "
+                            f"intermediate 3072, vocab {BERT_BASE_VOCAB}, {BERT_BASE_MAX_POS} "
+                            "positions): bert-base-uncased's size, random init; output "
+                            "last_hidden_state [batch, sequence, 768]",
+                realistic_inputs=(f"int64 token ids in [0, {BERT_BASE_VOCAB}), attention_mask int64 "
+                                  "ones (0 for padding), token_type_ids 0/1 for a sentence pair, "
+                                  f"sequence length 1..{BERT_BASE_MAX_POS}; deployed at 128 tokens"),
+                bounds={"sequence": (2, BERT_BASE_MAX_POS)},
+                # The corpus feeds 128-token sentence pairs (the deployed length) rather than the
+                # 12..48 tokens of the toy exports, so latency is measured where it matters.
+                extra={"feed_sequences": {"calibration": [128, 96, 112], "evaluation": [128, 104, 120]}})
 
 
 def hf_distilbert() -> Spec:
@@ -718,7 +764,7 @@ def all_specs() -> list[Spec]:
     convnets = ["resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny",
                 "shufflenet_v2_x1_0"]
     return ([torchvision_spec(k) for k in convnets] + [torchvision_spec("vit_b_16", vit=True)]
-            + [hf_bert(), hf_distilbert(), hf_gpt2(), hf_vit(), hf_whisper_encoder()]
+            + [hf_bert(), hf_bert_base(), hf_distilbert(), hf_gpt2(), hf_vit(), hf_whisper_encoder()]
             + [if_conv_spec(), loop_spec(), lstm_spec(), gru_spec()])
 
 
@@ -742,6 +788,7 @@ def export_one(spec: Spec, exporter: str, out_dir: Path) -> dict[str, Any]:
     name = f"{spec.source}_{spec.key}_{exporter}"
     entry = base_entry(name, spec.source, exporter, spec.key, spec.task, spec.description,
                        spec.realistic_inputs, spec.defaults, spec.alternates)
+    entry.update(spec.extra)
     input_names = [i["name"] for i in spec.inputs]
     t0 = time.time()
     try:

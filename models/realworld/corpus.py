@@ -25,8 +25,10 @@ Inputs (every feed is batch 1 unless said otherwise; feed 0 of every split is ba
   and 160x192 for the torchvision convnets); every third feed has batch 2 where batch is symbolic.
 * token exports: real English words (stdlib docstrings, ``text_render.corpus``) hashed (crc32)
   into the vocabulary (ids 0-3 reserved: pad, CLS, SEP, unused); sequence lengths cycle
-  12, 24, 40 (eval: 16, 32, 48); every third feed is batch 2 with the shorter row padded (id 0,
-  attention mask 0). BERT gets a sentence pair ([CLS] a [SEP] b [SEP], token types 0/1).
+  12, 24, 40 (eval: 16, 32, 48), or the manifest's ``feed_sequences`` (the BERT-base-size encoder:
+  128, 96, 112; eval 128, 104, 120: the deployed length); every third feed is batch 2 with the
+  shorter row padded (id 0, attention mask 0). BERT gets a sentence pair ([CLS] a [SEP] b [SEP],
+  token types 0/1).
 * whisper encoder: log-mel features (Whisper's log10 / clamp max-8 / (x+4)/4) of synthetic sounds:
   voice-like harmonic tones with vibrato, chirps, noise bursts, silences, 16 kHz, 400-point STFT,
   hop 160, 80 mel bands.
@@ -312,7 +314,8 @@ def _export_make(name: str) -> Callable[[str, int, int], list[dict[str, np.ndarr
         named_axes = {v for s in specs for v in s.get("axes", {}).values()}
         batches = _batches(n, "batch" in named_axes)
         heights, widths = _sizes(entry, "height"), _sizes(entry, "width")
-        seq_cycle = (12, 24, 40) if split == "calibration" else (16, 32, 48)
+        seq_cycle = entry.get("feed_sequences", {}).get(split) or ((12, 24, 40) if split == "calibration"
+                                                                   else (16, 32, 48))
         feeds = []
         for i in range(n):
             b = batches[i]
@@ -418,13 +421,17 @@ def model_inputs(feed: dict[str, np.ndarray], names: Sequence[str]) -> dict[str,
     return {k: v for k, v in feed.items() if k in names}
 
 
-def session(model_or_path: onnx.ModelProto | str | Path, threads: int | None = None):
+def session(model_or_path: onnx.ModelProto | str | Path, threads: int | None = None, quiet: bool = False):
+    """An onnxruntime CPU session; ``quiet``: idle worker threads sleep instead of spinning (for
+    timing several sessions in turn on a shared machine, where spinning ones slow the next)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if quiet:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 

@@ -35,10 +35,10 @@ BARS = {"classifier": ("top1_agreement", 0.99), "encoder": ("cos_mean", 0.99), "
         "layout": ("det_recall", 0.9), "generic": ("sqnr_db_min", 20.0)}
 
 
-# Full-size torchvision nets by their second exporter run with -m long (about a minute each on two
-# cores): the same net by the other exporter runs in the default suite.
+# Full-size nets by their second exporter run with -m long (about half a minute to a minute each on
+# two cores): the same net by the other exporter runs in the default suite.
 LONG_ONLY = frozenset({"torchvision_vit_b_16_torchscript", "torchvision_convnext_tiny_torchscript",
-                       "torchvision_resnet50_torchscript"})
+                       "torchvision_resnet50_torchscript", "transformers_bert_base_torchscript"})
 # Searched within --max-drop 1% in the default suite: one of each kind that searches in seconds. The
 # search measures on the evaluation files of one input shape and one value of a scalar input: an If
 # model's search judges the branch that value takes (the other branch's nodes are not measured), which
