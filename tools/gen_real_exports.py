@@ -375,24 +375,30 @@ TEXT_REALISTIC = (f"int64 token ids in [0, {VOCAB}) (vocab {VOCAB}), attention_m
                   f"(0 for padding), sequence length 1..{MAX_POS}")
 
 
+def _bert_wrapper(model, output: str):
+    """``model`` called with the three BERT inputs by position (how the exporters pass them),
+    returning its output ``output`` alone."""
+    import torch  # the generator's own environment has torch; importing this file must not need it
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return getattr(out, output)
+    return Wrap().eval()
+
+
 def hf_bert() -> Spec:
     def build():
-        import torch
         from transformers import BertConfig, BertForSequenceClassification
         _seed()
         cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=128, max_position_embeddings=MAX_POS, num_labels=2)
         model = BertForSequenceClassification(cfg).eval()
-
-        class Wrap(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, input_ids, attention_mask, token_type_ids):
-                return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                  token_type_ids=token_type_ids).logits
-        return Wrap().eval(), _text_args(True)
+        return _bert_wrapper(model, "logits"), _text_args(True)
 
     return Spec(key="bert", source="transformers", task="classifier", build=build,
                 inputs=_hf_text_inputs(True), outputs=["logits"], output_axes={"logits": {0: "batch"}},
@@ -413,23 +419,13 @@ def hf_bert_base() -> Spec:
     The small exports above run in well under a millisecond, where fixed per-kernel costs outweigh
     the arithmetic; this one is what users deploy (12 layers, hidden 768, 128 tokens)."""
     def build():
-        import torch
         from transformers import BertConfig, BertModel
         _seed()
         cfg = BertConfig(vocab_size=BERT_BASE_VOCAB, hidden_size=768, num_hidden_layers=12,
                          num_attention_heads=12, intermediate_size=3072,
                          max_position_embeddings=BERT_BASE_MAX_POS)
         model = BertModel(cfg, add_pooling_layer=False).eval()
-
-        class Wrap(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
-
-            def forward(self, input_ids, attention_mask, token_type_ids):
-                return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                  token_type_ids=token_type_ids).last_hidden_state
-        return Wrap().eval(), _text_args(True, BERT_BASE_VOCAB)
+        return _bert_wrapper(model, "last_hidden_state"), _text_args(True, BERT_BASE_VOCAB)
 
     return Spec(key="bert_base", source="transformers", task="encoder", build=build,
                 inputs=_hf_text_inputs(True, BERT_BASE_VOCAB), outputs=["last_hidden_state"],
