@@ -164,13 +164,17 @@ def _relocate_external_data(model_path: Path, final_location: str) -> None:
 
 
 def session_options(threads: int | None = None, optimized_path: str | None = None,
-                    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                    ) -> ort.SessionOptions:
+                    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                    spinning: bool = True) -> ort.SessionOptions:
+    """``spinning=False`` for timing: idle worker threads that spin fight for the cores with
+    whatever else runs on the machine, the next session timed included."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     return opts

@@ -94,9 +94,7 @@ def interleaved_latency(models: Sequence[Model], feeds: dict[str, np.ndarray], b
 
 def quiet_session_options() -> ort.SessionOptions:
     """Options for timing beside other sessions: the default threads, idle workers that sleep."""
-    opts = onnx_backend.session_options()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
+    return onnx_backend.session_options(spinning=False)
 
 
 def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -107,6 +105,5 @@ def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
 
 
-__all__ = ["INTEGER_KERNELS", "compare_latency", "fused_kernels", "interleaved_latency", "latency_ms", "quiet_session_options", "predict",
-           "sqnr_db", "top1_accuracy",
-           "top1_agreement"]
+__all__ = ["INTEGER_KERNELS", "compare_latency", "fused_kernels", "interleaved_latency", "latency_ms", "predict",
+           "quiet_session_options", "sqnr_db", "top1_accuracy", "top1_agreement"]

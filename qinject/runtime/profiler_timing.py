@@ -157,9 +157,7 @@ def conversion_kernels(times: KernelTimes, op: str) -> list[str]:
 def session_options(profile_prefix: str | None = None, optimized_path: str | None = None) -> ort.SessionOptions:
     """onnxruntime CPU options of every profile and of the validation benchmark."""
 
-    opts = onnx_backend.session_options(threads=THREADS, optimized_path=optimized_path)
-    # Spinning worker threads fight for the cores with anything else running on the machine.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts = onnx_backend.session_options(threads=THREADS, optimized_path=optimized_path, spinning=False)
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
