@@ -21,8 +21,9 @@ same float file and the same calibration feeds:
 Each tool runs in its own process with a time limit (a failure or time-out is recorded, never fatal). Then
 one process per case loads the float model and every quantized model, measures fidelity on the evaluation
 feeds (``Case.fidelity``) and latency (onnxruntime CPU, intra_op_num_threads=2, batch 1 = evaluation feed
-0, median of >= 20 runs after warm-up, no spinning, the sessions interleaved round by round, each round
-starting one model later) and file size (external
+0, median of the runs of about ``--latency-s`` seconds per case after warm-up, no spinning, the sessions
+interleaved round by round, each round starting one model later, with a 95% interval of each ratio by
+resampling the rounds) and file size (external
 data included). Each qinject run prints its estimate on its target ("estimated latency on local-cpu: X ms vs
 float Y ms"): X / Y is set beside the measured ratio, and a summary counts the written models whose estimate
 is within 25% of the measured ratio and on the same side of 1.0. Results go to stdout, to
@@ -62,6 +63,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_common import machine, source_state, write_section  # noqa: E402
 
 SECTION = "bench_realworld"
+MAX_ROUNDS = 3000  # thousands of rounds steady a sub-millisecond model's median; more adds nothing
 HEADING = "## Real-model corpus and light zoo vs onnxruntime's quantizers, and qinject's latency estimates"
 TOOLS = ["ort_static", "ort_dynamic", "ort_nbits", "qinject", "qinject_auto", "qinject_1pct"]
 THREADS = 2
@@ -316,7 +318,7 @@ def run_tool(cmd: list[str], timeout: float, log: Path) -> dict:
 
 # --------------------------------------------------------------------------- measuring (one process per case)
 
-def measure_child(case_name: str, work: str, rounds: int, runs_per_round: int, exports_rev: str) -> None:
+def measure_child(case_name: str, work: str, latency_s: float, min_rounds: int, exports_rev: str) -> None:
     """Hidden sub-command: fidelity and latency of fp32 and every quantized model of one case."""
     from models.realworld import corpus
 
@@ -361,20 +363,37 @@ def measure_child(case_name: str, work: str, rounds: int, runs_per_round: int, e
         # order favoured the model timed right after fp32 (ort_static: SqueezeNet 0.20x, qinject 0.47x;
         # without spinning both 0.42x).
         order = list(sessions)
+        inputs = {k: corpus.model_inputs(feed0, names[k]) for k in order}
+        one = {}
+        for k in order:  # the time one run takes sizes the number of rounds
+            t0 = time.perf_counter()
+            sessions[k].run(None, inputs[k])
+            one[k] = time.perf_counter() - t0
+        rounds = int(min(MAX_ROUNDS, max(min_rounds, latency_s / max(sum(one.values()), 1e-6))))
         for r in range(rounds):
             for k in order[r % len(order):] + order[:r % len(order)]:
-                s = sessions[k]
-                f = corpus.model_inputs(feed0, names[k])
-                for _ in range(runs_per_round):
-                    t0 = time.perf_counter()
-                    s.run(None, f)
-                    times[k].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                sessions[k].run(None, inputs[k])
+                times[k].append(time.perf_counter() - t0)
         for k, v in times.items():
             result[k]["latency_ms"] = float(np.median(v)) * 1e3
             result[k]["latency_min_ms"] = float(np.min(v)) * 1e3  # spread of the runs, for judging noise
             result[k]["latency_p25_p75_ms"] = [float(x) * 1e3 for x in np.percentile(v, [25, 75])]
             result[k]["latency_runs"] = len(v)
+            if k != "fp32" and "fp32" in times:
+                result[k]["ratio_ci95"] = ratio_interval(times["fp32"], v)
     print(json.dumps(result, default=float))
+
+
+def ratio_interval(float_runs: list[float], runs: list[float], draws: int = 2000) -> list[float]:
+    """95% interval of the ratio of medians (``runs`` over ``float_runs``), by resampling the rounds:
+    the runs of one round were made back to back, so a round is resampled whole (the drift of a shared
+    machine hits both alike)."""
+    pairs = np.array([float_runs, runs])
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, pairs.shape[1], size=(draws, pairs.shape[1]))
+    ratios = np.median(pairs[1][picks], axis=1) / np.median(pairs[0][picks], axis=1)
+    return [float(x) for x in np.percentile(ratios, [2.5, 97.5])]
 
 
 # --------------------------------------------------------------------------- one case
@@ -414,7 +433,7 @@ def bench_case(name: str, args, root: Path) -> dict:
         est = f", estimate {res['est_ratio']:.2f}x" if "est_ratio" in res else ""
         print(f"  {tool}: {res.get('error') or res.get('nothing') or 'ok'}{est} ({res['seconds']:.1f} s)", flush=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "_measure", name, str(work),
-           str(args.rounds), str(args.runs_per_round), args.exports_rev or ""]
+           str(args.latency_s), str(args.min_rounds), args.exports_rev or ""]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout * 2,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=str(ROOT))
@@ -540,6 +559,31 @@ def estimate_lines(records: list[dict], tools: list[str]) -> list[str]:
     return lines
 
 
+def slower_lines(records: list[dict], tools: list[str]) -> list[str]:
+    """The qinject outputs measured slower than fp32, and which of them are slower beyond the noise
+    (the ratio's 95% interval above 1.0)."""
+    slower, beyond = [], []
+    written = 0
+    for rec in records:
+        m = rec.get("measure", {})
+        for tool in (t for t in tools if t.startswith("qinject")):
+            q, fp = m.get(tool, {}), m.get("fp32", {})
+            if not q.get("latency_ms") or not fp.get("latency_ms") or "run_error" in q:
+                continue
+            written += 1
+            ratio, ci = q["latency_ms"] / fp["latency_ms"], q.get("ratio_ci95")
+            if ratio > 1.0:
+                where = f"{rec['case']} / {tool} {ratio:.2f}×" + (f" [{ci[0]:.2f}–{ci[1]:.2f}]" if ci else "")
+                slower.append(where)
+                if ci and ci[0] > 1.0:
+                    beyond.append(where)
+    if not written:
+        return []
+    return ["", f"Never slower than float: {len(slower)} of {written} written qinject outputs measured above "
+            f"1.0× ({', '.join(slower) or 'none'}); {len(beyond)} of them beyond the noise, their 95% interval "
+            f"above 1.0 ({', '.join(beyond) or 'none'})."]
+
+
 def render(records: list[dict], args, started: str, elapsed: float) -> str:
     import onnxruntime as ort
 
@@ -567,9 +611,10 @@ def render(records: list[dict], args, started: str, elapsed: float) -> str:
              "agreement (accuracy vs labels where known), detectors/layout the share of fp32 detections (after the "
              "package's own post-processing) matched by a same-class quantized detection with IoU >= 0.5, encoders "
              "cosine per token, otherwise the lowest output SQNR. Latency ratio = quantized / fp32 (onnxruntime CPU, "
-             f"intra_op_num_threads={THREADS}, no spinning, batch 1, median of {args.rounds * args.runs_per_round} "
-             f"runs after warm-up, all models of a case measured in one process, interleaved, each round starting "
-             f"one model later); qinject's columns also give "
+             f"intra_op_num_threads={THREADS}, no spinning, batch 1, median of the runs of about {args.latency_s:.0f} s "
+             f"per case ({args.min_rounds} to {MAX_ROUNDS} rounds) after warm-up, all models of a case measured in "
+             "one process, interleaved, each round one run of each model, starting one model later; the details "
+             "give the 95% interval of each ratio, resampling the rounds); qinject's columns also give "
              "its own estimate of that ratio (est). File sizes include external data. "
              f"Tool time limit {args.timeout:.0f} s.",
              "", "Latency ratio (lower is faster), key fidelity and file size, side by side:", "",
@@ -595,6 +640,7 @@ def render(records: list[dict], args, started: str, elapsed: float) -> str:
                 est_t = f" (est {est:.2f})" if est is not None else ""
                 cells.append(f"{ratio}×{est_t} · {key_metric(rec['task'], f)} · {float(size):.1f} MB")
         lines.append(f"| {rec['case']} | {rec['task']} | {fp_ms} · {fp_mb} | " + " | ".join(cells) + " |")
+    lines += slower_lines(records, args.tools)
     lines += estimate_lines(records, args.tools)
     lines += ["", "Details:", "",
               "| case | tool | runs | fidelity vs fp32 | latency ratio | est. ratio | size MB | tool s |",
@@ -610,6 +656,8 @@ def render(records: list[dict], args, started: str, elapsed: float) -> str:
                      + f" | {_short(rec.get('evaluation', ''), 120)} | 1.00 | | {size} | |")
         for tool in args.tools:
             runs, fidelity, ratio, size, secs = tool_cell(rec, tool)
+            ci = rec.get("measure", {}).get(tool, {}).get("ratio_ci95")
+            ratio += f" [{ci[0]:.2f}–{ci[1]:.2f}]" if ci and ratio != "–" else ""
             est = rec["tools"].get(tool, {}).get("est_ratio")
             est_t = f"{est:.2f}" if est is not None else ""
             lines.append(f"| {rec['case']} | {tool} | {runs} | {fidelity} | {ratio} | {est_t} | {size} | {secs} |")
@@ -634,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         ort_child(*argv[1:5])
         return 0
     if argv and argv[0] == "_measure":
-        measure_child(argv[1], argv[2], int(argv[3]), int(argv[4]), argv[5] if len(argv) > 5 else "")
+        measure_child(argv[1], argv[2], float(argv[3]), int(argv[4]), argv[5] if len(argv) > 5 else "")
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", help="comma-separated case names; 'corpus' and 'light' name those sets "
@@ -642,15 +690,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="4 calibration and 6 evaluation feeds")
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {TOOLS}")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per tool run")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--runs-per-round", type=int, default=5)
+    ap.add_argument("--latency-s", type=float, default=12.0,
+                    help="seconds of timing per case, all its models together (default 12)")
+    ap.add_argument("--min-rounds", type=int, default=20, help="rounds (one run of each model) at least")
     ap.add_argument("--workdir", type=Path, help="keep the files here (default: a temporary folder)")
     ap.add_argument("--exports-rev", help="use the exports committed at this git revision")
     ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     args = ap.parse_args(argv)
     args.tools = [t for t in args.tools.split(",") if t]
-    if args.rounds * args.runs_per_round < 20:
-        ap.error("at least 20 latency runs (rounds x runs-per-round)")
+    if args.min_rounds < 20:
+        ap.error("at least 20 latency rounds (--min-rounds)")
     root = (args.workdir or Path(tempfile.mkdtemp(prefix="bench_realworld_"))).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if args.exports_rev:

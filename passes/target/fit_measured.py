@@ -9,7 +9,9 @@ model on the calibration sample, interleaved (``qinject.runtime.measure``). Unle
 more than the timing noise (``MIN_GAIN``), plans keeping only the nodes the estimate credits most
 (all again, half, a quarter, ..., one) are timed together with the float model, and the fastest one
 is kept if it beats float by that margin; if none does, every node stays float (and quantize says
-nothing was quantized). Each floated node gets a note; the kept plan is stored in
+nothing was quantized). A plan that wins is timed once more in fresh sessions and kept only if it
+wins again: timings minutes apart differ by more than the margin on sub-millisecond models, and the
+fastest of several candidates is also the luckiest. Each floated node gets a note; the kept plan is stored in
 ``qinject.core.ir.CHOSEN_PLAN`` and the timing in ``MEASURED_LATENCY`` for the report.
 """
 
@@ -67,7 +69,7 @@ class FitMeasured(Pass):
         if feed is None or not chosen:
             return PassResult(model, False)
         try:
-            float_ms, full_ms = interleaved_latency([model, self._rewrite(model, plan)], feed, self.budget_s)
+            float_ms, full_ms = self._confirmed(model, self._rewrite(model, plan), feed)
         except QinjectError as exc:  # a timing never stops a quantization: the rewrite runs it again
             warnings.warn(f"measuring the rewrite on this machine skipped: {exc}", QinjectWarning, stacklevel=2)
             return PassResult(model, False)
@@ -82,18 +84,30 @@ class FitMeasured(Pass):
             candidates = [_keeping(plan, pinned + ranked[:k], chosen) for k in sizes]
             times = interleaved_latency([model, *(self._rewrite(model, p) for p in candidates)], feed,
                                         self.budget_s)
-            tried = 1 + len(candidates)
+            tried += len(candidates)
             best = min(range(len(candidates)), key=lambda i: times[1 + i])
+            kept, float_ms, kept_ms = pinned, times[0], times[-1] if pinned else times[0]
             if times[1 + best] < MIN_GAIN * times[0]:
-                kept, kept_ms = pinned + ranked[:sizes[best]], times[1 + best]
-            else:  # all float but what the plan or rules name (the last candidate, when there is any)
-                kept, kept_ms = pinned, times[-1] if pinned else times[0]
-            float_ms = times[0]
+                # the fastest of several is the luckiest too: kept only if it wins a timing of its own
+                again = interleaved_latency([model, self._rewrite(model, candidates[best])], feed, self.budget_s)
+                if again[1] < MIN_GAIN * again[0]:
+                    kept, (float_ms, kept_ms) = pinned + ranked[:sizes[best]], again
             plan = _keeping(plan, kept, chosen)
             self._note(model, sorted(set(chosen) - set(kept)), first_ratio, len(chosen))
         model.meta[qir.CHOSEN_PLAN] = plan
         model.meta[qir.MEASURED_LATENCY] = {"float_ms": float_ms, "quantized_ms": kept_ms, "tried": tried}
         return PassResult(model, False)
+
+    def _confirmed(self, model: ir.Model, rewrite: ir.Model, feed: dict) -> tuple[float, float]:
+        """Float's and the rewrite's time: a rewrite that beats float by the margin is timed again in
+        fresh sessions, and the slower of its two ratios stands (one sub-millisecond BERT export
+        measured 0.95x in one pair of sessions, 1.01x-1.06x in the next ones)."""
+        first = interleaved_latency([model, rewrite], feed, self.budget_s)
+        if first[1] >= MIN_GAIN * first[0]:
+            return first[0], first[1]
+        again = interleaved_latency([model, rewrite], feed, self.budget_s)
+        worse = max(first, again, key=lambda t: t[1] / t[0])
+        return worse[0], worse[1]
 
     def _rewrite(self, model: ir.Model, plan: Plan) -> ir.Model:
         variant = model.clone()

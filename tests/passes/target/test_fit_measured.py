@@ -46,11 +46,11 @@ def _names() -> list[str]:
     return [n.name for n in qir.quantizable_nodes(qinject.load_onnx(CNN / "model.onnx"))]
 
 
-def test_a_rewrite_faster_than_float_is_kept_whole_after_one_timing(tmp_path, monkeypatch):
+def test_a_rewrite_faster_than_float_is_kept_whole_after_two_timings(tmp_path, monkeypatch):
     clock = _clock({}, per_node=-0.01)
     monkeypatch.setattr(fit_measured, "interleaved_latency", clock)
     result = _quantize(tmp_path, force=False)
-    assert clock.seen == [2]  # float and the plan, once
+    assert clock.seen == [2, 2]  # float and the plan, then again in fresh sessions
     assert result.measured["tried"] == 1 and result.measured["quantized_ms"] < result.measured["float_ms"]
     assert result.quantized and not any("measured" in n for notes in result.notes.values() for n in notes)
 
@@ -68,7 +68,8 @@ def test_a_slower_rewrite_keeps_the_fastest_partial_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(fit_measured.FitMeasured, "_ranked",
                         lambda self, model, plan, names: [*(n for n in names if n != slow), slow])
     result = _quantize(tmp_path)
-    assert clock.seen == [2, 2 + len(fit_measured._halvings(len(chosen)))]  # the plan; float, it and its halvings
+    # the plan; float, it and its halvings; the winner alone against float again
+    assert clock.seen == [2, 2 + len(fit_measured._halvings(len(chosen))), 2]
     assert slow not in result.quantized
     assert len(result.quantized) == len(chosen) // 2  # the largest halving: it saves the most
     assert any("measured" in note and "--force" in note for note in result.notes[slow])
@@ -152,3 +153,39 @@ def test_a_searched_plan_the_timing_floats_entirely_writes_nothing(tmp_path, mon
     with pytest.raises(UnsupportedModelError, match="nothing was quantized.*measured"):
         _quantize(tmp_path, search=search)
     assert not (tmp_path / "q.onnx").exists()
+
+
+def _flaky(first: list[float], then: float):
+    """A stand-in clock whose rewrites measure ``first[i]`` times float in the i-th timing, ``then``
+    after: a plan that wins one timing by luck."""
+    seen: list[int] = []
+
+    def timings(models, feeds, budget_s=2.0):
+        ratio = first[len(seen)] if len(seen) < len(first) else then
+        seen.append(len(models))
+        return [1.0, *([ratio] * (len(models) - 1))]
+
+    timings.seen = seen
+    return timings
+
+
+def test_a_plan_that_wins_one_timing_and_loses_the_next_is_not_kept(tmp_path, monkeypatch):
+    # whole plan: 0.90x, then 1.02x in fresh sessions; every candidate 1.02x from then on
+    clock = _flaky([0.90], then=1.02)
+    monkeypatch.setattr(fit_measured, "interleaved_latency", clock)
+    with pytest.raises(UnsupportedModelError, match=r"nothing was quantized.*measured 1\.02x"):
+        _quantize(tmp_path)
+    assert clock.seen[:2] == [2, 2] and len(clock.seen) == 3  # the plan twice, then the candidates
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_the_fastest_candidate_is_kept_only_if_it_wins_its_own_timing(tmp_path, monkeypatch):
+    chosen_ratio = [1.05, 0.90, 1.05]  # the plan; its candidates (the best at 0.90x); the best alone
+    monkeypatch.setattr(fit_measured, "interleaved_latency", _flaky(chosen_ratio, then=1.05))
+    with pytest.raises(UnsupportedModelError, match="nothing was quantized"):
+        _quantize(tmp_path)
+    clock = _flaky([1.05, 0.90, 0.90], then=1.05)
+    monkeypatch.setattr(fit_measured, "interleaved_latency", clock)
+    result = _quantize(tmp_path)
+    assert result.quantized and result.measured == {"float_ms": 1.0, "quantized_ms": 0.90,
+                                                    "tried": 1 + clock.seen[1] - 1}
