@@ -21,9 +21,16 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """The model as ONNX, its 4-bit activation Q/DQ pairs in the form onnxruntime loads
-    (``onnx_narrow``: Clip -> 8-bit Q/DQ, the same numbers)."""
+    (``onnx_narrow``: Clip -> 8-bit Q/DQ, the same numbers), annotated with no more intermediate
+    shapes than its source file was (``qinject.ir.ANNOTATED_VALUES``), so that onnxruntime fuses
+    the rewrite as it fuses the float model."""
     proto = ir.serde.serialize_model(model)
     widen_four_bit_activations(proto)
+    annotated = model.graph.meta.get(qir.ANNOTATED_VALUES)
+    if annotated is not None:
+        kept = [info for info in proto.graph.value_info if info.name in annotated]
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(kept)
     inputs = {i.name for i in proto.graph.input}
     if proto.ir_version < 4 and any(t.name not in inputs for t in proto.graph.initializer):
         # Before IR version 4 every initializer had to be a graph input too; folding constants

@@ -37,6 +37,12 @@ MEASURED_LATENCY = "qinject.measured.latency"
 # the shapes it saw (leading dim left symbolic); ``--shape`` sets them explicitly (SHAPES_GIVEN).
 INPUT_SHAPES = "qinject.input_shapes"
 SHAPES_GIVEN = "qinject.input_shapes.given"
+# On the main graph (graph meta survives a clone; model meta does not): the names of the values the
+# source file annotated with a shape (its value_info). The ONNX backend writes shapes for these only:
+# shapes the frontend inferred beyond them change which fusions onnxruntime makes (a TorchScript
+# BERT-base whose file names no shapes gets no SkipLayerNormalization, 7x slower than Add +
+# LayerNormalization on onnxruntime 1.32's CPU, but got one per residual Add once qinject wrote them).
+ANNOTATED_VALUES = "qinject.source.annotated_values"
 # On the model: one small calibration feed (input name -> array) that the written model is run on once.
 SAMPLE_FEED = "qinject.calibration.sample_feed"
 # On jax-domain nodes (op_type = the primitive's name): the JaxEqn the JAX backend re-binds.
@@ -90,8 +96,8 @@ def _void_in_numpy(dtype: ir.DataType) -> bool:
 def round_trip(model: ir.Model, transform: Callable[[onnx.ModelProto], onnx.ModelProto]) -> ir.Model:
     """Apply a protobuf-level transform (version conversion, shape inference) without serialising
     the weights. Initializers come back as the very tensors they were (external data keeps its base
-    folder), and ``meta`` of nodes and values is carried over by name (protobuf has no place for it:
-    a jax node's equation, calibration statistics)."""
+    folder), and ``meta`` of nodes and values is carried over by name, the main graph's as it is
+    (protobuf has no place for it: a jax node's equation, calibration statistics)."""
     originals = {name: v.const_value for name, v in model.graph.initializers.items()}
     node_meta = {n.name: n.meta for n in model.graph if n.meta}
     value_meta = {v.name: v.meta for v in _values(model.graph) if v.meta}
@@ -105,6 +111,7 @@ def round_trip(model: ir.Model, transform: Callable[[onnx.ModelProto], onnx.Mode
         node.meta.update(node_meta.get(node.name, {}))
     for value in _values(new_model.graph):
         value.meta.update(value_meta.get(value.name, {}))
+    new_model.graph.meta.update(model.graph.meta)
     return new_model
 
 

@@ -57,12 +57,14 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> ir.Model:
         # re-serialises the weights.
         onnx.checker.check_model(str(source) if base_dir is not None else proto)
         _drop_initializers_from_inputs(proto)
+        annotated = frozenset(info.name for info in proto.graph.value_info)
         model = ir.serde.deserialize_model(proto)
         if base_dir is not None:
             ir.external_data.set_base_dir(model.graph, base_dir)
         _detach_from_proto(model)
         del proto
         model = qir.infer_shapes(model)
+        model.graph.meta[qir.ANNOTATED_VALUES] = annotated
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{label} is not a valid ONNX model: {first}") from None
