@@ -11,8 +11,9 @@ within 25% of the measured ratio and on the same side of 1.0 (issue #16's rule, 
 Usage:
     python tools/check_estimates.py torchvision_resnet50_dynamo nudenet --work /tmp/brw30 --out /tmp/chk
     python tools/check_estimates.py path/to/model.onnx --modes default --json /tmp/chk.json
-    python tools/check_estimates.py nudenet --work /tmp/brw30 --quantize-args "--profile"
+    python tools/check_estimates.py nudenet --work /tmp/brw30 --quantize-args=--profile
     python tools/check_estimates.py nudenet --out /tmp/after --earlier /tmp/before   # before/after a change
+    python tools/check_estimates.py nudenet --out /tmp/after --earlier /tmp/before --reuse   # time them again
 
 Set ``QINJECT_TARGETS`` to a scratch folder with ``--profile``: the profiled table is cached there, not in
 the user's own cache.
@@ -66,23 +67,27 @@ def locate(spec: str, work: Path) -> tuple[str, Path, Path, Path]:
 
 
 def check(name: str, model: Path, calib: Path, feed_file: Path, mode: str, out: Path, extra: list[str],
-          budget_s: float, timeout_s: float, earlier: Path | None = None) -> dict:
-    written = out / f"{name}_{mode}.onnx"
+          budget_s: float, timeout_s: float, earlier: Path | None = None, reuse: bool = False) -> dict:
+    written, log = out / f"{name}_{mode}.onnx", out / f"{name}_{mode}.log"
     plan = out / f"{name}_{mode}.plan.json"  # kept: the plan can be priced again without quantizing
     command = [str(QINJECT), "quantize", str(model), "-o", str(written), "--calib", str(calib), *MODES[mode],
                "--save-plan", str(plan), *extra]
     record = {"case": name, "mode": mode, "command": shlex.join(command)}
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return record | {"error": f"quantize timed out after {timeout_s:.0f} s"}
-    record["quantize_s"] = round(time.perf_counter() - start, 1)
-    (out / f"{name}_{mode}.log").write_text(done.stdout + "\n--- stderr\n" + done.stderr)
-    if done.returncode != 0 or not written.exists():
-        last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["(no output)"]
-        return record | {"error": last[0][:200]}
-    estimate = parse_estimate(done.stdout)
+    if reuse and written.exists() and log.exists():  # timed again, as written before
+        stdout = log.read_text()
+    else:
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return record | {"error": f"quantize timed out after {timeout_s:.0f} s"}
+        record["quantize_s"] = round(time.perf_counter() - start, 1)
+        log.write_text(done.stdout + "\n--- stderr\n" + done.stderr)
+        if done.returncode != 0 or not written.exists():
+            last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["(no output)"]
+            return record | {"error": last[0][:200]}
+        stdout = done.stdout
+    estimate = parse_estimate(stdout)
     if not estimate:
         return record | {"error": "no estimate line in quantize's output"}
     with np.load(feed_file) as data:
@@ -124,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=6.0, help="seconds of interleaved timing per model")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per quantize run")
     parser.add_argument("--json", type=Path, help="also write the records here")
+    parser.add_argument("--reuse", action="store_true",
+                        help="time the models already in --out again (their logs give the estimates), "
+                             "quantizing only the missing ones")
     parser.add_argument("--earlier", type=Path,
                         help="an earlier run's --out: its model of each case and mode is timed in the same "
                              "rounds and judged by the estimate it printed (before/after a change)")
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         name, model, calib, feed = locate(spec, args.work)
         for mode in modes:
             rec = check(name, model, calib, feed, mode, args.out, shlex.split(args.quantize_args),
-                        args.budget, args.timeout, args.earlier)
+                        args.budget, args.timeout, args.earlier, args.reuse)
             records.append(rec)
             if "error" in rec:
                 print(f"{name:<40} {mode:<8} {'-':>6} {'-':>6} {'-':>9}  ({rec['error']})", flush=True)
