@@ -14,6 +14,16 @@ size, ``latency = fixed + scale * work`` is fitted by least squares on the relat
 (float elementwise ops, mostly) take the fit pooled over every MAC-free op at their widths and mode.
 The estimate prices a shape the table lacks with it (``Fallback.price``), and says so in the node's
 ``source``. Deterministic: the fit reads the table only, never a clock.
+
+A line fitted on small kernels says nothing about large ones: the shipped table's int8 MatMul entries
+(at most 13 us of roofline work) run at 4-10x their work, a fixed cost the slope absorbs (5.1), and
+carried that slope to BERT's 768x3072 MatMuls (600 us of work), which priced a W8A8 BERT at 0.71x of
+float where it measures 0.40x. The table does hold one large measurement of those kernels: its
+roofline's peaks, timed on a ``PEAK_MATMUL`` MatMul in float and W8A8 (``qinject.profiler.fit_roofline``),
+run by definition at exactly their work. So the MatMul and Gemm fits at those two widths leave the
+fitted line at the group's largest entry and join the peak's point on a straight line, then grow
+with the work as the peak did (``Fit.__call__``): shapes the entries span keep their price, larger ones
+go to the measured peak.
 """
 
 from __future__ import annotations
@@ -24,24 +34,42 @@ from dataclasses import dataclass
 
 from qinject.core import op_facts
 from qinject.core.plan import STATIC
-from qinject.cost.latency_table import FLOAT_BITS, Entry, LatencyTable, Roofline
+from qinject.cost.latency_table import FLOAT_BITS, PEAK_MATMUL, Entry, LatencyTable, Roofline
 
 MIN_ENTRIES = 3  # a line through fewer points says nothing about its slope
 POOLED = "*"  # the fit over every MAC-free op of a width and mode
 CONVERSIONS = ("QuantizeLinear", "DequantizeLinear")
 MIN_SCALE = 0.05
+PEAK_OPS = ("MatMul", "Gemm")  # the kernel the roofline's peaks are timed on (a Gemm runs the same GEMM)
+PEAK_BITS = ((FLOAT_BITS, FLOAT_BITS), (8, 8))  # the widths they are timed at: fp32 and W8A8
 
 
 @dataclass(frozen=True)
 class Fit:
-    """``latency_us = fixed_us + scale * work_us`` for one group of entries."""
+    """``latency_us = fixed_us + scale * work_us`` for one group of entries, up to ``largest_us`` (the
+    group's largest entry's work) where a measured peak lies beyond it: from there a straight line to
+    the peak's point (``peak_us``, at which latency equals work), and beyond the peak the work itself."""
 
     fixed_us: float
     scale: float
     entries: int
+    largest_us: float = math.inf
+    peak_us: float = math.inf
 
     def __call__(self, work_us: float) -> float:
-        return self.fixed_us + self.scale * work_us
+        if work_us <= self.largest_us:
+            return self.fixed_us + self.scale * work_us
+        if work_us >= self.peak_us:
+            return work_us
+        edge = self.fixed_us + self.scale * self.largest_us
+        return edge + (self.peak_us - edge) * (work_us - self.largest_us) / (self.peak_us - self.largest_us)
+
+    def toward_peak(self, largest_us: float, peak_us: float) -> Fit:
+        """This fit, joined beyond ``largest_us`` to a peak measured at ``peak_us`` of work (unchanged
+        where the peak is not beyond the largest entry, or the line already costs more there)."""
+        if peak_us <= largest_us or self.fixed_us + self.scale * largest_us >= peak_us:
+            return self
+        return Fit(self.fixed_us, self.scale, self.entries, largest_us, peak_us)
 
 
 @dataclass(frozen=True)
@@ -88,8 +116,20 @@ def fit(table: LatencyTable) -> Fallback:
         free = key[0] in CONVERSIONS or key == (POOLED, FLOAT_BITS, FLOAT_BITS, STATIC)
         found = _least_squares(points) if free else _slope(points, fixed)
         if found is not None:
-            fits[key] = found
+            op, w_bits, a_bits, mode = key
+            peak = peak_work_us(table.roofline, w_bits, a_bits) if op in PEAK_OPS and mode == STATIC else None
+            fits[key] = found if peak is None else found.toward_peak(max(w for w, _ in points), peak)
     return Fallback(fits)
+
+
+def peak_work_us(roofline: Roofline, weight_bits: int, activation_bits: int) -> float | None:
+    """The roofline work of the MatMul its peaks were timed on, at widths they were timed at (None
+    at others: 16-bit and W4A8 run as dequantize + float, which no peak measured)."""
+    if (weight_bits, activation_bits) not in PEAK_BITS:
+        return None
+    m, k, n = PEAK_MATMUL
+    peak = Entry("MatMul", f"{m}x{k};{k}x{n}->{m}x{n}", weight_bits, activation_bits, 1.0)
+    return entry_work_us(peak, roofline)
 
 
 def _slope(points: list[tuple[float, float]], fixed: float) -> Fit | None:

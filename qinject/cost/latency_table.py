@@ -43,6 +43,9 @@ KINDS = ("measured", "analytic")
 PRECISIONS = ("fp32", "fp16", "int16", "int8", "int4")
 FLOAT_BITS = 32
 BUILTIN_DIR = Path(__file__).resolve().parent / "targets"
+# (m, k, n) of the MatMul a measured table's roofline peaks are timed on (``qinject.profiler.fit_roofline``):
+# the cost module's fallback knows that size as a measurement of the table's own kernels.
+PEAK_MATMUL = (256, 1024, 1024)
 
 
 class LatencyTableError(QinjectError):

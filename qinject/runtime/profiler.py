@@ -69,7 +69,7 @@ from qinject.core.errors import QinjectError
 from qinject.core.pass_manager import PassManager
 from qinject.core.plan import DYNAMIC, MODES, STATIC, WEIGHT_ONLY, NodeQuant, Plan
 from qinject.core.quant_points import activation_points, output_point
-from qinject.cost.latency_table import FLOAT_BITS, Entry, LatencyTable, Roofline
+from qinject.cost.latency_table import FLOAT_BITS, PEAK_MATMUL, Entry, LatencyTable, Roofline
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.passes.transforms import prepare
 from qinject.runtime import profiler_models as pm
@@ -438,7 +438,7 @@ def fit_roofline(warmup: int = 3, repeats: int = 15) -> Roofline:
     per-op overhead from a chain of one-element Adds (marginal costs, as for entries). 16-bit layers
     run as dequantize + float in onnxruntime (it has no int16 kernels), so fp16/int16 are left out and
     priced at fp32; W4A8 also runs in float, int4 is left out."""
-    m, k, n = 256, 1024, 1024
+    m, k, n = PEAK_MATMUL
     flops = 2.0 * m * k * n
     matmul = pm.matmul_model(m, k, n)
     peaks = {"fp32": flops / (_marginal(*matmul, None, warmup, repeats) * 1e-6),

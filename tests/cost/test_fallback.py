@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import pytest
 
+from qinject.app.api import estimate_latency
 from qinject.core import ir as qir
 from qinject.core import op_facts
 from qinject.cost import fallback
 from qinject.cost.estimate import FITTED, estimate
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.latency_table import Entry, LatencyTable, Roofline
-from qinject.plan import Plan
-from tests.builders import conv_net
+from qinject.plan import DYNAMIC, NodeQuant, Plan
+from tests.builders import conv_net, matmul_net
 
 ROOF = Roofline({"fp32": 1e11, "int8": 4e11}, 1e10, op_overhead_us=0.5)
 LAUNCH, ELEMENTWISE_SCALE = 1.5, 1.2  # what the float elementwise entries are made of
 QUANTIZE = (3.0, 2.0)  # fixed us, scale of the QuantizeLinear entries
 CONV_SCALE = 4.0  # int8 Conv entries: the launch cost plus 4x their roofline work
+MATMUL_SCALE = 5.0  # small MatMul entries (W8A8 and W16A16): the launch cost plus 5x their work
 
 
 def _entry(op: str, shape: str, w_bits: int, a_bits: int, fixed: float, scale: float) -> Entry:
@@ -77,3 +79,45 @@ def test_the_estimate_prices_missing_shapes_and_conversions_by_the_fits_with_a_l
     assert x.source == FITTED
     layout = LAUNCH + ELEMENTWISE_SCALE * layout_work
     assert x.latency_us == pytest.approx(QUANTIZE[0] + QUANTIZE[1] * q_work + layout)
+
+
+def _matmul_table() -> LatencyTable:
+    table = _table()
+    for n in (8, 16, 32, 64):
+        for bits in (8, 16):
+            table.add(_entry("MatMul", f"64x{n};{n}x64->64x64", bits, bits, LAUNCH, MATMUL_SCALE))
+    return table
+
+
+def test_a_matmul_fit_keeps_its_line_over_its_entries_then_joins_the_measured_peak():
+    table = _matmul_table()
+    fits = fallback.fit(table)
+    mm = fits.fit_for("MatMul", 8, 8)
+    assert (mm.fixed_us, mm.scale) == pytest.approx((LAUNCH, MATMUL_SCALE))
+    largest = max(fallback.entry_work_us(e, ROOF) for e in table if e.op == "MatMul" and e.weight_bits == 8)
+    peak = fallback.peak_work_us(ROOF, 8, 8)  # the roofline's int8 peak: a 256x1024x1024 W8A8 MatMul
+    assert peak == pytest.approx(2 * 256 * 1024 * 1024 / ROOF.peak_ops_per_s["int8"] * 1e6)
+    edge = LAUNCH + MATMUL_SCALE * largest
+    assert mm(largest / 2) == pytest.approx(LAUNCH + MATMUL_SCALE * largest / 2)  # the entries' own line
+    assert mm((largest + peak) / 2) == pytest.approx((edge + peak) / 2)  # on the way to the peak
+    assert mm(peak) == pytest.approx(peak) and mm(3 * peak) == pytest.approx(3 * peak)  # the peak's rate
+    # no peak was timed at 16 bits (onnxruntime runs them as dequantize + float): the line goes on
+    assert fits.price("MatMul", 16, 16, "static", peak) == pytest.approx(LAUNCH + MATMUL_SCALE * peak)
+    # a MAC op other than the peak's kernel keeps its line at any size
+    assert fits.price("Conv", 8, 8, "static", peak) == pytest.approx(LAUNCH + CONV_SCALE * peak)
+
+
+def test_dynamic_costs_no_less_than_the_static_kernel_plus_quantizing_its_input():
+    table = _matmul_table()  # (estimate_latency folds the Constant weight, as quantize does)
+    static = estimate_latency(matmul_net(), Plan(None, {"mm1": NodeQuant()}), table, batch=64)
+    dynamic = estimate_latency(matmul_net(), Plan(None, {"mm1": NodeQuant(mode=DYNAMIC)}), table, batch=64)
+    kernel = {c.node: c for c in static.nodes}["mm1"]
+    quantize_x = next(c for c in static.conversions if c.tensor == "x")
+    node = {c.node: c for c in dynamic.nodes}["mm1"]
+    assert kernel.source == quantize_x.source == node.source == FITTED
+    assert not dynamic.conversions  # it reads and writes float: its quantization is its own
+    assert node.latency_us >= kernel.latency_us + quantize_x.latency_us
+    # and more than the roofline alone, which priced it as if the integer kernel ran at its peak
+    roofline_only = estimate_latency(matmul_net(), Plan(None, {"mm1": NodeQuant(mode=DYNAMIC)}),
+                                     LatencyTable("cpu", "measured", ROOF), batch=64)
+    assert node.latency_us > {c.node: c for c in roofline_only.nodes}["mm1"].latency_us
