@@ -10,7 +10,9 @@ For each quantized node (see ``qinject.plan``):
   fewer, the layout onnxruntime needs to fuse DequantizeLinear -> Conv -> QuantizeLinear into
   QLinearConv; with its own exact scale otherwise (see ``_Rewrite.bias``).
 A tensor quantized through range-preserving ops (MaxPool, Reshape, ...) reuses the upstream scale, so
-onnxruntime keeps those ops on integers.
+onnxruntime keeps those ops on integers. A Concat or residual Add whose inputs and output are
+quantized anyway reads the dequantized inputs, so it runs on integers too (QLinearConcat,
+QLinearAdd; see ``_Rewrite.join_integers``).
 
 Nodes whose choice is ``dynamic`` or ``weight-only`` (``qinject.plan``) get those forms instead
 (``passes/transforms/_insert_qdq_modes.py``; LSTM's DynamicQuantizeLSTM in ``_insert_qdq_lstm.py``): their
