@@ -8,8 +8,8 @@ by the whole plan's estimate on the target's latency table (``qinject.cost``), c
    prices faster: dynamic at 8 bits, weight-only at 4 bits (``qinject.op_facts.modes``);
 2. a node running on an integer kernel (8-bit static, dynamic, weight-only MatMul/Gemm) that the
    target prices faster in float goes float (two sweeps in graph order, a flip kept where it lowers
-   the estimate), and so does each region of such nodes joined on the integers (through a residual
-   Add or Concat that runs on them, range-preserving ops and ReLUs) where all of it at once is
+   the estimate), and so does each region of such nodes joined on the integers through a residual
+   Add or Concat that runs on them (and range-preserving ops and ReLUs) where all of it at once is
    cheaper: no single node of a chain of QLinearConv -> QLinearAdd -> QLinearConv pays to go float
    alone (it adds conversions at both ends), where the whole region may (MobileNetV2 with its
    depthwise convolutions float: priced 8% slower than float before region flips). Widths without such a kernel (4- or 16-bit static: dequantize + float on a CPU)
@@ -159,8 +159,9 @@ class _Fitter:
 
 def _regions(model: ir.Model, members: set[str]) -> list[list[str]]:
     """The nodes named ``members`` grouped where a tensor path joins them through nodes that keep
-    integers integer (residual Add, Concat, range-preserving ops, ReLU), in graph order; regions of
-    two or more."""
+    integers integer (residual Add, Concat, range-preserving ops, ReLU), in graph order: the regions
+    of two or more that hold a residual Add or Concat (the coupling single flips cannot undo; a plain
+    chain of convolutions is left to them, as before the joins)."""
     parent: dict[str, str] = {}
 
     def find(name: str) -> str:
@@ -184,7 +185,8 @@ def _regions(model: ir.Model, members: set[str]) -> list[list[str]]:
     for node in nodes:
         if node.name in members:
             groups.setdefault(find(node.name), []).append(node.name)
-    return [g for g in groups.values() if len(g) > 1]
+    joined = {find(n.name) for n in nodes if n.name not in members and op_facts.joins_integers(n)}
+    return [g for root, g in groups.items() if len(g) > 1 and root in joined]
 
 
 def _on_kernel(node: ir.Node, choice: NodeQuant) -> bool:
