@@ -50,6 +50,43 @@ def conv_net(seed: int = 0, opset: int = 13, batch: int | str = "N") -> onnx.Mod
     return model
 
 
+def residual_net(seed: int = 0, join: str = "Add") -> onnx.ModelProto:
+    """Two ResNet blocks: x[N,4,8,8] -> Conv -> Relu -> a; a -> Conv -> Relu -> Conv -> join(., a) ->
+    Relu -> s -> Conv -> Relu -> Conv -> join(., s) -> Relu -> GlobalAveragePool -> Flatten -> y
+    (``join``: Add, or a two-input Sum as some exporters write it). ``s`` is read by a Conv and the
+    second join; the last join's output by float ops only."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def conv(name: str, x: str, y: str, cin: int, relu: bool) -> None:
+        w = (rng.standard_normal((8, cin, 3, 3)) * 0.2).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"{name}_w"))
+        inits.append(numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), f"{name}_b"))
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{y}_pre" if relu else y], name=name,
+                                      pads=[1, 1, 1, 1]))
+        if relu:
+            nodes.append(helper.make_node("Relu", [f"{y}_pre"], [y], name=f"{name}_relu"))
+
+    conv("c0", "x", "a", 4, True)
+    conv("c1", "a", "h1", 8, True)
+    conv("c2", "h1", "y1", 8, False)
+    nodes += [helper.make_node(join, ["y1", "a"], ["j1"], name="join1"),
+              helper.make_node("Relu", ["j1"], ["s"], name="relu_j1")]
+    conv("c3", "s", "h2", 8, True)
+    conv("c4", "h2", "y2", 8, False)
+    nodes += [helper.make_node(join, ["y2", "s"], ["j2"], name="join2"),
+              helper.make_node("Relu", ["j2"], ["s2"], name="relu_j2"),
+              helper.make_node("GlobalAveragePool", ["s2"], ["g"], name="gap"),
+              helper.make_node("Flatten", ["g"], ["y"], name="flatten")]
+    graph = helper.make_graph(nodes, "residual_net",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def matmul_net(seed: int = 0, opset: int = 13) -> onnx.ModelProto:
     """x[N,16] -> MatMul(w[16,32]) -> Add(b) -> Relu -> MatMul(w2[32,4]) -> y, with the first
     weight produced by a Constant node and the second by Identity of an initializer."""

@@ -8,7 +8,11 @@ by the whole plan's estimate on the target's latency table (``qinject.cost``), c
    prices faster: dynamic at 8 bits, weight-only at 4 bits (``qinject.op_facts.modes``);
 2. a node running on an integer kernel (8-bit static, dynamic, weight-only MatMul/Gemm) that the
    target prices faster in float goes float (two sweeps in graph order, a flip kept where it lowers
-   the estimate). Widths without such a kernel (4- or 16-bit static: dequantize + float on a CPU)
+   the estimate), and so does each region of such nodes joined on the integers through a residual
+   Add or Concat that runs on them (and range-preserving ops and ReLUs) where all of it at once is
+   cheaper: no single node of a chain of QLinearConv -> QLinearAdd -> QLinearConv pays to go float
+   alone (it adds conversions at both ends), where the whole region may (MobileNetV2 with its
+   depthwise convolutions float: priced 8% slower than float before region flips). Widths without such a kernel (4- or 16-bit static: dequantize + float on a CPU)
    were asked for their size or accuracy, not their speed; they are kept, with a note when the
    target prices them slower than float.
 
@@ -110,25 +114,79 @@ class _Fitter:
                     f"{given[name].label if had_static else 'it float (it has no static form)'} here")
 
     def float_where_faster(self) -> None:
-        for _ in range(2):
-            changed = False
-            for name in self.free:
-                choice = self.choices[name]
-                if choice is not None and _on_kernel(self.nodes[name], choice) and (
-                        saved := self._try(name, None)) is not None:
-                    changed = True
-                    self.notes[name] = []  # a mode it was switched to no longer applies
-                    self.notes[name].append(
-                        f"kept float: {self.table.target} prices it {saved:.1f} us faster in float than "
-                        f"{choice.label} (quantize anyway with --force or by naming it in the plan)")
-            if not changed:
-                break
+        """Single nodes in graph order, then whole regions, then single nodes again if that changed anything."""
+        changed = self._float_singles()
+        if self._float_regions() or changed:
+            self._float_singles()
+
+    def _float_singles(self) -> bool:
+        changed = False
+        for name in self.free:
+            choice = self.choices[name]
+            if choice is not None and _on_kernel(self.nodes[name], choice) and (
+                    saved := self._try(name, None)) is not None:
+                changed = True
+                self.notes[name] = []  # a mode it was switched to no longer applies
+                self.notes[name].append(
+                    f"kept float: {self.table.target} prices it {saved:.1f} us faster in float than "
+                    f"{choice.label} (quantize anyway with --force or by naming it in the plan)")
+        return changed
+
+    def _float_regions(self) -> bool:
+        """Each region (``_regions``) of two or more free nodes on integer kernels set float at once
+        where that lowers the estimate; whether any was."""
+        changed = False
+        for region in _regions(self.model, {n for n in self.free if (c := self.choices[n]) is not None
+                                            and _on_kernel(self.nodes[n], c)}):
+            trial = {**self.choices, **{name: None for name in region}}
+            us = self._price(trial)
+            if us >= self.current:
+                continue
+            saved, labels = self.current - us, {name: self.choices[name].label for name in region}
+            self.choices, self.current, changed = trial, us, True
+            for name in region:
+                self.notes[name] = [f"kept float: {self.table.target} prices it and the {len(region) - 1} node(s) "
+                                    f"joined to it on the integers {saved:.1f} us faster in float than {labels[name]} "
+                                    "(quantize anyway with --force or by naming it in the plan)"]
+        return changed
 
     def choices_differing(self) -> dict[str, NodeQuant | None]:
         """The plan's own per-node choices, plus every node whose choice changed."""
         out = dict(self.plan.nodes)
         out.update({n: c for n, c in self.choices.items() if n in self.free and c != self.plan.choice(n)})
         return out
+
+
+def _regions(model: ir.Model, members: set[str]) -> list[list[str]]:
+    """The nodes named ``members`` grouped where a tensor path joins them through nodes that keep
+    integers integer (residual Add, Concat, range-preserving ops, ReLU), in graph order: the regions
+    of two or more that hold a residual Add or Concat (the coupling single flips cannot undo; a plain
+    chain of convolutions is left to them, as before the joins)."""
+    parent: dict[str, str] = {}
+
+    def find(name: str) -> str:
+        while parent.setdefault(name, name) != name:
+            name = parent[name]
+        return name
+
+    def connector(node: ir.Node) -> bool:
+        f = op_facts.fact(node)
+        return node.name not in members and (op_facts.joins_integers(node) or f.range_preserving
+                                              or op_facts.is_epilogue(node))
+
+    nodes = [n for n in model.graph if n.name in members or connector(n)]
+    keep = {id(n) for n in nodes}
+    for node in nodes:
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None and id(producer) in keep:
+                parent[find(producer.name)] = find(node.name)
+    groups: dict[str, list[str]] = {}
+    for node in nodes:
+        if node.name in members:
+            groups.setdefault(find(node.name), []).append(node.name)
+    joined = {find(n.name) for n in nodes if n.name not in members and op_facts.joins_integers(n)}
+    return [g for root, g in groups.items() if len(g) > 1 and root in joined]
 
 
 def _on_kernel(node: ir.Node, choice: NodeQuant) -> bool:

@@ -116,7 +116,7 @@ class OpFact:
     range_preserving: bool = False
     epilogue: Callable[[ir.Node], bool] | None = None
     zero_copy: bool = False
-    joins_integers: bool = False
+    joins_integers: bool | Callable[[ir.Node], bool] = False
     float_reason: str | None = None
     slower_on_cpu: Callable[[ir.Node], str | None] | None = None
     dynamic: bool = False
@@ -328,6 +328,11 @@ for _op in ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"
 for _op in ("Shape", "Constant", "Size"):
     OP_FACTS[(ONNX, _op)] = OpFact(zero_copy=True)
 OP_FACTS[(ONNX, "Concat")] = OpFact(joins_integers=True)
+# A residual Add (or a two-input Sum, which the rewrite writes as Add: onnxruntime has no QLinearSum)
+# of two activations; with a constant operand (a bias) it would need that constant quantized too.
+for _op in ("Add", "Sum"):
+    OP_FACTS[(ONNX, _op)] = OpFact(joins_integers=lambda n: len(n.inputs) == 2 and not any(
+        v is None or _is_const(v) for v in n.inputs))
 # LSTM's weights W [dirs, 4 * hidden, input] and R [dirs, 4 * hidden, hidden] have their gate rows
 # (output channels) on axis 1. Its one integer kernel is onnxruntime's DynamicQuantizeLSTM.
 OP_FACTS[(ONNX, "LSTM")] = OpFact(
@@ -463,6 +468,13 @@ def needs_quantized_output(node: ir.Node) -> bool:
     end at the op itself, so with a ReLU after them they would run in float)."""
     needs = fact(node).needs_quantized_output
     return needs(node) if callable(needs) else needs
+
+
+def joins_integers(node: ir.Node) -> bool:
+    """Whether ``node`` runs on the integers when all its inputs and its output point are quantized
+    at one 8-bit width (QLinearConcat, QLinearAdd; see OpFact)."""
+    joins = fact(node).joins_integers
+    return joins(node) if callable(joins) else joins
 
 
 def is_epilogue(node: ir.Node) -> bool:

@@ -10,7 +10,8 @@ onnxruntime do:
   integer kernel needs it: Conv), else in float;
 - every other node costs its float entry or the roofline (memory-bound; zero-copy ops such as
   Reshape only the per-op overhead); range-preserving ops (MaxPool, Reshape) on an integer tensor
-  move it at that width, and so does a Concat of integer tensors read quantized (QLinearConcat);
+  move it at that width, and so does a Concat or a residual Add of integer tensors whose output
+  point is read quantized (QLinearConcat, QLinearAdd: the rewrite's ``join_integers``);
   an epilogue (the ReLU after a convolution, jax's bias add) runs inside the
   kernel before it, float or integer, and costs nothing of its own;
 - a conversion (a QuantizeLinear, a DequantizeLinear, or a requantization between widths) is
@@ -193,8 +194,9 @@ class _Estimator:
             if choice is not None and choice.mode in op_facts.modes(node):
                 self.choices[node.name] = choice
         self.unfused: set[str] = set()  # static nodes whose kernel onnxruntime cannot fuse (filled below)
+        self.joined: dict[str, int] = {}  # Concat/Add run on the integers -> their width (filled below)
         self.bits = self._integer_tensors()
-        self.fused = self._fused_epilogues(model)
+        self.fused = self._fused_epilogues(model, [n for n in self.graph if n.name in self.joined])
 
     def run(self) -> CostReport:
         report = CostReport(self.table.target, [], [], run_overhead_us=self.table.roofline.run_overhead_us)
@@ -204,11 +206,11 @@ class _Estimator:
         return report
 
     @staticmethod
-    def _fused_epilogues(model: ir.Model) -> dict[str, str]:
+    def _fused_epilogues(model: ir.Model, joined: list[ir.Node]) -> dict[str, str]:
         """Epilogue node -> the dot/convolution it runs inside (Conv + Relu is one kernel, float or
-        integer; jax's bias add too)."""
+        integer; jax's bias add too), or the integer Add whose output Q takes it in."""
         fused = {}
-        for node in qir.quantizable_nodes(model):
+        for node in qir.quantizable_nodes(model) + joined:
             value = node.outputs[0]
             while len(value.uses()) == 1 and not value.is_graph_output():
                 consumer = value.uses()[0].node
@@ -242,7 +244,7 @@ class _Estimator:
                 if node.inputs[0].name in bits:
                     bits[node.outputs[0].name] = bits[node.inputs[0].name]
             elif self._joins_integers(node, bits):
-                bits[node.outputs[0].name] = bits[node.inputs[0].name]
+                self.joined[node.name] = bits[output_point(node).name] = bits[node.inputs[0].name]
         return bits
 
     @staticmethod
@@ -253,12 +255,15 @@ class _Estimator:
         return sqnr is not None and sqnr < OUTPUT_MIN_SQNR_DB
 
     def _joins_integers(self, node: ir.Node, bits: dict[str, int]) -> bool:
-        """A Concat of tensors all held at one integer width, read quantized: onnxruntime runs it on
-        the integers (QLinearConcat), with no conversion of its inputs or output."""
-        if not op_facts.fact(node).joins_integers:
+        """A Concat or residual Add of tensors all held at one integer width, its output point read
+        quantized: onnxruntime runs it on the integers (QLinearConcat, QLinearAdd; 8 bits on a CPU),
+        with no conversion of its inputs or output."""
+        if node.domain not in ("", "ai.onnx") or not op_facts.joins_integers(node):
             return False
         widths = {bits.get(v.name) for v in node.inputs if v is not None and v.const_value is None}
-        return len(widths) == 1 and None not in widths and self._read_quantized(node.outputs[0])
+        out = output_point(node)
+        return (len(widths) == 1 and None not in widths and (self.native or widths == {8})
+                and not out.is_graph_output() and self._read_quantized(out))
 
     def _read_quantized(self, value: ir.Value, through_range_preserving: bool = True) -> bool:
         """As the rewrite decides: a quantized node reads it, directly or (after an integer kernel)
@@ -284,6 +289,8 @@ class _Estimator:
         if choice is not None:
             w_bits = choice.weights if op_facts.weight_of(node) is not None else choice.activations
             a_bits = choice.activations
+        elif node.name in self.joined:
+            w_bits, a_bits = 0, self.joined[node.name]  # QLinearConcat, QLinearAdd
         elif not quantizable and node.outputs and node.outputs[0].name in self.bits:
             w_bits, a_bits = 0, self.bits[node.outputs[0].name]  # a range-preserving op on integers
         else:
@@ -398,7 +405,7 @@ class _Estimator:
                     want = choice.activations
                 elif choice is None and op_facts.fact(node).range_preserving and i == 0:
                     continue  # carried on at the same width
-                elif choice is None and node.outputs[0].name in self.bits and op_facts.fact(node).joins_integers:
+                elif node.name in self.joined:
                     continue  # joined on the integers
                 else:
                     want = FLOAT_BITS  # a float op reads it

@@ -10,7 +10,7 @@ from qinject.cost.estimate import MEASURED, MISSING, ROOFLINE, estimate, format_
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.latency_table import Entry, LatencyTable, Roofline
 from qinject.plan import NodeQuant, Plan
-from tests.builders import conv_net
+from tests.builders import conv_net, residual_net
 
 ROOF = Roofline({"fp32": 1e11, "fp16": 2e11, "int8": 4e11, "int4": 8e11}, 1e10, op_overhead_us=2.0)
 
@@ -108,6 +108,21 @@ def test_concat_of_quantized_tensors_runs_on_integers():
     # With the reader in float, the join is float: both branches are dequantized for it.
     float_reader = estimate(model, Plan(NodeQuant(), {"conv_c": None}), table)
     assert sorted(c.tensor for c in float_reader.conversions) == ["a", "b", "x"]
+
+
+def test_a_residual_add_of_quantized_tensors_runs_on_integers():
+    """As the rewrite writes it (QLinearAdd, the Relu after it in the output's Q): no dequantize of
+    the branches, no quantize of the join, the Relu free. Were the join priced float, keeping a
+    convolution after it float would look free of conversions (ResNet-50 kept two so, which cost
+    layout changes in onnxruntime). A join read by float ops only stays float."""
+    model = qir.with_batch(load_onnx(residual_net()), 1)
+    report = estimate(model, Plan.uniform(8, 8), LatencyTable("cpu", "measured", ROOF))
+    costs = {c.node: c for c in report.nodes}
+    assert costs["join1"].activation_bits == 8 and costs["relu_j1"].source == "fused into join1"
+    assert costs["join2"].activation_bits == 32
+    # x quantized once; the float tail reads the dequantized branches of join2
+    assert sorted((c.tensor, c.from_bits, c.to_bits) for c in report.conversions) == [
+        ("s", 8, 32), ("x", 32, 8), ("y2", 8, 32)]
 
 
 def test_a_cpu_table_prices_widths_without_an_integer_kernel_as_dequantize_plus_float():

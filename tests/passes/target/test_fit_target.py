@@ -14,7 +14,7 @@ from qinject.core.errors import QinjectError
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.latency_table import Entry, LatencyTable, Roofline
 from qinject.plan import NodeQuant, Plan
-from tests.builders import CNN, matmul_net
+from tests.builders import CNN, matmul_net, residual_net
 
 ROOF = Roofline({"fp32": 1e11, "int8": 4e11}, 1e10, op_overhead_us=1.0)
 
@@ -133,3 +133,24 @@ def test_profile_measures_what_the_table_lacks_before_fitting_and_caches_it(tmp_
     with pytest.raises(QinjectError, match="spec-sheet"):
         qinject.quantize_onnx(matmul_net(), calib={"x": np.ones((4, 16), np.float32)}, target="nvidia-a100",
                               profile=True, progress=False)
+
+
+def test_a_region_joined_on_the_integers_goes_float_at_once():
+    """Every convolution of a residual net priced a little slower at 8 bits, conversions dear: none
+    pays to go float alone (it adds a conversion at each end, its neighbours and the residual Adds
+    stay integer), the whole region joined through the Adds does."""
+    model = load_onnx(residual_net())
+    model.meta[qir.INPUT_SHAPES] = {"x": (1, 4, 8, 8)}
+    table = LatencyTable("test-cpu", "measured", ROOF)
+    for node in qir.quantizable_nodes(qir.with_batch(model, 1)):
+        table.add(Entry(*op_facts.latency_key(node), 8, 8, 11.0))
+        table.add(Entry(*op_facts.latency_key(node), 32, 32, 10.0))
+    for op, width in (("QuantizeLinear", 8), ("DequantizeLinear", 8)):
+        for elements in (256, 512):
+            table.add(Entry(op, f"x{elements}", 0, width, 20.0))
+    FitTarget(Plan(), table, batch=1)(model)
+    chosen = model.meta[qir.CHOSEN_PLAN]
+    names = [n.name for n in qir.quantizable_nodes(model)]
+    assert all(chosen.choice(name) is None for name in names), chosen
+    notes = next(n for n in model.graph if n.name == "c3").meta[qir.QUANT_NOTES]
+    assert any("node(s) joined to it on the integers" in note for note in notes), notes
