@@ -73,20 +73,14 @@ def weightless(model: ir.Model, threshold: int = 1024, numpy_only: bool = False,
     whatever their size: a model variant then serialises only what differs from the model whose
     tensors ``shared`` holds (a clone shares its tensors), and a worker holding those supplies them.
     """
-    swapped: dict[str, ir.TensorProtocol] = {}
-    for name, value in model.graph.initializers.items():
-        tensor = value.const_value
-        if shared is not None:
-            if tensor is not None and shared.get(name) is tensor:
-                swapped[name] = tensor
-                value.const_value = _stub(name, tensor)
-            continue
-        # External tensors always: their relative location means nothing to a proto without a folder.
-        if numpy_only and tensor is not None and _void_in_numpy(tensor.dtype):
-            continue
-        if tensor is not None and (tensor.nbytes > threshold or isinstance(tensor, ir.ExternalTensor)):
-            swapped[name] = tensor
-            value.const_value = _stub(name, tensor)
+    if shared is None:
+        swapped = large_initializers(model, threshold, numpy_only)
+    else:
+        swapped = {name: v.const_value for name, v in model.graph.initializers.items()
+                   if v.const_value is not None and shared.get(name) is v.const_value}
+    for name, tensor in swapped.items():
+        model.graph.initializers[name].const_value = ir.ExternalTensor(
+            PLACEHOLDER_LOCATION, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name)
     try:
         yield swapped
     finally:
@@ -94,8 +88,15 @@ def weightless(model: ir.Model, threshold: int = 1024, numpy_only: bool = False,
             model.graph.initializers[name].const_value = tensor
 
 
-def _stub(name: str, tensor: ir.TensorProtocol) -> ir.ExternalTensor:
-    return ir.ExternalTensor(PLACEHOLDER_LOCATION, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name)
+def large_initializers(model: ir.Model, threshold: int = 1024, numpy_only: bool = False
+                       ) -> dict[str, ir.TensorProtocol]:
+    """``name -> tensor`` of the initializers ``weightless`` stubs: over ``threshold`` bytes, or
+    external (their relative location means nothing to a proto without a folder); with
+    ``numpy_only``, none whose numpy form onnxruntime cannot take as an OrtValue."""
+    return {name: v.const_value for name, v in model.graph.initializers.items()
+            if v.const_value is not None
+            and not (numpy_only and _void_in_numpy(v.const_value.dtype))
+            and (v.const_value.nbytes > threshold or isinstance(v.const_value, ir.ExternalTensor))}
 
 
 def _void_in_numpy(dtype: ir.DataType) -> bool:

@@ -4,9 +4,15 @@ An evaluation runs a *variant* of the calibrated float model (the model quantize
 with one weight perturbed) on the evaluation inputs and returns its first output. Variants are
 serialised to ONNX (a JAX-sourced graph is lowered first) and run by onnxruntime, one thread each,
 in a local process pool (``workers`` processes, default: every core), so a batch of variants uses
-both cores of this machine.
+both cores of this machine. Results do not depend on the number of workers or on which worker ran
+a variant: each variant runs whole in one single-threaded session. The workers are plain scripts
+(``qinject/runtime/eval_worker.py``) fed through pipes, not ``multiprocessing`` processes: spawn would
+re-import the caller's main module (scripts without a ``__main__`` guard would recurse) and fork is
+unsafe after JAX has started its threads. With ``executor="ray"`` (a local Ray) or
+``"ray://HOST:PORT"`` (a cluster) the variants run on Ray actors instead
+(``qinject/runtime/ray_executor.py``), with the same outputs bit for bit.
 
-A variant differs from the float model in a node's weights and a few Q/DQ constants, so only that
+A variant differs from the float model in one node's weight codes and a few Q/DQ constants, so only that
 travels: the float model's large initializers (over 1 KiB, numpy types) go to the workers once, when
 the pool starts, written to one temporary raw file that every worker maps read-only (the pages are
 shared, not copied per worker; the file is deleted once mapped). Each variant is serialised
@@ -16,13 +22,7 @@ a stub, and the worker hands the mapped array to onnxruntime as an external init
 else (a changed weight, new scales and zero points, a tensor a JAX lowering made anew) is embedded
 as before. A BERT-base variant is then a few MB instead of 440. In this process (``workers=1``, or
 a single variant) the float model's arrays are used in place; on Ray they go into the object store
-once. Results do not depend on the number of workers or on which worker ran
-a variant: each variant runs whole in one single-threaded session. The workers are plain scripts
-(``qinject/runtime/eval_worker.py``) fed through pipes, not ``multiprocessing`` processes: spawn would
-re-import the caller's main module (scripts without a ``__main__`` guard would recurse) and fork is
-unsafe after JAX has started its threads. With ``executor="ray"`` (a local Ray) or
-``"ray://HOST:PORT"`` (a cluster) the variants run on Ray actors instead
-(``qinject/runtime/ray_executor.py``), with the same outputs bit for bit.
+once.
 
 Typical use::
 
@@ -146,8 +146,7 @@ class Executor:
     def _shared_tensors(self) -> dict[str, ir.TensorProtocol]:
         """The float model's initializers that workers hold once (see the module docstring)."""
         if self._shared is None:
-            with qir.weightless(self.model, numpy_only=True) as large:
-                self._shared = dict(large)
+            self._shared = qir.large_initializers(self.model, numpy_only=True)
         return self._shared
 
     def _shared_arrays(self) -> dict[str, np.ndarray]:
