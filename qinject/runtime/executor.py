@@ -209,7 +209,11 @@ class _WorkerPool:
         fd, path = tempfile.mkstemp(prefix="qinject-weights-", suffix=".bin")
         os.close(fd)
         try:
-            index = eval_worker.write_weights(shared, path)
+            try:
+                index = eval_worker.write_weights(shared, path)
+            except OSError as exc:
+                raise QinjectError(f"cannot write the float model's weights for the evaluation workers to {path} "
+                                   f"({exc.strerror or exc}); free space there or point TMPDIR elsewhere") from None
             for _ in range(n):
                 proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, eval_worker.__file__],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)

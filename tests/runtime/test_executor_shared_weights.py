@@ -70,6 +70,9 @@ def test_a_one_node_variant_sends_a_fraction_of_the_model_and_gives_its_outputs(
             assert ex.count == len(variants)
         assert all(np.array_equal(a, b) for a, b in zip(outputs, expected, strict=True))
         if workers == 2:
+            # what the workers received: all but the replaced weight's variant a third of the model at
+            # most (a node's integer codes), the float model a hundredth
+            assert len(sent) == len(variants) and min(sent) < whole / 100 and sorted(sent)[-2] < whole / 3, sent
             # what each variant sends (the pool's threads may send them in any order)
             sizes = [len(pickle.dumps(executor_module._serialise(v, ex._shared_tensors()),
                                       protocol=pickle.HIGHEST_PROTOCOL)) for v in variants]
