@@ -107,12 +107,13 @@ def bench_model(name: str, evals: int) -> Result:
     plans = [plans[i % len(plans)] for i in range(evals)]
     probe = Executor(model, inputs, workers=1)
     start = time.perf_counter()
-    blobs = [_serialise(probe.quantized(p)) for p in plans[:len(nodes) * 3]]
+    jobs = [_serialise(probe.quantized(p), probe._shared_tensors()) for p in plans[:len(nodes) * 3]]
+    blobs = [blob for blob, _ in jobs]
     prepare_s = (time.perf_counter() - start) / len(blobs)
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        eval_worker.run_model(blobs[0], probe.inputs)
+        eval_worker.run_model(blobs[0], probe.inputs, {n: probe._shared_arrays()[n] for n in jobs[0][1]})
         times.append(time.perf_counter() - start)
     result = Result(name, len(next(iter(inputs.values()))), len(nodes), len(blobs[0]), prepare_s,
                     float(np.median(times)))
@@ -159,7 +160,7 @@ def round_trip(ex: object, size: int, workers: int, repeats: int = 20) -> float:
     from qinject.runtime.executor import _WorkerPool
 
     garbage = b"\0" * size
-    pool = ex._pool if ray_executor.is_ray(ex.executor) else _WorkerPool(workers, ex.inputs)
+    pool = ex._pool if ray_executor.is_ray(ex.executor) else _WorkerPool(workers, ex.inputs, {})
     times = []
     try:
         for _ in range(repeats):

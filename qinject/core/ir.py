@@ -9,7 +9,7 @@ verifier. Analysis keys are namespaced strings, defined here so every pass uses 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -59,8 +59,8 @@ PLACEHOLDER_LOCATION = "__qinject_weights_in_memory__"
 
 
 @contextmanager
-def weightless(model: ir.Model, threshold: int = 1024, numpy_only: bool = False
-               ) -> Iterator[dict[str, ir.TensorProtocol]]:
+def weightless(model: ir.Model, threshold: int = 1024, numpy_only: bool = False,
+               shared: Mapping[str, ir.TensorProtocol] | None = None) -> Iterator[dict[str, ir.TensorProtocol]]:
     """Within the block, large initializers serialise as external-data stubs instead of bytes.
 
     Serialising hundreds of MB of weights only to hand them to the version converter, shape
@@ -68,23 +68,35 @@ def weightless(model: ir.Model, threshold: int = 1024, numpy_only: bool = False
     small. Yields ``name -> tensor`` of the stubbed tensors (no copies), e.g. for
     ``SessionOptions.add_external_initializers``; the real tensors are back in place after the block.
     ``numpy_only`` keeps inline the tensors whose numpy form onnxruntime cannot take as an OrtValue
-    (ml_dtypes' types such as int4 and bfloat16, and strings).
+    (ml_dtypes' types such as int4 and bfloat16, and strings). Given ``shared``, only the
+    initializers whose tensor is the very tensor ``shared`` holds under their name are stubbed,
+    whatever their size: a model variant then serialises only what differs from the model whose
+    tensors ``shared`` holds (a clone shares its tensors), and a worker holding those supplies them.
     """
-    swapped: dict[str, ir.TensorProtocol] = {}
-    for name, value in model.graph.initializers.items():
-        tensor = value.const_value
-        # External tensors always: their relative location means nothing to a proto without a folder.
-        if numpy_only and tensor is not None and _void_in_numpy(tensor.dtype):
-            continue
-        if tensor is not None and (tensor.nbytes > threshold or isinstance(tensor, ir.ExternalTensor)):
-            swapped[name] = tensor
-            value.const_value = ir.ExternalTensor(PLACEHOLDER_LOCATION, 0, tensor.nbytes, tensor.dtype,
-                                                  shape=tensor.shape, name=name)
+    if shared is None:
+        swapped = large_initializers(model, threshold, numpy_only)
+    else:
+        swapped = {name: v.const_value for name, v in model.graph.initializers.items()
+                   if v.const_value is not None and shared.get(name) is v.const_value}
+    for name, tensor in swapped.items():
+        model.graph.initializers[name].const_value = ir.ExternalTensor(
+            PLACEHOLDER_LOCATION, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name)
     try:
         yield swapped
     finally:
         for name, tensor in swapped.items():
             model.graph.initializers[name].const_value = tensor
+
+
+def large_initializers(model: ir.Model, threshold: int = 1024, numpy_only: bool = False
+                       ) -> dict[str, ir.TensorProtocol]:
+    """``name -> tensor`` of the initializers ``weightless`` stubs: over ``threshold`` bytes, or
+    external (their relative location means nothing to a proto without a folder); with
+    ``numpy_only``, none whose numpy form onnxruntime cannot take as an OrtValue."""
+    return {name: v.const_value for name, v in model.graph.initializers.items()
+            if v.const_value is not None
+            and not (numpy_only and _void_in_numpy(v.const_value.dtype))
+            and (v.const_value.nbytes > threshold or isinstance(v.const_value, ir.ExternalTensor))}
 
 
 def _void_in_numpy(dtype: ir.DataType) -> bool:

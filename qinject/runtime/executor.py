@@ -12,6 +12,18 @@ unsafe after JAX has started its threads. With ``executor="ray"`` (a local Ray) 
 ``"ray://HOST:PORT"`` (a cluster) the variants run on Ray actors instead
 (``qinject/runtime/ray_executor.py``), with the same outputs bit for bit.
 
+A variant differs from the float model in one node's weight codes and a few Q/DQ constants, so only that
+travels: the float model's large initializers (over 1 KiB, numpy types) go to the workers once, when
+the pool starts, written to one temporary raw file that every worker maps read-only (the pages are
+shared, not copied per worker; the file is deleted once mapped). Each variant is serialised
+weightless (``qinject.ir.weightless(shared=...)``): an initializer whose tensor is the float model's
+very tensor (``quantized`` and ``with_weight`` clone the model, and a clone shares its tensors) is
+a stub, and the worker hands the mapped array to onnxruntime as an external initializer; anything
+else (a changed weight, new scales and zero points, a tensor a JAX lowering made anew) is embedded
+as before. A BERT-base variant is then a few MB instead of 440. In this process (``workers=1``, or
+a single variant) the float model's arrays are used in place; on Ray they go into the object store
+once.
+
 Typical use::
 
     with Executor(calibrated_model, inputs) as ex:
@@ -29,6 +41,7 @@ import pickle
 import queue
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -73,6 +86,8 @@ class Executor:
         self._progress = progress
         self._bar: Any = None
         self._reference: np.ndarray | None = None
+        self._shared: dict[str, ir.TensorProtocol] | None = None
+        self._arrays: dict[str, np.ndarray] | None = None
         missing = [v.name for v in model.graph.inputs if v.name not in self.inputs]
         if missing:
             raise QinjectError(f"evaluation data lacks model input(s) {missing} (it has {sorted(self.inputs)})")
@@ -112,19 +127,33 @@ class Executor:
         variants = iter(variants)
         outputs: list[np.ndarray] = []
         with self._progress_bar(progress, total) as bar:
+            shared = self._shared_tensors()
             if ray_executor.is_ray(self.executor):
                 if self._pool is None:
-                    self._pool = ray_executor.RayPool(self.executor, self.requested_workers, self.inputs)
+                    self._pool = ray_executor.RayPool(self.executor, self.requested_workers, self.inputs,
+                                                      shared=self._shared_arrays())
 
                 def done() -> None:  # counted as each result arrives: a retried evaluation counts once
                     self.count += 1
                     bar.update(1)
 
-                return self._pool.map((_serialise(v) for v in variants), done)
-            while batch := [_serialise(v) for v in itertools.islice(variants, 2 * self.workers)]:
-                outputs.extend(self._run_blobs(batch))
+                return self._pool.map((_serialise(v, shared) for v in variants), done)
+            while batch := [_serialise(v, shared) for v in itertools.islice(variants, 2 * self.workers)]:
+                outputs.extend(self._run_jobs(batch))
                 bar.update(len(batch))
         return outputs
+
+    def _shared_tensors(self) -> dict[str, ir.TensorProtocol]:
+        """The float model's initializers that workers hold once (see the module docstring)."""
+        if self._shared is None:
+            self._shared = qir.large_initializers(self.model, numpy_only=True)
+        return self._shared
+
+    def _shared_arrays(self) -> dict[str, np.ndarray]:
+        """The shared tensors as C-contiguous arrays (the tensors' own memory where it is contiguous)."""
+        if self._arrays is None:
+            self._arrays = {name: np.ascontiguousarray(t.numpy()) for name, t in self._shared_tensors().items()}
+        return self._arrays
 
     @contextlib.contextmanager
     def _progress_bar(self, progress: str | bool | None, total: int | None) -> Iterator[Any]:
@@ -141,13 +170,14 @@ class Executor:
             self._bar.refresh()
         yield self._bar
 
-    def _run_blobs(self, blobs: list[bytes]) -> list[np.ndarray]:
-        self.count += len(blobs)
-        if self.workers == 1 or len(blobs) == 1:
-            return [eval_worker.run_model(b, self.inputs) for b in blobs]
+    def _run_jobs(self, jobs: list[Job]) -> list[np.ndarray]:
+        self.count += len(jobs)
+        if self.workers == 1 or len(jobs) == 1:
+            arrays = self._shared_arrays()
+            return [eval_worker.run_model(blob, self.inputs, {n: arrays[n] for n in names}) for blob, names in jobs]
         if self._pool is None:
-            self._pool = _WorkerPool(self.workers, self.inputs)
-        return self._pool.map(blobs)
+            self._pool = _WorkerPool(self.workers, self.inputs, self._shared_arrays())
+        return self._pool.map(jobs)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -171,28 +201,45 @@ _LAUNCH = ("import runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('
 
 
 class _WorkerPool:
-    """``n`` worker processes; each request goes to whichever is free."""
+    """``n`` worker processes; each request goes to whichever is free. ``shared``: the float model's
+    weights, written once to a temporary file that the workers map (deleted once they have)."""
 
-    def __init__(self, n: int, inputs: dict[str, np.ndarray]) -> None:
+    def __init__(self, n: int, inputs: dict[str, np.ndarray], shared: dict[str, np.ndarray]) -> None:
         self.procs = []
-        for _ in range(n):
-            proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, eval_worker.__file__], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE)
-            pickle.dump(inputs, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            proc.stdin.flush()
-            self.procs.append(proc)
+        fd, path = tempfile.mkstemp(prefix="qinject-weights-", suffix=".bin")
+        os.close(fd)
+        try:
+            try:
+                index = eval_worker.write_weights(shared, path)
+            except OSError as exc:
+                raise QinjectError(f"cannot write the float model's weights for the evaluation workers to {path} "
+                                   f"({exc.strerror or exc}); free space there or point TMPDIR elsewhere") from None
+            for _ in range(n):
+                proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, eval_worker.__file__],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                self.procs.append(proc)
+                pickle.dump(inputs, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                pickle.dump((path, index), proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                proc.stdin.flush()
+            for proc in self.procs:  # each has mapped the file: it may go
+                pickle.load(proc.stdout)
+        except (EOFError, BrokenPipeError) as exc:
+            self.close()
+            raise QinjectError(f"an evaluation worker died while starting ({type(exc).__name__})") from None
+        finally:
+            os.unlink(path)
         self.free: queue.Queue = queue.Queue()
         for proc in self.procs:
             self.free.put(proc)
         self.threads = ThreadPoolExecutor(n)
 
-    def map(self, blobs: Sequence[bytes]) -> list[np.ndarray]:
-        return list(self.threads.map(self._call, blobs))
+    def map(self, jobs: Sequence[Job]) -> list[np.ndarray]:
+        return list(self.threads.map(self._call, jobs))
 
-    def _call(self, blob: bytes) -> np.ndarray:
+    def _call(self, job: Job) -> np.ndarray:
         proc = self.free.get()
         try:
-            pickle.dump(blob, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(job, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
             proc.stdin.flush()
             status, payload = pickle.load(proc.stdout)
         except (EOFError, BrokenPipeError) as exc:
@@ -204,9 +251,11 @@ class _WorkerPool:
         return payload
 
     def close(self) -> None:
-        self.threads.shutdown()
+        if hasattr(self, "threads"):
+            self.threads.shutdown()
         for proc in self.procs:
-            proc.stdin.close()
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
             proc.wait(timeout=30)
             proc.stdout.close()
 
@@ -220,21 +269,26 @@ def as_onnx(model: ir.Model) -> ir.Model:
 
 
 def to_onnx_bytes(model: ir.Model) -> bytes:
-    """The model as a self-contained ONNX file's bytes (jax nodes lowered, external data embedded):
-    what a worker, here or on a cluster, loads."""
-    return _serialise(model)
+    """The model as a self-contained ONNX file's bytes (jax nodes lowered, external data embedded)."""
+    return _serialise(model, {})[0]
 
 
-def _serialise(model: ir.Model) -> bytes:
+# A variant as it travels: its weightless ONNX bytes and the names of the shared weights it lacks.
+Job = tuple[bytes, tuple[str, ...]]
 
+
+def _serialise(model: ir.Model, shared: dict[str, ir.TensorProtocol]) -> Job:
+    """The variant's ONNX bytes without the initializers that are ``shared``'s very tensors, and
+    their names (a worker supplies them)."""
     model = as_onnx(model)
-    # Worker sessions load from bytes, with no folder for external data to be found in: embed it.
-    external = {name: v.const_value for name, v in model.graph.initializers.items()
-                if isinstance(v.const_value, ir.ExternalTensor)}
-    try:
-        for name, tensor in external.items():
-            model.graph.initializers[name].const_value = ir.tensor(tensor.numpy(), name=name)
-        return onnx_backend.to_proto(model).SerializeToString()
-    finally:
-        for name, tensor in external.items():
-            model.graph.initializers[name].const_value = tensor
+    with qir.weightless(model, shared=shared) as stubbed:
+        # Worker sessions load from bytes, with no folder for external data to be found in: embed it.
+        external = {name: v.const_value for name, v in model.graph.initializers.items()
+                    if isinstance(v.const_value, ir.ExternalTensor) and name not in stubbed}
+        try:
+            for name, tensor in external.items():
+                model.graph.initializers[name].const_value = ir.tensor(tensor.numpy(), name=name)
+            return onnx_backend.to_proto(model).SerializeToString(), tuple(stubbed)
+        finally:
+            for name, tensor in external.items():
+                model.graph.initializers[name].const_value = tensor

@@ -1,8 +1,10 @@
 """Evaluations on a Ray cluster: the ``Executor``'s pool when ``executor="ray"`` or ``"ray://HOST:PORT"``.
 
-The evaluation inputs go into Ray's object store once per ``Executor``; long-lived actors
-(``eval_worker.Worker``, one CPU each, started once per driver and shared by its executors in turn)
-read them once and run one serialised model variant per task, in
+The evaluation inputs and the float model's large weights go into Ray's object store once per
+``Executor``; long-lived actors (``eval_worker.Worker``, one CPU each, started once per driver and
+shared by its executors in turn) read them once (the weights in place, from the store's shared
+memory) and run one serialised model variant per task (weightless: only what differs from the float
+model travels), in
 a single-threaded onnxruntime session, exactly as a process-pool worker does, so every output is
 the same bit for bit whatever the pool and however many workers. Ray's ``ActorPool`` hands each
 variant to an idle actor; each result comes back tagged with its submission index and is put back in
@@ -89,16 +91,18 @@ def connect(spec: str) -> Any:
 
 
 class RayPool:
-    """``workers`` actors (default: one per CPU of the cluster) holding ``inputs``.
+    """``workers`` actors (default: one per CPU of the cluster) holding ``inputs`` and ``shared``.
 
     The actors are ``worker`` objects (``eval_worker.Worker``: ``inputs`` are the evaluation inputs,
-    each job a serialised model): ``run(index, job, [ObjectRef of inputs])`` answers ``(index, "ok",
-    result)`` or ``(index, "error", message)`` and reads the inputs whenever it does not hold them;
-    ``forget()`` drops them; ``pid()`` is its process id; ``failure`` says what an error reply means.
+    ``shared`` the float model's weights, each job a serialised model and the names of the shared
+    weights it lacks): ``run(index, job, [ObjectRef of inputs, ObjectRef of shared])`` answers
+    ``(index, "ok", result)`` or ``(index, "error", message)`` and reads the inputs and weights
+    whenever it does not hold them; ``forget()`` drops them; ``pid()`` is its process id;
+    ``failure`` says what an error reply means.
     """
 
-    def __init__(self, spec: str, workers: int | None, inputs: object, worker: type = eval_worker.Worker
-                 ) -> None:
+    def __init__(self, spec: str, workers: int | None, inputs: object, worker: type = eval_worker.Worker,
+                 shared: object = None) -> None:
         ray = self.ray = connect(spec)
         from ray.util import ActorPool  # deferred with ray itself
 
@@ -110,7 +114,8 @@ class RayPool:
             warnings.warn(f"{workers} Ray workers asked for, but the cluster has {cpus} CPUs: using {cpus} "
                           "(each actor holds one)", QinjectWarning, stacklevel=2)
         n = min(workers or cpus, cpus)
-        self.inputs = ray.put(inputs)  # once; a restarted actor reads it again from the store
+        # once; a restarted actor reads them again from the store
+        self.inputs, self.shared = ray.put(inputs), ray.put(shared)
         self.worker = worker
         self.actors = _actors(ray, max(1, n), worker)
         self.pool = ActorPool(self.actors)
@@ -124,8 +129,8 @@ class RayPool:
         def submit() -> None:
             item = next(items, None)
             if item is not None:
-                # the inputs' reference nested in a list, so the actor reads them only when it lacks them
-                self.pool.submit(lambda actor, job: actor.run.remote(*job, [self.inputs]), item)
+                # the references nested in a list, so the actor reads them only when it lacks them
+                self.pool.submit(lambda actor, job: actor.run.remote(*job, [self.inputs, self.shared]), item)
 
         for _ in range(AHEAD * len(self.actors)):
             submit()
@@ -147,10 +152,11 @@ class RayPool:
         return self.ray.get([a.pid.remote() for a in self.actors])
 
     def close(self) -> None:
-        """Frees the inputs; the actors stay for the next executor (Ray ends them with the driver)."""
+        """Frees the inputs and weights; the actors stay for the next executor (Ray ends them with the
+        driver)."""
         for actor in self.actors:
             actor.forget.remote()
-        self.actors, self.inputs = [], None
+        self.actors, self.inputs, self.shared = [], None, None
 
 
 def _actors(ray: Any, n: int, worker: type) -> list:
