@@ -14,7 +14,8 @@ evaluation values beyond the calibration range dominates (66-82 dB seen), so the
 VGG-19 (20 GFLOPs and 548 MB of weights per image, 40 s here) and ZFNet-512 (19 s) run with
 ``-m long``, outside the default suite: AlexNet covers the same plain conv + fully-connected
 structure there, and the shipped VGG-19 and ZFNet-512 files go through both widths in
-tests/zoo/test_reference_corpus.py.
+tests/zoo/test_reference_corpus.py. DenseNet-121 (8 s) is under ``-m long`` too: Inception v1/v2 cover its
+concatenated branches here, and its shipped file goes through the reference corpus at W8A8.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def images() -> tuple[np.ndarray, np.ndarray]:
             rng.standard_normal((3, 3, 224, 224)).astype(np.float32))
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long) if n in ("vgg19", "zfnet512", "bvlc_alexnet") else n
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.long)
+                                  if n in ("vgg19", "zfnet512", "bvlc_alexnet", "densenet121") else n
                                   for n in NAMES])
 def test_light_model_quantizes(name, images, tmp_path) -> None:
     import onnxruntime as ort
