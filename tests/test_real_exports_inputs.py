@@ -256,6 +256,29 @@ def test_searches_measure_on_the_most_common_shape_of_varying_calibration(tmp_pa
     assert searched.search.evaluations >= 2
 
 
+def test_a_search_that_keeps_every_node_float_writes_its_report_and_no_model(tmp_path):
+    # on local-cpu an 8x4 MatMul's Q/DQ cost more than it saves: the file would be the float model
+    # re-serialised, never faster than its source
+    rng = np.random.default_rng(0)
+    for i, t in enumerate((5, 5, 9)):
+        np.savez(tmp_path / f"{i}.npz", ids=rng.integers(0, 10, (2, t)), mask=np.ones((2, t), np.int64))
+    onnx.save(_token_encoder(), tmp_path / "m.onnx")
+    out = tmp_path / "out"
+    out.mkdir()
+    done = run_cli("quantize", tmp_path / "m.onnx", "-o", out / "q.onnx", "--calib", tmp_path, "--max-drop", "5%",
+                   "--workers", "1")
+    assert done.returncode == 1, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]  # after a shape warning
+    assert len(errors) == 1 and "Traceback" not in done.stderr
+    assert errors[0].startswith("error: nothing was quantized: the bisection search kept every node float")
+    assert errors[0].endswith("no model written, the search's report is q.onnx.search.json")
+    assert sorted(p.name for p in out.iterdir()) == ["q.onnx.plan.json", "q.onnx.rules.json", "q.onnx.search.json"]
+    result = qinject.quantize_onnx(_token_encoder(), out / "api.onnx", calib=[dict(np.load(tmp_path / "0.npz"))],
+                                   progress=False, search=SearchOptions(max_drop="5%", workers=1))
+    assert result.quantized == [] and result.search is not None and result.output is None
+    assert not (out / "api.onnx").exists()
+
+
 def _depthwise_net() -> onnx.ModelProto:
     """x -> Conv 3->8 -> depthwise Conv (group 8) -> Conv 8->4: a MobileNet block."""
     rng = np.random.default_rng(0)

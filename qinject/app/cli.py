@@ -38,7 +38,7 @@ from qinject.compiler.instrument import IRDump, PrintIRAfter, VerifyEach, timing
 from qinject.compiler.pipeline import parse
 from qinject.compiler.registry import Context, build, choices, describe, passes
 from qinject.core import ir as qir
-from qinject.core.errors import QinjectError
+from qinject.core.errors import QinjectError, UnsupportedModelError
 from qinject.core.jsonfile import write_json
 from qinject.core.pass_manager import PassManager
 from qinject.core.plan import MODES, STATIC, NodeQuant, Plan
@@ -213,6 +213,10 @@ def quantize(model: Path, output: Path, weights: str, activations: str, plan_pat
                    f"{output.name}.search.json")
     if save_plan is not None:
         result.plan.save(save_plan)
+    if result.search is not None and not result.quantized:
+        raise UnsupportedModelError(f"nothing was quantized: the {result.search.algorithm} search kept every node "
+                                    f"float ({result.search.message or 'no plan is estimated faster than float'}); "
+                                    f"no model written, the search's report is {output.name}.search.json")
     before, after = _size(model), _size(output)
     click.echo(f"quantized {len(result.quantized)} node(s) of {model.name} -> {output}")
     click.echo(f"file size: {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({before / max(after, 1):.1f}x smaller)")
