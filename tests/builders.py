@@ -122,3 +122,19 @@ def dq_fed(model: onnx.ModelProto, ops: tuple[str, ...] = ("Conv", "ConvTranspos
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
     return [n.name for n in model.graph.node
             if n.op_type in ops and producers.get(n.input[1]) != "DequantizeLinear"]
+
+
+def calibrated_jax_mlp(hidden: int = 8):
+    """x[32, 16] -> relu(x @ w1) @ w2 traced from JAX and calibrated on x: (IR model, x)."""
+    import jax.numpy as jnp  # deferred: JAX takes seconds to import, and most tests need none of it
+
+    from qinject.frontends.jax_frontend import trace_jax
+    from qinject.passes import Calibrate
+    from qinject.core.pass_manager import PassManager
+
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.standard_normal((16, hidden)).astype(np.float32),
+              "w2": rng.standard_normal((hidden, 4)).astype(np.float32)}
+    x = rng.standard_normal((32, 16)).astype(np.float32)
+    model = trace_jax(lambda p, x: jnp.maximum(x @ p["w1"], 0.0) @ p["w2"], params, x)
+    return PassManager([Calibrate({"x": x}, progress=False)]).run(model).model, x

@@ -10,14 +10,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from qinject.passes import Calibrate
 from qinject.passes.sensitivity.base import alone
 
 from qinject.core import ir as qir
-from qinject.core.pass_manager import PassManager
 from qinject.runtime import eval_worker
 from qinject.runtime import executor as executor_module
 from qinject.runtime.executor import Executor, to_onnx_bytes
+from tests.builders import calibrated_jax_mlp
 from tests.passes.sensitivity.fixtures import calibrated
 
 
@@ -91,16 +90,7 @@ def test_a_one_node_variant_sends_a_fraction_of_the_model_and_gives_its_outputs(
 
 def test_a_jax_sourced_model_keeps_working(tmp_path):
     """JAX nodes are lowered on a clone: tensors the lowering keeps are shared, new ones embedded."""
-    import jax.numpy as jnp  # deferred: JAX takes seconds to import
-
-    from qinject.frontends.jax_frontend import trace_jax
-
-    rng = np.random.default_rng(0)
-    params = {"w1": rng.standard_normal((16, 512)).astype(np.float32),
-              "w2": rng.standard_normal((512, 4)).astype(np.float32)}
-    x = rng.standard_normal((32, 16)).astype(np.float32)
-    model = trace_jax(lambda p, x: jnp.maximum(x @ p["w1"], 0.0) @ p["w2"], params, x)
-    model = PassManager([Calibrate({"x": x}, progress=False)]).run(model).model
+    model, x = calibrated_jax_mlp(hidden=512)
     assert qir.has_jax_nodes(model)
     with Executor(model, {"x": x}, workers=2) as ex:
         nodes = [n.name for n in qir.searchable_nodes(ex.model)]

@@ -16,7 +16,7 @@ from qinject.backends import onnx_backend
 from qinject.core.errors import QinjectError
 from qinject.core.pass_manager import PassManager
 from qinject.frontends.onnx_frontend import load_onnx
-from tests.builders import conv_net, matmul_net
+from tests.builders import calibrated_jax_mlp, conv_net, matmul_net
 
 
 def case(builder=conv_net, labels: bool = False):
@@ -132,16 +132,7 @@ def test_options_are_checked():
 
 
 def test_a_jax_graph_flips_its_dot_general_weights():
-    import jax.numpy as jnp
-
-    from qinject.frontends.jax_frontend import trace_jax
-
-    rng = np.random.default_rng(0)
-    params = {"w1": rng.standard_normal((16, 8)).astype(np.float32),
-              "w2": rng.standard_normal((8, 4)).astype(np.float32)}
-    x = rng.standard_normal((32, 16)).astype(np.float32)
-    model = trace_jax(lambda p, x: jnp.maximum(x @ p["w1"], 0.0) @ p["w2"], params, x)
-    model = PassManager([Calibrate({"x": x}, progress=False)]).run(model).model
+    model, x = calibrated_jax_mlp()
     BitError(AnalysisData({"x": x}), bits=(8,), rates=(1e-2,), score_rate=1e-2, seeds=2, workers=1,
               progress=False)(model)
     values = signal_of(model, "bit_error")
