@@ -205,7 +205,7 @@ class _WorkerPool:
     weights, written once to a temporary file that the workers map (deleted once they have)."""
 
     def __init__(self, n: int, inputs: dict[str, np.ndarray], shared: dict[str, np.ndarray]) -> None:
-        self.procs = []
+        self.procs, self.threads = [], None
         fd, path = tempfile.mkstemp(prefix="qinject-weights-", suffix=".bin")
         os.close(fd)
         try:
@@ -251,7 +251,7 @@ class _WorkerPool:
         return payload
 
     def close(self) -> None:
-        if hasattr(self, "threads"):
+        if self.threads is not None:  # None: a worker died while the pool started
             self.threads.shutdown()
         for proc in self.procs:
             with contextlib.suppress(BrokenPipeError):
