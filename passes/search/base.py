@@ -29,20 +29,20 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 from qinject.passes.rounding.adaround import AdaRound
 from qinject.passes.rounding.bias_correction import BiasCorrection
 from qinject.passes.sensitivity import SIGNALS
-from qinject.passes.sensitivity.base import AnalysisData, choice_for, signal_of
+from qinject.passes.search._widths import fastest_modes
+from qinject.passes.sensitivity.base import EVALUATIONS, AnalysisData, choice_for, signal_of, width_label
 
 from qinject.core import ir as qir
-from qinject.core import op_facts
 from qinject.core.errors import QinjectError
 from qinject.core.pass_manager import Pass, PassResult
-from qinject.core.plan import DYNAMIC, MODES, STATIC, WEIGHT_ONLY, NodeQuant, Plan
+from qinject.core.plan import MODES, STATIC, NodeQuant, Plan
 from qinject.core.rules import describe_unmatched
 from qinject.core.search_result import RESULT, SearchResult, Trial, format_result, search_result
 from qinject.cost.estimate import estimate, priced_model
@@ -146,7 +146,13 @@ class SearchSpace:
         if missing:
             raise QinjectError(f"no {signal!r} sensitivity on node(s) {missing[:3]}: run that sensitivity pass "
                                "before the search")
+        unmeasured = [b for b in self.levels[1:] if any(b not in values[n].score for n in self.nodes)]
+        if unmeasured:
+            raise QinjectError(f"the {signal!r} sensitivity was not measured at width(s) {unmeasured}, which the "
+                               "search lowers nodes to: run that sensitivity pass with those bits")
         self.signal = signal
+        # the start level, unmeasured where the target prices it no faster than float (SearchWidths),
+        # counts as no damage: every search takes its start plan to meet the budget
         self.scores = {n: {b: float(max(values[n].score.get(b, 0.0), 0.0)) for b in self.levels}
                        for n in self.nodes}
         self.trials: list[Trial] = []
@@ -169,32 +175,9 @@ class SearchSpace:
     def choice(self, node: str, bits: int) -> NodeQuant:
         """What width ``bits`` means for ``node``: the fastest of its modes at that width."""
         if bits not in self._choices:
-            self._choices[bits] = self._fastest_modes(bits)
+            self._choices[bits] = fastest_modes(self.priced, self.nodes, self.fixed, bits, self.modes, self.table,
+                                                self.batch)
         return self._choices[bits].get(node) or choice_for(bits)
-
-    def _fastest_modes(self, bits: int) -> dict[str, NodeQuant]:
-        """Per node with a second mode at ``bits``, the mode the target prices fastest with every
-        other node at ``bits`` too (static unless another is strictly faster)."""
-        static = choice_for(bits)
-        alternatives = {8: NodeQuant(mode=DYNAMIC), 4: NodeQuant(weights=4, mode=WEIGHT_ONLY)}
-        alternative = alternatives.get(bits)
-        if alternative is None or alternative.mode not in self.modes:
-            return {}
-        nodes = {n.name: n for n in qir.searchable_nodes(self.priced)}
-        eligible = [n for n in self.nodes if alternative.mode in op_facts.modes(nodes[n])]
-
-        def price(switched: set[str]) -> float:
-            choices = {**self.fixed, **{n: alternative if n in switched else static for n in self.nodes}}
-            return estimate(self.priced, Plan(None, choices), self.table, self.batch, baselines=False).total_us
-
-        # all switched at once first (neighbours in one mode share conversions), then node by node
-        switched = set(eligible) if price(set(eligible)) < price(set()) else set()
-        current = price(switched)
-        for name in eligible:
-            trial = switched ^ {name}
-            if (us := price(trial)) < current:
-                switched, current = trial, us
-        return dict.fromkeys(switched, alternative)
 
     def latency(self, bits: Mapping[str, int]) -> float:
         key = self.key(bits)
@@ -391,8 +374,8 @@ class SearchPass(Pass):
 
     def __init__(self, eval_data: object, max_drop: str | float | Budget = "1%",
                  target: LatencyTable | str = "local-cpu", *, metric: Metric | object = None,
-                 signal: str = "quant-error", batch: int = 1, levels: Sequence[int] = LEVELS,
-                 workers: int | None = None, method: str = "minmax", percentile: float = 99.99,
+                 signal: str = "quant-error", batch: int = 1,
+                 levels: Sequence[int] | Callable[[ir.Model], Sequence[int]] = LEVELS, workers: int | None = None, method: str = "minmax", percentile: float = 99.99,
                  limit: int | None = None, adaround: bool = False, bias_correction: bool = False,
                  calib: object = None, progress: bool = True, latency_model: ir.Model | None = None,
                  rules: object = None, modes: Sequence[str] = MODES, executor: str | None = None) -> None:
@@ -407,14 +390,17 @@ class SearchPass(Pass):
             if not callable(metric):
                 raise QinjectError(f"metric must be callable, got {type(metric).__name__}")
             metric = UserMetric(metric)
-        self.metric, self.signal, self.batch, self.levels = metric, signal, batch, tuple(levels)
+        self.metric, self.signal, self.batch = metric, signal, batch
+        self.levels = levels if callable(levels) else tuple(levels)
         self.workers, self.method, self.percentile, self.limit = workers, method, percentile, limit
         self.executor = executor  # where evaluations run: None/"process", "ray", "ray://HOST:PORT"
 
     def call(self, model: ir.Model) -> PassResult:
         data = AnalysisData.load(self.eval_data, model, self.limit)
+        levels = self.levels(model) if callable(self.levels) else self.levels
+        low_bit = self.low_bit_weights(model) if min(levels) <= 4 else {}
         evaluator = Evaluator(model, data, self.metric, self.workers, self.method, self.percentile,
-                              self.low_bit_weights(model), executor=self.executor,
+                              low_bit, executor=self.executor,
                               progress=f"search {self.algorithm}" if self.progress else None)
         try:
             fixed = None
@@ -424,15 +410,31 @@ class SearchPass(Pass):
                 fixed, unmatched = self.rules.pins(model)
                 if unmatched:
                     warnings.warn(describe_unmatched(unmatched), stacklevel=2)
-            space = SearchSpace(model, evaluator, self.budget, self.table, self.batch, self.signal, self.levels,
+            space = SearchSpace(model, evaluator, self.budget, self.table, self.batch, self.signal, levels,
                                 self.latency_model, fixed, self.modes)
-            model.meta[RESULT] = self.search(space)
+            result = self.search(space)
+            result.levels = [width_label(b) for b in space.levels]
+            result.sensitivity = self._sensitivity(model, space)
+            model.meta[RESULT] = result
         finally:
             evaluator.close()
         return PassResult(model, False)
 
     def search(self, space: SearchSpace) -> SearchResult:
         raise NotImplementedError
+
+    @staticmethod
+    def _sensitivity(model: ir.Model, space: SearchSpace) -> dict:
+        """What the ranking signal cost, and the widths it measured (those every node has)."""
+        key = SIGNALS[space.signal].signal if space.signal in SIGNALS else space.signal
+        count, seconds = model.meta.get(EVALUATIONS, {}).get(key, (None, None))
+        if count is None:
+            return {}
+        values = signal_of(model, key)
+        widths = sorted(set.intersection(*(set(values[n].score) for n in space.nodes)), reverse=True)
+        unit = SIGNALS[space.signal].cost_unit if space.signal in SIGNALS else "model evaluations"
+        return {"signal": key.replace("_", " "), "evaluations": count, "unit": unit, "seconds": seconds,
+                "widths": [width_label(b) for b in widths]}
 
     def low_bit_weights(self, model: ir.Model) -> dict[str, dict[str, np.ndarray]]:
         """Per node, the initializers AdaRound / bias correction give it at 4 bits (on a clone)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,15 +167,20 @@ class SensitivityPass(Pass):
     signal = "signal"
     cost_unit = "model evaluations"  # what the recorded count counts
 
-    def __init__(self, data: AnalysisData | object, bits: tuple[int, ...] = BITS, *, seed: int = 0,
+    def __init__(self, data: AnalysisData | object,
+                 bits: tuple[int, ...] | Callable[[ir.Model], tuple[int, ...]] = BITS, *, seed: int = 0,
                  workers: int | None = None, progress: bool = True, method: str = "minmax",
                  limit: int | None = None, executor: str | None = None) -> None:
-        self.data, self.bits, self.seed = data, tuple(bits), seed
+        # the widths measured, or what decides them per model (a search's ``SearchWidths.measured``)
+        self.widths = bits if callable(bits) else None
+        self.data, self.bits, self.seed = data, BITS if callable(bits) else tuple(bits), seed
         self.workers, self.progress, self.method, self.limit = workers, progress, method, limit
         self.executor = executor  # where evaluations run: None/"process", "ray", "ray://HOST:PORT"
 
     def call(self, model: ir.Model) -> PassResult:
         data = AnalysisData.load(self.data, model, self.limit)
+        if self.widths is not None:
+            self.bits = tuple(self.widths(model))
         start = time.perf_counter()
         with Executor(model, data.inputs, workers=self.workers, method=self.method, executor=self.executor,
                       progress=self.signal.replace("_", " ") if self.progress else None) as executor:

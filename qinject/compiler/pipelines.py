@@ -19,7 +19,7 @@ from qinject.cost.latency_table import LatencyTable, load_target
 from qinject.passes.rounding.adaround import AdaRound
 from qinject.passes.rounding.bias_correction import BiasCorrection
 from qinject.passes.rounding.finetune import Finetune
-from qinject.passes.search import SEARCH_PASSES, SEARCHES
+from qinject.passes.search import SEARCH_PASSES, SEARCHES, SearchWidths
 from qinject.passes.sensitivity import SIGNALS, signal_pass
 from qinject.passes.target.estimate_cost import EstimateCost
 from qinject.passes.target.fit_measured import FitMeasured
@@ -189,13 +189,16 @@ def _search_passes(options: SearchOptions, analysis: object, method: str, percen
         raise CalibrationDataError("a mixed-precision search needs calibration data (random inputs would "
                                    "rank the nodes by noise)")
     evaluation = options.eval_data if options.eval_data is not None else analysis
-    passes = [signal_pass(options.signal, analysis, seed=options.seed, workers=options.workers,
+    # the levels that pay on the target, decided from its table before any evaluation: the signal
+    # measures only those (on a CPU, 8 bits alone: 291 evaluations on BERT-base became 97)
+    widths = SearchWidths(target, latency_batch, tuple(options.modes), rules=options.rules)
+    passes = [signal_pass(options.signal, analysis, bits=widths.measured, seed=options.seed, workers=options.workers,
                           progress=progress, method=method, executor=options.executor)]
     kwargs = {"metric": options.metric, "signal": options.signal, "batch": latency_batch,
               "workers": options.workers, "method": method, "percentile": percentile, "limit": options.limit,
               "executor": options.executor}
     kwargs.update(adaround=options.adaround, bias_correction=options.bias_correction, calib=analysis,
-                  progress=progress, rules=options.rules, modes=options.modes)
+                  progress=progress, rules=options.rules, modes=options.modes, levels=widths.levels)
     if options.search == "pareto":
         kwargs["plot"] = options.pareto_plot
     passes.append(SEARCH_PASSES[options.search](evaluation, options.max_drop, target, **kwargs))

@@ -54,6 +54,9 @@ class SearchResult:
     weights: dict[str, np.ndarray] = field(default_factory=dict)  # initializers the plan replaces (AdaRound, ...)
     searched: list[str] = field(default_factory=list)  # the nodes the search chose (not pinned); Trial.bits order
     score_format: Callable[[float], str] | None = field(default=None, repr=False, compare=False)  # the metric's
+    levels: list[str] = field(default_factory=list)  # the widths searched, highest first ("W16A16", "W8A8")
+    # the sensitivity it ranked by: signal, evaluations, seconds, the widths measured ("W8A8", ...)
+    sensitivity: dict = field(default_factory=dict)
 
     def label(self, node: str) -> str:
         """How ``node``'s choice reads: "W8A8", "W8A8 dynamic", "W4 weight-only/32", "float"."""
@@ -81,7 +84,8 @@ class SearchResult:
                 "float_score": self.float_score, "floor": self.floor, "score": self.score,
                 "latency_us": self.latency_us, "float_us": self.float_us, "sixteen_bit_us": self.sixteen_bit_us,
                 "saving_vs_16_bit": self.saving_vs_16_bit, "evaluations": self.evaluations,
-                "seconds": self.seconds, "bits": self.bits, "message": self.message,
+                "seconds": self.seconds, "bits": self.bits, "message": self.message, "levels": self.levels,
+                "sensitivity": self.sensitivity,
                 "choices": {n: self.label(n) for n in self.bits},
                 "trials": [{"label": t.label, "score": t.score, "passed": t.passed, "latency_us": t.latency_us}
                            for t in self.trials],
@@ -122,6 +126,13 @@ def format_result(result: SearchResult) -> str:
                  f"{result.saving_vs_float:.1%} vs float ({result.float_us:.1f} us)")
     lines.append(f"  full-model evaluations: {result.evaluations} (the float reference included), "
                  f"{result.seconds:.1f} s")
+    if result.levels:
+        lines.append(f"  widths searched: {' -> '.join(result.levels)}")
+    if result.sensitivity:
+        sens = result.sensitivity
+        measured = ", ".join(sens["widths"]) or "no width"
+        lines.append(f"  sensitivity ({sens['signal']}) measured at {measured}: {sens['evaluations']} "
+                     f"{sens['unit']}, {sens['seconds']:.1f} s")
     if result.message:
         lines.append(f"  note: {result.message}")
     return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""Which widths a search on a target can use, so the sensitivity pass measures only those.
+
+A search lowers nodes level by level (16 → 8 → 4). On a CPU target some levels buy nothing:
+onnxruntime runs 16-bit and 4-bit static nodes as dequantize + float, so the table prices them no
+faster than the level above. Measuring each node's sensitivity at such a level costs one model
+evaluation per node (on BERT-base, 97 evaluations of 0.13 s × the evaluation feeds per level) for a
+score the search would never act on. ``SearchWidths`` decides, from the table alone and before any
+evaluation:
+
+- ``levels(model)``: the search's start level, then each lower level that saves anywhere on the
+  target: every node moved to it from the level kept above, one node alone, or all but one;
+- ``measured(model)``: the levels whose sensitivity is measured. Every lower level is; the start
+  level is only where moving to it from float saves anywhere, by the same test. A search takes its
+  start plan to meet the budget unmeasured (bisection's first bracket, greedy's walk), so an
+  unmeasured start level counts as no damage, and the search keeps no node at it that float beats
+  (``SearchSpace.without_slow_nodes``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import onnx_ir as ir
+from qinject.passes.sensitivity.base import choice_for
+
+from qinject.core import ir as qir
+from qinject.core import op_facts
+from qinject.core.plan import DYNAMIC, WEIGHT_ONLY, NodeQuant, Plan
+from qinject.core.rules import Rules
+from qinject.cost.estimate import estimate, priced_model
+from qinject.cost.latency_table import LatencyTable, load_target
+
+WIDTHS = "qinject.search.widths"  # model meta: {"levels": [...], "measured": [...]}
+# the mode a width may run in besides static, where the target prices it faster
+ALTERNATIVES = {8: NodeQuant(mode=DYNAMIC), 4: NodeQuant(weights=4, mode=WEIGHT_ONLY)}
+
+
+def fastest_modes(priced: ir.Model, nodes: Sequence[str], fixed: Mapping[str, NodeQuant | None], bits: int,
+                  modes: Sequence[str], table: LatencyTable, batch: int) -> dict[str, NodeQuant]:
+    """Per node of ``nodes`` with a second mode at ``bits``, that mode where the target prices it
+    faster with every other node at ``bits`` too (static unless another is strictly faster)."""
+    static = choice_for(bits)
+    alternative = ALTERNATIVES.get(bits)
+    if alternative is None or alternative.mode not in modes:
+        return {}
+    by_name = {n.name: n for n in qir.searchable_nodes(priced)}
+    eligible = [n for n in nodes if alternative.mode in op_facts.modes(by_name[n])]
+
+    def price(switched: set[str]) -> float:
+        choices = {**fixed, **{n: alternative if n in switched else static for n in nodes}}
+        return estimate(priced, Plan(None, choices), table, batch, baselines=False).total_us
+
+    # all switched at once first (neighbours in one mode share conversions), then node by node
+    switched = set(eligible) if price(set(eligible)) < price(set()) else set()
+    current = price(switched)
+    for name in eligible:
+        trial = switched ^ {name}
+        if (us := price(trial)) < current:
+            switched, current = trial, us
+    return dict.fromkeys(switched, alternative)
+
+
+@dataclass(frozen=True)
+class SearchWidths:
+    """The levels a search on ``target`` uses and the widths its sensitivity pass measures, per model
+    (each is a callable the pipeline hands to the sensitivity pass and to the search pass).
+
+    Attributes:
+        target: the latency table the search prices plans on.
+        batch: the batch of the latency estimate.
+        modes: the execution modes a width may run in.
+        levels_wanted: the levels the search would use on a target where every one pays.
+        rules: pins; pinned nodes are not searched and do not decide a level.
+        latency_model: price on this graph instead (as ``SearchPass``).
+    """
+
+    target: LatencyTable | str
+    batch: int
+    modes: tuple[str, ...]
+    levels_wanted: tuple[int, ...] = (16, 8, 4)
+    rules: Rules | None = None
+    latency_model: ir.Model | None = None
+
+    @property
+    def table_name(self) -> str:
+        return self.target.target if isinstance(self.target, LatencyTable) else str(self.target)
+
+    def levels(self, model: ir.Model) -> tuple[int, ...]:
+        return tuple(self._decide(model)["levels"])
+
+    def measured(self, model: ir.Model) -> tuple[int, ...]:
+        return tuple(self._decide(model)["measured"])
+
+    def _decide(self, model: ir.Model) -> dict[str, list[int]]:
+        """Decided once per model, and recorded in its meta (``WIDTHS``) for the search's report."""
+        key = [self.table_name, self.batch, list(self.modes), list(self.levels_wanted)]
+        if model.meta.get(WIDTHS, {}).get("key") != key:
+            pricing = _Pricing(self, model)
+            wanted = sorted(self.levels_wanted, reverse=True)
+            levels = [wanted[0]]
+            for low in wanted[1:]:
+                if pricing.pays(levels[-1], low):
+                    levels.append(low)
+            measured = levels if pricing.pays(None, levels[0]) else levels[1:]
+            model.meta[WIDTHS] = {"key": key, "levels": levels, "measured": measured}
+        return model.meta[WIDTHS]
+
+
+class _Pricing:
+    """Plans of one model priced on the target: uniform at a level, one node moved at a time."""
+
+    def __init__(self, widths: SearchWidths, model: ir.Model) -> None:
+        table = widths.target
+        self.table = table if isinstance(table, LatencyTable) else load_target(table)
+        self.batch, self.modes = widths.batch, widths.modes
+        self.priced = priced_model(widths.latency_model if widths.latency_model is not None else model, widths.batch)
+        self.fixed = widths.rules.pins(model)[0] if widths.rules is not None else {}
+        self.nodes = [n.name for n in qir.searchable_nodes(model) if n.name not in self.fixed]
+
+    def choices(self, bits: int | None) -> dict[str, NodeQuant | None]:
+        if bits is None:
+            return dict.fromkeys(self.nodes)
+        faster = fastest_modes(self.priced, self.nodes, self.fixed, bits, self.modes, self.table, self.batch)
+        return {n: faster.get(n) or choice_for(bits) for n in self.nodes}
+
+    def price(self, choices: Mapping[str, NodeQuant | None]) -> float:
+        return estimate(self.priced, Plan(None, {**self.fixed, **choices}), self.table, self.batch,
+                        baselines=False).total_us
+
+    def pays(self, high: int | None, low: int) -> bool:
+        """Whether lowering from ``high`` (None: float) to ``low`` saves anywhere: every node at once,
+        one node alone, or all but one (conversions between the two widths can make a lone node
+        slower where a group is faster, and the other way round)."""
+        above, below = self.choices(high), self.choices(low)
+        high_us, low_us = self.price(above), self.price(below)
+        return low_us < high_us or any(self.price({**above, n: below[n]}) < high_us or
+                                       self.price({**below, n: above[n]}) > low_us for n in self.nodes)
