@@ -20,7 +20,9 @@ onnxruntime do:
   tensor and width, as the rewrite shares its Q/DQ pairs. No peer tool models this cost.
 
 Execution modes (``qinject.plan.MODES``) other than static read and write float: a dynamic node
-(MatMul, Gemm, LSTM) costs its int8 kernel plus the run-time quantization pass over its input; a
+(MatMul, Gemm, LSTM) costs its int8 kernel plus the run-time quantization pass over its input (once
+per input however many dynamic nodes read it; on onnxruntime's CPU a MatMul's bias Add runs inside
+the kernel, where a static MatMul's stays a float Add); a
 weight-only MatMul/Gemm (onnxruntime's MatMulNBits) moves its packed weight and computes in float;
 other weight-only ops run the float op on a weight dequantized every run. Neither needs a conversion around it.
 
@@ -173,6 +175,14 @@ def priced_model(model: ir.Model, batch: int) -> ir.Model:
     return priced
 
 
+def _constant(value: ir.Value) -> bool:
+    """An initializer, or an Identity of one (TorchScript's tied biases), which onnxruntime folds."""
+    while value.const_value is None and (producer := value.producer()) is not None and \
+            producer.op_type == "Identity" and producer.inputs[0] is not None:
+        value = producer.inputs[0]
+    return value.const_value is not None and not value.is_graph_input()
+
+
 def _concrete(value: ir.Value) -> bool:
     return value.shape is not None and all(isinstance(d, int) for d in value.shape)
 
@@ -197,6 +207,9 @@ class _Estimator:
         self.joined: dict[str, int] = {}  # Concat/Add run on the integers -> their width (filled below)
         self.bits = self._integer_tensors()
         self.fused = self._fused_epilogues(model, [n for n in self.graph if n.name in self.joined])
+        if not self.native:
+            self.fused.update(self._fused_biases())
+        self.quantized_inputs: set[str] = set()  # inputs a dynamic node priced quantizing (once each)
 
     def run(self) -> CostReport:
         report = CostReport(self.table.target, [], [], run_overhead_us=self.table.roofline.run_overhead_us)
@@ -218,6 +231,24 @@ class _Estimator:
                     break
                 fused[consumer.name] = node.name
                 value = consumer.outputs[0]
+        return fused
+
+    def _fused_biases(self) -> dict[str, str]:
+        """Bias Add -> the dynamic MatMul whose kernel adds it: onnxruntime fuses a dynamic MatMul's
+        constant bias into DynamicQuantizeMatMul / MatMulIntegerToFloat; a static (QDQ) MatMul's
+        stays a float Add (BERT-base: 72 Adds of 30-50 us each)."""
+        fused = {}
+        for node in self.graph:
+            choice = self.choices.get(node.name)
+            if choice is None or choice.mode != DYNAMIC or node.op_type != "MatMul":
+                continue
+            uses = node.outputs[0].uses()
+            if len(uses) != 1 or node.outputs[0].is_graph_output():
+                continue
+            add = uses[0].node
+            other = add.inputs[1 - uses[0].idx] if add.op_type == "Add" and len(add.inputs) == 2 else None
+            if other is not None and _constant(other) and other.shape is not None and len(other.shape) == 1:
+                fused[add.name] = node.name
         return fused
 
     # -- which tensors are held as integers --------------------------------------------------------------
@@ -322,20 +353,20 @@ class _Estimator:
         out_bytes = _elements(node.outputs[0]) * _bytes(FLOAT_BITS)
         fp32 = _float_precision(roofline)
         if choice.mode == DYNAMIC:
-            # the int8 kernel (every weight of it: LSTM's W and R), then the pass that finds the input's
-            # range and quantizes it. On a measured table both are priced by its fits: the static W8A8
-            # kernel of the same shape, and a QuantizeLinear of the input that reads it once more for its
-            # range (DynamicQuantizeLinear), so never cheaper than a static node plus its input's
-            # quantization (the roofline alone priced a dynamic BERT at 0.22x of float; it measures 0.40x)
+            # the int8 kernel (every weight of it: LSTM's W and R) by the table's static W8A8 fit of the
+            # same shape, then the run-time quantization of its input, priced as a static QuantizeLinear
+            # of it (onnxruntime's DynamicQuantizeLinear measures the same: 30 us against 32-40 us on
+            # BERT-base's 128x768) less a kernel launch (a lone reader fuses it: DynamicQuantizeMatMul),
+            # once per input however many dynamic nodes read it (Q, K and V)
             extra = op_facts.fact(node).weight_inputs or ()
             weights = _elements(weight) if not extra else sum(_elements(node.inputs[i]) for i in extra)
             kernel = roofline.node_us(macs, weights * _bytes(8) + inputs + out_bytes, roofline.precision(8, 8))
             us = self._fitted(node.op_type, 8, 8, kernel)
-            per_byte_us = 1e6 / roofline.memory_bytes_per_s
-            quantize_us = inputs * (_bytes(FLOAT_BITS) + _bytes(8)) * per_byte_us
-            fitted = self.fallback.price("QuantizeLinear", 0, 8, STATIC,
-                                         quantize_us + inputs * _bytes(FLOAT_BITS) * per_byte_us)
-            us += quantize_us if fitted is None else fitted
+            for i in op_facts.activation_inputs(node):
+                value = node.inputs[i]
+                if value is not None and value.name not in self.quantized_inputs:
+                    us += max(0.0, self._conversion(value, FLOAT_BITS, 8).latency_us - roofline.op_overhead_us)
+                    self.quantized_inputs.add(value.name)
         elif op_facts.weight_only_kernel(node) and not self._read_quantized(node.outputs[0], False):
             # weight-only MatMul/Gemm: MatMulNBits unpacks blocks in its kernel (onnxruntime does not
             # fuse it when a static node reads its output directly: then dequantize + float)

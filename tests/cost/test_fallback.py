@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from qinject.app.api import estimate_latency
 from qinject.core import ir as qir
@@ -121,3 +124,40 @@ def test_dynamic_costs_no_less_than_the_static_kernel_plus_quantizing_its_input(
     roofline_only = estimate_latency(matmul_net(), Plan(None, {"mm1": NodeQuant(mode=DYNAMIC)}),
                                      LatencyTable("cpu", "measured", ROOF), batch=64)
     assert node.latency_us > {c.node: c for c in roofline_only.nodes}["mm1"].latency_us
+
+
+def _shared_input_net() -> onnx.ModelProto:
+    """x[1,128,64] read by two MatMuls (BERT's Q and K), each followed by a bias Add: one bias an
+    initializer, the other an Identity of one (as TorchScript writes tied parameters)."""
+    rng = np.random.default_rng(0)
+    init = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), f"w{i}") for i in (1, 2)]
+    init += [numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), n) for n in ("b1", "b2_init")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="q"),
+             helper.make_node("Add", ["m1", "b1"], ["y1"], name="q_bias"),
+             helper.make_node("MatMul", ["x", "w2"], ["m2"], name="k"),
+             helper.make_node("Identity", ["b2_init"], ["b2"], name="tied"),
+             helper.make_node("Add", ["b2", "m2"], ["y2"], name="k_bias")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128, 64])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 128, 64]) for y in ("y1", "y2")],
+                              init)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_dynamic_matmuls_sharing_an_input_quantize_it_once_and_take_their_bias_in_the_kernel():
+    """As onnxruntime's CPU runs them: one DynamicQuantizeLinear of x for both MatMulIntegerToFloat,
+    each adding its bias; a static (QDQ) MatMul's bias stays a float Add."""
+    table = _matmul_table()
+    both = {n: NodeQuant(mode=DYNAMIC) for n in ("q", "k")}
+    dynamic = {c.node: c for c in estimate_latency(_shared_input_net(), Plan(None, both), table).nodes}
+    static = estimate_latency(_shared_input_net(), Plan(None, dict.fromkeys(("q", "k"), NodeQuant())), table)
+    quantize_x = next(c for c in static.conversions if c.tensor == "x").latency_us
+    kernel = {c.node: c for c in static.nodes}["q"].latency_us
+    launch = table.roofline.op_overhead_us  # a lone reader's quantization runs inside its kernel
+    assert dynamic["q"].latency_us == pytest.approx(kernel + quantize_x - launch)
+    assert dynamic["k"].latency_us == pytest.approx(kernel)  # x is quantized once
+    assert dynamic["q_bias"].source == "fused into q" and dynamic["k_bias"].source == "fused into k"
+    assert dynamic["q_bias"].latency_us == dynamic["k_bias"].latency_us == 0.0
+    assert all(c.latency_us > 0 for c in static.nodes if c.node in ("q_bias", "k_bias"))
+    # an accelerator's roofline has no such rule: a bias Add after a dynamic node is its own op there
+    analytic = {c.node: c for c in estimate_latency(_shared_input_net(), Plan(None, both), _table("analytic")).nodes}
+    assert analytic["q_bias"].latency_us > 0
