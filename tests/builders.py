@@ -10,8 +10,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qinject.latency_table import LatencyTable
+
 ROOT = Path(__file__).resolve().parents[1]
 CNN = ROOT / "models" / "digits_cnn"  # the bundled default model: model.onnx, calib.npz, eval.npz
+
+
+def roofline_table(target: str, peaks: dict[str, float], memory_bytes_per_s: float) -> LatencyTable:
+    """An analytic target of the given peaks (ops/s per precision) and memory bandwidth, no launch cost."""
+    return LatencyTable.from_dict({
+        "format": "qinject-latency-table", "version": 1, "target": target, "kind": "analytic",
+        "description": "test roofline", "source": "tests",
+        "roofline": {"peak_ops_per_s": peaks, "memory_bytes_per_s": memory_bytes_per_s, "op_overhead_us": 0.0,
+                     "sixteen_bit": "fp16"}})
 
 
 def run_cli(*args: object, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

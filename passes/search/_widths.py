@@ -31,7 +31,7 @@ from qinject.core.rules import Rules
 from qinject.cost.estimate import estimate, priced_model
 from qinject.cost.latency_table import LatencyTable, load_target
 
-WIDTHS = "qinject.search.widths"  # model meta: {"levels": [...], "measured": [...]}
+WIDTHS = "qinject.search.widths"  # model meta: {"key": what decided it, "levels": [...], "measured": [...]}
 # the mode a width may run in besides static, where the target prices it faster
 ALTERNATIVES = {8: NodeQuant(mode=DYNAMIC), 4: NodeQuant(weights=4, mode=WEIGHT_ONLY)}
 

@@ -20,16 +20,12 @@ from qinject.core import op_facts
 from qinject.core.search_result import Trial
 from qinject.latency_table import Entry, LatencyTable
 from qinject.runtime.evaluation import Accuracy, Budget, BudgetError, Fidelity
-from tests.builders import CNN
+from tests.builders import CNN, roofline_table
 
 # A memory-bound target: time is bytes moved, so halving a node's weight bits always saves and the
 # orders hold every node (W4A8 runs int8 arithmetic; the shipped tables leave small layers bound by
 # their per-op overhead, where 4-bit weights save nothing).
-MEMORY_BOUND = LatencyTable.from_dict({
-    "format": "qinject-latency-table", "version": 1, "target": "memory-bound", "kind": "analytic",
-    "description": "test roofline", "source": "tests",
-    "roofline": {"peak_ops_per_s": {"fp32": 1e18, "fp16": 1e18, "int8": 1e18, "int4": 1e18},
-                 "memory_bytes_per_s": 1e9, "op_overhead_us": 0.0, "sixteen_bit": "fp16"}})
+MEMORY_BOUND = roofline_table("memory-bound", {"fp32": 1e18, "fp16": 1e18, "int8": 1e18, "int4": 1e18}, 1e9)
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,15 @@ from qinject.app.api import SearchOptions, load_onnx
 from qinject.core.errors import QinjectError
 from qinject.core.search_result import format_result
 from qinject.core.pass_manager import PassManager
-from qinject.latency_table import LatencyTable
 from qinject.passes.transforms import prepare
 from qinject.runtime.evaluation import Budget
-from tests.builders import CNN
+from tests.builders import CNN, roofline_table
 
 MODES = ("static", "dynamic", "weight-only")
 
 # A target with no 16-bit or 4-bit arithmetic, as onnxruntime's CPU: those widths run as dequantize +
 # float and cost the conversions on top, so only 8 bits can beat float.
-ONLY_INT8 = LatencyTable.from_dict({
-    "format": "qinject-latency-table", "version": 1, "target": "only-int8", "kind": "analytic",
-    "description": "test roofline", "source": "tests",
-    "roofline": {"peak_ops_per_s": {"fp32": 1e11, "fp16": 9e10, "int8": 1e12, "int4": 1e11},
-                 "memory_bytes_per_s": 1e15, "op_overhead_us": 0.0, "sixteen_bit": "fp16"}})
+ONLY_INT8 = roofline_table("only-int8", {"fp32": 1e11, "fp16": 9e10, "int8": 1e12, "int4": 1e11}, 1e15)
 
 
 @pytest.fixture(scope="module")
