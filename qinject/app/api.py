@@ -358,7 +358,9 @@ def _nothing_to_quantize(model: ir.Model, notes: dict[str, list[str]] | None = N
     why nothing was quantized (each node's note says why it stayed float)."""
 
     if notes:
-        node, reasons = next(iter(notes.items()))
+        # a quantizable node's own reason first (a container's note only sums up its bodies')
+        searchable = {n.name for n in qir.searchable_nodes(model)}
+        node, reasons = next(((n, r) for n, r in notes.items() if n in searchable), next(iter(notes.items())))
         return f"nothing was quantized: {len(notes)} node(s) stayed float (node {node!r}: {reasons[-1]})"
     nodes = list(model.graph.all_nodes())
     candidates = [n for n in nodes if op_facts.fact(n).quantizable and op_facts.weight_index(n) is not None]

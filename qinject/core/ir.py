@@ -43,6 +43,7 @@ SHAPES_GIVEN = "qinject.input_shapes.given"
 # BERT-base whose file names no shapes gets no SkipLayerNormalization, 7x slower than Add +
 # LayerNormalization on onnxruntime 1.32's CPU, but got one per residual Add once qinject wrote them).
 ANNOTATED_VALUES = "qinject.source.annotated_values"
+SOURCE_FILE = "qinject.source.file"  # main graph meta: the file the model was loaded from (absolute)
 # On the model: one small calibration feed (input name -> array) that the written model is run on once.
 SAMPLE_FEED = "qinject.calibration.sample_feed"
 # On jax-domain nodes (op_type = the primitive's name): the JaxEqn the JAX backend re-binds.

@@ -65,6 +65,8 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> ir.Model:
         del proto
         model = qir.infer_shapes(model)
         model.graph.meta[qir.ANNOTATED_VALUES] = annotated
+        if base_dir is not None:
+            model.graph.meta[qir.SOURCE_FILE] = str(Path(source).resolve())
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{label} is not a valid ONNX model: {first}") from None

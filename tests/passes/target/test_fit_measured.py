@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 
+import onnx
 import pytest
 
 import qinject
@@ -24,16 +26,21 @@ def _clock(cost_of: dict[str, float], base: float = 1.0, per_node: float = 0.0):
     """A stand-in for ``interleaved_latency``: float runs in ``base`` ms; a rewrite takes ``base`` plus,
     for each quantized node, ``cost_of[node]`` (negative: a saving) and a fixed ``per_node``."""
     seen: list[int] = []
+    baselines: list[object] = []
 
     def timings(models, feeds, budget_s=2.0):
         seen.append(len(models))
+        baselines.append(models[0])
         out = []
         for model in models:
+            if isinstance(model, str):  # the source file: the float model
+                out.append(base)
+                continue
             quantized = [n.name for n in model.graph.all_nodes() if qir.QUANT_APPLIED in n.meta]
             out.append(base + sum(cost_of.get(n, 0.0) + per_node for n in quantized))
         return out
 
-    timings.seen = seen
+    timings.seen, timings.baselines = seen, baselines
     return timings
 
 
@@ -51,6 +58,7 @@ def test_a_rewrite_faster_than_float_is_kept_whole_after_two_timings(tmp_path, m
     monkeypatch.setattr(fit_measured, "interleaved_latency", clock)
     result = _quantize(tmp_path, force=False)
     assert clock.seen == [2, 2]  # float and the plan, then again in fresh sessions
+    assert clock.baselines == [str((CNN / "model.onnx").resolve())] * 2  # the float model is the user's file
     assert result.measured["tried"] == 1 and result.measured["quantized_ms"] < result.measured["float_ms"]
     assert result.quantized and not any("measured" in n for notes in result.notes.values() for n in notes)
 
@@ -95,6 +103,21 @@ def test_force_and_no_measure_skip_it(tmp_path, monkeypatch):
     plain = qinject.quantize_onnx(CNN / "model.onnx", tmp_path / "p.onnx", calib=CNN / "calib.npz",
                                   target="local-cpu", progress=False)
     assert plain.quantized and plain.measured is None and clock.seen == []
+
+
+def test_the_float_baseline_is_the_source_file_onnxruntime_runs(tmp_path):
+    """The rewrite must beat the model as the user runs it: the file it came from, not the pipeline's
+    re-serialised float IR (a TorchScript If export ran 1.5x slower from it). The IR stands in for a
+    model given in memory, and for a source onnxruntime cannot load."""
+    loaded = qinject.load_onnx(CNN / "model.onnx")
+    assert fit_measured._float_model(loaded) == str((CNN / "model.onnx").resolve())
+    in_memory = qinject.load_onnx(onnx.load(str(CNN / "model.onnx")))
+    assert fit_measured._float_model(in_memory) is in_memory
+    copy = tmp_path / "m.onnx"
+    shutil.copy(CNN / "model.onnx", copy)
+    gone = qinject.load_onnx(copy)
+    copy.write_bytes(b"truncated")
+    assert fit_measured._float_model(gone) is gone
 
 
 def test_the_halvings_of_the_candidates():
