@@ -161,3 +161,23 @@ def test_dynamic_matmuls_sharing_an_input_quantize_it_once_and_take_their_bias_i
     # an accelerator's roofline has no such rule: a bias Add after a dynamic node is its own op there
     analytic = {c.node: c for c in estimate_latency(_shared_input_net(), Plan(None, both), _table("analytic")).nodes}
     assert analytic["q_bias"].latency_us > 0
+
+
+def test_a_scale_on_a_float_matmul_runs_inside_it_and_stays_an_op_when_the_matmul_is_quantized():
+    """onnxruntime folds attention's scalar scale (a Mul by a Constant, either input, or a Div after)
+    into a float MatMul (FusedMatMul); a quantized MatMul keeps it, so quantizing the scores costs it."""
+    q, k = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 32, 16]) for n in ("q", "k"))
+    nodes = [helper.make_node("Constant", [], ["s"], name="scale", value=numpy_helper.from_array(np.float32(0.5))),
+             helper.make_node("Mul", ["q", "s"], ["qs"], name="scale_q"),
+             helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["qs", "kt"], ["scores"], name="scores"),
+             helper.make_node("Div", ["scores", "d"], ["out"], name="divide")]
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 32, 32])
+    graph = helper.make_graph(nodes, "attention", [q, k], [out],
+                              [numpy_helper.from_array(np.array([2.0], np.float32), "d")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    table = _matmul_table()
+    floated = {c.node: c for c in estimate_latency(model, Plan(None, {}), table).nodes}
+    assert floated["scale_q"].source == floated["divide"].source == "fused into scores"
+    quantized = {c.node: c for c in estimate_latency(model, Plan(None, {"scores": NodeQuant()}), table).nodes}
+    assert quantized["scale_q"].latency_us > 0 and quantized["divide"].latency_us > 0
