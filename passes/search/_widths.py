@@ -117,12 +117,15 @@ class _Pricing:
         self.priced = priced_model(widths.latency_model if widths.latency_model is not None else model, widths.batch)
         self.fixed = widths.rules.pins(model)[0] if widths.rules is not None else {}
         self.nodes = [n.name for n in qir.searchable_nodes(model) if n.name not in self.fixed]
+        self._choices: dict[int | None, dict[str, NodeQuant | None]] = {None: dict.fromkeys(self.nodes)}
 
     def choices(self, bits: int | None) -> dict[str, NodeQuant | None]:
-        if bits is None:
-            return dict.fromkeys(self.nodes)
-        faster = fastest_modes(self.priced, self.nodes, self.fixed, bits, self.modes, self.table, self.batch)
-        return {n: faster.get(n) or choice_for(bits) for n in self.nodes}
+        """Every node at ``bits`` in its fastest mode (None: float); once per width, as each level
+        is compared with the one above and the one below."""
+        if bits not in self._choices:
+            faster = fastest_modes(self.priced, self.nodes, self.fixed, bits, self.modes, self.table, self.batch)
+            self._choices[bits] = {n: faster.get(n) or choice_for(bits) for n in self.nodes}
+        return self._choices[bits]
 
     def price(self, choices: Mapping[str, NodeQuant | None]) -> float:
         return estimate(self.priced, Plan(None, {**self.fixed, **choices}), self.table, self.batch,
