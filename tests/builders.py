@@ -121,6 +121,34 @@ def matmul_net(seed: int = 0, opset: int = 13) -> onnx.ModelProto:
     return model
 
 
+
+def attention_block(width: int = 256, tokens: int = 128, seed: int = 0) -> onnx.ModelProto:
+    """One head of a transformer's attention, x[1,tokens,width] -> y: Q, K and V projections with
+    their bias Adds, the scores Q Kᵀ (a MatMul of two activations) scaled by 1/sqrt(width), Softmax,
+    the context (probabilities x V, two activations again), the output projection and its bias."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.float32(1 / np.sqrt(width)), "scale")]
+    for p in "qkvo":
+        inits += [numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32),
+                                          f"w{p}"),
+                  numpy_helper.from_array(rng.standard_normal(width).astype(np.float32) * 0.1, f"b{p}")]
+    nodes = []
+    for p in "qkv":
+        nodes += [helper.make_node("MatMul", ["x", f"w{p}"], [f"{p}0"], name=f"{p}_proj"),
+                  helper.make_node("Add", [f"{p}0", f"b{p}"], [p], name=f"{p}_bias")]
+    nodes += [helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+              helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+              helper.make_node("Mul", ["scores", "scale"], ["scaled"], name="scale"),
+              helper.make_node("Softmax", ["scaled"], ["probs"], name="softmax", axis=-1),
+              helper.make_node("MatMul", ["probs", "v"], ["context"], name="context"),
+              helper.make_node("MatMul", ["context", "wo"], ["o0"], name="o_proj"),
+              helper.make_node("Add", ["o0", "bo"], ["y"], name="o_bias")]
+    graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 [1, tokens, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 

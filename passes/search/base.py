@@ -364,6 +364,8 @@ class SearchPass(Pass):
         latency_model: price plans on this graph instead (the same network, e.g. traced at the
             deployment batch; constants folded like the model's).
         rules: ``qinject.rules.Rules`` pinning the nodes they match (the search chooses the rest).
+        floated: nodes kept float without searching them, or what decides them per model (a
+            search's ``SearchWidths.floated``: no width pays for them on the target); rules win.
         modes: the execution modes a width may run in (``qinject.plan.MODES``; static always).
         executor: where the evaluations run: None or "process" (the local process pool), "ray" (a local
             Ray), "ray://HOST:PORT" (a Ray cluster); the results are the same.
@@ -378,12 +380,14 @@ class SearchPass(Pass):
                  levels: Sequence[int] | Callable[[ir.Model], Sequence[int]] = LEVELS, workers: int | None = None, method: str = "minmax", percentile: float = 99.99,
                  limit: int | None = None, adaround: bool = False, bias_correction: bool = False,
                  calib: object = None, progress: bool = True, latency_model: ir.Model | None = None,
-                 rules: object = None, modes: Sequence[str] = MODES, executor: str | None = None) -> None:
+                 rules: object = None, modes: Sequence[str] = MODES, executor: str | None = None,
+                 floated: Sequence[str] | Callable[[ir.Model], Sequence[str]] = ()) -> None:
 
         if (adaround or bias_correction) and calib is None:
             raise QinjectError("AdaRound and bias correction need calibration data (calib)")
         self.adaround, self.bias_correction, self.calib, self.progress = adaround, bias_correction, calib, progress
         self.latency_model, self.rules, self.modes = latency_model, rules, tuple(modes)
+        self.floated = floated if callable(floated) else tuple(floated)
         self.eval_data, self.budget = eval_data, Budget.parse(max_drop)
         self.table = target if isinstance(target, LatencyTable) else load_target(target)
         if metric is not None and not isinstance(metric, Metric):
@@ -403,16 +407,20 @@ class SearchPass(Pass):
                               low_bit, executor=self.executor,
                               progress=f"search {self.algorithm}" if self.progress else None)
         try:
-            fixed = None
+            floated = self.floated(model) if callable(self.floated) else self.floated
+            fixed: dict[str, NodeQuant | None] = dict.fromkeys(floated)
             if self.rules is not None:
-
-
-                fixed, unmatched = self.rules.pins(model)
+                pins, unmatched = self.rules.pins(model)
+                fixed.update(pins)
                 if unmatched:
                     warnings.warn(describe_unmatched(unmatched), stacklevel=2)
             space = SearchSpace(model, evaluator, self.budget, self.table, self.batch, self.signal, levels,
                                 self.latency_model, fixed, self.modes)
             result = self.search(space)
+            if floated:
+                kept = (f"{len(floated)} node(s) kept float without a search: no width pays for them on "
+                        f"{self.table.target}")
+                result.message = "; ".join(m for m in (kept, result.message) if m)
             result.levels = [width_label(b) for b in space.levels]
             result.sensitivity = self._sensitivity(model, space)
             model.meta[RESULT] = result

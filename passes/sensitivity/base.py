@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,17 +170,19 @@ class SensitivityPass(Pass):
     def __init__(self, data: AnalysisData | object,
                  bits: tuple[int, ...] | Callable[[ir.Model], tuple[int, ...]] = BITS, *, seed: int = 0,
                  workers: int | None = None, progress: bool = True, method: str = "minmax",
-                 limit: int | None = None, executor: str | None = None) -> None:
+                 limit: int | None = None, executor: str | None = None,
+                 skip: Collection[str] | Callable[[ir.Model], Collection[str]] = ()) -> None:
         # the widths measured, or what decides them per model (a search's ``SearchWidths.measured``)
         self.widths = bits if callable(bits) else None
+        # nodes not measured, or what decides them per model (``SearchWidths.floated``: no width pays)
+        self.skip, self.skipped = skip, frozenset(() if callable(skip) else skip)
         self.data, self.bits, self.seed = data, BITS if callable(bits) else tuple(bits), seed
         self.workers, self.progress, self.method, self.limit = workers, progress, method, limit
         self.executor = executor  # where evaluations run: None/"process", "ray", "ray://HOST:PORT"
 
     def call(self, model: ir.Model) -> PassResult:
         data = AnalysisData.load(self.data, model, self.limit)
-        if self.widths is not None:
-            self.bits = tuple(self.widths(model))
+        self.settle(model)
         start = time.perf_counter()
         with Executor(model, data.inputs, workers=self.workers, method=self.method, executor=self.executor,
                       progress=self.signal.replace("_", " ") if self.progress else None) as executor:
@@ -194,6 +196,17 @@ class SensitivityPass(Pass):
 
     def measure(self, model: ir.Model, executor: Executor, data: AnalysisData) -> dict[str, NodeSignal]:
         raise NotImplementedError
+
+    def settle(self, model: ir.Model) -> None:
+        """The widths and the skipped nodes, where callables decide them per model."""
+        if self.widths is not None:
+            self.bits = tuple(self.widths(model))
+        if callable(self.skip):
+            self.skipped = frozenset(self.skip(model))
+
+    def targets(self, model: ir.Model) -> list[ir.Node]:
+        """The nodes this pass measures: every quantizable node (``iter_quantizable``) but the skipped."""
+        return [n for n in iter_quantizable(model) if n.name not in self.skipped]
 
 
 def signal_of(model: ir.Model, signal: str) -> dict[str, NodeSignal]:

@@ -40,7 +40,6 @@ from qinject.passes.sensitivity.base import (
     NodeSignal,
     SensitivityPass,
     alone,
-    iter_quantizable,
 )
 
 from qinject.core import op_facts
@@ -84,7 +83,7 @@ class BitError(SensitivityPass):
         self.seeds, self.score_rate = seeds, float(score_rate)
 
     def measure(self, model: ir.Model, executor: Executor, data: AnalysisData) -> dict[str, NodeSignal]:
-        nodes = list(iter_quantizable(model))
+        nodes = self.targets(model)
         flipping = [r for r in self.rates if r > 0]
         reference = executor.reference()
         # Filled while the variants are built: per evaluation (node, bits, rate or None for the

@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from collections.abc import Callable, Collection
 from functools import partial
 from typing import Any
 
@@ -86,9 +87,10 @@ class Hessian(SensitivityPass):
     def __init__(self, data: AnalysisData | object, bits: tuple[int, ...] = BITS, *, seed: int = 0,
                  workers: int | None = None, progress: bool = True, method: str = "minmax",
                  tol: float = 1e-3, max_iter: int = 100, min_iter: int = 5, samples: int = 256,
-                 batch_size: int = 64, limit: int | None = None, executor: str | None = None) -> None:
+                 batch_size: int = 64, limit: int | None = None, executor: str | None = None,
+                 skip: Collection[str] | Callable[[ir.Model], Collection[str]] = ()) -> None:
         super().__init__(data, bits, seed=seed, workers=workers, progress=progress, method=method, limit=limit,
-                         executor=executor)
+                         executor=executor, skip=skip)
         if not 1 <= min_iter <= max_iter:
             raise ValueError(f"need 1 <= min_iter <= max_iter, got min_iter={min_iter}, max_iter={max_iter}")
         self.tol, self.max_iter, self.min_iter = tol, max_iter, min_iter
@@ -97,6 +99,7 @@ class Hessian(SensitivityPass):
     def call(self, model: ir.Model) -> PassResult:
         # Overrides the base: Hessian-vector products through the JAX backend, no executor.
         data = AnalysisData.load(self.data, model, limit=self.samples)
+        self.settle(model)
         start = time.perf_counter()
         signals = self.traces(model, data)
         for node in iter_quantizable(model):
@@ -111,7 +114,7 @@ class Hessian(SensitivityPass):
         floats = {name for name, v in model.graph.initializers.items()
                   if v.const_value is not None and v.const_value.numpy().dtype.kind == "f"}
         signals, nodes = {}, []
-        for node in iter_quantizable(model):
+        for node in self.targets(model):
             w = op_facts.weight_of(node)
             if w is not None and w.name in floats:
                 nodes.append((node, w))

@@ -42,7 +42,6 @@ from qinject.passes.sensitivity.base import (
     NodeSignal,
     SensitivityPass,
     choice_for,
-    iter_quantizable,
 )
 
 from qinject.core import ir as qir
@@ -73,7 +72,7 @@ class Noise(SensitivityPass):
         self.draws, self.separate = draws, separate
 
     def measure(self, model: ir.Model, executor: Executor, data: AnalysisData) -> dict[str, NodeSignal]:
-        nodes = list(iter_quantizable(model))
+        nodes = self.targets(model)
         # (weight noise, activation noise) per evaluation: both, then each alone with ``separate``.
         kinds = ((True, True),) + (((True, False), (False, True)) if self.separate else ())
         reference = executor.reference()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from qinject.passes.sensitivity.base import AnalysisData, NodeSignal, SensitivityPass, alone, iter_quantizable
+from qinject.passes.sensitivity.base import AnalysisData, NodeSignal, SensitivityPass, alone
 
 from qinject.core import ir as qir
 from qinject.core import numerics, op_facts
@@ -35,7 +35,7 @@ class QuantError(SensitivityPass):
     signal = "quant_error"
 
     def measure(self, model: ir.Model, executor: Executor, data: AnalysisData) -> dict[str, NodeSignal]:
-        nodes = list(iter_quantizable(model))
+        nodes = self.targets(model)
         reference = executor.reference()
         variants = (executor.quantized(alone(n.name, b)) for n in nodes for b in self.bits)
         outputs = executor.run(variants, progress=self.progress and "quant error", total=len(nodes) * len(self.bits))

@@ -63,7 +63,11 @@ class FitTarget(Pass):
         fitter = _Fitter(priced, self.plan, self.table, self.batch)
         if self.auto_mode:
             fitter.fastest_modes()
-        fitter.float_where_faster()
+        if fitter.float_where_faster() and self.auto_mode:
+            # a neighbour gone float changes what each mode's conversions cost (BERT's attention
+            # output projection: static while the context MatMul before it was int8, dynamic after)
+            fitter.fastest_modes()
+        fitter.note_modes()
         for node in model.graph.all_nodes():
             for note in fitter.notes.get(node.name, ()):
                 node.meta.setdefault(qir.QUANT_NOTES, []).append(note)
@@ -93,9 +97,10 @@ class _Fitter:
         return saved
 
     def fastest_modes(self) -> None:
-        """Every node that has one switched to its other mode at once where that is cheaper (neighbours
-        in one mode share conversions, so single switches can miss it), then node by node either way."""
-        given = {name: self.choices[name] for name in self.free}
+        """Every quantized node that has one switched to its other mode at once where that is cheaper
+        (neighbours in one mode share conversions, so single switches can miss it), then node by node
+        either way."""
+        given = {name: self.plan.choice(name) for name in self.free if self.choices[name] is not None}
         others = {name: other for name, c in given.items()
                   if (other := _other_mode(c, op_facts.modes(self.nodes[name]))) is not None}
         if not others:
@@ -106,18 +111,26 @@ class _Fitter:
         for name, other in others.items():
             current = self.choices[name]
             self._try(name, given[name] if current == other else other)
-        for name in others:
-            if self.choices[name] == others[name]:
-                had_static = STATIC in op_facts.modes(self.nodes[name])  # else the static choice was float
-                self.notes.setdefault(name, []).append(
-                    f"runs {others[name].label}: {self.table.target} prices the plan faster than with "
-                    f"{given[name].label if had_static else 'it float (it has no static form)'} here")
 
-    def float_where_faster(self) -> None:
-        """Single nodes in graph order, then whole regions, then single nodes again if that changed anything."""
+    def note_modes(self) -> None:
+        """A note on each node now running its other mode."""
+        for name in self.free:
+            given, choice = self.plan.choice(name), self.choices[name]
+            if choice is None or choice == given or choice != _other_mode(given, op_facts.modes(self.nodes[name])):
+                continue
+            had_static = STATIC in op_facts.modes(self.nodes[name])  # else the static choice was float
+            self.notes.setdefault(name, []).append(
+                f"runs {choice.label}: {self.table.target} prices the plan faster than with "
+                f"{given.label if had_static else 'it float (it has no static form)'} here")
+
+    def float_where_faster(self) -> bool:
+        """Single nodes in graph order, then whole regions, then single nodes again if that changed
+        anything; whether any node went float."""
         changed = self._float_singles()
         if self._float_regions() or changed:
             self._float_singles()
+            return True
+        return False
 
     def _float_singles(self) -> bool:
         changed = False
@@ -126,10 +139,9 @@ class _Fitter:
             if choice is not None and _on_kernel(self.nodes[name], choice) and (
                     saved := self._try(name, None)) is not None:
                 changed = True
-                self.notes[name] = []  # a mode it was switched to no longer applies
-                self.notes[name].append(
+                self.notes[name] = [
                     f"kept float: {self.table.target} prices it {saved:.1f} us faster in float than "
-                    f"{choice.label} (quantize anyway with --force or by naming it in the plan)")
+                    f"{choice.label} (quantize anyway with --force or by naming it in the plan)"]
         return changed
 
     def _float_regions(self) -> bool:

@@ -193,12 +193,13 @@ def _search_passes(options: SearchOptions, analysis: object, method: str, percen
     # measures only those (on a CPU, 8 bits alone: 291 evaluations on BERT-base became 97)
     widths = SearchWidths(target, latency_batch, tuple(options.modes), rules=options.rules)
     passes = [signal_pass(options.signal, analysis, bits=widths.measured, seed=options.seed, workers=options.workers,
-                          progress=progress, method=method, executor=options.executor)]
+                          progress=progress, method=method, executor=options.executor, skip=widths.floated)]
     kwargs = {"metric": options.metric, "signal": options.signal, "batch": latency_batch,
               "workers": options.workers, "method": method, "percentile": percentile, "limit": options.limit,
               "executor": options.executor}
     kwargs.update(adaround=options.adaround, bias_correction=options.bias_correction, calib=analysis,
-                  progress=progress, rules=options.rules, modes=options.modes, levels=widths.levels)
+                  progress=progress, rules=options.rules, modes=options.modes, levels=widths.levels,
+                  floated=widths.floated)
     if options.search == "pareto":
         kwargs["plot"] = options.pareto_plot
     passes.append(SEARCH_PASSES[options.search](evaluation, options.max_drop, target, **kwargs))

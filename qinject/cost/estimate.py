@@ -368,8 +368,17 @@ class _Estimator:
             # onnxruntime's CPU has no integer kernel at these widths: it dequantizes and runs the float op
             return NodeCost(node.name, node.op_type, w_bits, a_bits, self._dequantized_float(node, w_bits),
                             self._missing_source(node, FLOAT_BITS, FLOAT_BITS), quantizable)
-        return NodeCost(node.name, node.op_type, w_bits, a_bits, self._roofline(node, choice, a_bits), source,
-                        quantizable)
+        us = self._roofline(node, choice, a_bits)
+        if choice is not None and not self.native and op_facts.fact(node).two_activations and \
+                op_facts.weight_of(node) is None:
+            # Two activations (attention's scores and context): QLinearMatMul packs a B that is not a
+            # constant on every run, where a weight's is packed once, so the weight MatMuls' fit is far
+            # too cheap for it. Measured against float, kernel to kernel: the shipped table's attention
+            # entries 1.09-1.12x, BERT-base's [12,128,64]x[12,64,128] 1.02x, micro-benchmarks of nine
+            # shapes 0.5-1.16x (median 0.9, noisy); with its conversions it does not pay. No cheaper
+            # than the float kernel, then.
+            us = max(us, self._dequantized_float(node, FLOAT_BITS))
+        return NodeCost(node.name, node.op_type, w_bits, a_bits, us, source, quantizable)
 
     def _moded(self, node: ir.Node, choice: NodeQuant, key: tuple[str, str] | None, quantizable: bool
                ) -> NodeCost:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 
 import qinject
@@ -65,7 +66,10 @@ def test_a_searched_plan_reapplies_exactly_from_its_rules(tmp_path):
     r = run_cli("quantize", CNN / "model.onnx", "-o", again, "--calib", CNN / "calib.npz", "--rules", rules_file,
              "--target", "none")
     assert r.returncode == 0, r.stderr
-    assert again.read_bytes() == searched.read_bytes()  # byte for byte the model the search wrote
+    # the model the search wrote, node for node and bit for bit; only the opset may differ: a search
+    # lowers at opset 21 (its 16-bit evaluations need it), a rules run keeps the source's where 8 bits do
+    written, reapplied = onnx.load(searched), onnx.load(again)
+    assert reapplied.graph == written.graph
     # A reviewer keeps fc2 in float and moves conv2 to 16 bits; the edit applies as written.
     data["rules"][4] = {"name": "fc2", "skip": True}
     data["rules"][1] = {"name": "conv2", "weights": 16, "activations": 16}

@@ -181,3 +181,30 @@ def test_a_scale_on_a_float_matmul_runs_inside_it_and_stays_an_op_when_the_matmu
     assert floated["scale_q"].source == floated["divide"].source == "fused into scores"
     quantized = {c.node: c for c in estimate_latency(model, Plan(None, {"scores": NodeQuant()}), table).nodes}
     assert quantized["scale_q"].latency_us > 0 and quantized["divide"].latency_us > 0
+
+
+def test_a_matmul_of_two_activations_costs_no_less_than_float_where_a_weight_matmul_pays():
+    """onnxruntime packs a B that is not a constant on every QLinearMatMul run: attention's int8
+    score MatMul runs no faster than float, though the weight MatMuls' fit prices it far below."""
+    q, k = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 64, 32]) for n in ("q", "k"))
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+             helper.make_node("MatMul", ["q", "w"], ["projected"], name="projection")]
+    outs = [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 4, 64, 64]),
+            helper.make_tensor_value_info("projected", TensorProto.FLOAT, [1, 4, 64, 64])]
+    weight = numpy_helper.from_array(np.ones((32, 64), np.float32), "w")
+    model = helper.make_model(helper.make_graph(nodes, "attention", [q, k], outs, [weight]),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    plan = Plan(None, {"scores": NodeQuant(), "projection": NodeQuant()})
+    table = _matmul_table()
+    for n in (8, 16, 32, 64):  # float entries at the int8 ones' fraction of their (4x lower) peak
+        table.add(_entry("MatMul", f"64x{n};{n}x64->64x64", 32, 32, LAUNCH, MATMUL_SCALE))
+    floated = {c.node: c for c in estimate_latency(model, Plan(None, {}), table).nodes}
+    quantized = {c.node: c for c in estimate_latency(model, plan, table).nodes}
+    assert quantized["projection"].latency_us < floated["projection"].latency_us
+    assert quantized["scores"].latency_us == pytest.approx(floated["scores"].latency_us)
+    # an accelerator's table keeps the integer unit's price
+    analytic = LatencyTable("npu", "analytic", ROOF)
+    native = {c.node: c for c in estimate_latency(model, plan, analytic).nodes}
+    assert native["scores"].latency_us < {c.node: c for c in estimate_latency(model, Plan(None, {}), analytic
+                                                                              ).nodes}["scores"].latency_us

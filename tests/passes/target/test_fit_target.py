@@ -14,7 +14,7 @@ from qinject.core.errors import QinjectError
 from qinject.frontends.onnx_frontend import load_onnx
 from qinject.latency_table import Entry, LatencyTable, Roofline
 from qinject.plan import NodeQuant, Plan
-from tests.builders import CNN, matmul_net, residual_net
+from tests.builders import CNN, attention_block, matmul_net, residual_net
 
 ROOF = Roofline({"fp32": 1e11, "int8": 4e11}, 1e10, op_overhead_us=1.0)
 
@@ -115,6 +115,18 @@ def test_auto_mode_end_to_end_writes_what_onnxruntime_fuses(tmp_path):
     options.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
     assert [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node].count("DynamicQuantizeMatMul") == 2
+
+
+def test_modes_are_chosen_again_once_neighbours_went_float():
+    """BERT's attention on the CPU table: with the context MatMul int8, the output projection reads
+    integers and runs static; once the context goes float (two activations never pay), it quantizes
+    its own input either way, and dynamic takes its bias Add into the kernel."""
+    x = np.random.default_rng(1).standard_normal((4, 128, 768)).astype(np.float32)
+    result = qinject.quantize_onnx(attention_block(768), calib={"x": x}, target="local-cpu", auto_mode=True,
+                                   progress=False)
+    assert result.plan.choice("scores") is None and result.plan.choice("context") is None
+    assert {result.plan.choice(n).mode for n in ("q_proj", "k_proj", "v_proj", "o_proj")} == {"dynamic"}
+    assert result.notes["o_proj"] == ["runs W8A8 dynamic: local-cpu prices the plan faster than with W8A8 here"]
 
 
 def test_profile_measures_what_the_table_lacks_before_fitting_and_caches_it(tmp_path, monkeypatch):
