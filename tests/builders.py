@@ -149,6 +149,28 @@ def attention_block(width: int = 256, tokens: int = 128, seed: int = 0) -> onnx.
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
+
+def silu_net(seed: int = 0) -> onnx.ModelProto:
+    """YOLO's convolution blocks: x[N,3,16,16] -> Conv c0 -> SiLU (Sigmoid, Mul) -> Conv c1 -> SiLU ->
+    Conv c2 -> GlobalAveragePool -> Flatten -> y."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, cin = [], [], 3
+    for i in range(3):
+        w = (rng.standard_normal((8, cin, 3, 3)) * np.sqrt(2 / (cin * 9))).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"c{i}_w"),
+                  numpy_helper.from_array((rng.standard_normal(8) * 0.1).astype(np.float32), f"c{i}_b")]
+        source = "x" if i == 0 else f"m{i - 1}"
+        nodes.append(helper.make_node("Conv", [source, f"c{i}_w", f"c{i}_b"], [f"h{i}"], name=f"c{i}", pads=[1, 1, 1, 1]))
+        if i < 2:
+            nodes += [helper.make_node("Sigmoid", [f"h{i}"], [f"s{i}"], name=f"sigmoid{i}"),
+                      helper.make_node("Mul", [f"h{i}", f"s{i}"], [f"m{i}"], name=f"silu{i}")]
+        cin = 8
+    nodes += [helper.make_node("GlobalAveragePool", ["h2"], ["g"], name="gap"),
+              helper.make_node("Flatten", ["g"], ["y"], name="flatten")]
+    graph = helper.make_graph(nodes, "silu_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
 def run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 

@@ -276,7 +276,8 @@ class _Rewrite:
 
     def join_integers(self) -> None:
         """Feed a Concat or residual Add (``op_facts.joins_integers``) the dequantized tensors where
-        each input and its output point already have an 8-bit Q/DQ pair at one key, and route every
+        each input and its output point already have an 8-bit Q/DQ pair at one key (an input a lookup
+        op makes, SiLU's Sigmoid, gets one from its own input's range), and route every
         float consumer of that output through its pair: onnxruntime then fuses the group into
         QLinearConcat / QLinearAdd instead of dequantizing both inputs, adding in float and quantizing
         again (a Relu in between goes into the output's Q, the zero point at the bottom of the range).
@@ -293,14 +294,43 @@ class _Rewrite:
                 if name != out.name or key.qtype.bits != 8:
                     continue
                 pairs = [self.acts.get((self.origin.get(v.name, v).name, key)) for v in node.inputs]
-                if any(p is None for p in pairs):
+                looked_up = {i: self._lookup_source(v, key) for i, v in enumerate(node.inputs) if pairs[i] is None}
+                if any(source is None for source in looked_up.values()):
                     continue
+                for i, source in looked_up.items():
+                    pairs[i] = self._lookup_pair(node.inputs[i], source, key)
                 for i, params in enumerate(pairs):
                     node.replace_input_with(i, params.dequantized)
                 if node.op_type == "Sum":
                     node.op_type = "Add"
                 self.output(out, key, node)
                 break
+
+    def _lookup_source(self, value: ir.Value, key: ActKey) -> _QParams | None:
+        """The pair of the input of the lookup op (``op_facts.lookup_range``: Sigmoid) that makes
+        ``value``, where that op can run on integers for a join reading ``value`` alone."""
+        producer = value.producer()
+        if (producer is None or op_facts.fact(producer).lookup_range is None or len(value.uses()) != 1
+                or value.is_graph_output()):
+            return None
+        source = producer.inputs[0]
+        return self.acts.get((self.origin.get(source.name, source).name, key))
+
+    def _lookup_pair(self, value: ir.Value, source: _QParams, key: ActKey) -> _QParams:
+        """A Q/DQ pair for a lookup op's output, its range the op's map of its input's (no
+        calibration needed), with the op fed its input's pair: onnxruntime fuses QLinearSigmoid."""
+        producer = value.producer()
+        qtype = key.qtype
+        lo, hi = ((np.array([qtype.qmin, qtype.qmax], np.float64) - source.zero_point.astype(np.float64))
+                  * source.scale.astype(np.float64))
+        lo, hi = op_facts.fact(producer).lookup_range(float(lo), float(hi))
+        scale, zp = numerics.scale_zero_point(np.float64(lo), np.float64(hi), qtype, key.symmetric)
+        params = _QParams(_representable(scale, value).reshape(()), zp.reshape(()))
+        producer.replace_input_with(0, source.dequantized)
+        dq = self._pair(value, key, params, self.graph, lambda name: name)
+        self.origin[dq.name] = value
+        self.acts[(value.name, key)] = params
+        return params
 
     def route_range_preserving_consumers(self) -> None:
         """Feed the dequantized tensor to float MaxPool/Reshape/... consumers whose result is read

@@ -71,6 +71,10 @@ class OpFact:
             so a latency model charges it the fixed per-op overhead alone.
         joins_integers: with every input quantized and its output read quantized, runs on the
             integers (Concat: onnxruntime's QLinearConcat, whatever the inputs' scales).
+        lookup_range: a unary op onnxruntime runs on integers by a table lookup (QLinearSigmoid)
+            when its input is quantized: maps the input's range to the output's (a monotone
+            function), so its output's Q/DQ needs no calibration. Used where its output feeds an
+            op that joins integers (SiLU: Mul(x, Sigmoid(x))).
         float_reason: an op with weights that the Q/DQ rewrite leaves float, and why (said on the
             node, so a user sees what stayed float).
         slower_on_cpu: a function of the node giving why onnxruntime's CPU integer kernel for it is
@@ -117,6 +121,7 @@ class OpFact:
     epilogue: Callable[[ir.Node], bool] | None = None
     zero_copy: bool = False
     joins_integers: bool | Callable[[ir.Node], bool] = False
+    lookup_range: Callable[[float, float], tuple[float, float]] | None = None
     float_reason: str | None = None
     slower_on_cpu: Callable[[ir.Node], str | None] | None = None
     dynamic: bool = False
@@ -329,10 +334,12 @@ for _op in ("Shape", "Constant", "Size"):
     OP_FACTS[(ONNX, _op)] = OpFact(zero_copy=True)
 OP_FACTS[(ONNX, "Concat")] = OpFact(joins_integers=True)
 # A residual Add (or a two-input Sum, which the rewrite writes as Add: onnxruntime has no QLinearSum)
-# of two activations; with a constant operand (a bias) it would need that constant quantized too.
-for _op in ("Add", "Sum"):
+# of two activations, or a Mul of two (SiLU's x * Sigmoid(x), a squeeze-excitation's scaling:
+# QLinearMul); with a constant operand (a bias) it would need that constant quantized too.
+for _op in ("Add", "Sum", "Mul"):
     OP_FACTS[(ONNX, _op)] = OpFact(joins_integers=lambda n: len(n.inputs) == 2 and not any(
         v is None or _is_const(v) for v in n.inputs))
+OP_FACTS[(ONNX, "Sigmoid")] = OpFact(lookup_range=lambda lo, hi: (_sigmoid(lo), _sigmoid(hi)))
 # LSTM's weights W [dirs, 4 * hidden, input] and R [dirs, 4 * hidden, hidden] have their gate rows
 # (output channels) on axis 1. Its one integer kernel is onnxruntime's DynamicQuantizeLSTM.
 OP_FACTS[(ONNX, "LSTM")] = OpFact(
@@ -468,6 +475,10 @@ def needs_quantized_output(node: ir.Node) -> bool:
     end at the op itself, so with a ReLU after them they would run in float)."""
     needs = fact(node).needs_quantized_output
     return needs(node) if callable(needs) else needs
+
+
+def _sigmoid(x: float) -> float:
+    return float(1.0 / (1.0 + math.exp(-x))) if x > -700 else 0.0
 
 
 def joins_integers(node: ir.Node) -> bool:

@@ -307,8 +307,11 @@ class _Estimator:
             elif op_facts.fact(node).range_preserving and node.inputs and node.inputs[0] is not None:
                 if node.inputs[0].name in bits:
                     bits[node.outputs[0].name] = bits[node.inputs[0].name]
-            elif self._joins_integers(node, bits):
-                self.joined[node.name] = bits[output_point(node).name] = bits[node.inputs[0].name]
+            elif (width := self._joins_integers(node, bits)) is not None:
+                for value in node.inputs:  # SiLU's Sigmoid runs on the integers with it (QLinearSigmoid)
+                    if value is not None and value.name not in bits and value.const_value is None:
+                        self.joined[value.producer().name] = bits[value.name] = width
+                self.joined[node.name] = bits[output_point(node).name] = width
         return bits
 
     @staticmethod
@@ -318,16 +321,30 @@ class _Estimator:
         sqnr = output_sqnr_db(value, choice.activation_qtype, choice.activation_symmetric)
         return sqnr is not None and sqnr < OUTPUT_MIN_SQNR_DB
 
-    def _joins_integers(self, node: ir.Node, bits: dict[str, int]) -> bool:
-        """A Concat or residual Add of tensors all held at one integer width, its output point read
-        quantized: onnxruntime runs it on the integers (QLinearConcat, QLinearAdd; 8 bits on a CPU),
-        with no conversion of its inputs or output."""
+    def _joins_integers(self, node: ir.Node, bits: dict[str, int]) -> int | None:
+        """A Concat, residual Add or Mul of tensors all held at one integer width (or made from one
+        by a lookup op, SiLU's Sigmoid), its output point read quantized: onnxruntime runs it on the
+        integers (QLinearConcat, QLinearAdd, QLinearMul; 8 bits on a CPU), with no conversion of its
+        inputs or output. The width, else None."""
         if node.domain not in ("", "ai.onnx") or not op_facts.joins_integers(node):
-            return False
-        widths = {bits.get(v.name) for v in node.inputs if v is not None and v.const_value is None}
+            return None
+        widths = {bits.get(v.name, self._looked_up(v, bits)) for v in node.inputs
+                  if v is not None and v.const_value is None}
         out = output_point(node)
-        return (len(widths) == 1 and None not in widths and (self.native or widths == {8})
-                and not out.is_graph_output() and self._read_quantized(out))
+        if (len(widths) == 1 and None not in widths and (self.native or widths == {8})
+                and not out.is_graph_output() and self._read_quantized(out)):
+            return widths.pop()
+        return None
+
+    @staticmethod
+    def _looked_up(value: ir.Value, bits: dict[str, int]) -> int | None:
+        """The width a lookup op (``op_facts.lookup_range``) can make ``value`` at for a join that
+        alone reads it: its input's."""
+        producer = value.producer()
+        if (producer is None or op_facts.fact(producer).lookup_range is None or len(value.uses()) != 1
+                or value.is_graph_output()):
+            return None
+        return bits.get(producer.inputs[0].name)
 
     def _read_quantized(self, value: ir.Value, through_range_preserving: bool = True) -> bool:
         """As the rewrite decides: a quantized node reads it, directly or (after an integer kernel)

@@ -11,7 +11,7 @@ from qinject.core.errors import PlanError
 from qinject.core.numerics import sqnr_db
 from qinject.plan import NodeQuant, Plan
 from qinject.runtime import measure
-from tests.builders import conv_net, dq_fed, matmul_net, residual_net, run
+from tests.builders import conv_net, dq_fed, matmul_net, residual_net, run, silu_net
 
 
 @pytest.fixture
@@ -160,6 +160,28 @@ def test_a_gemm_bias_with_alpha_keeps_its_own_scale_and_says_why():
     assert "bias not fused: Gemm bias is not a plain 1-D vector with alpha = beta = 1" in result.notes["fc"]
     out = run(onnx_backend.to_proto(result.model), {"x": x})[0]
     assert np.abs(out - np.maximum(2.0 * x @ w + b, 0)).max() < 0.1
+
+
+def test_a_silu_between_quantized_convolutions_runs_on_integers(tmp_path, rng) -> None:
+    """SiLU (x * Sigmoid(x)) between two quantized convolutions: its Sigmoid's output gets a Q/DQ pair
+    from its input's range (no calibration) and the Mul joins on the integers, so onnxruntime runs
+    QLinearSigmoid and QLinearMul instead of dequantize, two float ops and quantize (nudenet: every
+    convolution is followed by one). The estimate prices the same: no conversion around either."""
+    x = {"x": rng.standard_normal((16, 3, 16, 16)).astype(np.float32)}
+    model = silu_net()
+    result, q, out = _quantize(tmp_path, x, model=model, target="local-cpu", force=True)
+    kernels = measure.fused_kernels(out)
+    assert kernels["QLinearSigmoid"] == 2 and kernels["QLinearMul"] == 2, kernels
+    assert kernels["Sigmoid"] == 0 and kernels["Mul"] == 0, kernels
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 25
+    priced = {c.node: c for c in result.cost.nodes}
+    assert priced["sigmoid0"].activation_bits == priced["silu0"].activation_bits == 8
+    assert not {c.tensor for c in result.cost.conversions} & {"h0", "s0", "m0", "h1", "s1", "m1"}
+    # With c1 float, both SiLUs read or feed float tensors: they stay float (onnxruntime fuses one
+    # into QuickGelu), and the rewrite gives them no Q/DQ.
+    _, _, out = _quantize(tmp_path, x, model=model, plan=Plan(NodeQuant(), {"c1": None}))
+    kernels = measure.fused_kernels(out)
+    assert kernels["QLinearSigmoid"] == kernels["QLinearMul"] == 0 and kernels["QLinearConv"] == 2, kernels
 
 
 @pytest.mark.parametrize("join", ["Add", "Sum"])
