@@ -309,12 +309,8 @@ class _Rewrite:
     def _lookup_source(self, value: ir.Value, key: ActKey) -> _QParams | None:
         """The pair of the input of the lookup op (``op_facts.lookup_range``: Sigmoid) that makes
         ``value``, where that op can run on integers for a join reading ``value`` alone."""
-        producer = value.producer()
-        if (producer is None or op_facts.fact(producer).lookup_range is None or len(value.uses()) != 1
-                or value.is_graph_output()):
-            return None
-        source = producer.inputs[0]
-        return self.acts.get((self.origin.get(source.name, source).name, key))
+        source = op_facts.looked_up_from(value)
+        return None if source is None else self.acts.get((self.origin.get(source.name, source).name, key))
 
     def _lookup_pair(self, value: ir.Value, source: _QParams, key: ActKey) -> _QParams:
         """A Q/DQ pair for a lookup op's output, its range the op's map of its input's (no

@@ -481,6 +481,15 @@ def _sigmoid(x: float) -> float:
     return float(1.0 / (1.0 + math.exp(-x))) if x > -700 else 0.0
 
 
+def looked_up_from(value: ir.Value) -> ir.Value | None:
+    """The input a lookup op (``OpFact.lookup_range``: Sigmoid) makes ``value`` from, where ``value``
+    has one reader (the join that would run the op on integers with it) and is no graph output."""
+    producer = value.producer()
+    if producer is None or fact(producer).lookup_range is None or len(value.uses()) != 1 or value.is_graph_output():
+        return None
+    return producer.inputs[0]
+
+
 def joins_integers(node: ir.Node) -> bool:
     """Whether ``node`` runs on the integers when all its inputs and its output point are quantized
     at one 8-bit width (QLinearConcat, QLinearAdd; see OpFact)."""

@@ -340,11 +340,8 @@ class _Estimator:
     def _looked_up(value: ir.Value, bits: dict[str, int]) -> int | None:
         """The width a lookup op (``op_facts.lookup_range``) can make ``value`` at for a join that
         alone reads it: its input's."""
-        producer = value.producer()
-        if (producer is None or op_facts.fact(producer).lookup_range is None or len(value.uses()) != 1
-                or value.is_graph_output()):
-            return None
-        return bits.get(producer.inputs[0].name)
+        source = op_facts.looked_up_from(value)
+        return None if source is None else bits.get(source.name)
 
     def _read_quantized(self, value: ir.Value, through_range_preserving: bool = True) -> bool:
         """As the rewrite decides: a quantized node reads it, directly or (after an integer kernel)
