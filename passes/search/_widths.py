@@ -133,7 +133,7 @@ class _Pricing:
         self.fixed = widths.rules.pins(model)[0] if widths.rules is not None else {}
         self.nodes = [n.name for n in qir.searchable_nodes(model) if n.name not in self.fixed]
         self._choices: dict[int | None, dict[str, NodeQuant | None]] = {None: dict.fromkeys(self.nodes)}
-        self._uniform_us: dict[int | None, float] = {}
+        self._prices: dict[tuple, float] = {}  # the level tests and the node tests price the same plans
 
     def choices(self, bits: int | None) -> dict[str, NodeQuant | None]:
         """Every node at ``bits`` in its fastest mode (None: float); once per width, as each level
@@ -144,14 +144,15 @@ class _Pricing:
         return self._choices[bits]
 
     def uniform_us(self, bits: int | None) -> float:
-        """Every node at ``bits`` (None: float), priced once."""
-        if bits not in self._uniform_us:
-            self._uniform_us[bits] = self.price(self.choices(bits))
-        return self._uniform_us[bits]
+        """Every node at ``bits`` (None: float)."""
+        return self.price(self.choices(bits))
 
     def price(self, choices: Mapping[str, NodeQuant | None]) -> float:
-        return estimate(self.priced, Plan(None, {**self.fixed, **choices}), self.table, self.batch,
-                        baselines=False).total_us
+        key = tuple(choices.get(n) for n in self.nodes)
+        if key not in self._prices:
+            self._prices[key] = estimate(self.priced, Plan(None, {**self.fixed, **choices}), self.table, self.batch,
+                                         baselines=False).total_us
+        return self._prices[key]
 
     def pays(self, high: int | None, low: int) -> bool:
         """Whether lowering from ``high`` (None: float) to ``low`` saves at least ``MIN_SAVING`` of the
