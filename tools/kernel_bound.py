@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
+WARMUP = 5  # runs whose kernel times are dropped (first allocations, cold caches)
 QUANTIZABLE = {"Conv", "MatMul", "Gemm", "ConvTranspose", "FusedConv", "FusedMatMul", "FusedGemm",
                "QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
                "ConvInteger", "MatMulInteger"}
@@ -42,7 +42,8 @@ CONVERSIONS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 
 
 def kernel_times(path: Path, feeds: dict[str, np.ndarray], runs: int) -> dict[str, tuple[str, float]]:
-    """Node name -> (op, median kernel microseconds) over ``runs`` runs after five of warm-up."""
+    """Node name -> (op, median kernel microseconds) over ``runs`` runs after ``WARMUP`` more, in one
+    session."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -51,11 +52,7 @@ def kernel_times(path: Path, feeds: dict[str, np.ndarray], runs: int) -> dict[st
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in wanted}
-    for _ in range(5):
-        session.run(None, feeds)
-    session.end_profiling()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    for _ in range(runs):
+    for _ in range(WARMUP + runs):
         session.run(None, feeds)
     events = json.loads(Path(session.end_profiling()).read_text())
     times: dict[str, list[float]] = collections.defaultdict(list)
@@ -65,7 +62,7 @@ def kernel_times(path: Path, feeds: dict[str, np.ndarray], runs: int) -> dict[st
             name = event["name"][: -len("_kernel_time")]
             times[name].append(event["dur"])
             ops[name] = event["args"]["op_name"]
-    return {name: (ops[name], float(np.median(values))) for name, values in times.items()}
+    return {name: (ops[name], float(np.median(values[WARMUP:] or values))) for name, values in times.items()}
 
 
 class Names:
