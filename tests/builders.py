@@ -171,6 +171,36 @@ def silu_net(seed: int = 0) -> onnx.ModelProto:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
+
+def c2f_net(seed: int = 0) -> onnx.ModelProto:
+    """YOLOv8's C2f block: x[N,3,16,16] -> Conv c0 -> SiLU -> Split into a, b (4 channels each);
+    b -> Conv b0 -> SiLU -> Conv b1 -> SiLU -> r = b + that (residual Add); Concat(a, b, r) -> Conv c1 ->
+    GlobalAveragePool -> Flatten -> y. Every join reads another join's output."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [numpy_helper.from_array(np.array([4, 4], np.int64), "halves")], []
+
+    def conv(name: str, source: str, cin: int, cout: int, silu: bool) -> str:
+        w = (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2 / (cin * 9))).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}_w"),
+                      numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), f"{name}_b")])
+        nodes.append(helper.make_node("Conv", [source, f"{name}_w", f"{name}_b"], [f"{name}_h"], name=name,
+                                      pads=[1, 1, 1, 1]))
+        if not silu:
+            return f"{name}_h"
+        nodes.extend([helper.make_node("Sigmoid", [f"{name}_h"], [f"{name}_s"], name=f"{name}_sigmoid"),
+                      helper.make_node("Mul", [f"{name}_h", f"{name}_s"], [f"{name}_m"], name=f"{name}_silu")])
+        return f"{name}_m"
+
+    nodes.append(helper.make_node("Split", [conv("c0", "x", 3, 8, True), "halves"], ["a", "b"], name="split", axis=1))
+    nodes.append(helper.make_node("Add", ["b", conv("b1", conv("b0", "b", 4, 4, True), 4, 4, True)], ["r"], name="residual"))
+    nodes.append(helper.make_node("Concat", ["a", "b", "r"], ["cat"], name="concat", axis=1))
+    nodes += [helper.make_node("GlobalAveragePool", [conv("c1", "cat", 12, 8, False)], ["g"], name="gap"),
+              helper.make_node("Flatten", ["g"], ["y"], name="flatten")]
+    graph = helper.make_graph(nodes, "c2f_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 

@@ -43,7 +43,7 @@ from qinject.core.errors import PlanError, QinjectError, UnsupportedModelError
 from qinject.core.learned import learned
 from qinject.core.pass_manager import Pass, PassResult
 from qinject.core.plan import STATIC, WEIGHT_ONLY, NodeQuant, Plan
-from qinject.core.quant_points import OUTPUT_MIN_SQNR_DB, output_point, output_sqnr_db, range_source
+from qinject.core.quant_points import OUTPUT_MIN_SQNR_DB, integer_joins, output_point, output_sqnr_db, range_source
 from qinject.core.search_result import search_result
 from qinject.core.stats import select_range
 
@@ -275,42 +275,44 @@ class _Rewrite:
         self.output(out, key, node)
 
     def join_integers(self) -> None:
-        """Feed a Concat or residual Add (``op_facts.joins_integers``) the dequantized tensors where
-        each input and its output point already have an 8-bit Q/DQ pair at one key (an input a lookup
-        op makes, SiLU's Sigmoid, gets one from its own input's range), and route every
-        float consumer of that output through its pair: onnxruntime then fuses the group into
-        QLinearConcat / QLinearAdd instead of dequantizing both inputs, adding in float and quantizing
-        again (a Relu in between goes into the output's Q, the zero point at the bottom of the range).
-        A two-input Sum becomes Add, the same function: onnxruntime has no QLinearSum. A residual
-        Add left float also kept the Relu after it float, and with it often a convolution: ResNet-50
-        ran 0.33x of float against onnxruntime's own quantize_static at 0.26x (BENCHMARKS.md)."""
-        for node in list(self.graph):
-            if node.domain not in ("", "ai.onnx") or not op_facts.joins_integers(node):
+        """Run Concats, residual Adds and Muls of two activations (``quant_points.integer_joins``) on
+        the integers: feed each the dequantized tensors of its inputs (pairs made where missing: a
+        lookup op's output, SiLU's Sigmoid, gets one from its own input's range; a range-preserving
+        op's output shares its source's) and route every float consumer of its output through that
+        output's pair. onnxruntime then fuses QLinearConcat / QLinearAdd / QLinearMul instead of
+        dequantizing the inputs, joining in float and quantizing again (a Relu in between goes into
+        the output's Q, the zero point at the bottom of the range). A two-input Sum becomes Add, the
+        same function: onnxruntime has no QLinearSum. A residual Add left float also kept the Relu
+        after it float, and with it often a convolution: ResNet-50 ran 0.33x of float against
+        onnxruntime's own quantize_static at 0.26x (BENCHMARKS.md)."""
+        held: dict[str, ActKey] = {}
+        for (name, key), params in self.acts.items():
+            if key.qtype.bits == 8:  # the float tensor and its dequantized stand-in, which readers hold
+                held.setdefault(name, key)
+                held.setdefault(params.dequantized.name, key)
+        keys = set(held.values())
+        joins = integer_joins(self.graph, held, lambda v: any(self._read_quantized(v, k) for k in keys))
+        for node in list(self.graph):  # in graph order: a join's inputs are paired before it
+            key = joins.get(node.name)
+            if key is None:
                 continue
-            out = output_point(node)
-            if out.is_graph_output():
-                continue
-            for name, key in list(self.acts):
-                if name != out.name or key.qtype.bits != 8:
-                    continue
-                pairs = [self.acts.get((self.origin.get(v.name, v).name, key)) for v in node.inputs]
-                looked_up = {i: self._lookup_source(v, key) for i, v in enumerate(node.inputs) if pairs[i] is None}
-                if any(source is None for source in looked_up.values()):
-                    continue
-                for i, source in looked_up.items():
-                    pairs[i] = self._lookup_pair(node.inputs[i], source, key)
-                for i, params in enumerate(pairs):
-                    node.replace_input_with(i, params.dequantized)
-                if node.op_type == "Sum":
-                    node.op_type = "Add"
-                self.output(out, key, node)
-                break
+            for i, value in enumerate(node.inputs):
+                if value is not None and value.const_value is None:
+                    node.replace_input_with(i, self._join_input(value, key, node).dequantized)
+            if node.op_type == "Sum":
+                node.op_type = "Add"
+            self.output(output_point(node), key, node)
 
-    def _lookup_source(self, value: ir.Value, key: ActKey) -> _QParams | None:
-        """The pair of the input of the lookup op (``op_facts.lookup_range``: Sigmoid) that makes
-        ``value``, where that op can run on integers for a join reading ``value`` alone."""
+    def _join_input(self, value: ir.Value, key: ActKey, node: ir.Node) -> _QParams:
+        """The pair a join reads ``value`` through at ``key``, made if missing."""
+        value = self.origin.get(value.name, value)
+        found = self.acts.get((value.name, key))
+        if found is not None:
+            return found
         source = op_facts.looked_up_from(value)
-        return None if source is None else self.acts.get((self.origin.get(source.name, source).name, key))
+        if source is not None:
+            return self._lookup_pair(value, self._join_input(source, key, node), key)
+        return self.activation(value, key, node)
 
     def _lookup_pair(self, value: ir.Value, source: _QParams, key: ActKey) -> _QParams:
         """A Q/DQ pair for a lookup op's output, its range the op's map of its input's (no
@@ -336,8 +338,7 @@ class _Rewrite:
             value = self.origin[params.dequantized.name]
             for use in list(value.uses()):
                 node = use.node
-                if (use.idx == 0 and op_facts.fact(node).range_preserving
-                        and self._read_quantized(node.outputs[0], key)):
+                if use.idx == 0 and any(self._read_quantized(v, key) for v in op_facts.carried(node)):
                     node.replace_input_with(0, params.dequantized)
 
     def _read_quantized(self, value: ir.Value, key: ActKey, through_range_preserving: bool = True) -> bool:
@@ -346,12 +347,8 @@ class _Rewrite:
             return True
         if not through_range_preserving:
             return False
-        for use in value.uses():
-            consumer = use.node
-            if op_facts.fact(consumer).range_preserving and use.idx == 0:
-                if self._read_quantized(consumer.outputs[0], key):
-                    return True
-        return False
+        return any(use.idx == 0 and self._read_quantized(v, key)
+                   for use in value.uses() for v in op_facts.carried(use.node))
 
     # -- activations -------------------------------------------------------------------------------
     def activation(self, value: ir.Value, key: ActKey, node: ir.Node) -> _QParams:
@@ -393,12 +390,19 @@ class _Rewrite:
                 use.node.replace_input_with(use.idx, params.dequantized)
 
     def _params(self, value: ir.Value, key: ActKey, node: ir.Node) -> _QParams:
-        source = range_source(value)
+        source, root = range_source(value), None
         while source is not None:
+            source = self.origin.get(source.name, source)  # a routed op reads the pair's dequantized
             shared = self.acts.get((source.name, key))
             if shared is not None:
                 return _QParams(shared.scale, shared.zero_point)
+            if source.meta.get(qir.ACT_STATS) is not None:
+                root = source
             source = range_source(source)
+        # Not paired yet (a join's output, paired after the nodes): take the range it will have, so
+        # that both ends of the range-preserving ops share one scale and onnxruntime runs them on
+        # integers (a YOLO block's Split feeds a convolution before its source is paired).
+        value = root if root is not None else value
         found = learned(value, key.qtype, key.symmetric)  # fine-tuned (passes/rounding/finetune.py)
         if found is not None:
             return _QParams(found.scale.reshape(()), found.zero_point.reshape(()))

@@ -63,7 +63,10 @@ class OpFact:
             fuse with a float output (QGemm, MatMulIntegerToFloat) unless a ReLU follows.
         range_preserving: moves or selects values without changing their range (MaxPool, Reshape):
             a Q/DQ after it may share the scale of the Q/DQ before it, letting onnxruntime run the
-            op on integers or drop it from the integer chain.
+            op on integers or drop it from the integer chain. Its first output carries the range
+            (MaxPool's indices, Dropout's mask do not), or every output where ``splits``.
+        splits: a range-preserving op whose every output is a piece of its input (Split), each
+            carrying the input's range (onnxruntime runs it on integers when all share one scale).
         epilogue: whether this node, as the only consumer of a quantized node's output, belongs
             to that node's output stage (a ReLU; in jax graphs also the bias add), so the output's
             Q/DQ goes after it. A function of the consumer node.
@@ -118,6 +121,7 @@ class OpFact:
     macs: Callable[[ir.Node], int | None] | None = None
     needs_quantized_output: bool | Callable[[ir.Node], bool] = False
     range_preserving: bool = False
+    splits: bool = False
     epilogue: Callable[[ir.Node], bool] | None = None
     zero_copy: bool = False
     joins_integers: bool | Callable[[ir.Node], bool] = False
@@ -330,6 +334,7 @@ OP_FACTS: dict[tuple[str, str], OpFact] = {
 for _op in ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout"):
     OP_FACTS[(ONNX, _op)] = OpFact(range_preserving=True,
                                    zero_copy=_op not in ("MaxPool", "Transpose"))
+OP_FACTS[(ONNX, "Split")] = OpFact(range_preserving=True, splits=True)
 for _op in ("Shape", "Constant", "Size"):
     OP_FACTS[(ONNX, _op)] = OpFact(zero_copy=True)
 OP_FACTS[(ONNX, "Concat")] = OpFact(joins_integers=True)
@@ -375,6 +380,15 @@ def fact(node: ir.Node) -> OpFact:
     """The facts of ``node``'s op; ops not in the table get an inert entry. (Plugin op facts are
     registered by the compiler layer, ``qinject.compiler.plugins.load``, before any pass runs.)"""
     return lookup(node.domain, node.op_type)
+
+
+def carried(node: ir.Node) -> tuple[ir.Value, ...]:
+    """The outputs of a range-preserving op that carry its input's range (``OpFact.splits``: every
+    output; else the first); none for any other op."""
+    f = fact(node)
+    if not f.range_preserving:
+        return ()
+    return tuple(v for v in node.outputs if v is not None) if f.splits else tuple(node.outputs[:1])
 
 
 def lookup(domain: str, op_type: str) -> OpFact:

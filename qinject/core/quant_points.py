@@ -12,12 +12,17 @@ DequantizeLinear -> Conv -> QuantizeLinear into one integer kernel (QLinearConv)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
 import onnx_ir as ir
 
 from qinject.core import op_facts
 from qinject.core.ir import ACT_STATS, quantizable_nodes, subgraph_quantizable_nodes
 from qinject.core.numerics import QType
 from qinject.core.stats import expected_sqnr_db, select_range
+
+K = TypeVar("K")
 
 # Below this predicted SQNR an optional output quantization is skipped (see output_sqnr_db).
 OUTPUT_MIN_SQNR_DB = 30.0
@@ -43,6 +48,9 @@ def activation_points(model: ir.Model) -> list[ir.Value]:
         out = output_point(node)
         if not out.is_graph_output():
             seen.setdefault(out.name, out)
+    for node in model.graph:  # a join another join reads needs its own range (integer_joins)
+        if _joins(node) and not (out := output_point(node)).is_graph_output():
+            seen.setdefault(out.name, out)
     return list(seen.values())
 
 
@@ -67,9 +75,69 @@ def range_source(value: ir.Value) -> ir.Value | None:
     in between on integers (or drops them) instead of dequantizing and requantizing.
     """
     producer = value.producer()
-    if producer is None or not op_facts.fact(producer).range_preserving or value is not producer.outputs[0]:
+    if producer is None or not any(value is v for v in op_facts.carried(producer)):
         return None
     return producer.inputs[0]
+
+
+def integer_joins(graph: ir.Graph, held: Mapping[str, K], read_quantized: Callable[[ir.Value], bool]
+                  ) -> dict[str, K]:
+    """The joins (``op_facts.joins_integers``: Concat, residual Add, Mul of two activations) that run
+    on integers, by name, each with the key (width, or type) its inputs and output are held at.
+
+    ``held``: the tensors held quantized before any join, each at its key. A join runs on integers
+    when every non-constant input is held at one key (directly; through range-preserving ops; made
+    by a lookup op from a held tensor, SiLU's Sigmoid; or as the output of another join that runs
+    on integers) and its output point is read quantized (``read_quantized``, or another such join
+    reads it). Joins chain: in a YOLO block a SiLU's Mul feeds a Split, a residual Add and a Concat,
+    and each runs on integers only if the others do. So this is the largest such set: every join
+    is a candidate, and those that fail are dropped until none does.
+    """
+    alive = {n.name: n for n in graph if _joins(n) and not output_point(n).is_graph_output()}
+    while True:
+        by_output = {output_point(n).name: n for n in alive.values()}
+        keys: dict[str, K | None] = {}
+
+        def key_of(value: ir.Value) -> K | None:
+            if value.name not in keys:
+                keys[value.name] = None  # a cycle (none in a valid graph) holds nothing
+                keys[value.name] = _key_of(value)
+            return keys[value.name]
+
+        def _key_of(value: ir.Value) -> K | None:
+            if value.name in held:
+                return held[value.name]
+            if value.name in by_output:
+                return join_key(by_output[value.name])
+            source = range_source(value)
+            if source is None:
+                source = op_facts.looked_up_from(value)
+            return None if source is None else key_of(source)
+
+        def join_key(node: ir.Node) -> K | None:
+            found = {key_of(v) for v in node.inputs if v is not None and v.const_value is None}
+            out = held.get(output_point(node).name)
+            if len(found) != 1 or None in found or (out is not None and found != {out}):
+                return None
+            return found.pop()
+
+        def read(value: ir.Value) -> bool:
+            if read_quantized(value):
+                return True
+            for use in value.uses():
+                if use.node.name in alive or (use.idx == 0 and any(read(v) for v in op_facts.carried(use.node))):
+                    return True
+            return False
+
+        failed = [name for name, n in alive.items() if join_key(n) is None or not read(output_point(n))]
+        if not failed:
+            return {name: join_key(n) for name, n in alive.items()}
+        for name in failed:
+            del alive[name]
+
+
+def _joins(node: ir.Node) -> bool:
+    return node.domain in ("", "ai.onnx") and op_facts.joins_integers(node)
 
 
 def output_sqnr_db(value: ir.Value, qtype: QType, symmetric: bool, method: str = "minmax",

@@ -44,7 +44,7 @@ from qinject.core import op_facts
 from qinject.core.calib_data import QinjectWarning, input_specs, random_arrays
 from qinject.core.errors import QinjectError
 from qinject.core.plan import DYNAMIC, STATIC, WEIGHT_ONLY, NodeQuant, Plan
-from qinject.core.quant_points import OUTPUT_MIN_SQNR_DB, output_point, output_sqnr_db
+from qinject.core.quant_points import OUTPUT_MIN_SQNR_DB, integer_joins, output_point, output_sqnr_db
 from qinject.cost import fallback
 from qinject.cost.latency_table import FLOAT_BITS, LatencyTable
 
@@ -286,32 +286,39 @@ class _Estimator:
 
     # -- which tensors are held as integers --------------------------------------------------------------
     def _integer_tensors(self) -> dict[str, int]:
-        """Tensor name -> the activation width it is held at, for the quantized outputs and what
-        range-preserving ops carry on from them (the rest is float)."""
-        bits: dict[str, int] = {}
+        """Tensor name -> the activation width it is held at, for the quantized outputs, the joins
+        that run on the integers (``quant_points.integer_joins``) and what range-preserving ops carry
+        on from them (the rest is float)."""
+        held: dict[str, int] = {}
         for node in self.graph:
             choice = self.choices.get(node.name)
-            if choice is not None and choice.quantizes_activations:
-                out = output_point(node)
-                kernel = self.native or op_facts.runs_on_integer_kernel(node, choice.weights, choice.activations)
-                read = not out.is_graph_output() and self._read_quantized(out, kernel)
-                wants_output = kernel and op_facts.needs_quantized_output(node)
-                if read or (wants_output and not out.is_graph_output() and not self._heavy_tailed(out, choice)):
-                    bits[out.name] = choice.activations
-                elif wants_output and not self.native:
-                    # the rewrite leaves this output float (a graph output, or heavy tails): no
-                    # QLinearConv, onnxruntime runs the op in float on dequantized inputs
-                    self.unfused.add(node.name)
-            elif choice is not None:
-                pass  # dynamic / weight-only: float in, float out
-            elif op_facts.fact(node).range_preserving and node.inputs and node.inputs[0] is not None:
-                if node.inputs[0].name in bits:
-                    bits[node.outputs[0].name] = bits[node.inputs[0].name]
-            elif (width := self._joins_integers(node, bits)) is not None:
+            if choice is None or not choice.quantizes_activations:
+                continue  # dynamic / weight-only: float in, float out
+            out = output_point(node)
+            kernel = self.native or op_facts.runs_on_integer_kernel(node, choice.weights, choice.activations)
+            read = not out.is_graph_output() and self._read_quantized(out, kernel)
+            wants_output = kernel and op_facts.needs_quantized_output(node)
+            if read or (wants_output and not out.is_graph_output() and not self._heavy_tailed(out, choice)):
+                held[out.name] = choice.activations
+            elif wants_output and not self.native:
+                # the rewrite leaves this output float (a graph output, or heavy tails): no
+                # QLinearConv, onnxruntime runs the op in float on dequantized inputs
+                self.unfused.add(node.name)
+        # onnxruntime's CPU joins 8-bit tensors only
+        joinable = held if self.native else {name: w for name, w in held.items() if w == 8}
+        joins = integer_joins(self.graph, joinable, self._read_quantized)
+        bits = dict(held)
+        for node in self.graph:
+            width = joins.get(node.name)
+            if width is not None:
                 for value in node.inputs:  # SiLU's Sigmoid runs on the integers with it (QLinearSigmoid)
-                    if value is not None and value.name not in bits and value.const_value is None:
+                    if value is not None and op_facts.looked_up_from(value) is not None and value.name not in bits:
                         self.joined[value.producer().name] = bits[value.name] = width
                 self.joined[node.name] = bits[output_point(node).name] = width
+            elif self.choices.get(node.name) is None and node.inputs and node.inputs[0] is not None \
+                    and node.inputs[0].name in bits:
+                for value in op_facts.carried(node):
+                    bits[value.name] = bits[node.inputs[0].name]
         return bits
 
     @staticmethod
@@ -321,28 +328,6 @@ class _Estimator:
         sqnr = output_sqnr_db(value, choice.activation_qtype, choice.activation_symmetric)
         return sqnr is not None and sqnr < OUTPUT_MIN_SQNR_DB
 
-    def _joins_integers(self, node: ir.Node, bits: dict[str, int]) -> int | None:
-        """A Concat, residual Add or Mul of tensors all held at one integer width (or made from one
-        by a lookup op, SiLU's Sigmoid), its output point read quantized: onnxruntime runs it on the
-        integers (QLinearConcat, QLinearAdd, QLinearMul; 8 bits on a CPU), with no conversion of its
-        inputs or output. The width, else None."""
-        if node.domain not in ("", "ai.onnx") or not op_facts.joins_integers(node):
-            return None
-        widths = {bits.get(v.name, self._looked_up(v, bits)) for v in node.inputs
-                  if v is not None and v.const_value is None}
-        out = output_point(node)
-        if (len(widths) == 1 and None not in widths and (self.native or widths == {8})
-                and not out.is_graph_output() and self._read_quantized(out)):
-            return widths.pop()
-        return None
-
-    @staticmethod
-    def _looked_up(value: ir.Value, bits: dict[str, int]) -> int | None:
-        """The width a lookup op (``op_facts.lookup_range``) can make ``value`` at for a join that
-        alone reads it: its input's."""
-        source = op_facts.looked_up_from(value)
-        return None if source is None else bits.get(source.name)
-
     def _read_quantized(self, value: ir.Value, through_range_preserving: bool = True) -> bool:
         """As the rewrite decides: a quantized node reads it, directly or (after an integer kernel)
         through range-preserving ops."""
@@ -350,8 +335,8 @@ class _Estimator:
             choice = self.choices.get(use.node.name)
             if choice is not None and choice.quantizes_activations and use.idx in op_facts.activation_inputs(use.node):
                 return True
-            if (through_range_preserving and op_facts.fact(use.node).range_preserving and use.idx == 0
-                    and self._read_quantized(use.node.outputs[0])):
+            if through_range_preserving and use.idx == 0 and any(
+                    self._read_quantized(v) for v in op_facts.carried(use.node)):
                 return True
         return False
 

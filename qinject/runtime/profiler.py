@@ -331,8 +331,7 @@ def _conversion_values(model: ir.Model) -> dict[int, ir.Value]:
         if value.shape is None or not all(isinstance(d, int) for d in value.shape):
             continue
         sizes.setdefault(math.prod(value.shape), value)
-        frontier += [u.node.outputs[0] for u in value.uses()
-                     if op_facts.fact(u.node).range_preserving and u.idx == 0]
+        frontier += [v for u in value.uses() if u.idx == 0 for v in op_facts.carried(u.node)]
     return sizes
 
 
@@ -369,7 +368,7 @@ def _read_quantized(value: ir.Value) -> bool:
     for use in value.uses():
         if op_facts.is_quantizable(use.node) and use.idx in op_facts.activation_inputs(use.node):
             return True
-        if op_facts.fact(use.node).range_preserving and use.idx == 0 and _read_quantized(use.node.outputs[0]):
+        if use.idx == 0 and any(_read_quantized(v) for v in op_facts.carried(use.node)):
             return True
     return False
 

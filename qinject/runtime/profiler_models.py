@@ -145,7 +145,7 @@ def conv_read(value: ir.Value) -> bool:
     for use in value.uses():
         if op_facts.fact(use.node).sets_layout and use.idx == 0:
             return _spatial(value)
-        if op_facts.fact(use.node).range_preserving and use.idx == 0 and conv_read(use.node.outputs[0]):
+        if use.idx == 0 and any(conv_read(v) for v in op_facts.carried(use.node)):
             return _spatial(value)
     return False
 
@@ -249,7 +249,8 @@ def integer_model(node: ir.Node, model: ir.Model, values: dict[str, np.ndarray],
         insert_qdq(proto, data, bits)
         scale, zero = f"{data}__scale", f"{data}__zero"
     target = next(n for n in proto.graph.node if n.name == node.name)
-    insert_qdq(proto, target.output[0], bits, scale, zero)
+    for i, _ in enumerate(op_facts.carried(node)):  # every piece of a Split
+        insert_qdq(proto, target.output[i], bits, scale, zero)
     _set_opset(proto, max(_opset(proto), _qdq_opset(bits)))
     return proto, feeds
 
