@@ -290,10 +290,14 @@ class _Estimator:
         that run on the integers (``quant_points.integer_joins``) and what range-preserving ops carry
         on from them (the rest is float)."""
         held: dict[str, int] = {}
+        paired: dict[str, int] = {}  # a static node's activation inputs: the rewrite pairs each
         for node in self.graph:
             choice = self.choices.get(node.name)
             if choice is None or not choice.quantizes_activations:
                 continue  # dynamic / weight-only: float in, float out
+            for i in op_facts.activation_inputs(node):
+                if node.inputs[i] is not None:
+                    paired.setdefault(node.inputs[i].name, choice.activations)
             out = output_point(node)
             kernel = self.native or op_facts.runs_on_integer_kernel(node, choice.weights, choice.activations)
             read = not out.is_graph_output() and self._read_quantized(out, kernel)
@@ -304,8 +308,11 @@ class _Estimator:
                 # the rewrite leaves this output float (a graph output, or heavy tails): no
                 # QLinearConv, onnxruntime runs the op in float on dequantized inputs
                 self.unfused.add(node.name)
-        # onnxruntime's CPU joins 8-bit tensors only
-        joinable = held if self.native else {name: w for name, w in held.items() if w == 8}
+        # A join may read any paired tensor (its conversion is priced for the node that asked for it);
+        # onnxruntime's CPU joins 8-bit tensors only.
+        joinable = {**paired, **held}
+        if not self.native:
+            joinable = {name: w for name, w in joinable.items() if w == 8}
         joins = integer_joins(self.graph, joinable, self._read_quantized)
         bits = dict(held)
         for node in self.graph:

@@ -210,6 +210,40 @@ def test_joins_that_read_each_other_run_on_integers_together(tmp_path, rng) -> N
     assert kernels["QLinearMul"] == 1, kernels  # c0's SiLU, which b0 reads through the Split; b1 reads b0's float
 
 
+@pytest.mark.parametrize("build", [c2f_net, residual_net, silu_net])
+def test_the_estimate_and_the_rewrite_join_the_same_nodes(tmp_path, rng, build) -> None:
+    """For every plan with one convolution float (and none), the joins the estimate prices on the
+    integers are exactly those the written model runs on them (every input dequantized, the output
+    quantized): both ask ``quant_points.integer_joins``, from what each holds quantized."""
+    model = build()
+    shape = [d.dim_value or 8 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = {"x": rng.standard_normal(shape).astype(np.float32)}
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    seen = set()
+    for floated in [None, *convs]:
+        plan = Plan(NodeQuant(), {floated: None} if floated else {})
+        result, q, _ = _quantize(tmp_path, x, model=model, plan=plan, target="local-cpu", force=True)
+        producer = {o: n for n in q.graph.node for o in n.output}
+        readers = {}
+        for n in q.graph.node:
+            for i in n.input:
+                readers.setdefault(i, []).append(n)
+
+        def quantized_after(value: str) -> bool:  # through a Relu, which goes into the Q
+            found = readers.get(value, [])
+            if [r.op_type for r in found] == ["Relu"]:
+                return quantized_after(found[0].output[0])
+            return [r.op_type for r in found] == ["QuantizeLinear"]
+
+        written = {n.name for n in q.graph.node if n.op_type in ("Add", "Concat", "Mul")
+                   and all(producer[i].op_type == "DequantizeLinear" for i in n.input if i in producer)
+                   and quantized_after(n.output[0])}
+        priced = {c.node for c in result.cost.nodes if c.op in ("Add", "Concat", "Mul", "Sum") and c.activation_bits == 8}
+        assert priced == written, (floated, priced, written)
+        seen |= written
+    assert seen  # some plan joins something
+
+
 @pytest.mark.parametrize("join", ["Add", "Sum"])
 def test_a_residual_add_runs_on_integers(tmp_path, rng, join) -> None:
     """A residual Add whose inputs and output are quantized anyway is fed the dequantized tensors, so
