@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 from qinject.passes.sensitivity.base import choice_for
+from qinject.passes.target.fit_target import switch_where_faster
 
 from qinject.core import ir as qir
 from qinject.core import op_facts
@@ -56,18 +57,12 @@ def fastest_modes(priced: ir.Model, nodes: Sequence[str], fixed: Mapping[str, No
     by_name = {n.name: n for n in qir.searchable_nodes(priced)}
     eligible = [n for n in nodes if alternative.mode in op_facts.modes(by_name[n])]
 
-    def price(switched: set[str]) -> float:
-        choices = {**fixed, **{n: alternative if n in switched else static for n in nodes}}
+    def price(choices: dict[str, NodeQuant | None]) -> float:
         return estimate(priced, Plan(None, choices), table, batch, baselines=False).total_us
 
-    # all switched at once first (neighbours in one mode share conversions), then node by node
-    switched = set(eligible) if price(set(eligible)) < price(set()) else set()
-    current = price(switched)
-    for name in eligible:
-        trial = switched ^ {name}
-        if (us := price(trial)) < current:
-            switched, current = trial, us
-    return dict.fromkeys(switched, alternative)
+    start = {**fixed, **dict.fromkeys(nodes, static)}
+    chosen, _ = switch_where_faster(price, start, dict.fromkeys(eligible, (static, alternative)))
+    return {name: alternative for name in eligible if chosen[name] == alternative}
 
 
 @dataclass(frozen=True)

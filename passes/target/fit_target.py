@@ -24,6 +24,7 @@ read it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Mapping
 
 import onnx_ir as ir
 
@@ -101,16 +102,9 @@ class _Fitter:
         (neighbours in one mode share conversions, so single switches can miss it), then node by node
         either way."""
         given = {name: self.plan.choice(name) for name in self.free if self.choices[name] is not None}
-        others = {name: other for name, c in given.items()
-                  if (other := _other_mode(c, op_facts.modes(self.nodes[name]))) is not None}
-        if not others:
-            return
-        together = {**self.choices, **others}
-        if (us := self._price(together)) < self.current:
-            self.choices, self.current = together, us
-        for name, other in others.items():
-            current = self.choices[name]
-            self._try(name, given[name] if current == other else other)
+        pairs = {name: (c, other) for name, c in given.items()
+                 if (other := _other_mode(c, op_facts.modes(self.nodes[name]))) is not None}
+        self.choices, self.current = switch_where_faster(self._price, self.choices, pairs)
 
     def note_modes(self) -> None:
         """A note on each node now running its other mode."""
@@ -206,6 +200,26 @@ def _on_kernel(node: ir.Node, choice: NodeQuant) -> bool:
     if choice.mode == STATIC:
         return op_facts.runs_on_integer_kernel(node, choice.weights, choice.activations)
     return choice.mode == DYNAMIC or op_facts.weight_only_kernel(node)
+
+
+def switch_where_faster(price: Callable[[dict[str, NodeQuant | None]], float],
+                        choices: dict[str, NodeQuant | None], pairs: Mapping[str, tuple[NodeQuant, NodeQuant]]
+                        ) -> tuple[dict[str, NodeQuant | None], float]:
+    """``choices`` with each node of ``pairs`` in the one of its two modes (given, other) that
+    ``price`` finds cheaper, and their price: every node switched to its other mode at once first
+    (neighbours in one mode share conversions, so single switches can miss it), then node by node
+    either way. Shared by ``fit-target`` and the search's per-level mode choice."""
+    current = price(choices)
+    if not pairs:
+        return choices, current
+    together = {**choices, **{name: other for name, (_, other) in pairs.items()}}
+    if (us := price(together)) < current:
+        choices, current = together, us
+    for name, (given, other) in pairs.items():
+        trial = {**choices, name: given if choices[name] == other else other}
+        if (us := price(trial)) < current:
+            choices, current = trial, us
+    return choices, current
 
 
 def _other_mode(choice: NodeQuant, modes: tuple[str, ...]) -> NodeQuant | None:
