@@ -192,8 +192,10 @@ def _search_passes(options: SearchOptions, analysis: object, method: str, percen
     # the levels that pay on the target, decided from its table before any evaluation: the signal
     # measures only those (on a CPU, 8 bits alone: 291 evaluations on BERT-base became 97)
     widths = SearchWidths(target, latency_batch, tuple(options.modes), rules=options.rules)
-    passes = [signal_pass(options.signal, analysis, bits=widths.measured, seed=options.seed, workers=options.workers,
-                          progress=progress, method=method, executor=options.executor, skip=widths.floated)]
+    signals = ["hessian", "interlayer"] if options.signal == "interlayer" else [options.signal]  # its base order
+    passes = [signal_pass(signal, analysis, bits=widths.measured, seed=options.seed, workers=options.workers,
+                          progress=progress, method=method, executor=options.executor, skip=widths.floated)
+              for signal in signals]
     kwargs = {"metric": options.metric, "signal": options.signal, "batch": latency_batch,
               "workers": options.workers, "method": method, "percentile": percentile, "limit": options.limit,
               "executor": options.executor}

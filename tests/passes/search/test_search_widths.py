@@ -84,9 +84,12 @@ def test_a_search_refuses_a_lower_width_the_signal_did_not_measure():
         evaluator.close()
 
 
-def test_nodes_no_width_pays_for_are_kept_float_unmeasured_and_unsearched(tmp_path):
+@pytest.mark.parametrize("signal, evaluations", [("quant-error", 4 + 1), ("interlayer", 4 + 1)])
+def test_nodes_no_width_pays_for_are_kept_float_unmeasured_and_unsearched(tmp_path, signal, evaluations):
     """On the CPU table, attention's int8 MatMuls of two activations never beat float: the search
-    keeps them float, the sensitivity pass spends no evaluation on them, and the report says so."""
+    keeps them float, the sensitivity pass spends no evaluation on them, and the report says so.
+    The interlayer signal brings the Hessian it orders by (a search with it failed for want of it)
+    and measures its prefix curve over the four projections alone."""
     path = tmp_path / "attention.onnx"
     onnx.save(attention_block(), path)
     rng = np.random.default_rng(1)
@@ -98,9 +101,9 @@ def test_nodes_no_width_pays_for_are_kept_float_unmeasured_and_unsearched(tmp_pa
     assert widths.floated(model) == ("scores", "context")
     result = qinject.quantize_onnx(
         path, tmp_path / "q.onnx", calib=tmp_path / "calib.npz", target="local-cpu",
-        search=SearchOptions(max_drop="5%", eval_data=tmp_path / "eval.npz", workers=1),
+        search=SearchOptions(max_drop="5%", eval_data=tmp_path / "eval.npz", workers=1, signal=signal),
         progress=False, measure=False)
     found = result.search
     assert found.bits["scores"] is None and found.bits["context"] is None
-    assert found.sensitivity["evaluations"] == 4 + 1  # the four projections, and the reference
+    assert found.sensitivity["evaluations"] == evaluations  # the four projections, and the reference
     assert "2 node(s) kept float without a search: no width pays for them on local-cpu" in found.message
