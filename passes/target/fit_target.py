@@ -176,8 +176,7 @@ def _regions(model: ir.Model, members: set[str]) -> list[list[str]]:
         return name
 
     def connector(node: ir.Node) -> bool:
-        f = op_facts.fact(node)
-        return node.name not in members and (op_facts.joins_integers(node) or f.range_preserving
+        return node.name not in members and (op_facts.joins_integers(node) or op_facts.preserves_range(node)
                                               or op_facts.is_epilogue(node))
 
     nodes = [n for n in model.graph if n.name in members or connector(n)]

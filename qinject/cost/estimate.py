@@ -482,7 +482,7 @@ class _Estimator:
                 have = self.bits.get(value.name, FLOAT_BITS)
                 if choice is not None and choice.quantizes_activations and i in op_facts.activation_inputs(node):
                     want = choice.activations
-                elif choice is None and op_facts.fact(node).range_preserving and i == 0:
+                elif choice is None and op_facts.preserves_range(node) and i == 0:
                     continue  # carried on at the same width
                 elif node.name in self.joined:
                     continue  # joined on the integers

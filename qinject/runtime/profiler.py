@@ -280,7 +280,7 @@ def probes_for(model: ir.Model, bits: list[tuple[int, int]], modes: Iterable[str
             continue
         for probe in _node_probes(node, key, model, static, bits, modes):
             probes.setdefault(probe.keys[0], probe)
-        if op_facts.fact(node).range_preserving and _float_input(node) and node.inputs[0].name not in static:
+        if op_facts.preserves_range(node) and _float_input(node) and node.inputs[0].name not in static:
             # The rewrite leaves range-preserving ops on integers only after 8-bit integer kernels.
             for a in (a for a in act_bits if a == 8):
                 full = (*key, 0, a, STATIC)

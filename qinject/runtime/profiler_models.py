@@ -134,7 +134,7 @@ def conv_fed(value: ir.Value) -> bool:
     """Whether a convolution's output stage writes ``value`` (through range-preserving ops and
     Concat too: onnxruntime keeps a Concat of convolutions in their layout, NCHWc or NHWC)."""
     producer = value.producer()
-    while producer is not None and (op_facts.fact(producer).range_preserving or op_facts.is_epilogue(producer)
+    while producer is not None and (op_facts.preserves_range(producer) or op_facts.is_epilogue(producer)
                                     or producer.op_type == "Concat"):
         producer = producer.inputs[0].producer() if producer.inputs and producer.inputs[0] is not None else None
     return producer is not None and op_facts.fact(producer).sets_layout and _spatial(value)

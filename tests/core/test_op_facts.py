@@ -65,3 +65,16 @@ def test_two_activations_make_matmul_quantizable_without_a_weight():
     matmul, conv = _node("MatMul"), _node("Conv")
     assert op_facts.is_quantizable(matmul) and op_facts.activation_inputs(matmul) == [0, 1]
     assert not op_facts.is_quantizable(conv)
+
+
+def test_ops_that_carry_their_inputs_range_and_which_outputs_do():
+    """Nearest Resize picks input values (onnxruntime runs it on uint8); linear mixes them. Every
+    piece of a Split carries the range; MaxPool's second output (indices) does not."""
+    assert op_facts.preserves_range(_node("Resize", 3, mode="nearest"))
+    assert op_facts.preserves_range(_node("Resize", 3))  # nearest is the default
+    assert not op_facts.preserves_range(_node("Resize", 3, mode="linear"))
+    split = ir.node("Split", [ir.Value(name="x")], {"axis": 1}, num_outputs=3)
+    assert op_facts.carried(split) == tuple(split.outputs)
+    pool = ir.node("MaxPool", [ir.Value(name="x")], {"kernel_shape": [2, 2]}, num_outputs=2)
+    assert op_facts.carried(pool) == (pool.outputs[0],)
+    assert op_facts.carried(_node("Relu", 1)) == ()

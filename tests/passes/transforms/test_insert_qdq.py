@@ -210,6 +210,33 @@ def test_joins_that_read_each_other_run_on_integers_together(tmp_path, rng) -> N
     assert kernels["QLinearMul"] == 1, kernels  # c0's SiLU, which b0 reads through the Split; b1 reads b0's float
 
 
+@pytest.mark.parametrize("mode, integer", [("nearest", True), ("linear", False)])
+def test_an_upsampled_branch_joins_a_concat_on_integers(tmp_path, rng, mode, integer) -> None:
+    """An FPN's top-down path: a strided convolution's output upsampled by a nearest Resize and
+    concatenated with a full-size convolution's. Nearest picks input values, so onnxruntime runs it
+    on uint8 and the Concat joins (nudenet: two more QLinearConcats); a linear Resize mixes values and
+    stays float, and the Concat with it."""
+    def conv(name: str, x: str, cin: int, stride: int) -> list:
+        w = (rng.standard_normal((4, cin, 3, 3)) * 0.3).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"{name}_w"))
+        return [helper.make_node("Conv", [x, f"{name}_w"], [f"{name}_y"], name=name, pads=[1, 1, 1, 1],
+                                 strides=[stride, stride])]
+
+    inits = [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    nodes = conv("a", "x", 3, 2) + conv("b", "x", 3, 1)
+    nodes += [helper.make_node("Resize", ["a_y", "", "scales"], ["up"], name="up", mode=mode),
+              helper.make_node("Concat", ["up", "b_y"], ["cat"], name="cat", axis=1)]
+    nodes += conv("c", "cat", 8, 1) + [helper.make_node("GlobalAveragePool", ["c_y"], ["y"], name="gap")]
+    graph = helper.make_graph(nodes, "fpn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = {"x": rng.standard_normal((8, 3, 16, 16)).astype(np.float32)}
+    _, q, out = _quantize(tmp_path, x, model=model, target="local-cpu", force=True)
+    kernels = measure.fused_kernels(out)
+    assert kernels["QLinearConcat"] == int(integer) and kernels["Concat"] == int(not integer), kernels
+    assert sqnr_db(run(model, x)[0], run(q, x)[0]) > 25
+
+
 @pytest.mark.parametrize("build", [c2f_net, residual_net, silu_net])
 def test_the_estimate_and_the_rewrite_join_the_same_nodes(tmp_path, rng, build) -> None:
     """For every plan with one convolution float (and none), the joins the estimate prices on the
