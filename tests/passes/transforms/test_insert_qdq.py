@@ -189,7 +189,7 @@ def test_joins_that_read_each_other_run_on_integers_together(tmp_path, rng) -> N
     Concat; the Add feeds the Concat too. Each join runs on integers only if the others do (the
     Concat needs the Add's output quantized, the Add is read by nothing else), so they are decided
     together: onnxruntime runs the whole block on integers, the Split included, and the estimate
-    prices no conversion inside it (nudenet: 0.70x -> 0.64x of float). With b1 float, the Add and
+    prices no conversion inside it (nudenet: 0.69x -> 0.65x of float). With b1 float, the Add and
     the Concat have a float input and stay float, the first SiLU still on integers."""
     x = {"x": rng.standard_normal((16, 3, 16, 16)).astype(np.float32)}
     model = c2f_net()
