@@ -348,7 +348,8 @@ OP_FACTS[(ONNX, "Split")] = OpFact(range_preserving=True, splits=True)
 OP_FACTS[(ONNX, "Resize")] = OpFact(range_preserving=lambda n: _attr_str(n, "mode", "nearest") == "nearest")
 for _op in ("Shape", "Constant", "Size"):
     OP_FACTS[(ONNX, _op)] = OpFact(zero_copy=True)
-OP_FACTS[(ONNX, "Concat")] = OpFact(joins_integers=True)
+# (a constant among the inputs would need a Q/DQ of its own for onnxruntime to fuse QLinearConcat)
+OP_FACTS[(ONNX, "Concat")] = OpFact(joins_integers=lambda n: not any(_is_const(v) for v in n.inputs))
 # A residual Add (or a two-input Sum, which the rewrite writes as Add: onnxruntime has no QLinearSum)
 # of two activations, or a Mul of two (SiLU's x * Sigmoid(x), a squeeze-excitation's scaling:
 # QLinearMul); with a constant operand (a bias) it would need that constant quantized too.

@@ -121,13 +121,14 @@ def integer_joins(graph: ir.Graph, held: Mapping[str, K], read_quantized: Callab
                 return None
             return found.pop()
 
+        reads: dict[str, bool] = {}
+
         def read(value: ir.Value) -> bool:
-            if read_quantized(value):
-                return True
-            for use in value.uses():
-                if use.node.name in alive or (use.idx == 0 and any(read(v) for v in op_facts.carried(use.node))):
-                    return True
-            return False
+            if value.name not in reads:
+                reads[value.name] = read_quantized(value) or any(
+                    use.node.name in alive or (use.idx == 0 and any(read(v) for v in op_facts.carried(use.node)))
+                    for use in value.uses())
+            return reads[value.name]
 
         failed = [name for name, n in alive.items() if join_key(n) is None or not read(output_point(n))]
         if not failed:

@@ -78,3 +78,11 @@ def test_ops_that_carry_their_inputs_range_and_which_outputs_do():
     pool = ir.node("MaxPool", [ir.Value(name="x")], {"kernel_shape": [2, 2]}, num_outputs=2)
     assert op_facts.carried(pool) == (pool.outputs[0],)
     assert op_facts.carried(_node("Relu", 1)) == ()
+
+
+def test_a_concat_joins_integers_only_of_activations():
+    """onnxruntime fuses QLinearConcat only when every input is dequantized; a constant has no pair."""
+    assert op_facts.joins_integers(_node("Concat", 2, axis=1))
+    const = ir.Value(name="c", const_value=ir.tensor(np.zeros((1, 2), np.float32)))
+    node = ir.node("Concat", [ir.Value(name="x"), const], {"axis": 1}, name="cat")
+    assert not op_facts.joins_integers(node)
