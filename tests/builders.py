@@ -201,6 +201,30 @@ def c2f_net(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
+def depthwise_net(seed: int = 0, channels: int = 32, expanded: int = 96, size: int = 28) -> onnx.ModelProto:
+    """MobileNet's inverted block: x[N,channels,size,size] -> 1x1 Conv pw0 (to ``expanded``) -> Relu ->
+    3x3 depthwise Conv dw -> Relu -> 1x1 Conv pw1 (back to ``channels``) -> Relu -> GlobalAveragePool
+    -> Flatten -> y."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, source = [], [], "x"
+    for name, shape, group in (("pw0", (expanded, channels, 1, 1), 1), ("dw", (expanded, 1, 3, 3), expanded),
+                               ("pw1", (channels, expanded, 1, 1), 1)):
+        fan_in = shape[1] * shape[2] * shape[3]
+        inits += [numpy_helper.from_array((rng.standard_normal(shape) * np.sqrt(2 / fan_in)).astype(np.float32), f"{name}_w"),
+                  numpy_helper.from_array((rng.standard_normal(shape[0]) * 0.1).astype(np.float32), f"{name}_b")]
+        pad = shape[2] // 2
+        nodes += [helper.make_node("Conv", [source, f"{name}_w", f"{name}_b"], [f"{name}_h"], name=name, group=group,
+                                   pads=[pad] * 4),
+                  helper.make_node("Relu", [f"{name}_h"], [f"{name}_r"], name=f"{name}_relu")]
+        source = f"{name}_r"
+    nodes += [helper.make_node("GlobalAveragePool", [source], ["g"], name="gap"),
+              helper.make_node("Flatten", ["g"], ["y"], name="flatten")]
+    graph = helper.make_graph(nodes, "depthwise_net",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
 def run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 

@@ -13,6 +13,10 @@ nothing was quantized). A plan that wins is timed once more in fresh sessions an
 wins again: timings minutes apart differ by more than the margin on sub-millisecond models, and the
 fastest of several candidates is also the luckiest. Each floated node gets a note; the kept plan is stored in
 ``qinject.core.ir.CHOSEN_PLAN`` and the timing in ``MEASURED_LATENCY`` for the report.
+
+Before that, where ``fit-target`` fitted a second plan with the nodes kept float for onnxruntime's slower
+kernel alone set free (``qinject.core.ir.ALTERNATIVE_PLAN``: depthwise convolutions), the two plans are
+timed against each other, and the second is taken only where it wins two timings by the same margin.
 """
 
 from __future__ import annotations
@@ -66,17 +70,28 @@ class FitMeasured(Pass):
     def call(self, model: ir.Model) -> PassResult:
         feed = model.meta.get(qir.SAMPLE_FEED)
         plan = chosen_plan(model, self.plan)
+        alternative = model.meta.pop(qir.ALTERNATIVE_PLAN, None)
+        named = set(self.pinned.pins(model)[0]) if isinstance(self.pinned, Rules) else set(self.pinned)
+        baseline = _float_model(model)
+        tried = 0
+        if alternative is not None and feed is not None:
+            try:
+                plan, freed = self._either(model, plan, alternative, baseline, feed)
+            except QinjectError as exc:
+                warnings.warn(f"measuring the rewrite on this machine skipped: {exc}", QinjectWarning, stacklevel=2)
+                return PassResult(model, False)
+            named -= freed
+            tried = 2
         chosen = [n.name for n in qir.searchable_nodes(model) if plan.choice(n.name) is not None]
         if feed is None or not chosen:
             return PassResult(model, False)
-        baseline = _float_model(model)
         try:
             float_ms, full_ms = self._confirmed(baseline, self._rewrite(model, plan), feed)
         except QinjectError as exc:  # a timing never stops a quantization: the rewrite runs it again
             warnings.warn(f"measuring the rewrite on this machine skipped: {exc}", QinjectWarning, stacklevel=2)
             return PassResult(model, False)
-        kept, kept_ms, tried, first_ratio = chosen, full_ms, 1, full_ms / float_ms
-        named = set(self.pinned.pins(model)[0]) if isinstance(self.pinned, Rules) else set(self.pinned)
+        kept, kept_ms, first_ratio = chosen, full_ms, full_ms / float_ms
+        tried += 1
         pinned = [n for n in chosen if n in named]
         if first_ratio > MIN_GAIN and len(pinned) < len(chosen):
             # One timing, all candidates interleaved with float (the whole plan again: the first timing
@@ -100,6 +115,33 @@ class FitMeasured(Pass):
         model.meta[qir.CHOSEN_PLAN] = plan
         model.meta[qir.MEASURED_LATENCY] = {"float_ms": float_ms, "quantized_ms": kept_ms, "tried": tried}
         return PassResult(model, False)
+
+    def _either(self, model: ir.Model, plan: Plan, alternative: tuple, baseline: ir.Model | str, feed: dict
+                ) -> tuple[Plan, set[str]]:
+        """The fitted plan, or the one fitted with the slow kernels free (``fit-target``'s
+        ``slow_kernels``) where that runs faster here by the margin, in two timings; and the slow
+        kernels that plan frees. The notes on the nodes follow the plan kept."""
+        other, other_notes, notes, slow = alternative
+        first = interleaved_latency([baseline, self._rewrite(model, plan), self._rewrite(model, other)], feed,
+                                    self.budget_s)
+        if first[2] >= MIN_GAIN * first[1]:
+            return plan, set()
+        again = interleaved_latency([self._rewrite(model, plan), self._rewrite(model, other)], feed, self.budget_s)
+        if again[1] >= MIN_GAIN * again[0]:
+            return plan, set()
+        nodes = {n.name: n for n in model.graph.all_nodes()}
+        for name, written in notes.items():  # the first plan's, written by fit-target
+            kept = [note for note in nodes[name].meta.get(qir.QUANT_NOTES, []) if note not in written]
+            nodes[name].meta[qir.QUANT_NOTES] = kept
+        for name, extra in other_notes.items():
+            nodes[name].meta.setdefault(qir.QUANT_NOTES, []).extend(extra)
+        freed = {name for name in slow if other.choice(name) is not None}
+        for name in sorted(freed):
+            nodes[name].meta.setdefault(qir.QUANT_NOTES, []).append(
+                f"quantized though onnxruntime's CPU kernel for it alone is slower than float: beside its integer "
+                f"neighbours the plan measured {again[1] / again[0]:.2f}x of the plan with it float here")
+        model.meta[qir.CHOSEN_PLAN] = other
+        return other, freed
 
     def _confirmed(self, baseline: ir.Model | str, rewrite: ir.Model, feed: dict) -> tuple[float, float]:
         """Float's and the rewrite's time: a rewrite that beats float by the margin is timed again in

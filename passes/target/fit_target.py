@@ -24,7 +24,7 @@ read it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import onnx_ir as ir
 
@@ -46,14 +46,21 @@ class FitTarget(Pass):
         target: a latency table, or a target name or path.
         batch: the size given to a symbolic batch dimension.
         auto_mode: also try each node's other mode at its width (dynamic, weight-only).
+        slow_kernels: nodes the plan keeps float only for onnxruntime's slower kernel (depthwise
+            convolutions); a second plan is fitted with them free (``qir.ALTERNATIVE_PLAN``), which
+            fit-measured times against the first: beside integer neighbours they can pay.
     """
 
     name = "fit-target"
     analysis = True
 
-    def __init__(self, plan: Plan, target: LatencyTable | str, batch: int = 1, auto_mode: bool = False) -> None:
+    def __init__(self, plan: Plan, target: LatencyTable | str, batch: int = 1, auto_mode: bool = False,
+                 slow_kernels: Collection[str] = ()) -> None:
         self.plan, self.batch, self.auto_mode = plan, batch, auto_mode
         self.table = target if isinstance(target, LatencyTable) else load_target(target)
+        # nodes the plan keeps float only because onnxruntime's kernel for them is slower alone
+        # (depthwise convolutions): a second plan is fitted with them free, for fit-measured to time
+        self.slow_kernels = frozenset(slow_kernels)
 
     def call(self, model: ir.Model) -> PassResult:
         try:
@@ -61,7 +68,21 @@ class FitTarget(Pass):
         except UnsupportedModelError as exc:  # no shapes: nothing to price, the plan stays as given
             warnings.warn(f"fitting the plan to {self.table.target} skipped: {exc}", QinjectWarning, stacklevel=2)
             return PassResult(model, False)
-        fitter = _Fitter(priced, self.plan, self.table, self.batch)
+        plan, notes = self._fit(priced, self.plan)
+        for node in model.graph.all_nodes():
+            for note in notes.get(node.name, ()):
+                node.meta.setdefault(qir.QUANT_NOTES, []).append(note)
+        model.meta[qir.CHOSEN_PLAN] = plan
+        if self.slow_kernels:
+            free = Plan(self.plan.default, {n: c for n, c in self.plan.nodes.items() if n not in self.slow_kernels})
+            other, other_notes = self._fit(priced, free)
+            if any(other.choice(n) is not None for n in self.slow_kernels):
+                model.meta[qir.ALTERNATIVE_PLAN] = (other, other_notes, notes, self.slow_kernels)
+        return PassResult(model, False)
+
+    def _fit(self, priced: ir.Model, plan: Plan) -> tuple[Plan, dict[str, list[str]]]:
+        """``plan`` fitted to the table, and the notes on the nodes it changed."""
+        fitter = _Fitter(priced, plan, self.table, self.batch)
         if self.auto_mode:
             fitter.fastest_modes()
         if fitter.float_where_faster() and self.auto_mode:
@@ -69,11 +90,7 @@ class FitTarget(Pass):
             # output projection: static while the context MatMul before it was int8, dynamic after)
             fitter.fastest_modes()
         fitter.note_modes()
-        for node in model.graph.all_nodes():
-            for note in fitter.notes.get(node.name, ()):
-                node.meta.setdefault(qir.QUANT_NOTES, []).append(note)
-        model.meta[qir.CHOSEN_PLAN] = Plan(self.plan.default, fitter.choices_differing())
-        return PassResult(model, False)
+        return Plan(plan.default, fitter.choices_differing()), fitter.notes
 
 
 class _Fitter:

@@ -319,7 +319,8 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
         search = dataclasses.replace(search, eval_data=AnalysisData.load(search.eval_data, ir_model, search.limit))
     manager = PassManager(standard_pipeline(plan, calib, method, batch_size, percentile, progress, target,
                                             latency_batch, search, analysis, adaround, bias_correction, fit,
-                                            auto_mode, profile, measure, finetune))
+                                            auto_mode, profile, measure, finetune,
+                                            slow_kernels=tuple(kept_float or ()) if search is None else ()))
     ir_model = manager.run(ir_model).model
     found = search_result(ir_model)
     if found is not None:
@@ -336,7 +337,8 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
             if node.meta.get(key):
                 result.notes.setdefault(node.name, []).extend(node.meta[key])
     for name, reason in (kept_float or {}).items():
-        result.notes.setdefault(name, []).append(reason)
+        if name not in result.quantized:  # fit-measured may have found it pays on integers here
+            result.notes.setdefault(name, []).append(reason)
     # nothing left of what was asked (or searched): fit-target or fit-measured kept it all float
     if not result.quantized and (_plans_anything(plan) or (found is not None and _plans_anything(found.plan))):
         raise UnsupportedModelError(_nothing_to_quantize(ir_model, result.notes))

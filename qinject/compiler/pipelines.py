@@ -7,7 +7,7 @@ facts are in the table before any pass runs."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +124,7 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
                       search: SearchOptions | None = None, analysis_data: object = None,
                       adaround: bool = False, bias_correction: bool = False, fit: bool = False,
                       auto_mode: bool = False, profile: bool = False, measure: bool = False,
-                      finetune: FinetuneOptions | None = None) -> list:
+                      finetune: FinetuneOptions | None = None, slow_kernels: Collection[str] = ()) -> list:
     """The passes of ``qinject quantize``, in order. With ``target``, the plan's latency is estimated
     on it just before the rewrite. With ``search``, the plan is chosen: a sensitivity signal on the
     calibration data, then a search pass on the evaluation data (and AdaRound / bias correction of the
@@ -138,7 +138,9 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
     (``passes/target/profile_target.py``, cached). ``finetune`` trains the plan's scales and weights
     (quantization-aware, ``passes/rounding/finetune.py``) just before the rewrite. ``measure`` (with
     ``fit``, on a measured ``target``) then times the final plan's rewrite against the float model on
-    this machine and keeps float the nodes that make it slower (``passes/target/fit_measured.py``)."""
+    this machine and keeps float the nodes that make it slower (``passes/target/fit_measured.py``);
+    ``slow_kernels``, nodes ``plan`` keeps float for onnxruntime's slower kernel alone, are then tried
+    on integers too, and kept so where that measures faster."""
 
     # the nodes a user's plan or rules name: every fit leaves them as named
     pinned = set(plan.nodes) if plan is not None and search is None else set()
@@ -155,7 +157,8 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
     if search is None and fit and target is not None and target.kind == "measured":
         # a CPU's measured table says which kernels onnxruntime runs slower than float; a spec-sheet
         # accelerator's roofline prices what its units would do, and its estimate is only reported
-        passes.append(FitTarget(plan, target, latency_batch, auto_mode))
+        # with a measurement to settle it, a plan with the slow kernels on integers is fitted too
+        passes.append(FitTarget(plan, target, latency_batch, auto_mode, slow_kernels=slow_kernels if measure else ()))
         plan = None  # the passes below read the fitted plan from the model
     if search is not None:
         passes += _search_passes(search, calib if analysis_data is None else analysis_data, method, percentile,

@@ -31,6 +31,9 @@ QUANT_APPLIED = "qinject.quant.applied"  # on nodes: the NodeQuant the rewrite a
 QUANT_NOTES = "qinject.quant.notes"  # on nodes: list of strings explaining refusals
 COST_REPORT = "qinject.cost.report"  # on the model: qinject.cost.CostReport of the plan applied
 CHOSEN_PLAN = "qinject.plan.chosen"  # on the model: the Plan fitted to a target (passes/target/fit_*.py)
+# On the model: (plan, its notes, the chosen plan's notes, those nodes): a second fitted plan with the nodes
+# kept float only for onnxruntime's slow kernels free, which fit-measured times against the chosen one
+ALTERNATIVE_PLAN = "qinject.plan.alternative"
 # On the model: {"float_ms", "quantized_ms", "tried"}: the rewrite timed on this machine (passes/target/fit_measured.py)
 MEASURED_LATENCY = "qinject.measured.latency"
 # On the model: input name -> concrete shape, for latency estimates of symbolic dims. Calibration records

@@ -19,7 +19,9 @@ from qinject.core import ir as qir
 from qinject.core.errors import UnsupportedModelError
 from qinject.passes.target import fit_measured
 from qinject.plan import NodeQuant, Plan
-from tests.builders import CNN, run_cli
+import numpy as np
+
+from tests.builders import CNN, depthwise_net, run_cli
 
 
 def _clock(cost_of: dict[str, float], base: float = 1.0, per_node: float = 0.0):
@@ -212,3 +214,33 @@ def test_the_fastest_candidate_is_kept_only_if_it_wins_its_own_timing(tmp_path, 
     result = _quantize(tmp_path)
     assert result.quantized and result.measured == {"float_ms": 1.0, "quantized_ms": 0.90,
                                                     "tried": 1 + clock.seen[1] - 1}
+
+
+@pytest.mark.parametrize("dw_saves", [True, False])
+def test_a_depthwise_convolution_goes_on_integers_where_the_plan_with_it_measures_faster(
+        tmp_path, monkeypatch, dw_saves):
+    """A depthwise convolution stays float on a CPU (onnxruntime's kernel for it alone is slower), but
+    between integer neighbours it saves their conversions (TorchScript's ShuffleNetV2: 0.92x -> 0.71x
+    of float). So a plan with it free is fitted too and timed against the first: it is kept, with its
+    note, where it measures faster. Here the first plan, with dw float, prices its two neighbours
+    faster in float too, so where the second loses nothing is quantized."""
+    path = tmp_path / "dw.onnx"
+    onnx.save(depthwise_net(), path)
+    calib = {"x": np.random.default_rng(0).standard_normal((4, 32, 28, 28)).astype(np.float32)}
+    clock = _clock({"dw": -0.3 if dw_saves else 0.3}, per_node=-0.05)
+    monkeypatch.setattr(fit_measured, "interleaved_latency", clock)
+
+    def quantize():
+        return qinject.quantize_onnx(path, tmp_path / "q.onnx", calib=calib, target="local-cpu", progress=False,
+                                     measure=True)
+
+    if not dw_saves:
+        with pytest.raises(UnsupportedModelError, match="nothing was quantized"):
+            quantize()
+        assert clock.seen == [3]  # float and both plans, once: the second lost
+        return
+    result = quantize()
+    assert clock.seen[:2] == [3, 2]
+    notes = " ".join(result.notes.get("dw", []))
+    assert set(result.quantized) == {"pw0", "dw", "pw1"} and "quantized though" in notes, result.notes
+    assert "grouped/depthwise" not in notes
