@@ -121,7 +121,7 @@ class _Fitter:
         given = {name: self.plan.choice(name) for name in self.free if self.choices[name] is not None}
         pairs = {name: (c, other) for name, c in given.items()
                  if (other := _other_mode(c, op_facts.modes(self.nodes[name]))) is not None}
-        self.choices, self.current = switch_where_faster(self._price, self.choices, pairs)
+        self.choices, self.current = switch_where_faster(self._price, self.choices, pairs, self.current)
 
     def note_modes(self) -> None:
         """A note on each node now running its other mode."""
@@ -219,13 +219,14 @@ def _on_kernel(node: ir.Node, choice: NodeQuant) -> bool:
 
 
 def switch_where_faster(price: Callable[[dict[str, NodeQuant | None]], float],
-                        choices: dict[str, NodeQuant | None], pairs: Mapping[str, tuple[NodeQuant, NodeQuant]]
-                        ) -> tuple[dict[str, NodeQuant | None], float]:
+                        choices: dict[str, NodeQuant | None], pairs: Mapping[str, tuple[NodeQuant, NodeQuant]],
+                        current: float | None = None) -> tuple[dict[str, NodeQuant | None], float]:
     """``choices`` with each node of ``pairs`` in the one of its two modes (given, other) that
-    ``price`` finds cheaper, and their price: every node switched to its other mode at once first
-    (neighbours in one mode share conversions, so single switches can miss it), then node by node
-    either way. Shared by ``fit-target`` and the search's per-level mode choice."""
-    current = price(choices)
+    ``price`` finds cheaper, and their price (``current``: that of ``choices``, when known): every node
+    switched to its other mode at once first (neighbours in one mode share conversions, so single
+    switches can miss it), then node by node either way. Shared by ``fit-target`` and the search's
+    per-level mode choice."""
+    current = price(choices) if current is None else current
     if not pairs:
         return choices, current
     together = {**choices, **{name: other for name, (_, other) in pairs.items()}}
