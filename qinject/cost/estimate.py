@@ -17,7 +17,8 @@ onnxruntime do:
 - a conversion (a QuantizeLinear, a DequantizeLinear, or a requantization between widths) is
   charged wherever a tensor crosses from one precision region to another: where a quantized node
   reads a tensor held at another width, and where a float node reads an integer tensor. One per
-  tensor and width, as the rewrite shares its Q/DQ pairs. No peer tool models this cost.
+  tensor and width, as the rewrite shares its Q/DQ pairs. On a CPU table a requantization costs a
+  DequantizeLinear and a QuantizeLinear: onnxruntime has no kernel for it. No peer tool models this cost.
 
 Execution modes (``qinject.plan.MODES``) other than static read and write float: a dynamic node
 (MatMul, Gemm, LSTM) costs its int8 kernel plus the run-time quantization pass over its input (once
@@ -300,7 +301,7 @@ class _Estimator:
                     paired.setdefault(node.inputs[i].name, choice.activations)
             out = output_point(node)
             kernel = self.native or op_facts.runs_on_integer_kernel(node, choice.weights, choice.activations)
-            read = not out.is_graph_output() and self._read_quantized(out, kernel)
+            read = not out.is_graph_output() and self._read_quantized(out, kernel, choice.activations)
             wants_output = kernel and op_facts.needs_quantized_output(node)
             if read or (wants_output and not out.is_graph_output() and not self._heavy_tailed(out, choice)):
                 held[out.name] = choice.activations
@@ -311,9 +312,10 @@ class _Estimator:
         # A join may read any paired tensor (its conversion is priced for the node that asked for it);
         # onnxruntime's CPU joins 8-bit tensors only.
         joinable = {**paired, **held}
-        if not self.native:
-            joinable = {name: w for name, w in joinable.items() if w == 8}
-        joins = integer_joins(self.graph, joinable, self._read_quantized)
+        width = None if self.native else 8
+        if width is not None:
+            joinable = {name: w for name, w in joinable.items() if w == width}
+        joins = integer_joins(self.graph, joinable, lambda value: self._read_quantized(value, width=width))
         bits = dict(held)
         for node in self.graph:
             width = joins.get(node.name)
@@ -335,15 +337,18 @@ class _Estimator:
         sqnr = output_sqnr_db(value, choice.activation_qtype, choice.activation_symmetric)
         return sqnr is not None and sqnr < OUTPUT_MIN_SQNR_DB
 
-    def _read_quantized(self, value: ir.Value, through_range_preserving: bool = True) -> bool:
-        """As the rewrite decides: a quantized node reads it, directly or (after an integer kernel)
-        through range-preserving ops."""
+    def _read_quantized(self, value: ir.Value, through_range_preserving: bool = True, width: int | None = None
+                        ) -> bool:
+        """As the rewrite decides: a quantized node reads it (at ``width``, where given: a 16-bit
+        reader gives an 8-bit tensor no pair), directly or (after an integer kernel) through
+        range-preserving ops."""
         for use in value.uses():
             choice = self.choices.get(use.node.name)
-            if choice is not None and choice.quantizes_activations and use.idx in op_facts.activation_inputs(use.node):
+            if choice is not None and choice.quantizes_activations and use.idx in op_facts.activation_inputs(use.node) \
+                    and width in (None, choice.activations):
                 return True
             if through_range_preserving and use.idx == 0 and any(
-                    self._read_quantized(v) for v in op_facts.carried(use.node)):
+                    self._read_quantized(v, width=width) for v in op_facts.carried(use.node)):
                 return True
         return False
 
@@ -498,6 +503,13 @@ class _Estimator:
 
     def _conversion(self, value: ir.Value, have: int, want: int) -> ConversionCost:
         elements = _elements(value)
+        if FLOAT_BITS not in (have, want) and not self.native:
+            # onnxruntime has no requantize kernel: it runs the rewrite's DequantizeLinear, then the
+            # QuantizeLinear at the other width (an 8-bit output read by a 16-bit node costs both,
+            # more than a float reader's one); an accelerator's compiler folds the two into a scale
+            down, up = self._conversion(value, have, FLOAT_BITS), self._conversion(value, FLOAT_BITS, want)
+            source = up.source if down.source == MEASURED else down.source
+            return ConversionCost(value.name, have, want, elements, down.latency_us + up.latency_us, source)
         op = "DequantizeLinear" if want == FLOAT_BITS else "QuantizeLinear"
         narrow = want if op == "QuantizeLinear" else have
         measured = self.table.lookup(op, f"x{elements}", 0, narrow)

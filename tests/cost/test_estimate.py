@@ -61,6 +61,26 @@ def test_conversions_where_precision_regions_meet():
     assert (8, 16) in {(c.from_bits, c.to_bits) for c in sixteen.conversions}
 
 
+def test_two_widths_meeting_on_a_cpu_cost_a_dequantize_and_a_quantize():
+    """onnxruntime has no requantize kernel: an 8-bit output read by a 16-bit node is dequantized
+    and quantized again, dearer than the one dequantize a float reader needs. Priced as one
+    quantize, a search on light SqueezeNet kept convolutions at W16A16 (dequantize + float on a CPU)
+    to save conversions that were never saved."""
+    model = _model()
+    table = LatencyTable("cpu", "measured", ROOF)
+
+    def edge(choice):
+        report = estimate(model, Plan(NodeQuant(), {"conv2": choice}), table, baselines=False)
+        return next(c for c in report.conversions if c.from_bits == 8 and c.to_bits != 8)
+
+    elements = edge(None).elements  # conv1's pooled output, which conv2 reads
+    table.add(Entry("DequantizeLinear", f"x{elements}", 0, 8, 5.0))
+    table.add(Entry("QuantizeLinear", f"x{elements}", 0, 16, 7.0))
+    to_float, to_sixteen = edge(None), edge(NodeQuant(weights=16, activations=16))
+    assert to_float.tensor == to_sixteen.tensor and to_float.latency_us == 5.0
+    assert (to_sixteen.to_bits, to_sixteen.latency_us, to_sixteen.source) == (16, 12.0, MEASURED)
+
+
 def test_measured_conversion_entries_are_used():
     model = _model()
     table = LatencyTable("cpu", "measured", ROOF)
