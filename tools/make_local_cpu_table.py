@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from bench_common import machine
 from bench_latency import MODELS, make_case
 
-OUTPUT = ROOT / "qinject" / "targets" / "local-cpu.json"
+OUTPUT = ROOT / "qinject" / "cost" / "targets" / "local-cpu.json"
 
 
 def main(argv: list[str]) -> None:

@@ -38,6 +38,7 @@ from qinject.passes.rounding.bias_correction import BiasCorrection
 from qinject.passes.sensitivity import SIGNALS
 from qinject.passes.search._widths import fastest_modes
 from qinject.passes.sensitivity.base import EVALUATIONS, AnalysisData, choice_for, signal_of, width_label
+from qinject.passes.target.fit_target import switch_where_faster
 
 from qinject.core import ir as qir
 from qinject.core.errors import QinjectError
@@ -369,6 +370,11 @@ class SearchPass(Pass):
         modes: the execution modes a width may run in (``qinject.plan.MODES``; static always).
         executor: where the evaluations run: None or "process" (the local process pool), "ray" (a local
             Ray), "ray://HOST:PORT" (a Ray cluster); the results are the same.
+        slow_kernels: nodes the rules pin float only for onnxruntime's slower integer kernel alone
+            (depthwise convolutions). Beside integer neighbours they can pay on integers, which only a
+            timing settles: where the target prices the chosen plan faster with some of them at 8
+            bits, and that plan meets the budget too (one evaluation), it is stored for
+            ``fit-measured`` to time against the chosen one (``qinject.core.ir.ALTERNATIVE_PLAN``).
     """
 
     analysis = True
@@ -381,13 +387,15 @@ class SearchPass(Pass):
                  limit: int | None = None, adaround: bool = False, bias_correction: bool = False,
                  calib: object = None, progress: bool = True, latency_model: ir.Model | None = None,
                  rules: object = None, modes: Sequence[str] = MODES, executor: str | None = None,
-                 floated: Sequence[str] | Callable[[ir.Model], Sequence[str]] = ()) -> None:
+                 floated: Sequence[str] | Callable[[ir.Model], Sequence[str]] = (),
+                 slow_kernels: Sequence[str] = ()) -> None:
 
         if (adaround or bias_correction) and calib is None:
             raise QinjectError("AdaRound and bias correction need calibration data (calib)")
         self.adaround, self.bias_correction, self.calib, self.progress = adaround, bias_correction, calib, progress
         self.latency_model, self.rules, self.modes = latency_model, rules, tuple(modes)
         self.floated = floated if callable(floated) else tuple(floated)
+        self.slow_kernels = frozenset(slow_kernels)
         self.eval_data, self.budget = eval_data, Budget.parse(max_drop)
         self.table = target if isinstance(target, LatencyTable) else load_target(target)
         if metric is not None and not isinstance(metric, Metric):
@@ -417,6 +425,9 @@ class SearchPass(Pass):
             space = SearchSpace(model, evaluator, self.budget, self.table, self.batch, self.signal, levels,
                                 self.latency_model, fixed, self.modes)
             result = self.search(space)
+            alternative = self._with_slow_kernels(space, result.plan)
+            if alternative is not None:
+                model.meta[qir.ALTERNATIVE_PLAN] = (alternative, {}, {}, self.slow_kernels)
             if floated:
                 kept = (f"{len(floated)} node(s) kept float without a search: no width pays for them on "
                         f"{self.table.target}")
@@ -430,6 +441,23 @@ class SearchPass(Pass):
 
     def search(self, space: SearchSpace) -> SearchResult:
         raise NotImplementedError
+
+    def _with_slow_kernels(self, space: SearchSpace, plan: Plan) -> Plan | None:
+        """``plan`` with its slow kernels at 8 bits where the target prices that faster (all at once,
+        then one by one), if any is and the plan still meets the budget."""
+        slow = [n for n in space.all_nodes if n in self.slow_kernels and plan.choice(n) is None]
+        if not slow or all(plan.choice(n) is None for n in space.all_nodes):
+            return None
+        choices = {n: plan.choice(n) for n in space.all_nodes}
+
+        def price(trial: dict[str, NodeQuant | None]) -> float:
+            return estimate(space.priced, Plan(None, trial), space.table, space.batch, baselines=False).total_us
+
+        chosen, _ = switch_where_faster(price, choices, dict.fromkeys(slow, (None, choice_for(8))))
+        if chosen == choices:
+            return None
+        alternative = Plan(None, chosen)
+        return alternative if space.evaluator.score(alternative) >= space.floor - 1e-12 else None
 
     @staticmethod
     def _sensitivity(model: ir.Model, space: SearchSpace) -> dict:

@@ -219,7 +219,8 @@ def _on_kernel(node: ir.Node, choice: NodeQuant) -> bool:
 
 
 def switch_where_faster(price: Callable[[dict[str, NodeQuant | None]], float],
-                        choices: dict[str, NodeQuant | None], pairs: Mapping[str, tuple[NodeQuant, NodeQuant]],
+                        choices: dict[str, NodeQuant | None],
+                        pairs: Mapping[str, tuple[NodeQuant | None, NodeQuant | None]],
                         current: float | None = None) -> tuple[dict[str, NodeQuant | None], float]:
     """``choices`` with each node of ``pairs`` in the one of its two modes (given, other) that
     ``price`` finds cheaper, and their price (``current``: that of ``choices``, when known): every node

@@ -320,7 +320,7 @@ def _quantize(ir_model: ir.Model, plan: Plan, calib: object, method: str, batch_
     manager = PassManager(standard_pipeline(plan, calib, method, batch_size, percentile, progress, target,
                                             latency_batch, search, analysis, adaround, bias_correction, fit,
                                             auto_mode, profile, measure, finetune,
-                                            slow_kernels=tuple(kept_float or ()) if search is None else ()))
+                                            slow_kernels=tuple(kept_float or ())))
     ir_model = manager.run(ir_model).model
     found = search_result(ir_model)
     if found is not None:

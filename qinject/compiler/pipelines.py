@@ -139,8 +139,8 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
     (quantization-aware, ``passes/rounding/finetune.py``) just before the rewrite. ``measure`` (with
     ``fit``, on a measured ``target``) then times the final plan's rewrite against the float model on
     this machine and keeps float the nodes that make it slower (``passes/target/fit_measured.py``);
-    ``slow_kernels``, nodes ``plan`` keeps float for onnxruntime's slower kernel alone, are then tried
-    on integers too, and kept so where that measures faster."""
+    ``slow_kernels``, nodes ``plan`` (or a search's rules) keep float for onnxruntime's slower kernel
+    alone, are then tried on integers too, and kept so where that measures faster."""
 
     # the nodes a user's plan or rules name: every fit leaves them as named
     pinned = set(plan.nodes) if plan is not None and search is None else set()
@@ -161,8 +161,9 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
         passes.append(FitTarget(plan, target, latency_batch, auto_mode, slow_kernels=slow_kernels if measure else ()))
         plan = None  # the passes below read the fitted plan from the model
     if search is not None:
+        timed = measure and fit and target is not None and target.kind == "measured"
         passes += _search_passes(search, calib if analysis_data is None else analysis_data, method, percentile,
-                                 progress, target or "local-cpu", latency_batch)
+                                 progress, target or "local-cpu", latency_batch, slow_kernels if timed else ())
         plan = None
     else:
 
@@ -185,7 +186,7 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
 
 
 def _search_passes(options: SearchOptions, analysis: object, method: str, percentile: float, progress: bool,
-                   target: LatencyTable | str, latency_batch: int) -> list:
+                   target: LatencyTable | str, latency_batch: int, slow_kernels: Collection[str] = ()) -> list:
 
     if analysis is None:
 
@@ -204,7 +205,7 @@ def _search_passes(options: SearchOptions, analysis: object, method: str, percen
               "executor": options.executor}
     kwargs.update(adaround=options.adaround, bias_correction=options.bias_correction, calib=analysis,
                   progress=progress, rules=options.rules, modes=options.modes, levels=widths.levels,
-                  floated=widths.floated)
+                  floated=widths.floated, slow_kernels=tuple(slow_kernels))
     if options.search == "pareto":
         kwargs["plot"] = options.pareto_plot
     passes.append(SEARCH_PASSES[options.search](evaluation, options.max_drop, target, **kwargs))

@@ -244,3 +244,26 @@ def test_a_depthwise_convolution_goes_on_integers_where_the_plan_with_it_measure
     notes = " ".join(result.notes.get("dw", []))
     assert set(result.quantized) == {"pw0", "dw", "pw1"} and "quantized though" in notes, result.notes
     assert "grouped/depthwise" not in notes
+
+
+@pytest.mark.parametrize("dw_saves", [True, False])
+def test_a_search_tries_its_plan_with_the_depthwise_convolution_on_integers_too(tmp_path, monkeypatch, dw_saves):
+    """A search pins depthwise convolutions float on a CPU, as a plain quantize does; where the target
+    prices its chosen plan faster with one on integers (here beside pw0) and that plan meets the
+    budget too, the two are timed against each other, and the faster kept (TorchScript's
+    ShuffleNetV2: the search's plan ran 0.88x of float where the plain quantize's ran 0.78x)."""
+    path = tmp_path / "dw.onnx"
+    onnx.save(depthwise_net(channels=96, expanded=576, size=14), path)
+    calib = {"x": np.random.default_rng(0).standard_normal((8, 96, 14, 14)).astype(np.float32)}
+    clock = _clock({"dw": -0.3 if dw_saves else 0.3}, per_node=-0.1)
+    monkeypatch.setattr(fit_measured, "interleaved_latency", clock)
+    result = qinject.quantize_onnx(path, tmp_path / "q.onnx", calib=calib, target="local-cpu", progress=False,
+                                   measure=True, search=qinject.SearchOptions(max_drop="5%", eval_data=calib))
+    searched = {n for n in result.search.bits if result.search.plan.choice(n) is not None}
+    assert "pw0" in searched and "dw" not in searched, result.search.bits  # dw pinned by the search
+    assert clock.seen[0] == 3  # float, the search's plan and the one with dw on integers
+    notes = " ".join(result.notes.get("dw", []))
+    if dw_saves:
+        assert set(result.quantized) == searched | {"dw"} and "quantized though" in notes, result.notes
+    else:
+        assert set(result.quantized) == searched and "grouped/depthwise" in notes, result.notes
