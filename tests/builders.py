@@ -150,6 +150,28 @@ def attention_block(width: int = 256, tokens: int = 128, seed: int = 0) -> onnx.
 
 
 
+def post_norm_block(width: int = 64, tokens: int = 32, seed: int = 0) -> onnx.ModelProto:
+    """Two residual blocks, x[1,tokens,width] -> y: h1 = x W1, r1 = x + h1 -> LayerNormalization n1
+    (BERT's post-norm: r1's only reader; onnxruntime fuses the two into SkipLayerNormalization), then
+    h2 = n1 W2, r2 = n1 + h2 -> LayerNormalization n2, and y = n2 + r2 (r2 has two readers: not fused)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32),
+                                     f"w{i}") for i in (1, 2)]
+    inits += [numpy_helper.from_array(np.ones(width, np.float32), "gamma"),
+              numpy_helper.from_array(np.zeros(width, np.float32), "beta")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="mm1"),
+             helper.make_node("Add", ["x", "h1"], ["r1"], name="res1"),
+             helper.make_node("LayerNormalization", ["r1", "gamma", "beta"], ["n1"], name="ln1", axis=-1),
+             helper.make_node("MatMul", ["n1", "w2"], ["h2"], name="mm2"),
+             helper.make_node("Add", ["n1", "h2"], ["r2"], name="res2"),
+             helper.make_node("LayerNormalization", ["r2", "gamma", "beta"], ["n2"], name="ln2", axis=-1),
+             helper.make_node("Add", ["n2", "r2"], ["y"], name="out")]
+    graph = helper.make_graph(nodes, "post_norm", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 [1, tokens, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, width])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def silu_net(seed: int = 0) -> onnx.ModelProto:
     """YOLO's convolution blocks: x[N,3,16,16] -> Conv c0 -> SiLU (Sigmoid, Mul) -> Conv c1 -> SiLU ->
     Conv c2 -> GlobalAveragePool -> Flatten -> y."""

@@ -17,6 +17,9 @@ fastest of several candidates is also the luckiest. Each floated node gets a not
 Before that, where ``fit-target`` fitted a second plan with the nodes kept float for onnxruntime's slower
 kernel alone set free (``qinject.core.ir.ALTERNATIVE_PLAN``: depthwise convolutions), the two plans are
 timed against each other, and the second is taken only where it wins two timings by the same margin.
+So is the rewrite with the Adds onnxruntime would fuse into SkipLayerNormalization written as Sum
+(``passes/transforms/split_skip_layernorm.py``), where the model has any: if it wins, every rewrite
+timed after, and the one written, keeps them apart.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from qinject.core.search_result import chosen_plan
 from qinject.cost.estimate import estimate
 from qinject.cost.latency_table import LatencyTable, load_target
 from qinject.passes.transforms.insert_qdq import InsertQDQ
+from qinject.passes.transforms.split_skip_layernorm import SplitSkipLayerNorm, fused_adds
 from qinject.runtime.measure import interleaved_latency, quiet_session_options
 
 # A rewrite is kept only if it measures under this share of the float model's time: closer than that,
@@ -66,6 +70,7 @@ class FitMeasured(Pass):
         self.plan, self.batch, self.pinned = plan, batch, pinned
         self.table = target if isinstance(target, LatencyTable) else load_target(target)
         self.method, self.percentile, self.budget_s = method, percentile, budget_s
+        self._split = False  # write the Adds onnxruntime fuses into SkipLayerNormalization as Sum
 
     def call(self, model: ir.Model) -> PassResult:
         feed = model.meta.get(qir.SAMPLE_FEED)
@@ -85,6 +90,17 @@ class FitMeasured(Pass):
         chosen = [n.name for n in qir.searchable_nodes(model) if plan.choice(n.name) is not None]
         if feed is None or not chosen:
             return PassResult(model, False)
+        self._split = False
+        if fused_adds(model.graph):
+            try:
+                ratio = self._split_ratio(model, plan, feed)
+            except QinjectError as exc:
+                warnings.warn(f"measuring the rewrite on this machine skipped: {exc}", QinjectWarning, stacklevel=2)
+                return PassResult(model, False)
+            tried += 1
+            if ratio is not None:
+                self._split = True
+                model.meta[qir.SPLIT_SKIP_LAYERNORM] = ratio
         try:
             float_ms, full_ms = self._confirmed(baseline, self._rewrite(model, plan), feed)
         except QinjectError as exc:  # a timing never stops a quantization: the rewrite runs it again
@@ -143,6 +159,18 @@ class FitMeasured(Pass):
         model.meta[qir.CHOSEN_PLAN] = other
         return other, freed
 
+    def _split_ratio(self, model: ir.Model, plan: Plan, feed: dict) -> float | None:
+        """The rewrite's time with the Adds onnxruntime would fuse into SkipLayerNormalization written
+        as Sum, over its time without, if under the margin in two timings (the second's); else None."""
+        fused = self._rewrite(model, plan)
+        split = fused.clone()
+        SplitSkipLayerNorm(always=True)(split)
+        for _ in range(2):
+            times = interleaved_latency([fused, split], feed, self.budget_s)
+            if times[1] >= MIN_GAIN * times[0]:
+                return None
+        return times[1] / times[0]
+
     def _confirmed(self, baseline: ir.Model | str, rewrite: ir.Model, feed: dict) -> tuple[float, float]:
         """Float's and the rewrite's time: a rewrite that beats float by the margin is timed again in
         fresh sessions, and the slower of its two ratios stands (one sub-millisecond BERT export
@@ -157,6 +185,8 @@ class FitMeasured(Pass):
     def _rewrite(self, model: ir.Model, plan: Plan) -> ir.Model:
         variant = model.clone()
         InsertQDQ(plan, method=self.method, percentile=self.percentile)(variant)
+        if self._split:
+            SplitSkipLayerNorm(always=True)(variant)
         return variant
 
     def _ranked(self, model: ir.Model, plan: Plan, chosen: list[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """Rewrites and the calibration they read: constant folding, Conv affine folding, the opset upgrade,
-calibration, the Q/DQ insertion and the JAX-to-ONNX lowering. Above core, the backends and cost; below
-the runtime, which runs their output."""
+calibration, the Q/DQ insertion, the SkipLayerNormalization split and the JAX-to-ONNX lowering. Above
+core, the backends and cost; below the runtime, which runs their output."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from qinject.passes.transforms.fold_constants import FoldConstants
 from qinject.passes.transforms.fold_conv_affine import FoldConvAffine
 from qinject.passes.transforms.insert_qdq import InsertQDQ
 from qinject.passes.transforms.lower_jax_to_onnx import LowerJaxToOnnx
+from qinject.passes.transforms.split_skip_layernorm import SplitSkipLayerNorm
 from qinject.passes.transforms.upgrade_opset import UpgradeOpset
 
 from qinject.core import op_facts
@@ -45,5 +46,5 @@ def keep_slow_kernels_float(model: ir.Model, plan: Plan) -> tuple[Plan, dict[str
     return Plan(plan.default, {**plan.nodes, **dict.fromkeys(kept)}), kept
 
 
-__all__ = ["Calibrate", "FoldConstants", "FoldConvAffine", "InsertQDQ", "LowerJaxToOnnx", "UpgradeOpset",
-           "keep_slow_kernels_float", "prepare", "rewrite"]
+__all__ = ["Calibrate", "FoldConstants", "FoldConvAffine", "InsertQDQ", "LowerJaxToOnnx", "SplitSkipLayerNorm",
+           "UpgradeOpset", "keep_slow_kernels_float", "prepare", "rewrite"]

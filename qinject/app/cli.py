@@ -248,6 +248,11 @@ def _measure(model: Path, output: Path, result: object) -> None:
              if result.measured is not None and result.measured["tried"] > 1 else "")
     click.echo(f"measured on this machine (onnxruntime CPU, one calibration sample): float {float_ms:.3f} ms, "
                f"quantized {quantized_ms:.3f} ms ({ratio:.2f}x{tried})")
+    split = result.model.meta.get(qir.SPLIT_SKIP_LAYERNORM)
+    if split is not None:
+        click.echo(f"note: residual Adds written as Sum, so onnxruntime does not fuse them with their "
+                   f"LayerNormalization into SkipLayerNormalization, which runs slower here (the rewrite "
+                   f"measured {split:.2f}x of its time with them fused)")
     if ratio > 1.0:
         costliest = sorted((n for n in (result.cost.nodes if result.cost else []) if n.node in result.quantized),
                            key=lambda n: -n.latency_us)[:3]

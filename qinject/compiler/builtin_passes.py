@@ -28,6 +28,7 @@ from qinject.passes.transforms.fold_constants import FoldConstants
 from qinject.passes.transforms.fold_conv_affine import FoldConvAffine
 from qinject.passes.transforms.insert_qdq import InsertQDQ
 from qinject.passes.transforms.lower_jax_to_onnx import LowerJaxToOnnx
+from qinject.passes.transforms.split_skip_layernorm import SplitSkipLayerNorm
 from qinject.passes.transforms.upgrade_opset import UpgradeOpset
 
 # The choices of sensitivity{metric=...} and search{algo=...}, from the tables of the pass groups; the
@@ -204,6 +205,16 @@ def _insert_qdq(context: Context, o: dict[str, Any]) -> Pass:
     plan = Plan.load(o["plan"]) if o["plan"] else None
     fallback = Plan.uniform(o["weights"], o["activations"], per_channel=o["per-channel"])
     return InsertQDQ(plan, method=o["method"], percentile=o["percentile"], fallback=fallback)
+
+
+@register("split-skip-layernorm", (Option("always", bool, False,
+                                          "split even where fit-measured did not time it faster"),),
+          pass_class=SplitSkipLayerNorm,
+          doc="""Write as Sum each Add onnxruntime would fuse with the LayerNormalization after it into
+SkipLayerNormalization (slower than the two on some CPUs): where fit-measured timed it faster, or always.""")
+def _split_skip_layernorm(context: Context, o: dict[str, Any]) -> Pass:
+
+    return SplitSkipLayerNorm(always=o["always"])
 
 
 @register("lower-jax-to-onnx", pass_class=LowerJaxToOnnx,

@@ -28,6 +28,7 @@ from qinject.passes.target.profile_target import ProfileTarget
 from qinject.passes.transforms import prepare
 from qinject.passes.transforms.calibrate import Calibrate
 from qinject.passes.transforms.insert_qdq import InsertQDQ
+from qinject.passes.transforms.split_skip_layernorm import SplitSkipLayerNorm
 from qinject.passes.transforms.upgrade_opset import UpgradeOpset
 from qinject.runtime import ray_executor
 from qinject.runtime.evaluation import Budget
@@ -182,7 +183,12 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
         plan = None
     if target is not None:
         passes.append(EstimateCost(plan, target, latency_batch))
-    return [*passes, InsertQDQ(plan, method=method, percentile=percentile)]
+    passes.append(InsertQDQ(plan, method=method, percentile=percentile))
+    if any(isinstance(p, FitMeasured) for p in passes):
+        # where it timed them faster, the Adds onnxruntime fuses into a slower SkipLayerNormalization
+        # are written as Sum
+        passes.append(SplitSkipLayerNorm())
+    return passes
 
 
 def _search_passes(options: SearchOptions, analysis: object, method: str, percentile: float, progress: bool,

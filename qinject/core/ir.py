@@ -34,6 +34,9 @@ CHOSEN_PLAN = "qinject.plan.chosen"  # on the model: the Plan fitted to a target
 # On the model: (plan, its notes, the chosen plan's notes, those nodes): a second fitted plan with the nodes
 # kept float only for onnxruntime's slow kernels free, which fit-measured times against the chosen one
 ALTERNATIVE_PLAN = "qinject.plan.alternative"
+# On the model: the rewrite's time with the Adds onnxruntime would fuse into SkipLayerNormalization written
+# as Sum over its time without, where fit-measured found that faster (passes/transforms/split_skip_layernorm.py)
+SPLIT_SKIP_LAYERNORM = "qinject.split_skip_layernorm"
 # On the model: {"float_ms", "quantized_ms", "tried"}: the rewrite timed on this machine (passes/target/fit_measured.py)
 MEASURED_LATENCY = "qinject.measured.latency"
 # On the model: input name -> concrete shape, for latency estimates of symbolic dims. Calibration records
