@@ -73,6 +73,7 @@ class FitMeasured(Pass):
         self._split = False  # write the Adds onnxruntime fuses into SkipLayerNormalization as Sum
 
     def call(self, model: ir.Model) -> PassResult:
+        self._split = False
         feed = model.meta.get(qir.SAMPLE_FEED)
         plan = chosen_plan(model, self.plan)
         alternative = model.meta.pop(qir.ALTERNATIVE_PLAN, None)
@@ -90,10 +91,10 @@ class FitMeasured(Pass):
         chosen = [n.name for n in qir.searchable_nodes(model) if plan.choice(n.name) is not None]
         if feed is None or not chosen:
             return PassResult(model, False)
-        self._split = False
-        if fused_adds(model.graph):
+        fused = self._rewrite(model, plan) if fused_adds(model.graph) else None
+        if fused is not None and fused_adds(fused.graph):  # a join on integers is no longer an Add
             try:
-                ratio = self._split_ratio(model, plan, feed)
+                ratio = self._split_ratio(fused, feed)
             except QinjectError as exc:
                 warnings.warn(f"measuring the rewrite on this machine skipped: {exc}", QinjectWarning, stacklevel=2)
                 return PassResult(model, False)
@@ -159,10 +160,9 @@ class FitMeasured(Pass):
         model.meta[qir.CHOSEN_PLAN] = other
         return other, freed
 
-    def _split_ratio(self, model: ir.Model, plan: Plan, feed: dict) -> float | None:
+    def _split_ratio(self, fused: ir.Model, feed: dict) -> float | None:
         """The rewrite's time with the Adds onnxruntime would fuse into SkipLayerNormalization written
-        as Sum, over its time without, if under the margin in two timings (the second's); else None."""
-        fused = self._rewrite(model, plan)
+        as Sum, over its time as ``fused``, if under the margin in two timings (the second's); else None."""
         split = fused.clone()
         SplitSkipLayerNorm(always=True)(split)
         for _ in range(2):
