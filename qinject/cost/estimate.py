@@ -312,10 +312,10 @@ class _Estimator:
         # A join may read any paired tensor (its conversion is priced for the node that asked for it);
         # onnxruntime's CPU joins 8-bit tensors only.
         joinable = {**paired, **held}
-        width = None if self.native else 8
-        if width is not None:
-            joinable = {name: w for name, w in joinable.items() if w == width}
-        joins = integer_joins(self.graph, joinable, lambda value: self._read_quantized(value, width=width))
+        join_width = None if self.native else 8
+        if join_width is not None:
+            joinable = {name: w for name, w in joinable.items() if w == join_width}
+        joins = integer_joins(self.graph, joinable, lambda value: self._read_quantized(value, width=join_width))
         bits = dict(held)
         for node in self.graph:
             width = joins.get(node.name)
