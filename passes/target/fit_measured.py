@@ -70,10 +70,9 @@ class FitMeasured(Pass):
         self.plan, self.batch, self.pinned = plan, batch, pinned
         self.table = target if isinstance(target, LatencyTable) else load_target(target)
         self.method, self.percentile, self.budget_s = method, percentile, budget_s
-        self._split = False  # write the Adds onnxruntime fuses into SkipLayerNormalization as Sum
 
     def call(self, model: ir.Model) -> PassResult:
-        self._split = False
+        model.meta.pop(qir.SPLIT_SKIP_LAYERNORM, None)  # decided below, for this plan
         feed = model.meta.get(qir.SAMPLE_FEED)
         plan = chosen_plan(model, self.plan)
         alternative = model.meta.pop(qir.ALTERNATIVE_PLAN, None)
@@ -100,7 +99,6 @@ class FitMeasured(Pass):
                 return PassResult(model, False)
             tried += 1
             if ratio is not None:
-                self._split = True
                 model.meta[qir.SPLIT_SKIP_LAYERNORM] = ratio
         try:
             float_ms, full_ms = self._confirmed(baseline, self._rewrite(model, plan), feed)
@@ -185,7 +183,7 @@ class FitMeasured(Pass):
     def _rewrite(self, model: ir.Model, plan: Plan) -> ir.Model:
         variant = model.clone()
         InsertQDQ(plan, method=self.method, percentile=self.percentile)(variant)
-        if self._split:
+        if qir.SPLIT_SKIP_LAYERNORM in model.meta:  # timed faster (_split_ratio): as the pipeline writes it
             SplitSkipLayerNorm(always=True)(variant)
         return variant
 
