@@ -90,18 +90,21 @@ class FitMeasured(Pass):
         chosen = [n.name for n in qir.searchable_nodes(model) if plan.choice(n.name) is not None]
         if feed is None or not chosen:
             return PassResult(model, False)
-        fused = self._rewrite(model, plan) if fused_adds(model.graph) else None
-        if fused is not None and fused_adds(fused.graph):  # a join on integers is no longer an Add
+        rewrite = self._rewrite(model, plan)
+        if fused_adds(rewrite.graph):  # a join on integers is no longer an Add
+            split = rewrite.clone()
+            SplitSkipLayerNorm(always=True)(split)
             try:
-                ratio = self._split_ratio(fused, feed)
+                ratio = self._beats(rewrite, split, feed)
             except QinjectError as exc:
                 warnings.warn(f"measuring the rewrite on this machine skipped: {exc}", QinjectWarning, stacklevel=2)
                 return PassResult(model, False)
             tried += 1
-            if ratio is not None:
+            if ratio is not None:  # every rewrite timed below, and the one written, keeps them apart
                 model.meta[qir.SPLIT_SKIP_LAYERNORM] = ratio
+                rewrite = split
         try:
-            float_ms, full_ms = self._confirmed(baseline, self._rewrite(model, plan), feed)
+            float_ms, full_ms = self._confirmed(baseline, rewrite, feed)
         except QinjectError as exc:  # a timing never stops a quantization: the rewrite runs it again
             warnings.warn(f"measuring the rewrite on this machine skipped: {exc}", QinjectWarning, stacklevel=2)
             return PassResult(model, False)
@@ -137,12 +140,8 @@ class FitMeasured(Pass):
         ``slow_kernels``) where that runs faster here by the margin, in two timings; and the slow
         kernels that plan frees. The notes on the nodes follow the plan kept."""
         other, other_notes, notes, slow = alternative
-        first = interleaved_latency([baseline, self._rewrite(model, plan), self._rewrite(model, other)], feed,
-                                    self.budget_s)
-        if first[2] >= MIN_GAIN * first[1]:
-            return plan, set()
-        again = interleaved_latency([self._rewrite(model, plan), self._rewrite(model, other)], feed, self.budget_s)
-        if again[1] >= MIN_GAIN * again[0]:
+        ratio = self._beats(self._rewrite(model, plan), self._rewrite(model, other), feed, beside=baseline)
+        if ratio is None:
             return plan, set()
         nodes = {n.name: n for n in model.graph.all_nodes()}
         for name, written in notes.items():  # the first plan's, written by fit-target
@@ -154,17 +153,17 @@ class FitMeasured(Pass):
         for name in sorted(freed):
             nodes[name].meta.setdefault(qir.QUANT_NOTES, []).append(
                 f"quantized though onnxruntime's CPU kernel for it alone is slower than float: beside its integer "
-                f"neighbours the plan measured {again[1] / again[0]:.2f}x of the plan with it float here")
+                f"neighbours the plan measured {ratio:.2f}x of the plan with it float here")
         model.meta[qir.CHOSEN_PLAN] = other
         return other, freed
 
-    def _split_ratio(self, fused: ir.Model, feed: dict) -> float | None:
-        """The rewrite's time with the Adds onnxruntime would fuse into SkipLayerNormalization written
-        as Sum, over its time as ``fused``, if under the margin in two timings (the second's); else None."""
-        split = fused.clone()
-        SplitSkipLayerNorm(always=True)(split)
-        for _ in range(2):
-            times = interleaved_latency([fused, split], feed, self.budget_s)
+    def _beats(self, first: ir.Model, second: ir.Model, feed: dict, beside: ir.Model | str | None = None
+               ) -> float | None:
+        """``second``'s time over ``first``'s if under the margin in two interleaved timings (the
+        second's ratio), else None; ``beside`` (the float model) runs in the first timing too."""
+        extra = [] if beside is None else [beside]
+        for models in ([*extra, first, second], [first, second]):
+            times = interleaved_latency(models, feed, self.budget_s)[-2:]
             if times[1] >= MIN_GAIN * times[0]:
                 return None
         return times[1] / times[0]
@@ -183,7 +182,7 @@ class FitMeasured(Pass):
     def _rewrite(self, model: ir.Model, plan: Plan) -> ir.Model:
         variant = model.clone()
         InsertQDQ(plan, method=self.method, percentile=self.percentile)(variant)
-        if qir.SPLIT_SKIP_LAYERNORM in model.meta:  # timed faster (_split_ratio): as the pipeline writes it
+        if qir.SPLIT_SKIP_LAYERNORM in model.meta:  # timed faster (call): as the pipeline writes it
             SplitSkipLayerNorm(always=True)(variant)
         return variant
 

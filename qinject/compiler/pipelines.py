@@ -147,6 +147,9 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
     pinned = set(plan.nodes) if plan is not None and search is None else set()
     if profile or (fit and target is not None):
         target = target if isinstance(target, LatencyTable) else load_target(target or "local-cpu")
+    # a CPU's measured table: the plan is fitted to it, and with ``measure`` timed on this machine
+    fitted = search is None and fit and target is not None and target.kind == "measured"
+    timed = measure and fit and target is not None and target.kind == "measured"
     plugins.load()
     passes = [
         *prepare(),
@@ -155,14 +158,13 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
     ]
     if profile:
         passes.append(ProfileTarget(target, latency_batch, progress))  # extends the table the passes below read
-    if search is None and fit and target is not None and target.kind == "measured":
+    if fitted:
         # a CPU's measured table says which kernels onnxruntime runs slower than float; a spec-sheet
         # accelerator's roofline prices what its units would do, and its estimate is only reported
         # with a measurement to settle it, a plan with the slow kernels on integers is fitted too
-        passes.append(FitTarget(plan, target, latency_batch, auto_mode, slow_kernels=slow_kernels if measure else ()))
+        passes.append(FitTarget(plan, target, latency_batch, auto_mode, slow_kernels=slow_kernels if timed else ()))
         plan = None  # the passes below read the fitted plan from the model
     if search is not None:
-        timed = measure and fit and target is not None and target.kind == "measured"
         passes += _search_passes(search, calib if analysis_data is None else analysis_data, method, percentile,
                                  progress, target or "local-cpu", latency_batch, slow_kernels if timed else ())
         plan = None
@@ -176,7 +178,7 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
     if finetune is not None:
         data = calib if analysis_data is None else analysis_data
         passes.append(finetune.build(data, plan, method, percentile, progress))
-    if measure and fit and target is not None and target.kind == "measured":
+    if timed:
         # last before the rewrite: it times the plan every pass above settled, and the estimate prices its result
         passes.append(FitMeasured(plan, target, latency_batch, method=method, percentile=percentile,
                                   pinned=pinned if search is None else search.rules or ()))
@@ -184,7 +186,7 @@ def standard_pipeline(plan: Plan | None, calib: object = None, method: str = "mi
     if target is not None:
         passes.append(EstimateCost(plan, target, latency_batch))
     passes.append(InsertQDQ(plan, method=method, percentile=percentile))
-    if any(isinstance(p, FitMeasured) for p in passes):
+    if timed:
         # where it timed them faster, the Adds onnxruntime fuses into a slower SkipLayerNormalization
         # are written as Sum
         passes.append(SplitSkipLayerNorm())
